@@ -1,0 +1,186 @@
+package main
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/pin"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+)
+
+type initOptions struct {
+	endpoint      string
+	version       string
+	osName        string
+	channel       string
+	osVersion     string
+	controlPlanes int
+	sshKeys       []string
+	dir           string
+	force         bool
+	output        outputFormat
+}
+
+// flagFor maps cluster-file fields to the init flag that sets them, so
+// validation errors name what the user typed.
+var flagFor = map[string]string{
+	"name":                     "NAME",
+	"controlPlaneEndpoint":     "--endpoint",
+	"kubernetes.version":       "--kubernetes-version",
+	"kubernetes.controlPlanes": "--control-planes",
+	"os.name":                  "--os",
+	"os.channel":               "--channel",
+	"os.version":               "--os-version",
+}
+
+func newInitCmd(g *globals) *cobra.Command {
+	o := &initOptions{}
+	cmd := &cobra.Command{
+		Use:   "init NAME --endpoint HOST:PORT",
+		Short: "Create a cluster file and the cluster's secrets",
+		Long: `init writes DIR/cluster.yaml and DIR/secrets/ (mode 0700, files 0600): the
+cluster CA, front-proxy CA and etcd CA (certificates and keys), the
+service-account key pair, a bootstrap token and a certificate key. It prints
+the CA certificate hash every joining node pins, never a private key.
+
+The endpoint is the load balancer (or virtual IP) in front of the control
+planes: a DNS name, an IPv4 address or a bracketed IPv6 address, with port.
+Existing secrets are never replaced unless you pass --force: nodes built
+from the old secrets would no longer join.`,
+		Example: `  kiln init demo --endpoint 192.168.1.50:6443
+  kiln init lab --endpoint k8s.lab.example:6443 --os fcos --control-planes 3 --ssh-key ~/.ssh/id_ed25519.pub
+  kiln init edge --endpoint [2001:db8::10]:6443 --kubernetes-version v1.34.4 --dir clusters/edge`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) != 1 {
+				return fault.Wrap(fault.Input, errors.New("init takes the cluster NAME: kiln init NAME --endpoint HOST:PORT"))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error { return runInit(g, o, args[0]) },
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.endpoint, "endpoint", "", "control-plane endpoint HOST:PORT (the load balancer); required")
+	f.StringVar(&o.version, "kubernetes-version", cluster.DefaultKubernetesVersion, fmt.Sprintf("Kubernetes version (v1.%d to v1.%d)", cluster.MinMinor, cluster.MaxMinor))
+	f.StringVar(&o.osName, "os", cluster.DefaultOS, "node OS: flatcar or fcos")
+	f.StringVar(&o.channel, "channel", "stable", "OS release channel")
+	f.StringVar(&o.osVersion, "os-version", "current", "OS version, or current")
+	f.IntVar(&o.controlPlanes, "control-planes", cluster.DefaultControlPlanes, "expected number of control-plane nodes (odd)")
+	f.StringArrayVar(&o.sshKeys, "ssh-key", nil, "SSH public key file for the core user (repeatable)")
+	f.StringVar(&o.dir, "dir", ".", "folder for cluster.yaml and secrets/")
+	f.BoolVar(&o.force, "force", false, "replace an existing cluster file and secrets")
+	addOutputFlag(cmd, &o.output)
+	return cmd
+}
+
+type initResult struct {
+	ClusterFile string `json:"clusterFile"`
+	SecretsDir  string `json:"secretsDir"`
+	CACertHash  string `json:"caCertHash"`
+	TokenID     string `json:"tokenID"`
+}
+
+func runInit(g *globals, o *initOptions, name string) error {
+	c := &cluster.Cluster{
+		APIVersion:           cluster.APIVersion,
+		Kind:                 cluster.Kind,
+		Name:                 name,
+		ControlPlaneEndpoint: o.endpoint,
+		Kubernetes:           cluster.Kubernetes{Version: o.version, ControlPlanes: o.controlPlanes},
+		OS:                   cluster.OS{Name: o.osName, Channel: o.channel, Version: o.osVersion},
+	}
+	for _, p := range o.sshKeys {
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return fault.Wrap(fault.Input, fmt.Errorf("--ssh-key: %w", err))
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+				c.SSH.AuthorizedKeys = append(c.SSH.AuthorizedKeys, line)
+			}
+		}
+	}
+	c.SetDefaults()
+	if err := c.Validate(); err != nil {
+		return nameFlags(err)
+	}
+	plan, err := pin.Plan(c, pin.Arches)
+	if err != nil {
+		return err
+	}
+	c.Kubernetes.Downloads = plan
+
+	clusterFile := filepath.Join(o.dir, "cluster.yaml")
+	secretsDir := filepath.Join(o.dir, "secrets")
+	if g.secretsDir != "" {
+		secretsDir = g.secretsDir
+	}
+	if !o.force {
+		for _, p := range []string{clusterFile, secretsDir} {
+			if _, err := os.Stat(p); err == nil {
+				return fault.Wrap(fault.Input, fmt.Errorf("%s already exists: kiln init never replaces a cluster (nodes built from its secrets would no longer join); pass --force to replace it", p))
+			}
+		}
+	}
+	s, err := secrets.Generate(name, time.Now(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	body, err := c.Encode()
+	if err != nil {
+		return err
+	}
+	if err := s.Write(secretsDir, o.force); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(clusterFile, append([]byte(clusterHeader), body...), 0o644, o.force); err != nil {
+		return err
+	}
+	res := initResult{ClusterFile: clusterFile, SecretsDir: secretsDir, CACertHash: s.CACertHash(), TokenID: s.TokenID()}
+	cf := ""
+	if clusterFile != "cluster.yaml" {
+		cf = " -c " + clusterFile
+	}
+	return emit(g.stdout, o.output, res,
+		fmt.Sprintf("wrote %s and %s/ (keep the secrets folder private)", clusterFile, secretsDir),
+		"CA certificate hash (every join pins it): "+res.CACertHash,
+		"",
+		"next:",
+		fmt.Sprintf("  kiln%s pin                 # record the SHA-512 of the Kubernetes downloads (online once, or --file)", cf),
+		fmt.Sprintf("  kiln%s render --role init --format ignition --dest init.ign", cf),
+		fmt.Sprintf("  kiln%s kubeconfig          # admin kubeconfig for %s", cf, c.ControlPlaneEndpoint),
+	)
+}
+
+const clusterHeader = `# kiln cluster file, written by kiln init. Edit it, then check it with
+# kiln validate. kubernetes.downloads pins what nodes download: after
+# changing kubernetes.version or os.name, run kiln pin --refresh.
+`
+
+// nameFlags rewrites cluster-file field paths in validation problems into
+// the init flags that set them.
+func nameFlags(err error) error {
+	var inv *cluster.InvalidError
+	if !errors.As(err, &inv) {
+		return err
+	}
+	out := make([]error, len(inv.Problems))
+	for i, p := range inv.Problems {
+		field, msg, _ := strings.Cut(p.Error(), ": ")
+		if flag, ok := flagFor[field]; ok {
+			out[i] = errors.New(flag + ": " + msg)
+		} else {
+			out[i] = p
+		}
+	}
+	return fault.Wrap(fault.Input, &cluster.InvalidError{Problems: out})
+}

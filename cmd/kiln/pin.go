@@ -1,0 +1,118 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/pin"
+)
+
+type pinOptions struct {
+	arches  []string
+	files   []string
+	refresh bool
+	timeout time.Duration
+	output  outputFormat
+}
+
+func newPinCmd(g *globals) *cobra.Command {
+	o := &pinOptions{}
+	cmd := &cobra.Command{
+		Use:   "pin",
+		Short: "Record the SHA-512 of every artifact nodes download",
+		Long: `pin completes kubernetes.downloads in the cluster file: for each artifact the
+OS needs (Flatcar: the Kubernetes sysext image; Fedora CoreOS: kubeadm,
+kubelet, kubectl) and each arch, the URL nodes fetch it from and its SHA-512,
+which Ignition verifies on the node. It downloads each unpinned artifact
+once to hash it, or hashes local copies given with --file (offline).
+Entries already pinned are kept; --refresh recomputes them all (after
+changing kubernetes.version or os.name).`,
+		Example: `  kiln pin
+  kiln pin --arch arm64
+  kiln pin --arch amd64 --file kubernetes-sysext=./kubernetes-v1.37.2-x86-64.raw
+  kiln pin --refresh -o json`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runPin(cmd.Context(), g, o) },
+	}
+	f := cmd.Flags()
+	f.StringArrayVar(&o.arches, "arch", []string{"amd64", "arm64"}, "arch to pin (repeatable): amd64, arm64")
+	f.StringArrayVar(&o.files, "file", nil, "NAME=PATH: hash a local copy of artifact NAME instead of downloading (repeatable)")
+	f.BoolVar(&o.refresh, "refresh", false, "drop every pin and recompute URLs and hashes from the OS profile")
+	f.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up downloading after this long")
+	addOutputFlag(cmd, &o.output)
+	return cmd
+}
+
+func runPin(ctx context.Context, g *globals, o *pinOptions) error {
+	for _, a := range o.arches {
+		if !slices.Contains(pin.Arches, a) {
+			return fault.Wrap(fault.Input, fmt.Errorf("--arch %q: use amd64 or arm64", a))
+		}
+	}
+	var src pin.Source = pin.HTTP{Client: &http.Client{Timeout: o.timeout}}
+	if len(o.files) > 0 {
+		files := pin.Files{}
+		for _, spec := range o.files {
+			name, p, ok := strings.Cut(spec, "=")
+			if !ok || name == "" || p == "" {
+				return fault.Wrap(fault.Input, fmt.Errorf("--file %q: use NAME=PATH, for example kubernetes-sysext=./kubernetes.raw", spec))
+			}
+			files[name] = p
+		}
+		src = files
+	}
+	raw, err := os.ReadFile(g.clusterFile)
+	if err != nil {
+		return fault.Wrap(fault.Input, fmt.Errorf("read cluster file: %w", err))
+	}
+	c, err := cluster.Load(g.clusterFile)
+	if err != nil {
+		return err
+	}
+	if o.refresh {
+		c.Kubernetes.Downloads = nil
+	}
+	plan, err := pin.Plan(c, o.arches)
+	if err != nil {
+		return err
+	}
+	if len(o.files) > 0 && len(o.arches) > 1 {
+		return fault.Wrap(fault.Input, errors.New("--file hashes one arch's copy: also pass --arch amd64 or --arch arm64"))
+	}
+	done, err := pin.Hash(ctx, plan, o.arches, src, g.stderr)
+	if err != nil {
+		return err
+	}
+	updated, err := pin.Rewrite(raw, done)
+	if err != nil {
+		return err
+	}
+	if _, err := cluster.Parse(updated); err != nil {
+		return fmt.Errorf("pinned cluster file does not validate (please report this): %w", err)
+	}
+	if err := atomicfile.Write(g.clusterFile, updated, 0o644, true); err != nil {
+		return err
+	}
+	lines := []string{"pinned in " + g.clusterFile + ":"}
+	for _, d := range done {
+		state := d.SHA512
+		if state == "" {
+			state = "(not pinned)"
+		} else {
+			state = "sha512:" + state[:16] + "…"
+		}
+		lines = append(lines, fmt.Sprintf("  %-18s %-6s %s", d.Name, d.Arch, state))
+	}
+	return emit(g.stdout, o.output, done, lines...)
+}

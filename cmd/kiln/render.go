@@ -1,0 +1,119 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/agentbin"
+	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/render"
+)
+
+type renderOptions struct {
+	role   string
+	arch   string
+	node   string
+	format string
+	dest   string
+	force  bool
+}
+
+var renderFormats = []string{"node", "kubeadm", "kubeadm-join", "butane", "ignition"}
+
+func newRenderCmd(g *globals) *cobra.Command {
+	o := &renderOptions{}
+	cmd := &cobra.Command{
+		Use:   "render --role ROLE",
+		Short: "Print a role's provisioning config (node metadata, kubeadm, Butane, Ignition)",
+		Long: `render prints what one node role gets, without touching any disk image:
+
+  node          /etc/kiln/node.yaml, the metadata the first-boot agent reads
+  kubeadm       the kubeadm configuration the role runs (init: kubeadm init;
+                control-plane and worker: kubeadm join)
+  kubeadm-join  the join configuration (for init: the fallback used when the
+                cluster already exists)
+  butane        kiln's Butane config for the role
+  ignition      the Ignition 3.4.0 config: Butane translated, the cluster's
+                Butane snippets merged, validated (default)
+
+Roles: init (the first control plane, runs kubeadm init and carries the
+cluster CAs), control-plane, worker (carries no private key at all).
+Output that holds secrets is written with mode 0600 when --dest is used.`,
+		Example: `  kiln render --role init --format ignition --dest init.ign
+  kiln render --role worker --arch arm64 --format butane
+  kiln render --role control-plane --format kubeadm
+  kiln render --node cp-2 --role control-plane --dest cp-2.ign`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runRender(g, o) },
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (required)")
+	f.StringVar(&o.arch, "arch", "amd64", "node architecture: amd64 or arm64")
+	f.StringVar(&o.node, "node", "", "render for this inventory node (sets its hostname)")
+	f.StringVar(&o.format, "format", "ignition", "node, kubeadm, kubeadm-join, butane or ignition")
+	f.StringVar(&o.dest, "dest", "", "write to this file (mode 0600) instead of standard output")
+	f.BoolVar(&o.force, "force", false, "replace --dest if it exists")
+	return cmd
+}
+
+func runRender(g *globals, o *renderOptions) error {
+	if o.role == "" {
+		return fault.Wrap(fault.Input, fmt.Errorf("--role is required: init, control-plane or worker"))
+	}
+	role, err := nodeconfig.ParseRole(o.role)
+	if err != nil {
+		return fault.Wrap(fault.Input, fmt.Errorf("--role: %w", err))
+	}
+	c, s, err := g.load()
+	if err != nil {
+		return err
+	}
+	in := render.Input{Cluster: c, Secrets: s, Role: role, Arch: o.arch, NodeName: o.node}
+	var out []byte
+	switch o.format {
+	case "node":
+		nc, err := render.NodeConfig(in)
+		if err != nil {
+			return err
+		}
+		out, err = nc.Encode()
+		if err != nil {
+			return err
+		}
+	case "kubeadm", "kubeadm-join":
+		files, err := render.Kubeadm(in)
+		if err != nil {
+			return err
+		}
+		out = files[render.JoinConfigPath]
+		if o.format == "kubeadm" && role == nodeconfig.RoleInit {
+			out = files[render.InitConfigPath]
+		}
+	case "butane", "ignition":
+		if in.Agent, err = agentbin.Gzipped(o.arch); err != nil {
+			return err
+		}
+		if o.format == "butane" {
+			out, err = render.Butane(in)
+		} else {
+			out, err = render.Ignition(in)
+		}
+		if err != nil {
+			return err
+		}
+	default:
+		return fault.Wrap(fault.Input, fmt.Errorf("--format %q: use one of %v", o.format, renderFormats))
+	}
+	if o.dest == "" {
+		_, err := g.stdout.Write(out)
+		return err
+	}
+	if err := atomicfile.Write(o.dest, out, 0o600, o.force); err != nil {
+		return err
+	}
+	fmt.Fprintf(g.stderr, "wrote %s (%d bytes, %s %s for %s)\n", o.dest, len(out), o.format, role, o.arch)
+	return nil
+}

@@ -1,0 +1,143 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnproject/kiln/imagebuild/fault"
+)
+
+// Exit codes (stable; scripts rely on them).
+const (
+	exitOK          = 0
+	exitUnexpected  = 1
+	exitInput       = 2
+	exitUnsupported = 3
+	exitEnvironment = 4
+	exitDownload    = 5
+	exitIO          = 6
+)
+
+// globals are the options every command shares.
+type globals struct {
+	clusterFile string
+	secretsDir  string
+	stdout      io.Writer
+	stderr      io.Writer
+}
+
+// secrets returns the secrets folder: --secrets, or secrets/ beside the
+// cluster file.
+func (g *globals) secrets() string {
+	if g.secretsDir != "" {
+		return g.secretsDir
+	}
+	return filepath.Join(filepath.Dir(g.clusterFile), "secrets")
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	root := newRootCmd(stdout, stderr)
+	root.SetArgs(args)
+	err := root.Execute()
+	if err == nil {
+		return exitOK
+	}
+	fmt.Fprintf(stderr, "kiln: %v\n", err)
+	return exitCode(err)
+}
+
+func exitCode(err error) int {
+	switch fault.KindOf(err) {
+	case fault.Input:
+		return exitInput
+	case fault.Unsupported:
+		return exitUnsupported
+	case fault.Environment:
+		return exitEnvironment
+	case fault.Download:
+		return exitDownload
+	case fault.IO:
+		return exitIO
+	default:
+		return exitUnexpected
+	}
+}
+
+func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
+	g := &globals{stdout: stdout, stderr: stderr}
+	root := &cobra.Command{
+		Use:   "kiln",
+		Short: "Bake node images and configs for a highly available kubeadm cluster",
+		Long: `kiln turns one cluster file into everything the nodes of a highly available
+kubeadm cluster need: the cluster's secrets, and per role (init,
+control-plane, worker) an Ignition config for Flatcar Container Linux or
+Fedora CoreOS with a first-boot agent that runs kubeadm init or join.`,
+		Example: `  kiln init demo --endpoint 192.168.1.50:6443
+  kiln pin
+  kiln render --role init --format ignition --dest init.ign
+  kiln kubeconfig`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          noArgs,
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
+		return fault.Wrap(fault.Input, err)
+	})
+	pf := root.PersistentFlags()
+	pf.StringVarP(&g.clusterFile, "cluster", "c", "cluster.yaml", "cluster file")
+	pf.StringVar(&g.secretsDir, "secrets", "", "secrets folder (default: secrets/ beside the cluster file)")
+	root.AddCommand(
+		newInitCmd(g),
+		newValidateCmd(g),
+		newPinCmd(g),
+		newRenderCmd(g),
+		newKubeconfigCmd(g),
+		newVersionCmd(g),
+	)
+	return root
+}
+
+// noArgs refuses positional arguments as bad input.
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return fault.Wrap(fault.Input, fmt.Errorf("unknown command or argument %q for %q: see `%s --help`", args[0], cmd.CommandPath(), cmd.CommandPath()))
+	}
+	return nil
+}
+
+// outputFormat is the -o flag: text for people, json for programs.
+type outputFormat string
+
+func (o *outputFormat) String() string { return string(*o) }
+func (o *outputFormat) Type() string   { return "text|json" }
+func (o *outputFormat) Set(s string) error {
+	if s != "text" && s != "json" {
+		return errors.New("use text or json")
+	}
+	*o = outputFormat(s)
+	return nil
+}
+
+func addOutputFlag(cmd *cobra.Command, o *outputFormat) {
+	*o = "text"
+	cmd.Flags().VarP(o, "output", "o", "result format: text or json")
+}
+
+// emit prints a result: JSON, or the text lines.
+func emit(w io.Writer, o outputFormat, result any, text ...string) error {
+	if o == "json" {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(result)
+	}
+	_, err := fmt.Fprintln(w, strings.Join(text, "\n"))
+	return err
+}

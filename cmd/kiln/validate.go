@@ -1,0 +1,67 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+)
+
+// load reads the cluster file and its secrets.
+func (g *globals) load() (*cluster.Cluster, *secrets.Secrets, error) {
+	c, err := cluster.Load(g.clusterFile)
+	if err != nil {
+		return nil, nil, err
+	}
+	s, err := secrets.Load(g.secrets())
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, s, nil
+}
+
+func newValidateCmd(g *globals) *cobra.Command {
+	var out outputFormat
+	cmd := &cobra.Command{
+		Use:   "validate",
+		Short: "Check the cluster file and secrets",
+		Long: `validate reads the cluster file strictly and reports every problem at once,
+each with its field path and the fix, then checks the secrets folder
+(permissions, CA and key pairs, token and certificate key format).`,
+		Example: `  kiln validate
+  kiln validate -c clusters/edge/cluster.yaml -o json`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, s, err := g.load()
+			if err != nil {
+				return err
+			}
+			unpinned := 0
+			for _, d := range c.Kubernetes.Downloads {
+				if d.SHA512 == "" {
+					unpinned++
+				}
+			}
+			res := map[string]any{
+				"cluster":           c.Name,
+				"endpoint":          c.ControlPlaneEndpoint,
+				"kubernetesVersion": c.Kubernetes.Version,
+				"os":                c.OS.Name,
+				"caCertHash":        s.CACertHash(),
+				"unpinnedDownloads": unpinned,
+			}
+			lines := []string{
+				fmt.Sprintf("%s: valid (cluster %s, Kubernetes %s, %s, endpoint %s)", g.clusterFile, c.Name, c.Kubernetes.Version, c.OS.Name, c.ControlPlaneEndpoint),
+				"CA certificate hash: " + s.CACertHash(),
+			}
+			if unpinned > 0 {
+				lines = append(lines, fmt.Sprintf("%d download(s) not pinned yet: run kiln pin before rendering Ignition", unpinned))
+			}
+			return emit(g.stdout, out, res, lines...)
+		},
+	}
+	addOutputFlag(cmd, &out)
+	return cmd
+}

@@ -1,0 +1,380 @@
+// Package nodeconfig is the role-metadata contract between the kiln builder
+// and the kiln-firstboot agent: the file /etc/kiln/node.yaml that Ignition
+// writes on every node and the agent reads on first boot.
+//
+// It is a leaf package (standard library and yaml.v3 only) so the agent stays
+// small. The file is versioned by apiVersion and kind and decoded strictly:
+// an agent never guesses at fields it does not know.
+package nodeconfig
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// APIVersion and Kind identify the node metadata document.
+const (
+	APIVersion = "kiln.dev/v1alpha1"
+	Kind       = "NodeConfig"
+)
+
+// DefaultPath is where Ignition writes the node metadata.
+const DefaultPath = "/etc/kiln/node.yaml"
+
+// DoneFile is created by the agent once the node has joined; the agent's
+// systemd unit does not start again while it exists.
+const DoneFile = "/var/lib/kiln/done"
+
+// Role is what a node does when it joins the cluster.
+type Role string
+
+// The three roles. Init is the one control plane that runs kubeadm init.
+const (
+	RoleInit         Role = "init"
+	RoleControlPlane Role = "control-plane"
+	RoleWorker       Role = "worker"
+)
+
+// Roles lists every role in a stable order.
+var Roles = []Role{RoleInit, RoleControlPlane, RoleWorker}
+
+// ParseRole checks a role name.
+func ParseRole(s string) (Role, error) {
+	for _, r := range Roles {
+		if string(r) == s {
+			return r, nil
+		}
+	}
+	return "", fmt.Errorf("unknown role %q: use one of init, control-plane, worker", s)
+}
+
+// IsControlPlane reports whether the role runs the control plane.
+func (r Role) IsControlPlane() bool { return r == RoleInit || r == RoleControlPlane }
+
+// NodeConfig is the content of /etc/kiln/node.yaml.
+//
+// It holds no secret: the token and certificate key live only in the kubeadm
+// configuration files it points to, which kubeadm reads itself, so the agent
+// never has to pass a secret on a command line.
+type NodeConfig struct {
+	APIVersion string `yaml:"apiVersion"`
+	Kind       string `yaml:"kind"`
+
+	// Role of this node.
+	Role Role `yaml:"role"`
+	// Cluster this node belongs to.
+	Cluster Cluster `yaml:"cluster"`
+	// Hostname decides the node name.
+	Hostname Hostname `yaml:"hostname"`
+	// Kubeadm names the kubeadm configuration files on the node.
+	Kubeadm Kubeadm `yaml:"kubeadm"`
+	// PKIDir holds the pre-made cluster PKI (init role only); the agent
+	// copies it into Kubeadm.CertificatesDir, keeping files already there.
+	PKIDir string `yaml:"pkiDir,omitempty"`
+	// NotBefore is a lower bound for a sane clock: the agent waits until
+	// the system clock reads later than this before any TLS. kiln uses the
+	// cluster CA's NotBefore, which is also when TLS starts to work.
+	NotBefore time.Time `yaml:"notBefore"`
+	// Manifests are Kubernetes manifests the init node applies after init.
+	Manifests []string `yaml:"manifests,omitempty"`
+	// ReportURL, if set, receives the agent's status as JSON POSTs.
+	ReportURL string `yaml:"reportURL,omitempty"`
+}
+
+// Cluster is the part of the cluster definition the agent needs.
+type Cluster struct {
+	Name string `yaml:"name"`
+	// ControlPlaneEndpoint is host:port of the load balancer.
+	ControlPlaneEndpoint string `yaml:"controlPlaneEndpoint"`
+	KubernetesVersion    string `yaml:"kubernetesVersion"`
+	// ControlPlanes is the expected number of control-plane nodes.
+	ControlPlanes int `yaml:"controlPlanes"`
+	// CACertificate is the cluster CA certificate (PEM, public).
+	CACertificate string `yaml:"caCertificate"`
+	// CACertHash pins the CA: "sha256:" and the hex SHA-256 of its
+	// SubjectPublicKeyInfo, as kubeadm's discovery-token-ca-cert-hash.
+	CACertHash string `yaml:"caCertHash"`
+	// TokenTTL is the bootstrap token's lifetime from kubeadm init
+	// (0: never expires).
+	TokenTTL Duration `yaml:"tokenTTL"`
+	// CertificateUploadWindow is how long the init node keeps the
+	// kubeadm-certs Secret alive for late control planes.
+	CertificateUploadWindow Duration `yaml:"certificateUploadWindow"`
+}
+
+// Hostname decides the node's name: Name if set, otherwise Template.
+type Hostname struct {
+	Name string `yaml:"name,omitempty"`
+	// Template may use {cluster}, {role} and {mac} (the first non-loopback
+	// interface's MAC address, 12 lowercase hex digits).
+	Template string `yaml:"template,omitempty"`
+}
+
+// Kubeadm names kubeadm's files on the node.
+type Kubeadm struct {
+	// InitConfig is the kubeadm init configuration (init role only).
+	InitConfig string `yaml:"initConfig,omitempty"`
+	// JoinConfig is the kubeadm join configuration (every role: the init
+	// node joins as a control plane if the cluster already exists).
+	JoinConfig string `yaml:"joinConfig"`
+	// CertificatesDir is kubeadm's certificatesDir.
+	CertificatesDir string `yaml:"certificatesDir"`
+}
+
+// Duration is a time.Duration written as Go duration text ("24h0m0s").
+type Duration struct{ time.Duration }
+
+// MarshalYAML writes the duration as text.
+func (d Duration) MarshalYAML() (any, error) { return d.String(), nil }
+
+// UnmarshalYAML reads Go duration text.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return err
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration like 24h or 90m", n.Line, s)
+	}
+	d.Duration = v
+	return nil
+}
+
+// Decode reads node metadata strictly and validates it.
+func Decode(r io.Reader) (*NodeConfig, error) {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return nil, fmt.Errorf("read node metadata: %w", err)
+	}
+	var head struct {
+		APIVersion string `yaml:"apiVersion"`
+		Kind       string `yaml:"kind"`
+	}
+	if err := yaml.Unmarshal(data, &head); err != nil {
+		return nil, fmt.Errorf("parse node metadata: %w", err)
+	}
+	if head.APIVersion != APIVersion || head.Kind != Kind {
+		return nil, fmt.Errorf("node metadata is apiVersion %q kind %q: this agent reads apiVersion %s kind %s; rebuild the image with a matching kiln",
+			head.APIVersion, head.Kind, APIVersion, Kind)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	var nc NodeConfig
+	if err := dec.Decode(&nc); err != nil {
+		return nil, fmt.Errorf("parse node metadata: %w", err)
+	}
+	if err := nc.Validate(); err != nil {
+		return nil, err
+	}
+	return &nc, nil
+}
+
+// Encode writes node metadata as YAML.
+func (nc *NodeConfig) Encode() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(nc); err != nil {
+		return nil, err
+	}
+	if err := enc.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+var (
+	hashRe     = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
+	templateRe = regexp.MustCompile(`\{[^}]*\}`)
+	dnsLabelRe = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+)
+
+// Validate reports every problem, each with its field path.
+func (nc *NodeConfig) Validate() error {
+	var errs []error
+	add := func(field, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, a...)))
+	}
+	if _, err := ParseRole(string(nc.Role)); err != nil {
+		add("role", "%v", err)
+	}
+	c := nc.Cluster
+	if c.Name == "" {
+		add("cluster.name", "required")
+	}
+	if err := CheckEndpoint(c.ControlPlaneEndpoint); err != nil {
+		add("cluster.controlPlaneEndpoint", "%v", err)
+	}
+	if c.KubernetesVersion == "" {
+		add("cluster.kubernetesVersion", "required")
+	}
+	if c.ControlPlanes < 1 {
+		add("cluster.controlPlanes", "must be at least 1, got %d", c.ControlPlanes)
+	}
+	if !hashRe.MatchString(c.CACertHash) {
+		add("cluster.caCertHash", "%q is not sha256: followed by 64 lowercase hex digits", c.CACertHash)
+	}
+	if ca, err := ParseCACertificate(c.CACertificate); err != nil {
+		add("cluster.caCertificate", "%v", err)
+	} else if hashRe.MatchString(c.CACertHash) && CACertHash(ca) != c.CACertHash {
+		add("cluster.caCertHash", "%s does not match cluster.caCertificate (%s): the metadata pins a different CA; rebuild the image from the cluster's secrets", c.CACertHash, CACertHash(ca))
+	}
+	if c.TokenTTL.Duration < 0 {
+		add("cluster.tokenTTL", "must not be negative")
+	}
+	if c.CertificateUploadWindow.Duration < 0 {
+		add("cluster.certificateUploadWindow", "must not be negative")
+	}
+	switch {
+	case nc.Hostname.Name != "":
+		if err := CheckNodeName(nc.Hostname.Name); err != nil {
+			add("hostname.name", "%v", err)
+		}
+	case nc.Hostname.Template != "":
+		if err := CheckHostnameTemplate(nc.Hostname.Template); err != nil {
+			add("hostname.template", "%v", err)
+		}
+	default:
+		add("hostname", "set name or template")
+	}
+	if nc.Kubeadm.JoinConfig == "" {
+		add("kubeadm.joinConfig", "required")
+	}
+	if nc.Kubeadm.CertificatesDir == "" {
+		add("kubeadm.certificatesDir", "required")
+	}
+	if nc.Role == RoleInit {
+		if nc.Kubeadm.InitConfig == "" {
+			add("kubeadm.initConfig", "required for role init")
+		}
+		if nc.PKIDir == "" {
+			add("pkiDir", "required for role init")
+		}
+	} else {
+		if nc.Kubeadm.InitConfig != "" {
+			add("kubeadm.initConfig", "only the init role runs kubeadm init; remove it")
+		}
+		if nc.PKIDir != "" {
+			add("pkiDir", "only the init role carries the cluster PKI; remove it")
+		}
+	}
+	if nc.NotBefore.IsZero() {
+		add("notBefore", "required (the earliest sane clock time)")
+	}
+	if nc.ReportURL != "" && !strings.HasPrefix(nc.ReportURL, "http://") && !strings.HasPrefix(nc.ReportURL, "https://") {
+		add("reportURL", "%q must be an http:// or https:// URL", nc.ReportURL)
+	}
+	return errors.Join(errs...)
+}
+
+// CheckEndpoint checks host:port where host is a DNS name, an IPv4 address
+// or a bracketed IPv6 address.
+func CheckEndpoint(ep string) error {
+	if ep == "" {
+		return errors.New("required, as host:port (for example lb.example.net:6443)")
+	}
+	host, port, err := net.SplitHostPort(ep)
+	if err != nil {
+		if strings.Count(ep, ":") > 1 && !strings.HasPrefix(ep, "[") {
+			return fmt.Errorf("%q: put an IPv6 address in brackets, as [2001:db8::10]:6443", ep)
+		}
+		return fmt.Errorf("%q is not host:port: add the port, as %s:6443", ep, strings.TrimSuffix(ep, ":"))
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("%q: port %q must be a number from 1 to 65535", ep, port)
+	}
+	if host == "" {
+		return fmt.Errorf("%q: host is empty", ep)
+	}
+	if ip := net.ParseIP(host); ip != nil {
+		if ip.IsUnspecified() {
+			return fmt.Errorf("%q: %s is not an address nodes can reach", ep, host)
+		}
+		return nil
+	}
+	if strings.Contains(host, ":") {
+		return fmt.Errorf("%q: %q is not a valid IPv6 address", ep, host)
+	}
+	if len(host) > 253 {
+		return fmt.Errorf("%q: host name longer than 253 characters", ep)
+	}
+	for _, label := range strings.Split(strings.TrimSuffix(host, "."), ".") {
+		if len(label) > 63 || !dnsLabelRe.MatchString(strings.ToLower(label)) {
+			return fmt.Errorf("%q: %q is not a valid DNS name (letters, digits and '-' between dots)", ep, host)
+		}
+	}
+	return nil
+}
+
+// CheckNodeName checks a Kubernetes node name (a DNS-1123 subdomain).
+func CheckNodeName(name string) error {
+	if len(name) > 253 {
+		return fmt.Errorf("%q is longer than 253 characters", name)
+	}
+	for _, label := range strings.Split(name, ".") {
+		if len(label) > 63 || !dnsLabelRe.MatchString(label) {
+			return fmt.Errorf("%q is not a valid node name: use lowercase letters, digits, '-' and '.'", name)
+		}
+	}
+	return nil
+}
+
+// CheckHostnameTemplate checks that a template only uses known variables
+// and yields a valid node name.
+func CheckHostnameTemplate(t string) error {
+	for _, v := range templateRe.FindAllString(t, -1) {
+		switch v {
+		case "{cluster}", "{role}", "{mac}":
+		default:
+			return fmt.Errorf("%q uses unknown variable %s: use {cluster}, {role} or {mac}", t, v)
+		}
+	}
+	sample := ExpandHostname(t, "cluster", RoleControlPlane, "0a1b2c3d4e5f")
+	if err := CheckNodeName(sample); err != nil {
+		return fmt.Errorf("%q expands to an invalid node name: %v", t, err)
+	}
+	return nil
+}
+
+// ExpandHostname fills a hostname template. mac is 12 lowercase hex digits.
+func ExpandHostname(t, cluster string, role Role, mac string) string {
+	return strings.NewReplacer("{cluster}", cluster, "{role}", string(role), "{mac}", mac).Replace(t)
+}
+
+// ParseCACertificate decodes a PEM CA certificate.
+func ParseCACertificate(pemText string) (*x509.Certificate, error) {
+	block, _ := pem.Decode([]byte(pemText))
+	if block == nil || block.Type != "CERTIFICATE" {
+		return nil, errors.New("not a PEM CERTIFICATE block")
+	}
+	cert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("parse certificate: %w", err)
+	}
+	if !cert.IsCA {
+		return nil, errors.New("certificate is not a CA")
+	}
+	return cert, nil
+}
+
+// CACertHash returns kubeadm's pin for a CA certificate: "sha256:" and the
+// hex SHA-256 of its DER SubjectPublicKeyInfo.
+func CACertHash(cert *x509.Certificate) string {
+	sum := sha256.Sum256(cert.RawSubjectPublicKeyInfo)
+	return "sha256:" + hex.EncodeToString(sum[:])
+}

@@ -1,0 +1,302 @@
+package cluster
+
+import (
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// InvalidError lists every problem found in a cluster file.
+type InvalidError struct {
+	Problems []error
+}
+
+func (e *InvalidError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "invalid cluster file (%d problem", len(e.Problems))
+	if len(e.Problems) > 1 {
+		b.WriteString("s")
+	}
+	b.WriteString("):")
+	for _, p := range e.Problems {
+		b.WriteString("\n  ")
+		b.WriteString(p.Error())
+	}
+	return b.String()
+}
+
+// Unwrap lets errors.Is/As see each problem.
+func (e *InvalidError) Unwrap() []error { return e.Problems }
+
+var (
+	versionRe    = regexp.MustCompile(`^v(\d+)\.(\d+)\.(\d+)$`)
+	clusterRe    = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
+	sha512Re     = regexp.MustCompile(`^[0-9a-f]{128}$`)
+	patchTargets = []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubeletconfiguration", "corednsdeployment"}
+	patchTypes   = []string{"strategic", "merge", "json"}
+	sshKeyTypes  = []string{"ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"}
+)
+
+func parseVersion(v string) (major, minor, patch int, ok bool) {
+	m := versionRe.FindStringSubmatch(v)
+	if m == nil {
+		return 0, 0, 0, false
+	}
+	major, _ = strconv.Atoi(m[1])
+	minor, _ = strconv.Atoi(m[2])
+	patch, _ = strconv.Atoi(m[3])
+	return major, minor, patch, true
+}
+
+// Validate reports every problem at once, each with its field path and
+// what to do about it. The result is an *InvalidError marked fault.Input.
+func (c *Cluster) Validate() error {
+	var errs []error
+	add := func(field, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, a...)))
+	}
+
+	if !clusterRe.MatchString(c.Name) {
+		add("name", "%q must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit", c.Name)
+	}
+	if err := nodeconfig.CheckEndpoint(c.ControlPlaneEndpoint); err != nil {
+		add("controlPlaneEndpoint", "%v", err)
+	}
+
+	k := c.Kubernetes
+	if major, minor, _, ok := parseVersion(k.Version); !ok {
+		add("kubernetes.version", "%q is not a version like %s", k.Version, DefaultKubernetesVersion)
+	} else if major != 1 || minor < MinMinor || minor > MaxMinor {
+		add("kubernetes.version", "%s is not supported: kiln supports v1.%d to v1.%d (default %s)", k.Version, MinMinor, MaxMinor, DefaultKubernetesVersion)
+	}
+	pods := checkSubnets(&errs, "kubernetes.podSubnet", k.PodSubnet, 0, 0)
+	svcs := checkSubnets(&errs, "kubernetes.serviceSubnet", k.ServiceSubnet, 12, 108)
+	for _, p := range pods {
+		for _, s := range svcs {
+			if p.Overlaps(s) {
+				add("kubernetes.serviceSubnet", "%s overlaps kubernetes.podSubnet %s: pick ranges that do not overlap (defaults: pods %s, services %s)", s, p, DefaultPodSubnet, DefaultServiceSubnet)
+			}
+		}
+	}
+	if err := nodeconfig.CheckNodeName(k.DNSDomain); err != nil {
+		add("kubernetes.dnsDomain", "%v", err)
+	}
+	switch {
+	case k.ControlPlanes < 1 || k.ControlPlanes > 9:
+		add("kubernetes.controlPlanes", "%d is out of range: use 1, 3, 5, 7 or 9", k.ControlPlanes)
+	case k.ControlPlanes%2 == 0:
+		add("kubernetes.controlPlanes", "%d: use an odd number; etcd needs a majority, so %d control planes tolerate no more failures than %d", k.ControlPlanes, k.ControlPlanes, k.ControlPlanes-1)
+	}
+	if k.TokenTTL != nil && k.TokenTTL.Duration < 0 {
+		add("kubernetes.tokenTTL", "must not be negative (0s: the token never expires)")
+	}
+	if w := k.CertificateUploadWindow; w != nil && w.Duration < 0 {
+		add("kubernetes.certificateUploadWindow", "must not be negative")
+	}
+
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		add("os.name", "%v", err)
+	} else {
+		if !osp.HasChannel(c.OS.Channel) {
+			add("os.channel", "%q is not a %s channel: use one of %s", c.OS.Channel, osp.Name, strings.Join(osp.Channels, ", "))
+		}
+		if !osp.ValidVersion(c.OS.Version) {
+			add("os.version", "%q is not a %s version (pattern %s) or \"current\"", c.OS.Version, osp.Name, osp.VersionPattern)
+		}
+		c.validateDownloads(&errs, osp)
+	}
+
+	for i, key := range c.SSH.AuthorizedKeys {
+		if err := checkSSHKey(key); err != nil {
+			add(fmt.Sprintf("ssh.authorizedKeys[%d]", i), "%v", err)
+		}
+	}
+	if err := nodeconfig.CheckHostnameTemplate(c.Hostname.Template); err != nil {
+		add("hostname.template", "%v", err)
+	}
+	c.validateNodes(&errs)
+	for i, p := range c.Butane {
+		if strings.TrimSpace(p) == "" {
+			add(fmt.Sprintf("butane[%d]", i), "empty path")
+		}
+	}
+	c.validatePatches(&errs)
+
+	if len(errs) == 0 {
+		return nil
+	}
+	return fault.Wrap(fault.Input, &InvalidError{Problems: errs})
+}
+
+// checkSubnets parses a comma-separated list (one per IP family) of CIDRs.
+// min4/min6 > 0 bound the prefix length from below (service ranges
+// cannot be huge).
+func checkSubnets(errs *[]error, field, value string, min4, min6 int) []netip.Prefix {
+	var out []netip.Prefix
+	seen := map[bool]bool{}
+	for _, part := range strings.Split(value, ",") {
+		p, err := netip.ParsePrefix(strings.TrimSpace(part))
+		if err != nil {
+			*errs = append(*errs, fmt.Errorf("%s: %q is not a CIDR like 10.96.0.0/12", field, part))
+			continue
+		}
+		if p.Masked() != p {
+			*errs = append(*errs, fmt.Errorf("%s: %s has host bits set: use %s", field, p, p.Masked()))
+		}
+		if seen[p.Addr().Is4()] {
+			*errs = append(*errs, fmt.Errorf("%s: at most one IPv4 and one IPv6 range", field))
+		}
+		seen[p.Addr().Is4()] = true
+		if p.Addr().Is4() && p.Bits() < min4 {
+			*errs = append(*errs, fmt.Errorf("%s: %s is too large: the prefix must be /%d or longer", field, p, min4))
+		}
+		if !p.Addr().Is4() && p.Bits() < min6 {
+			*errs = append(*errs, fmt.Errorf("%s: %s is too large: the prefix must be /%d or longer", field, p, min6))
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+func checkSSHKey(key string) error {
+	f := strings.Fields(key)
+	if len(f) < 2 {
+		return errors.New("not an OpenSSH public key line (type, base64 key, optional comment): paste the content of your .pub file")
+	}
+	if !slices.Contains(sshKeyTypes, f[0]) {
+		return fmt.Errorf("key type %q is not one of %s", f[0], strings.Join(sshKeyTypes, ", "))
+	}
+	if _, err := base64.StdEncoding.DecodeString(f[1]); err != nil {
+		return errors.New("the key is not valid base64: paste the whole line of your .pub file")
+	}
+	if strings.Contains(key, "PRIVATE KEY") {
+		return errors.New("this is a private key: use the public key (.pub)")
+	}
+	return nil
+}
+
+func (c *Cluster) validateDownloads(errs *[]error, osp *profiles.OS) {
+	seen := map[string]int{}
+	for i, d := range c.Kubernetes.Downloads {
+		field := fmt.Sprintf("kubernetes.downloads[%d]", i)
+		if _, ok := osp.Download(d.Name); !ok {
+			names := make([]string, 0, len(osp.Downloads))
+			for _, pd := range osp.Downloads {
+				names = append(names, pd.Name)
+			}
+			*errs = append(*errs, fmt.Errorf("%s.name: %q is not an artifact of %s: use one of %s", field, d.Name, osp.Name, strings.Join(names, ", ")))
+		}
+		if d.Arch != "amd64" && d.Arch != "arm64" {
+			*errs = append(*errs, fmt.Errorf("%s.arch: %q: use amd64 or arm64", field, d.Arch))
+		}
+		if !strings.HasPrefix(d.URL, "https://") && !strings.HasPrefix(d.URL, "http://") {
+			*errs = append(*errs, fmt.Errorf("%s.url: %q must be an http(s) URL that nodes can reach", field, d.URL))
+		}
+		if d.SHA512 != "" && !sha512Re.MatchString(d.SHA512) {
+			*errs = append(*errs, fmt.Errorf("%s.sha512: must be 128 lowercase hex digits; run `kiln pin` to compute it", field))
+		}
+		key := d.Name + "/" + d.Arch
+		if j, dup := seen[key]; dup {
+			*errs = append(*errs, fmt.Errorf("%s: %s for %s is already pinned by kubernetes.downloads[%d]", field, d.Name, d.Arch, j))
+		}
+		seen[key] = i
+	}
+}
+
+func (c *Cluster) validateNodes(errs *[]error) {
+	names, macs, ips := map[string]int{}, map[string]int{}, map[string]int{}
+	inits, controlPlanes := 0, 0
+	for i, n := range c.Nodes {
+		field := fmt.Sprintf("nodes[%d]", i)
+		if err := nodeconfig.CheckNodeName(n.Name); err != nil {
+			*errs = append(*errs, fmt.Errorf("%s.name: %v", field, err))
+		} else if j, dup := names[n.Name]; dup {
+			*errs = append(*errs, fmt.Errorf("%s.name: %q is already used by nodes[%d]", field, n.Name, j))
+		} else {
+			names[n.Name] = i
+		}
+		if _, err := nodeconfig.ParseRole(string(n.Role)); err != nil {
+			*errs = append(*errs, fmt.Errorf("%s.role: %v", field, err))
+		}
+		if n.Role == nodeconfig.RoleInit {
+			inits++
+		}
+		if n.Role.IsControlPlane() {
+			controlPlanes++
+		}
+		if n.MAC != "" {
+			hw, err := net.ParseMAC(n.MAC)
+			if err != nil || len(hw) != 6 {
+				*errs = append(*errs, fmt.Errorf("%s.mac: %q is not a MAC address like 52:54:00:12:34:56", field, n.MAC))
+			} else if j, dup := macs[hw.String()]; dup {
+				*errs = append(*errs, fmt.Errorf("%s.mac: %s is already used by nodes[%d]: every machine has its own MAC", field, hw, j))
+			} else {
+				macs[hw.String()] = i
+			}
+		}
+		if n.IP != "" {
+			ip, err := netip.ParseAddr(n.IP)
+			if err != nil {
+				*errs = append(*errs, fmt.Errorf("%s.ip: %q is not an IP address", field, n.IP))
+			} else if j, dup := ips[ip.String()]; dup {
+				*errs = append(*errs, fmt.Errorf("%s.ip: %s is already used by nodes[%d]", field, ip, j))
+			} else {
+				ips[ip.String()] = i
+			}
+		}
+	}
+	if inits > 1 {
+		*errs = append(*errs, fmt.Errorf("nodes: %d nodes have role init: exactly one control plane runs kubeadm init; make the others control-plane", inits))
+	}
+	if controlPlanes > c.Kubernetes.ControlPlanes {
+		*errs = append(*errs, fmt.Errorf("nodes: %d control-plane nodes listed but kubernetes.controlPlanes is %d: raise it or change roles", controlPlanes, c.Kubernetes.ControlPlanes))
+	}
+}
+
+func (c *Cluster) validatePatches(errs *[]error) {
+	for i, p := range c.KubeadmPatches {
+		field := fmt.Sprintf("kubeadmPatches[%d]", i)
+		if !slices.Contains(patchTargets, p.Target) {
+			*errs = append(*errs, fmt.Errorf("%s.target: %q: use one of %s", field, p.Target, strings.Join(patchTargets, ", ")))
+		}
+		if !slices.Contains(patchTypes, p.Type) {
+			*errs = append(*errs, fmt.Errorf("%s.type: %q: use strategic, merge or json", field, p.Type))
+		}
+		for j, r := range p.Roles {
+			if _, err := nodeconfig.ParseRole(string(r)); err != nil {
+				*errs = append(*errs, fmt.Errorf("%s.roles[%d]: %v", field, j, err))
+			}
+		}
+		var body any
+		if strings.TrimSpace(p.Patch) == "" {
+			*errs = append(*errs, fmt.Errorf("%s.patch: empty", field))
+		} else if err := yaml.Unmarshal([]byte(p.Patch), &body); err != nil {
+			*errs = append(*errs, fmt.Errorf("%s.patch: not YAML or JSON: %v", field, err))
+		} else if _, isList := body.([]any); p.Type == "json" && !isList {
+			*errs = append(*errs, fmt.Errorf("%s.patch: a json patch is a list of operations", field))
+		}
+	}
+}
+
+// Pinned returns the pinned download for name and arch.
+func (c *Cluster) Pinned(name, arch string) (Download, bool) {
+	for _, d := range c.Kubernetes.Downloads {
+		if d.Name == name && d.Arch == arch {
+			return d, true
+		}
+	}
+	return Download{}, false
+}

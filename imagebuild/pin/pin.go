@@ -1,0 +1,204 @@
+// Package pin resolves the artifacts nodes download (the Kubernetes
+// binaries) to URLs and SHA-512 hashes recorded in the cluster file, so
+// every rendered config is reproducible and every download verified.
+package pin
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha512"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"slices"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// Arches are the architectures kiln pins downloads for.
+var Arches = []string{"amd64", "arm64"}
+
+// Plan returns the downloads the cluster's OS needs for the given arches:
+// already pinned entries are kept as they are, missing ones are added with
+// the profile's URL and no hash yet. Entries for other arches are kept.
+func Plan(c *cluster.Cluster, arches []string) ([]cluster.Download, error) {
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil, fault.Wrap(fault.Input, err)
+	}
+	out := append([]cluster.Download(nil), c.Kubernetes.Downloads...)
+	for _, arch := range arches {
+		for _, d := range osp.Downloads {
+			if _, ok := c.Pinned(d.Name, arch); ok {
+				continue
+			}
+			out = append(out, cluster.Download{
+				Name: d.Name,
+				Arch: arch,
+				URL:  profiles.Expand(d.URL, c.Kubernetes.Version, osp.Arches[arch]),
+			})
+		}
+	}
+	return out, nil
+}
+
+// Source opens an artifact's content.
+type Source interface {
+	Open(ctx context.Context, d cluster.Download) (io.ReadCloser, int64, error)
+}
+
+// HTTP downloads artifacts from their URL.
+type HTTP struct{ Client *http.Client }
+
+// Open starts the download.
+func (h HTTP) Open(ctx context.Context, d cluster.Download) (io.ReadCloser, int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.URL, nil)
+	if err != nil {
+		return nil, 0, err
+	}
+	resp, err := h.Client.Do(req)
+	if err != nil {
+		return nil, 0, fault.Wrap(fault.Download, fmt.Errorf("download %s: %w (offline? pin from a local copy with --file %s=PATH)", d.URL, err, d.Name))
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		return nil, 0, fault.Wrap(fault.Download, fmt.Errorf("download %s: %s", d.URL, resp.Status))
+	}
+	return resp.Body, resp.ContentLength, nil
+}
+
+// Files reads artifacts from local copies, by artifact name.
+type Files map[string]string
+
+// Open opens the local copy of an artifact.
+func (f Files) Open(_ context.Context, d cluster.Download) (io.ReadCloser, int64, error) {
+	p, ok := f[d.Name]
+	if !ok {
+		return nil, 0, fault.Wrap(fault.Input, fmt.Errorf("no local file given for %s: add --file %s=PATH", d.Name, d.Name))
+	}
+	file, err := os.Open(p)
+	if err != nil {
+		return nil, 0, fault.Wrap(fault.Input, fmt.Errorf("%s: %w", d.Name, err))
+	}
+	fi, err := file.Stat()
+	if err != nil {
+		file.Close()
+		return nil, 0, fault.Wrap(fault.IO, err)
+	}
+	return file, fi.Size(), nil
+}
+
+// Hash computes the SHA-512 of each unpinned download for the given
+// arches, reporting progress to progress, and returns the updated list.
+func Hash(ctx context.Context, downloads []cluster.Download, arches []string, src Source, progress io.Writer) ([]cluster.Download, error) {
+	out := append([]cluster.Download(nil), downloads...)
+	for i, d := range out {
+		if d.SHA512 != "" || !slices.Contains(arches, d.Arch) {
+			continue
+		}
+		sum, err := hashOne(ctx, d, src, progress)
+		if err != nil {
+			return nil, err
+		}
+		out[i].SHA512 = sum
+	}
+	return out, nil
+}
+
+func hashOne(ctx context.Context, d cluster.Download, src Source, progress io.Writer) (string, error) {
+	r, size, err := src.Open(ctx, d)
+	if err != nil {
+		return "", err
+	}
+	defer r.Close()
+	h := sha512.New()
+	pw := &progressWriter{w: progress, label: d.Name + " " + d.Arch, total: size}
+	n, err := io.Copy(io.MultiWriter(h, pw), r)
+	pw.finish()
+	if err != nil {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("read %s for %s: %w", d.Name, d.Arch, err))
+	}
+	if size > 0 && n != size {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s for %s: got %d of %d bytes", d.Name, d.Arch, n, size))
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// progressWriter prints "label: 12.0 MiB / 120.0 MiB" at most once a second.
+type progressWriter struct {
+	w     io.Writer
+	label string
+	total int64
+	done  int64
+	last  time.Time
+}
+
+func (p *progressWriter) Write(b []byte) (int, error) {
+	p.done += int64(len(b))
+	if now := time.Now(); now.Sub(p.last) >= time.Second {
+		p.last = now
+		p.print()
+	}
+	return len(b), nil
+}
+
+func (p *progressWriter) print() {
+	if p.total > 0 {
+		fmt.Fprintf(p.w, "%s: %.1f MiB / %.1f MiB\n", p.label, mib(p.done), mib(p.total))
+	} else {
+		fmt.Fprintf(p.w, "%s: %.1f MiB\n", p.label, mib(p.done))
+	}
+}
+
+func (p *progressWriter) finish() { p.print() }
+
+func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+// Rewrite replaces kubernetes.downloads in a cluster file's YAML, keeping
+// the rest of the file (comments included) as it was.
+func Rewrite(file []byte, downloads []cluster.Download) ([]byte, error) {
+	var doc yaml.Node
+	if err := yaml.Unmarshal(file, &doc); err != nil {
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("parse cluster file: %w", err))
+	}
+	if len(doc.Content) != 1 || doc.Content[0].Kind != yaml.MappingNode {
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("cluster file is not a YAML mapping"))
+	}
+	kube := mappingValue(doc.Content[0], "kubernetes")
+	if kube == nil {
+		kube = &yaml.Node{Kind: yaml.MappingNode}
+		doc.Content[0].Content = append(doc.Content[0].Content, &yaml.Node{Kind: yaml.ScalarNode, Value: "kubernetes"}, kube)
+	}
+	var list yaml.Node
+	if err := list.Encode(downloads); err != nil {
+		return nil, err
+	}
+	if v := mappingValue(kube, "downloads"); v != nil {
+		*v = list
+	} else {
+		kube.Content = append(kube.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: "downloads"}, &list)
+	}
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(&doc); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), enc.Close()
+}
+
+func mappingValue(m *yaml.Node, key string) *yaml.Node {
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == key {
+			return m.Content[i+1]
+		}
+	}
+	return nil
+}

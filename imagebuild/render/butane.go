@@ -1,0 +1,256 @@
+package render
+
+import (
+	"bytes"
+	"encoding/base64"
+	"fmt"
+	"path"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// AgentUnit is the systemd unit that runs the agent.
+const AgentUnit = "kiln-firstboot.service"
+
+// Files kiln writes on every node besides those under KilnDir.
+const (
+	modulesPath = "/etc/modules-load.d/kiln-kubernetes.conf"
+	sysctlPath  = "/etc/sysctl.d/90-kiln-kubernetes.conf"
+)
+
+// The Butane subset kiln writes (field names from the Butane spec).
+type (
+	butaneDoc struct {
+		Variant string        `yaml:"variant"`
+		Version string        `yaml:"version"`
+		Passwd  *butanePasswd `yaml:"passwd,omitempty"`
+		Storage butaneStorage `yaml:"storage"`
+		Systemd butaneSystemd `yaml:"systemd"`
+	}
+	butanePasswd struct {
+		Users []butaneUser `yaml:"users"`
+	}
+	butaneUser struct {
+		Name              string   `yaml:"name"`
+		SSHAuthorizedKeys []string `yaml:"ssh_authorized_keys"`
+	}
+	butaneStorage struct {
+		Directories []butaneDir  `yaml:"directories"`
+		Files       []butaneFile `yaml:"files"`
+		Links       []butaneLink `yaml:"links,omitempty"`
+	}
+	butaneDir struct {
+		Path string `yaml:"path"`
+		Mode mode   `yaml:"mode"`
+	}
+	butaneFile struct {
+		Path     string         `yaml:"path"`
+		Mode     mode           `yaml:"mode"`
+		Contents butaneContents `yaml:"contents"`
+	}
+	butaneContents struct {
+		Inline       string              `yaml:"inline,omitempty"`
+		Source       string              `yaml:"source,omitempty"`
+		Compression  string              `yaml:"compression,omitempty"`
+		Verification *butaneVerification `yaml:"verification,omitempty"`
+	}
+	butaneVerification struct {
+		Hash string `yaml:"hash"`
+	}
+	butaneLink struct {
+		Path   string `yaml:"path"`
+		Target string `yaml:"target"`
+	}
+	butaneSystemd struct {
+		Units []butaneUnit `yaml:"units"`
+	}
+	butaneUnit struct {
+		Name     string `yaml:"name"`
+		Enabled  bool   `yaml:"enabled"`
+		Contents string `yaml:"contents,omitempty"`
+	}
+)
+
+// mode is a file mode written in octal, as people read modes.
+type mode int
+
+func (m mode) MarshalYAML() (any, error) {
+	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!int", Value: fmt.Sprintf("0%o", int(m))}, nil
+}
+
+// Butane renders the role's Butane config (before snippets are merged).
+func Butane(in Input) ([]byte, error) {
+	doc, err := butaneFor(in)
+	if err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(doc); err != nil {
+		return nil, fmt.Errorf("encode butane: %w", err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+func butaneFor(in Input) (*butaneDoc, error) {
+	nc, err := NodeConfig(in)
+	if err != nil {
+		return nil, err
+	}
+	kubeadm, err := Kubeadm(in)
+	if err != nil {
+		return nil, err
+	}
+	if len(in.Agent) == 0 {
+		return nil, fault.Wrap(fault.Environment, fmt.Errorf("no kiln-firstboot binary for %s was given to render", in.Arch))
+	}
+	c := in.Cluster
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil, err
+	}
+	nodeYAML, err := nc.Encode()
+	if err != nil {
+		return nil, err
+	}
+
+	doc := &butaneDoc{Variant: osp.Butane.Variant, Version: osp.Butane.Version}
+	if len(c.SSH.AuthorizedKeys) > 0 {
+		doc.Passwd = &butanePasswd{Users: []butaneUser{{Name: "core", SSHAuthorizedKeys: c.SSH.AuthorizedKeys}}}
+	}
+	st := &doc.Storage
+	st.Directories = append(st.Directories, butaneDir{Path: KilnDir, Mode: 0o700})
+	secret := func(p string, data []byte) {
+		st.Files = append(st.Files, butaneFile{Path: p, Mode: 0o600, Contents: butaneContents{Inline: string(data)}})
+	}
+	secret(nodeconfigPath, nodeYAML)
+	for _, p := range kubeadm.Paths() {
+		if strings.HasPrefix(p, PatchesPath+"/") && !hasDir(st.Directories, PatchesPath) {
+			st.Directories = append(st.Directories, butaneDir{Path: PatchesPath, Mode: 0o700})
+		}
+		secret(p, kubeadm[p])
+	}
+	if nc.PKIDir != "" {
+		st.Directories = append(st.Directories, butaneDir{Path: PKIPath, Mode: 0o700}, butaneDir{Path: PKIPath + "/etcd", Mode: 0o700})
+		for _, name := range secrets.PKIFiles {
+			secret(path.Join(PKIPath, name), in.Secrets.PKI[name])
+		}
+	}
+	if nc.Hostname.Name != "" {
+		st.Files = append(st.Files, butaneFile{Path: "/etc/hostname", Mode: 0o644, Contents: butaneContents{Inline: nc.Hostname.Name + "\n"}})
+	}
+	st.Files = append(st.Files,
+		butaneFile{Path: modulesPath, Mode: 0o644, Contents: butaneContents{Inline: modulesConf}},
+		butaneFile{Path: sysctlPath, Mode: 0o644, Contents: butaneContents{Inline: sysctlConf}},
+		butaneFile{Path: osp.AgentPath, Mode: 0o755, Contents: butaneContents{
+			Source:      "data:;base64," + base64.StdEncoding.EncodeToString(in.Agent),
+			Compression: "gzip",
+		}},
+	)
+	arch := osp.Arches[in.Arch]
+	for _, d := range osp.Downloads {
+		pin, ok := c.Pinned(d.Name, in.Arch)
+		if !ok || pin.SHA512 == "" {
+			return nil, fault.Wrap(fault.Input, fmt.Errorf(
+				"kubernetes.downloads: %s for %s is not pinned: run `kiln pin --arch %s` (downloads it once to hash it), or `kiln pin --arch %s --file %s=PATH` with a local copy",
+				d.Name, in.Arch, in.Arch, in.Arch, d.Name))
+		}
+		p := profiles.Expand(d.Path, c.Kubernetes.Version, arch)
+		st.Files = append(st.Files, butaneFile{Path: p, Mode: mode(d.Mode), Contents: butaneContents{
+			Source:       pin.URL,
+			Verification: &butaneVerification{Hash: "sha512-" + pin.SHA512},
+		}})
+		if d.Link != "" {
+			st.Links = append(st.Links, butaneLink{Path: d.Link, Target: p})
+		}
+	}
+
+	units := &doc.Systemd.Units
+	if osp.KubeletUnit {
+		*units = append(*units, butaneUnit{Name: "kubelet.service", Enabled: true, Contents: kubeletUnit(osp)})
+	}
+	for _, u := range osp.EnableUnits {
+		if u == "kubelet.service" && osp.KubeletUnit {
+			continue
+		}
+		*units = append(*units, butaneUnit{Name: u, Enabled: true})
+	}
+	*units = append(*units, butaneUnit{Name: AgentUnit, Enabled: true, Contents: agentUnit(osp, nodeconfigPath)})
+	return doc, nil
+}
+
+const nodeconfigPath = nodeconfig.DefaultPath
+
+func hasDir(dirs []butaneDir, p string) bool {
+	for _, d := range dirs {
+		if d.Path == p {
+			return true
+		}
+	}
+	return false
+}
+
+// Kernel modules and sysctls kubeadm's preflight checks and pod networking
+// need.
+const modulesConf = `overlay
+br_netfilter
+`
+
+const sysctlConf = `net.bridge.bridge-nf-call-iptables = 1
+net.bridge.bridge-nf-call-ip6tables = 1
+net.ipv4.ip_forward = 1
+net.ipv6.conf.all.forwarding = 1
+`
+
+func agentUnit(osp *profiles.OS, nodeYAML string) string {
+	return fmt.Sprintf(`[Unit]
+Description=kiln first-boot agent: join this node to its Kubernetes cluster
+Wants=network-online.target
+After=network-online.target containerd.service systemd-sysext.service
+# Once the agent has finished, later boots skip it.
+ConditionPathExists=!%s
+StartLimitIntervalSec=1h
+StartLimitBurst=10
+
+[Service]
+Type=exec
+ExecStart=%s --config %s
+Restart=on-failure
+RestartSec=20s
+
+[Install]
+WantedBy=multi-user.target
+`, nodeconfig.DoneFile, osp.AgentPath, nodeYAML)
+}
+
+// kubeletUnit is the kubelet service for an OS without one; the
+// environment variables are the ones kubeadm writes and expects.
+func kubeletUnit(osp *profiles.OS) string {
+	kubelet, _ := osp.Download("kubelet")
+	return fmt.Sprintf(`[Unit]
+Description=kubelet: the Kubernetes node agent
+Wants=network-online.target containerd.service
+After=network-online.target containerd.service
+
+[Service]
+Environment="KUBELET_KUBECONFIG_ARGS=--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf --kubeconfig=/etc/kubernetes/kubelet.conf"
+Environment="KUBELET_CONFIG_ARGS=--config=/var/lib/kubelet/config.yaml"
+EnvironmentFile=-/var/lib/kubelet/kubeadm-flags.env
+ExecStart=%s $KUBELET_KUBECONFIG_ARGS $KUBELET_CONFIG_ARGS $KUBELET_KUBEADM_ARGS $KUBELET_EXTRA_ARGS
+Restart=always
+RestartSec=10s
+
+[Install]
+WantedBy=multi-user.target
+`, kubelet.Path)
+}

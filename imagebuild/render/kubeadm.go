@@ -1,0 +1,211 @@
+package render
+
+import (
+	"bytes"
+	"fmt"
+	"path"
+	"slices"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// Where kiln's files land on a node.
+const (
+	KilnDir         = "/etc/kiln"
+	InitConfigPath  = KilnDir + "/kubeadm-init.yaml"
+	JoinConfigPath  = KilnDir + "/kubeadm-join.yaml"
+	PKIPath         = KilnDir + "/pki"
+	PatchesPath     = KilnDir + "/kubeadm-patches"
+	CertificatesDir = "/etc/kubernetes/pki"
+	kubeadmAPI      = "kubeadm.k8s.io/v1beta4"
+)
+
+// The subset of kubeadm's v1beta4 API that kiln writes. Field names and
+// shapes follow kubeadm.k8s.io/v1beta4; the real kubeadm validates the
+// result in kiln's oracle tests.
+type (
+	typeMeta struct {
+		APIVersion string `yaml:"apiVersion"`
+		Kind       string `yaml:"kind"`
+	}
+	arg struct {
+		Name  string `yaml:"name"`
+		Value string `yaml:"value"`
+	}
+	nodeRegistration struct {
+		CRISocket        string `yaml:"criSocket"`
+		KubeletExtraArgs []arg  `yaml:"kubeletExtraArgs,omitempty"`
+	}
+	patches struct {
+		Directory string `yaml:"directory"`
+	}
+	bootstrapToken struct {
+		Token  string   `yaml:"token"`
+		TTL    string   `yaml:"ttl"`
+		Usages []string `yaml:"usages"`
+		Groups []string `yaml:"groups"`
+	}
+	initConfiguration struct {
+		typeMeta         `yaml:",inline"`
+		BootstrapTokens  []bootstrapToken `yaml:"bootstrapTokens"`
+		CertificateKey   string           `yaml:"certificateKey"`
+		NodeRegistration nodeRegistration `yaml:"nodeRegistration"`
+		Patches          *patches         `yaml:"patches,omitempty"`
+	}
+	component struct {
+		ExtraArgs []arg `yaml:"extraArgs,omitempty"`
+	}
+	clusterConfiguration struct {
+		typeMeta             `yaml:",inline"`
+		ClusterName          string    `yaml:"clusterName"`
+		KubernetesVersion    string    `yaml:"kubernetesVersion"`
+		ControlPlaneEndpoint string    `yaml:"controlPlaneEndpoint"`
+		CertificatesDir      string    `yaml:"certificatesDir"`
+		Networking           network   `yaml:"networking"`
+		ControllerManager    component `yaml:"controllerManager"`
+	}
+	network struct {
+		PodSubnet     string `yaml:"podSubnet"`
+		ServiceSubnet string `yaml:"serviceSubnet"`
+		DNSDomain     string `yaml:"dnsDomain"`
+	}
+	kubeletConfiguration struct {
+		typeMeta     `yaml:",inline"`
+		CgroupDriver string `yaml:"cgroupDriver"`
+	}
+	joinConfiguration struct {
+		typeMeta         `yaml:",inline"`
+		Discovery        discovery         `yaml:"discovery"`
+		NodeRegistration nodeRegistration  `yaml:"nodeRegistration"`
+		ControlPlane     *joinControlPlane `yaml:"controlPlane,omitempty"`
+		Patches          *patches          `yaml:"patches,omitempty"`
+	}
+	discovery struct {
+		BootstrapToken discoveryToken `yaml:"bootstrapToken"`
+	}
+	discoveryToken struct {
+		APIServerEndpoint string   `yaml:"apiServerEndpoint"`
+		Token             string   `yaml:"token"`
+		CACertHashes      []string `yaml:"caCertHashes"`
+	}
+	joinControlPlane struct {
+		CertificateKey string `yaml:"certificateKey"`
+	}
+)
+
+// KubeadmFiles are the kubeadm files one role gets, by path on the node.
+type KubeadmFiles map[string][]byte
+
+// Paths returns the file paths in a stable order.
+func (k KubeadmFiles) Paths() []string {
+	out := make([]string, 0, len(k))
+	for p := range k {
+		out = append(out, p)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Kubeadm renders the kubeadm configuration files and patches for a role.
+func Kubeadm(in Input) (KubeadmFiles, error) {
+	if err := in.check(); err != nil {
+		return nil, err
+	}
+	c, s := in.Cluster, in.Secrets
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil, err
+	}
+	out := KubeadmFiles{}
+	var patch *patches
+	for name, body := range rolePatches(c, in.Role) {
+		out[path.Join(PatchesPath, name)] = body
+		patch = &patches{Directory: PatchesPath}
+	}
+	reg := nodeRegistration{
+		CRISocket:        osp.CRISocket,
+		KubeletExtraArgs: []arg{{Name: "volume-plugin-dir", Value: osp.VolumePluginDir}},
+	}
+	join := joinConfiguration{
+		typeMeta: typeMeta{kubeadmAPI, "JoinConfiguration"},
+		Discovery: discovery{BootstrapToken: discoveryToken{
+			APIServerEndpoint: c.ControlPlaneEndpoint,
+			Token:             s.Token,
+			CACertHashes:      []string{s.CACertHash()},
+		}},
+		NodeRegistration: reg,
+		Patches:          patch,
+	}
+	if in.Role.IsControlPlane() {
+		join.ControlPlane = &joinControlPlane{CertificateKey: s.CertificateKey}
+	}
+	if out[JoinConfigPath], err = encodeDocs(join); err != nil {
+		return nil, err
+	}
+	if in.Role != nodeconfig.RoleInit {
+		return out, nil
+	}
+	k := c.Kubernetes
+	initCfg := initConfiguration{
+		typeMeta: typeMeta{kubeadmAPI, "InitConfiguration"},
+		BootstrapTokens: []bootstrapToken{{
+			Token:  s.Token,
+			TTL:    k.TokenTTL.String(),
+			Usages: []string{"signing", "authentication"},
+			Groups: []string{"system:bootstrappers:kubeadm:default-node-token"},
+		}},
+		CertificateKey:   s.CertificateKey,
+		NodeRegistration: reg,
+		Patches:          patch,
+	}
+	clusterCfg := clusterConfiguration{
+		typeMeta:             typeMeta{kubeadmAPI, "ClusterConfiguration"},
+		ClusterName:          c.Name,
+		KubernetesVersion:    k.Version,
+		ControlPlaneEndpoint: c.ControlPlaneEndpoint,
+		CertificatesDir:      CertificatesDir,
+		Networking:           network{PodSubnet: k.PodSubnet, ServiceSubnet: k.ServiceSubnet, DNSDomain: k.DNSDomain},
+		ControllerManager:    component{ExtraArgs: []arg{{Name: "flex-volume-plugin-dir", Value: osp.VolumePluginDir}}},
+	}
+	kubelet := kubeletConfiguration{
+		typeMeta:     typeMeta{"kubelet.config.k8s.io/v1beta1", "KubeletConfiguration"},
+		CgroupDriver: "systemd",
+	}
+	if out[InitConfigPath], err = encodeDocs(initCfg, clusterCfg, kubelet); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// rolePatches returns the kubeadm patch files for a role, named
+// target + ordering suffix + "+" + type, as kubeadm's patches directory
+// expects.
+func rolePatches(c *cluster.Cluster, role nodeconfig.Role) map[string][]byte {
+	out := map[string][]byte{}
+	for i, p := range c.KubeadmPatches {
+		if len(p.Roles) > 0 && !slices.Contains(p.Roles, role) {
+			continue
+		}
+		out[fmt.Sprintf("%s%02d+%s.yaml", p.Target, i, p.Type)] = []byte(p.Patch)
+	}
+	return out
+}
+
+func encodeDocs(docs ...any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	for _, d := range docs {
+		if err := enc.Encode(d); err != nil {
+			return nil, fmt.Errorf("encode kubeadm config: %w", err)
+		}
+	}
+	if err := enc.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}

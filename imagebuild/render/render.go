@@ -1,0 +1,99 @@
+// Package render turns a cluster file and its secrets into everything one
+// node role needs: its node metadata, kubeadm configuration, Butane and
+// Ignition config. Rendering is pure: no disk, no network, no clock; the
+// same inputs give byte-identical outputs.
+//
+// It is the only package that imports the coreos Butane and Ignition
+// libraries.
+package render
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+)
+
+// Arches kiln renders for.
+var Arches = []string{"amd64", "arm64"}
+
+// Input is everything a render needs.
+type Input struct {
+	Cluster *cluster.Cluster
+	Secrets *secrets.Secrets
+	Role    nodeconfig.Role
+	// Arch is amd64 or arm64.
+	Arch string
+	// NodeName, if set, names an inventory node: its name becomes the
+	// hostname and its role must match Role.
+	NodeName string
+	// Agent is the gzip-compressed kiln-firstboot binary for Arch. Only
+	// Butane and Ignition need it.
+	Agent []byte
+}
+
+func (in Input) check() error {
+	var errs []error
+	if in.Cluster == nil || in.Secrets == nil {
+		return errors.New("render: cluster and secrets are required")
+	}
+	if _, err := nodeconfig.ParseRole(string(in.Role)); err != nil {
+		errs = append(errs, fmt.Errorf("role: %w", err))
+	}
+	if in.Arch != "amd64" && in.Arch != "arm64" {
+		errs = append(errs, fmt.Errorf("arch %q: use amd64 or arm64", in.Arch))
+	}
+	if in.NodeName != "" {
+		n, ok := in.Cluster.InventoryNode(in.NodeName)
+		switch {
+		case !ok:
+			errs = append(errs, fmt.Errorf("node %q is not in the cluster file's nodes list", in.NodeName))
+		case n.Role != in.Role:
+			errs = append(errs, fmt.Errorf("node %q has role %s in the cluster file, not %s", in.NodeName, n.Role, in.Role))
+		}
+	}
+	return fault.Wrap(fault.Input, errors.Join(errs...))
+}
+
+// NodeConfig renders the role metadata the agent reads.
+func NodeConfig(in Input) (*nodeconfig.NodeConfig, error) {
+	if err := in.check(); err != nil {
+		return nil, err
+	}
+	c, s := in.Cluster, in.Secrets
+	nc := &nodeconfig.NodeConfig{
+		APIVersion: nodeconfig.APIVersion,
+		Kind:       nodeconfig.Kind,
+		Role:       in.Role,
+		Cluster: nodeconfig.Cluster{
+			Name:                    c.Name,
+			ControlPlaneEndpoint:    c.ControlPlaneEndpoint,
+			KubernetesVersion:       c.Kubernetes.Version,
+			ControlPlanes:           c.Kubernetes.ControlPlanes,
+			CACertificate:           string(s.PKI[secrets.CACert]),
+			CACertHash:              s.CACertHash(),
+			TokenTTL:                *c.Kubernetes.TokenTTL,
+			CertificateUploadWindow: *c.Kubernetes.CertificateUploadWindow,
+		},
+		Hostname: nodeconfig.Hostname{Name: in.NodeName},
+		Kubeadm: nodeconfig.Kubeadm{
+			JoinConfig:      JoinConfigPath,
+			CertificatesDir: CertificatesDir,
+		},
+		NotBefore: s.CA().NotBefore,
+	}
+	if in.NodeName == "" {
+		nc.Hostname.Template = c.Hostname.Template
+	}
+	if in.Role == nodeconfig.RoleInit {
+		nc.Kubeadm.InitConfig = InitConfigPath
+		nc.PKIDir = PKIPath
+	}
+	if err := nc.Validate(); err != nil {
+		return nil, fmt.Errorf("render node metadata: %w", err)
+	}
+	return nc, nil
+}

@@ -1,0 +1,185 @@
+// Package profiles holds kiln's target data as embedded YAML, with its Go
+// types: one file per operating system under os/.
+package profiles
+
+import (
+	"bytes"
+	"embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+)
+
+//go:embed os/*.yaml
+var osFiles embed.FS
+
+// OS describes how kiln provisions Kubernetes on one operating system.
+type OS struct {
+	Name        string `yaml:"name"`
+	Description string `yaml:"description"`
+	Butane      struct {
+		Variant string `yaml:"variant"`
+		Version string `yaml:"version"`
+	} `yaml:"butane"`
+	Channels []string `yaml:"channels"`
+	// VersionPattern matches a pinned OS version ("current" is also accepted).
+	VersionPattern string `yaml:"versionPattern"`
+	// AgentPath is where the kiln-firstboot binary is installed.
+	AgentPath string `yaml:"agentPath"`
+	// CRISocket is the container runtime endpoint kubeadm uses.
+	CRISocket string `yaml:"criSocket"`
+	// VolumePluginDir is a writable directory for kubelet volume plugins.
+	VolumePluginDir string `yaml:"volumePluginDir"`
+	// EnableUnits are OS-provided systemd units to enable.
+	EnableUnits []string `yaml:"enableUnits"`
+	// KubeletUnit: kiln must write the kubelet unit (the OS has none).
+	KubeletUnit bool `yaml:"kubeletUnit"`
+	// Arches maps kiln's arch names (amd64, arm64) to the name the
+	// download URLs use.
+	Arches map[string]string `yaml:"arches"`
+	// Downloads are the Kubernetes artifacts Ignition fetches.
+	Downloads []Download `yaml:"downloads"`
+
+	versionRe *regexp.Regexp
+}
+
+// Download is one pinned artifact. URL and Path may use {version} (the
+// Kubernetes version, "v1.37.2") and {arch} (the OS's arch name).
+type Download struct {
+	Name string `yaml:"name"`
+	URL  string `yaml:"url"`
+	Path string `yaml:"path"`
+	Mode int    `yaml:"mode"`
+	// Link, if set, is a symlink created to Path.
+	Link string `yaml:"link,omitempty"`
+}
+
+// Expand fills {version} and {arch} in s.
+func Expand(s, version, arch string) string {
+	return strings.NewReplacer("{version}", version, "{arch}", arch).Replace(s)
+}
+
+// ValidVersion reports whether v is a pinned version of this OS or "current".
+func (o *OS) ValidVersion(v string) bool {
+	return v == "current" || o.versionRe.MatchString(v)
+}
+
+// HasChannel reports whether c is one of the OS's release channels.
+func (o *OS) HasChannel(c string) bool {
+	return slices.Contains(o.Channels, c)
+}
+
+// Download returns the artifact with the given name.
+func (o *OS) Download(name string) (Download, bool) {
+	for _, d := range o.Downloads {
+		if d.Name == name {
+			return d, true
+		}
+	}
+	return Download{}, false
+}
+
+// Validate checks a profile's own consistency.
+func (o *OS) Validate() error {
+	var errs []error
+	if o.Name == "" || o.Butane.Variant == "" || o.Butane.Version == "" {
+		errs = append(errs, errors.New("name, butane.variant and butane.version are required"))
+	}
+	if len(o.Channels) == 0 {
+		errs = append(errs, errors.New("channels: at least one"))
+	}
+	re, err := regexp.Compile(o.VersionPattern)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("versionPattern: %w", err))
+	}
+	o.versionRe = re
+	if !path.IsAbs(o.AgentPath) {
+		errs = append(errs, fmt.Errorf("agentPath %q: must be absolute", o.AgentPath))
+	}
+	if o.CRISocket == "" || o.VolumePluginDir == "" {
+		errs = append(errs, errors.New("criSocket and volumePluginDir are required"))
+	}
+	for _, a := range []string{"amd64", "arm64"} {
+		if o.Arches[a] == "" {
+			errs = append(errs, fmt.Errorf("arches.%s: required", a))
+		}
+	}
+	if _, ok := o.Download("kubelet"); o.KubeletUnit && !ok {
+		errs = append(errs, errors.New("kubeletUnit needs a download named kubelet"))
+	}
+	if len(o.Downloads) == 0 {
+		errs = append(errs, errors.New("downloads: at least one (the Kubernetes binaries)"))
+	}
+	for i, d := range o.Downloads {
+		if d.Name == "" || !strings.HasPrefix(d.URL, "https://") || !path.IsAbs(d.Path) || d.Mode == 0 {
+			errs = append(errs, fmt.Errorf("downloads[%d]: name, an https url, an absolute path and a mode are required", i))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("OS profile %s: %w", o.Name, err)
+	}
+	return nil
+}
+
+var loaded = mustLoad()
+
+func mustLoad() map[string]*OS {
+	out, err := load(osFiles)
+	if err != nil {
+		panic(err) // embedded data is checked by the package's tests
+	}
+	return out
+}
+
+func load(fsys fs.FS) (map[string]*OS, error) {
+	names, err := fs.Glob(fsys, "os/*.yaml")
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]*OS{}
+	for _, n := range names {
+		data, err := fs.ReadFile(fsys, n)
+		if err != nil {
+			return nil, err
+		}
+		dec := yaml.NewDecoder(bytes.NewReader(data))
+		dec.KnownFields(true)
+		var o OS
+		if err := dec.Decode(&o); err != nil {
+			return nil, fmt.Errorf("%s: %w", n, err)
+		}
+		if err := o.Validate(); err != nil {
+			return nil, fmt.Errorf("%s: %w", n, err)
+		}
+		if want := strings.TrimSuffix(path.Base(n), ".yaml"); o.Name != want {
+			return nil, fmt.Errorf("%s: name %q must match the file name", n, o.Name)
+		}
+		out[o.Name] = &o
+	}
+	return out, nil
+}
+
+// OSNames lists the supported operating systems.
+func OSNames() []string {
+	names := make([]string, 0, len(loaded))
+	for n := range loaded {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// LookupOS returns the profile of an operating system.
+func LookupOS(name string) (*OS, error) {
+	if o, ok := loaded[name]; ok {
+		return o, nil
+	}
+	return nil, fmt.Errorf("unknown OS %q: use one of %s", name, strings.Join(OSNames(), ", "))
+}
