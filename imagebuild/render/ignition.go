@@ -1,9 +1,9 @@
 package render
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
+	json "github.com/clarketm/json"
 	"strings"
 
 	butane "github.com/coreos/butane/config"

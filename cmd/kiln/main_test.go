@@ -1,0 +1,242 @@
+package main
+
+import (
+	"bytes"
+	"crypto/sha512"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+)
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+func kiln(t *testing.T, args ...string) result {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := run(args, &out, &errOut)
+	return result{code, out.String(), errOut.String()}
+}
+
+func (r result) expect(t *testing.T, code int, stderrHas ...string) {
+	t.Helper()
+	if r.code != code {
+		t.Fatalf("exit %d, want %d\nstdout: %s\nstderr: %s", r.code, code, r.stdout, r.stderr)
+	}
+	for _, s := range stderrHas {
+		if !strings.Contains(r.stderr, s) {
+			t.Errorf("stderr lacks %q:\n%s", s, r.stderr)
+		}
+	}
+	if strings.Count(r.stderr, "kiln: ") > 1 {
+		t.Errorf("error printed more than once:\n%s", r.stderr)
+	}
+}
+
+func newCluster(t *testing.T, extra ...string) (dir, clusterFile string) {
+	t.Helper()
+	dir = t.TempDir()
+	r := kiln(t, append([]string{"init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", dir}, extra...)...)
+	r.expect(t, 0)
+	return dir, filepath.Join(dir, "cluster.yaml")
+}
+
+func TestInit(t *testing.T) {
+	dir := t.TempDir()
+	r := kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", dir)
+	r.expect(t, 0)
+	s, err := secrets.Load(filepath.Join(dir, "secrets"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(r.stdout, s.CACertHash()) || !strings.Contains(r.stdout, "kiln") {
+		t.Errorf("stdout lacks the CA hash or next commands:\n%s", r.stdout)
+	}
+	for _, secret := range []string{"PRIVATE KEY", s.Token, s.CertificateKey} {
+		if strings.Contains(r.stdout+r.stderr, secret) {
+			t.Errorf("init printed a secret")
+		}
+	}
+	// A second init refuses and leaves everything as it was.
+	before, _ := os.ReadFile(filepath.Join(dir, "secrets", "token"))
+	kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", dir).expect(t, exitInput, "already exists", "--force")
+	after, _ := os.ReadFile(filepath.Join(dir, "secrets", "token"))
+	if !bytes.Equal(before, after) {
+		t.Fatal("refused init changed the token")
+	}
+	r = kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", dir, "--force", "-o", "json")
+	r.expect(t, 0)
+	var res initResult
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.CACertHash == s.CACertHash() {
+		t.Fatalf("forced init: %v %+v", err, res)
+	}
+}
+
+func TestInitBadInput(t *testing.T) {
+	dir := t.TempDir()
+	kiln(t, "init", "lab", "--dir", dir).expect(t, exitInput, "--endpoint: required")
+	kiln(t, "init", "lab", "--endpoint", "lb", "--kubernetes-version", "v1.30.1", "--os", "arch", "--dir", dir).
+		expect(t, exitInput, "3 problems", "--endpoint:", "--kubernetes-version: v1.30.1 is not supported", "--os: unknown OS")
+	kiln(t, "init", "--endpoint", "lb:6443").expect(t, exitInput, "init takes the cluster NAME")
+	kiln(t, "init", "lab", "--endpoint", "lb:6443", "--ssh-key", filepath.Join(dir, "none.pub")).expect(t, exitInput, "--ssh-key")
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("failed init left files: %v", entries)
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	kiln(t, "frobnicate").expect(t, exitInput, "unknown command")
+	kiln(t, "render", "--bogus").expect(t, exitInput, "unknown flag")
+	kiln(t, "render", "--role", "init", "-c", filepath.Join(t.TempDir(), "none.yaml")).expect(t, exitInput, "kiln init")
+}
+
+func TestHelpHasExamples(t *testing.T) {
+	root := newRootCmd(&bytes.Buffer{}, &bytes.Buffer{})
+	for _, c := range append(root.Commands(), root) {
+		if c.Name() == "help" || c.Name() == "completion" {
+			continue
+		}
+		if c.Example == "" || c.Short == "" {
+			t.Errorf("command %s lacks a short description or examples", c.Name())
+		}
+	}
+}
+
+func TestValidate(t *testing.T) {
+	_, cf := newCluster(t)
+	r := kiln(t, "-c", cf, "validate", "-o", "json")
+	r.expect(t, 0)
+	var res map[string]any
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res["cluster"] != "lab" || res["unpinnedDownloads"] != float64(2) {
+		t.Fatalf("validate json: %v %v", err, r.stdout)
+	}
+	data, _ := os.ReadFile(cf)
+	os.WriteFile(cf, bytes.Replace(data, []byte("controlPlanes: 3"), []byte("controlPlanes: 4\n  bogus: 1"), 1), 0o644)
+	kiln(t, "-c", cf, "validate").expect(t, exitInput, "field bogus not found")
+}
+
+// TestPinAndRender pins from a local HTTP server standing in for the
+// download site, keeps the file's comments, then renders every format.
+func TestPinAndRender(t *testing.T) {
+	artifact := bytes.Repeat([]byte("sysext"), 100000)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasSuffix(r.URL.Path, ".raw") {
+			http.NotFound(w, r)
+			return
+		}
+		w.Write(artifact)
+	}))
+	defer srv.Close()
+	_, cf := newCluster(t)
+	data, _ := os.ReadFile(cf)
+	data = bytes.ReplaceAll(data, []byte("https://extensions.flatcar.org"), []byte(srv.URL))
+	os.WriteFile(cf, data, 0o644)
+
+	kiln(t, "-c", cf, "render", "--role", "worker").expect(t, exitInput, "kiln pin --arch amd64")
+
+	r := kiln(t, "-c", cf, "pin", "-o", "json")
+	r.expect(t, 0)
+	sum := sha512.Sum512(artifact)
+	if strings.Count(r.stdout, hex.EncodeToString(sum[:])) != 2 {
+		t.Fatalf("pin output lacks the artifact's hash twice:\n%s", r.stdout)
+	}
+	pinned, _ := os.ReadFile(cf)
+	if !bytes.HasPrefix(pinned, []byte("# kiln cluster file")) {
+		t.Error("pin dropped the file's comments")
+	}
+
+	for _, role := range []string{"init", "control-plane", "worker"} {
+		for _, format := range renderFormats {
+			r := kiln(t, "-c", cf, "render", "--role", role, "--format", format)
+			r.expect(t, 0)
+			if len(r.stdout) == 0 {
+				t.Errorf("%s %s: empty output", role, format)
+			}
+		}
+	}
+	dest := filepath.Join(t.TempDir(), "w.ign")
+	kiln(t, "-c", cf, "render", "--role", "worker", "--arch", "arm64", "--dest", dest).expect(t, 0, "wrote "+dest)
+	if fi, err := os.Stat(dest); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("dest: %v %v", fi, err)
+	}
+	kiln(t, "-c", cf, "render", "--role", "worker", "--dest", dest).expect(t, exitInput, "--force")
+	kiln(t, "-c", cf, "render", "--role", "boss").expect(t, exitInput, "--role: unknown role")
+	kiln(t, "-c", cf, "render", "--role", "init", "--format", "pdf").expect(t, exitInput, "--format")
+}
+
+func TestPinDownloadFailure(t *testing.T) {
+	srv := httptest.NewServer(http.NotFoundHandler())
+	defer srv.Close()
+	_, cf := newCluster(t)
+	data, _ := os.ReadFile(cf)
+	os.WriteFile(cf, bytes.ReplaceAll(data, []byte("https://extensions.flatcar.org"), []byte(srv.URL)), 0o644)
+	kiln(t, "-c", cf, "pin", "--arch", "amd64").expect(t, exitDownload, "404")
+	after, _ := os.ReadFile(cf)
+	if !bytes.Equal(after, bytes.ReplaceAll(data, []byte("https://extensions.flatcar.org"), []byte(srv.URL))) {
+		t.Error("failed pin changed the cluster file")
+	}
+	kiln(t, "-c", cf, "pin", "--file", "kubernetes-sysext=/nonexistent").expect(t, exitInput, "also pass --arch")
+	kiln(t, "-c", cf, "pin", "--arch", "amd64", "--file", "kubernetes-sysext=/nonexistent").expect(t, exitInput, "/nonexistent")
+}
+
+func TestKubeconfig(t *testing.T) {
+	dir, cf := newCluster(t)
+	r := kiln(t, "-c", cf, "kubeconfig", "-o", "json")
+	r.expect(t, 0)
+	p := filepath.Join(dir, "admin.conf")
+	fi, err := os.Stat(p)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("admin.conf: %v %v", fi, err)
+	}
+	var kc struct {
+		Clusters []struct {
+			Cluster struct {
+				Server string `yaml:"server"`
+				CA     string `yaml:"certificate-authority-data"`
+			} `yaml:"cluster"`
+		} `yaml:"clusters"`
+		Users []struct {
+			User struct {
+				Cert string `yaml:"client-certificate-data"`
+			} `yaml:"user"`
+		} `yaml:"users"`
+	}
+	data, _ := os.ReadFile(p)
+	if err := yaml.Unmarshal(data, &kc); err != nil {
+		t.Fatal(err)
+	}
+	if kc.Clusters[0].Cluster.Server != "https://lb.lab.test:6443" {
+		t.Errorf("server %q", kc.Clusters[0].Cluster.Server)
+	}
+	certPEM, _ := base64.StdEncoding.DecodeString(kc.Users[0].User.Cert)
+	caPEM, _ := base64.StdEncoding.DecodeString(kc.Clusters[0].Cluster.CA)
+	block, _ := pem.Decode(certPEM)
+	cert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Errorf("client cert does not verify against the CA: %v", err)
+	}
+	if cert.Subject.CommonName != "kubernetes-admin" || len(cert.Subject.Organization) != 1 || cert.Subject.Organization[0] != "kubeadm:cluster-admins" {
+		t.Errorf("subject %v", cert.Subject)
+	}
+	kiln(t, "-c", cf, "kubeconfig").expect(t, exitInput, "--force")
+	kiln(t, "-c", cf, "kubeconfig", "--validity", "0s", "--dest", filepath.Join(dir, "x")).expect(t, exitInput, "--validity")
+}

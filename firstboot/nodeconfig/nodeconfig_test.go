@@ -1,0 +1,55 @@
+package nodeconfig
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestCheckEndpoint(t *testing.T) {
+	for ep, wantErr := range map[string]string{
+		"lb.example.net:6443":  "",
+		"10.0.0.1:6443":        "",
+		"[2001:db8::1]:6443":   "",
+		"LB.Example.NET:443":   "",
+		"":                     "required",
+		"lb.example.net":       "add the port",
+		"2001:db8::1":          "brackets",
+		"0.0.0.0:6443":         "not an address nodes can reach",
+		"lb:0":                 "1 to 65535",
+		"-lb.example.net:6443": "not a valid DNS name",
+	} {
+		err := CheckEndpoint(ep)
+		if wantErr == "" && err != nil || wantErr != "" && (err == nil || !strings.Contains(err.Error(), wantErr)) {
+			t.Errorf("CheckEndpoint(%q) = %v, want %q", ep, err, wantErr)
+		}
+	}
+}
+
+func TestHostnameTemplate(t *testing.T) {
+	if got := ExpandHostname("{cluster}-{role}-{mac}", "lab", RoleWorker, "525400000001"); got != "lab-worker-525400000001" {
+		t.Errorf("got %q", got)
+	}
+	for tmpl, ok := range map[string]bool{"{cluster}-{mac}": true, "{nope}": false, "UPPER-{mac}": false, "a..b": false} {
+		if err := CheckHostnameTemplate(tmpl); (err == nil) != ok {
+			t.Errorf("CheckHostnameTemplate(%q) = %v", tmpl, err)
+		}
+	}
+}
+
+func TestDecodeRejects(t *testing.T) {
+	for name, doc := range map[string]string{
+		"wrong kind":    "apiVersion: kiln.dev/v1alpha1\nkind: Cluster\n",
+		"unknown field": "apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nrole: worker\nextra: 1\n",
+		"bad duration":  "apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\ncluster:\n  tokenTTL: soon\n",
+	} {
+		if _, err := Decode(strings.NewReader(doc)); err == nil {
+			t.Errorf("%s: decoded", name)
+		}
+	}
+	_, err := Decode(strings.NewReader("apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nrole: boss\n"))
+	for _, field := range []string{"role:", "cluster.name:", "cluster.controlPlaneEndpoint:", "cluster.caCertHash:", "cluster.caCertificate:", "hostname:", "kubeadm.joinConfig:", "notBefore:"} {
+		if err == nil || !strings.Contains(err.Error(), field) {
+			t.Errorf("validation error lacks %s: %v", field, err)
+		}
+	}
+}

@@ -1,0 +1,179 @@
+package cluster
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/kilnproject/kiln/imagebuild/fault"
+)
+
+const valid = `apiVersion: kiln.dev/v1alpha1
+kind: Cluster
+name: lab
+controlPlaneEndpoint: lb.lab.example:6443
+`
+
+func TestDefaults(t *testing.T) {
+	c, err := Parse([]byte(valid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := c.Kubernetes
+	if k.Version != DefaultKubernetesVersion || k.PodSubnet != DefaultPodSubnet || k.ServiceSubnet != DefaultServiceSubnet ||
+		k.DNSDomain != DefaultDNSDomain || k.ControlPlanes != 3 || k.TokenTTL.Duration != DefaultTokenTTL ||
+		c.OS.Name != "flatcar" || c.OS.Channel != "stable" || c.OS.Version != "current" || c.Hostname.Template != DefaultHostnameTemplate {
+		t.Errorf("defaults not applied: %+v", c)
+	}
+	if c.Minor() != 37 {
+		t.Errorf("Minor() = %d", c.Minor())
+	}
+}
+
+func TestTokenTTLZeroIsKept(t *testing.T) {
+	c, err := Parse([]byte(valid + "kubernetes:\n  tokenTTL: 0s\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Kubernetes.TokenTTL.Duration != 0 {
+		t.Errorf("tokenTTL 0s (never expires) was replaced by %s", c.Kubernetes.TokenTTL)
+	}
+}
+
+// TestValidation checks that each problem is reported with its field path
+// and a fix, as a fault.Input error.
+func TestValidation(t *testing.T) {
+	tests := []struct {
+		name  string
+		extra string // replaces the valid body after the header
+		want  []string
+	}{
+		{"missing port", "name: lab\ncontrolPlaneEndpoint: lb.lab.example\n", []string{"controlPlaneEndpoint:", "add the port, as lb.lab.example:6443"}},
+		{"bare ipv6", "name: lab\ncontrolPlaneEndpoint: 2001:db8::10:6443\n", []string{"controlPlaneEndpoint:", "brackets"}},
+		{"ipv6 ok", "name: lab\ncontrolPlaneEndpoint: '[2001:db8::10]:6443'\n", nil},
+		{"ipv4 ok", "name: lab\ncontrolPlaneEndpoint: 10.0.0.5:443\n", nil},
+		{"bad port", "name: lab\ncontrolPlaneEndpoint: lb:99999\n", []string{"port \"99999\""}},
+		{"bad dns", "name: lab\ncontrolPlaneEndpoint: lb_1.example:6443\n", []string{"not a valid DNS name"}},
+		{"bad name", "name: Lab_1\ncontrolPlaneEndpoint: lb:6443\n", []string{"name: \"Lab_1\""}},
+		{"overlap", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  podSubnet: 10.0.0.0/8\n  serviceSubnet: 10.96.0.0/12\n", []string{"kubernetes.serviceSubnet: 10.96.0.0/12 overlaps kubernetes.podSubnet 10.0.0.0/8"}},
+		{"service too large", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  serviceSubnet: 172.16.0.0/8\n", []string{"kubernetes.serviceSubnet", "/12 or longer"}},
+		{"host bits", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  podSubnet: 10.244.1.0/16\n", []string{"host bits set: use 10.244.0.0/16"}},
+		{"dual stack ok", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  podSubnet: 10.244.0.0/16,fd00:10:244::/56\n  serviceSubnet: 10.96.0.0/12,fd00:10:96::/112\n", nil},
+		{"old kubernetes", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  version: v1.32.2\n", []string{"kubernetes.version: v1.32.2 is not supported: kiln supports v1.33 to v1.37"}},
+		{"new kubernetes", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  version: v1.38.0\n", []string{"not supported"}},
+		{"version format", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  version: 1.37\n", []string{"not a version like v1.37.2"}},
+		{"even control planes", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  controlPlanes: 2\n", []string{"kubernetes.controlPlanes: 2: use an odd number"}},
+		{"negative ttl", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  tokenTTL: -1h\n", []string{"kubernetes.tokenTTL: must not be negative"}},
+		{"bad os", "name: lab\ncontrolPlaneEndpoint: lb:6443\nos:\n  name: ubuntu\n", []string{"os.name: unknown OS \"ubuntu\": use one of fcos, flatcar"}},
+		{"bad channel", "name: lab\ncontrolPlaneEndpoint: lb:6443\nos:\n  name: fcos\n  channel: lts\n", []string{"os.channel: \"lts\" is not a fcos channel"}},
+		{"bad os version", "name: lab\ncontrolPlaneEndpoint: lb:6443\nos:\n  version: 42\n", []string{"os.version"}},
+		{"ssh private", "name: lab\ncontrolPlaneEndpoint: lb:6443\nssh:\n  authorizedKeys: ['-----BEGIN OPENSSH PRIVATE KEY-----']\n", []string{"ssh.authorizedKeys[0]"}},
+		{"ssh type", "name: lab\ncontrolPlaneEndpoint: lb:6443\nssh:\n  authorizedKeys: ['ssh-dss AAAA x']\n", []string{"ssh.authorizedKeys[0]: key type \"ssh-dss\""}},
+		{"template var", "name: lab\ncontrolPlaneEndpoint: lb:6443\nhostname:\n  template: 'n-{serial}'\n", []string{"hostname.template", "unknown variable {serial}"}},
+		{"template case", "name: lab\ncontrolPlaneEndpoint: lb:6443\nhostname:\n  template: 'Node-{mac}'\n", []string{"hostname.template", "invalid node name"}},
+		{"unknown role", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: master}\n", []string{"nodes[0].role: unknown role \"master\""}},
+		{"dup mac", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: init, mac: '52:54:00:00:00:01'}\n  - {name: b, role: worker, mac: '52-54-00-00-00-01'}\n", []string{"nodes[1].mac: 52:54:00:00:00:01 is already used by nodes[0]"}},
+		{"bad mac", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, mac: '52:54:00'}\n", []string{"nodes[0].mac"}},
+		{"dup name", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker}\n  - {name: a, role: worker}\n", []string{"nodes[1].name: \"a\" is already used by nodes[0]"}},
+		{"dup ip", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, ip: 10.0.0.1}\n  - {name: b, role: worker, ip: 10.0.0.1}\n", []string{"nodes[1].ip"}},
+		{"two inits", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: init}\n  - {name: b, role: init}\n", []string{"nodes: 2 nodes have role init"}},
+		{"too many cps", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  controlPlanes: 1\nnodes:\n  - {name: a, role: init}\n  - {name: b, role: control-plane}\n", []string{"nodes: 2 control-plane nodes listed but kubernetes.controlPlanes is 1"}},
+		{"bad sha", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  downloads:\n    - {name: kubernetes-sysext, arch: amd64, url: 'https://x/y', sha512: abc}\n", []string{"kubernetes.downloads[0].sha512: must be 128 lowercase hex digits"}},
+		{"bad artifact", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  downloads:\n    - {name: kubeadm, arch: amd64, url: 'https://x/y', sha512: ''}\n", []string{"kubernetes.downloads[0].name: \"kubeadm\" is not an artifact of flatcar"}},
+		{"bad url", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  downloads:\n    - {name: kubernetes-sysext, arch: amd64, url: 'file:///x', sha512: ''}\n", []string{"kubernetes.downloads[0].url"}},
+		{"patch target", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubeadmPatches:\n  - {target: kubelet, patch: 'a: b'}\n", []string{"kubeadmPatches[0].target: \"kubelet\""}},
+		{"json patch shape", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubeadmPatches:\n  - {target: etcd, type: json, patch: 'a: b'}\n", []string{"kubeadmPatches[0].patch: a json patch is a list"}},
+		{"patch role", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubeadmPatches:\n  - {target: etcd, roles: [boss], patch: 'a: b'}\n", []string{"kubeadmPatches[0].roles[0]"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte("apiVersion: kiln.dev/v1alpha1\nkind: Cluster\n" + tt.extra))
+			if tt.want == nil {
+				if err != nil {
+					t.Fatalf("unexpected error: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("no error, want %q", tt.want)
+			}
+			if fault.KindOf(err) != fault.Input {
+				t.Errorf("error kind %v, want Input", fault.KindOf(err))
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestEveryProblemAtOnce(t *testing.T) {
+	_, err := Parse([]byte("apiVersion: kiln.dev/v1alpha1\nkind: Cluster\nname: Bad\ncontrolPlaneEndpoint: lb\nkubernetes:\n  version: v1.20.0\n  controlPlanes: 4\n"))
+	var inv *InvalidError
+	if !errors.As(err, &inv) {
+		t.Fatalf("got %v, want *InvalidError", err)
+	}
+	if len(inv.Problems) != 4 {
+		t.Errorf("got %d problems, want 4 (name, endpoint, version, controlPlanes):\n%v", len(inv.Problems), err)
+	}
+}
+
+func TestStrictDecoding(t *testing.T) {
+	for name, doc := range map[string]string{
+		"unknown field": valid + "kubernets: {}\n",
+		"wrong kind":    "apiVersion: kiln.dev/v1alpha1\nkind: Node\n",
+		"wrong version": "apiVersion: kiln.dev/v9\nkind: Cluster\n",
+		"not yaml":      "{{{",
+	} {
+		if _, err := Parse([]byte(doc)); err == nil || fault.KindOf(err) != fault.Input {
+			t.Errorf("%s: got %v, want an Input error", name, err)
+		}
+	}
+}
+
+func TestLoadSnippets(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "cluster.yaml")
+	if err := os.WriteFile(path, []byte(valid+"butane: [extra.bu]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(path); err == nil || !strings.Contains(err.Error(), "butane[0]") {
+		t.Fatalf("missing snippet: got %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "extra.bu"), []byte("variant: flatcar\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Snippets) != 1 || string(c.Snippets[0].Data) != "variant: flatcar\n" {
+		t.Errorf("snippets = %+v", c.Snippets)
+	}
+	if _, err := Load(filepath.Join(dir, "nope.yaml")); err == nil || !strings.Contains(err.Error(), "kiln init") {
+		t.Errorf("missing file: got %v", err)
+	}
+}
+
+func TestEncodeRoundTrip(t *testing.T) {
+	c, err := Parse([]byte(valid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := c.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := Parse(out)
+	if err != nil {
+		t.Fatalf("encoded file does not parse: %v\n%s", err, out)
+	}
+	out2, _ := c2.Encode()
+	if string(out) != string(out2) {
+		t.Errorf("round trip differs:\n%s\n%s", out, out2)
+	}
+}

@@ -1,0 +1,400 @@
+package render
+
+import (
+	"bytes"
+	"compress/gzip"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/coreos/ignition/v2/config/v3_4"
+	"github.com/vincent-petithory/dataurl"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files")
+
+// fakeAgent stands in for the real agent binary so goldens do not change
+// with every agent build.
+func fakeAgent(t *testing.T, arch string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	zw, _ := gzip.NewWriterLevel(&buf, gzip.BestCompression)
+	fmt.Fprintf(zw, "#!/bin/sh\necho fake kiln-firstboot for %s\n", arch)
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// loadSecrets copies the test secrets to a private folder (git does not
+// keep 0600 modes) and loads them.
+func loadSecrets(t *testing.T) *secrets.Secrets {
+	t.Helper()
+	dir := t.TempDir()
+	err := filepath.Walk("testdata/secrets", func(p string, fi os.FileInfo, err error) error {
+		if err != nil || fi.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel("testdata/secrets", p)
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		dst := filepath.Join(dir, rel)
+		if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
+			return err
+		}
+		return os.WriteFile(dst, data, 0o600)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := secrets.Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func loadCluster(t *testing.T, osName string) *cluster.Cluster {
+	t.Helper()
+	c, err := cluster.Load(filepath.Join("testdata", osName+".yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+type combo struct {
+	os, arch string
+	role     nodeconfig.Role
+}
+
+func combos() []combo {
+	var out []combo
+	for _, o := range []string{"flatcar", "fcos"} {
+		for _, a := range Arches {
+			for _, r := range nodeconfig.Roles {
+				out = append(out, combo{o, a, r})
+			}
+		}
+	}
+	return out
+}
+
+func (c combo) name() string { return fmt.Sprintf("%s-%s-%s", c.os, c.arch, c.role) }
+
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	p := filepath.Join("testdata", "golden", name)
+	if *update {
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatalf("%v (run go test ./imagebuild/render -update to create it)", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s differs from the golden file; if the change is intended, run go test ./imagebuild/render -update and review the diff\n--- got ---\n%s", p, got)
+	}
+}
+
+// TestGolden renders every role x OS x arch in every format and compares
+// with the golden files.
+func TestGolden(t *testing.T) {
+	s := loadSecrets(t)
+	for _, cb := range combos() {
+		t.Run(cb.name(), func(t *testing.T) {
+			in := Input{Cluster: loadCluster(t, cb.os), Secrets: s, Role: cb.role, Arch: cb.arch, Agent: fakeAgent(t, cb.arch)}
+			nc, err := NodeConfig(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			node, err := nc.Encode()
+			if err != nil {
+				t.Fatal(err)
+			}
+			golden(t, cb.name()+".node.yaml", node)
+			files, err := Kubeadm(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range files.Paths() {
+				golden(t, cb.name()+"."+filepath.Base(p), files[p])
+			}
+			bu, err := Butane(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			golden(t, cb.name()+".bu", bu)
+			ign, err := Ignition(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			golden(t, cb.name()+".ign", ign)
+		})
+	}
+}
+
+// TestDeterministic: the same inputs render byte-identical configs.
+func TestDeterministic(t *testing.T) {
+	s := loadSecrets(t)
+	for _, cb := range combos() {
+		in := Input{Cluster: loadCluster(t, cb.os), Secrets: s, Role: cb.role, Arch: cb.arch, Agent: fakeAgent(t, cb.arch)}
+		a, err := Ignition(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		in.Cluster = loadCluster(t, cb.os)
+		b, err := Ignition(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(a, b) {
+			t.Errorf("%s: two renders differ", cb.name())
+		}
+	}
+}
+
+// decodedFiles parses an Ignition config with the Ignition library (which
+// must report nothing) and returns each file's decoded content and mode.
+func decodedFiles(t *testing.T, ign []byte) (map[string][]byte, map[string]int) {
+	t.Helper()
+	cfg, rpt, err := v3_4.Parse(ign)
+	if err != nil || len(rpt.Entries) > 0 {
+		t.Fatalf("ignition validation: %v %s", err, rpt)
+	}
+	contents, modes := map[string][]byte{}, map[string]int{}
+	for _, f := range cfg.Storage.Files {
+		if f.Mode != nil {
+			modes[f.Path] = *f.Mode
+		}
+		if f.Contents.Source == nil || !strings.HasPrefix(*f.Contents.Source, "data:") {
+			continue
+		}
+		du, err := dataurl.DecodeString(*f.Contents.Source)
+		if err != nil {
+			t.Fatalf("%s: %v", f.Path, err)
+		}
+		data := du.Data
+		if f.Contents.Compression != nil && *f.Contents.Compression == "gzip" {
+			zr, err := gzip.NewReader(bytes.NewReader(data))
+			if err != nil {
+				t.Fatalf("%s: %v", f.Path, err)
+			}
+			if data, err = io.ReadAll(zr); err != nil {
+				t.Fatalf("%s: %v", f.Path, err)
+			}
+		}
+		contents[f.Path] = data
+	}
+	return contents, modes
+}
+
+// TestLeastSecrets scans every artifact of every role: workers carry no
+// private key at all, control planes no CA key (and no private key), and
+// only init carries the PKI, with mode 0600.
+func TestLeastSecrets(t *testing.T) {
+	s := loadSecrets(t)
+	for _, cb := range combos() {
+		t.Run(cb.name(), func(t *testing.T) {
+			in := Input{Cluster: loadCluster(t, cb.os), Secrets: s, Role: cb.role, Arch: cb.arch, Agent: fakeAgent(t, cb.arch)}
+			ign, err := Ignition(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			bu, _ := Butane(in)
+			files, modes := decodedFiles(t, ign)
+			artifacts := map[string][]byte{"butane": bu, "ignition (raw)": ign}
+			for p, data := range files {
+				artifacts[p] = data
+			}
+			for name, data := range artifacts {
+				hasKey := bytes.Contains(data, []byte("PRIVATE KEY"))
+				if cb.role != nodeconfig.RoleInit && hasKey {
+					t.Errorf("%s role %s: %s contains a private key", cb.name(), cb.role, name)
+				}
+				for _, k := range []string{secrets.CAKey, secrets.FrontProxyCAKey, secrets.EtcdCAKey, secrets.SAKey} {
+					if cb.role != nodeconfig.RoleInit && bytes.Contains(data, s.PKI[k]) {
+						t.Errorf("%s: %s contains %s", cb.name(), name, k)
+					}
+				}
+			}
+			for _, k := range secrets.PKIFiles {
+				p := filepath.Join(PKIPath, k)
+				got, ok := files[p]
+				if cb.role != nodeconfig.RoleInit {
+					if ok {
+						t.Errorf("%s: %s present on a %s", cb.name(), p, cb.role)
+					}
+					continue
+				}
+				if !bytes.Equal(got, s.PKI[k]) || modes[p] != 0o600 {
+					t.Errorf("%s: %s content or mode %o wrong", cb.name(), p, modes[p])
+				}
+			}
+			for p := range files {
+				if strings.HasPrefix(p, KilnDir) && modes[p] != 0o600 {
+					t.Errorf("%s: %s mode %o, want 0600", cb.name(), p, modes[p])
+				}
+			}
+			// The join config of every role holds the token, so only its
+			// public half may appear outside kiln's 0600 files.
+			for p, data := range files {
+				if !strings.HasPrefix(p, KilnDir) && bytes.Contains(data, []byte(s.Token)) {
+					t.Errorf("%s: token in %s", cb.name(), p)
+				}
+			}
+		})
+	}
+}
+
+func TestAgentEmbedded(t *testing.T) {
+	s := loadSecrets(t)
+	for _, o := range []string{"flatcar", "fcos"} {
+		in := Input{Cluster: loadCluster(t, o), Secrets: s, Role: nodeconfig.RoleWorker, Arch: "arm64", Agent: fakeAgent(t, "arm64")}
+		ign, err := Ignition(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files, modes := decodedFiles(t, ign)
+		want := "#!/bin/sh\necho fake kiln-firstboot for arm64\n"
+		var agentPath string
+		for p, data := range files {
+			if string(data) == want {
+				agentPath = p
+			}
+		}
+		if agentPath == "" || modes[agentPath] != 0o755 {
+			t.Errorf("%s: agent not found decompressed with mode 0755 (path %q)", o, agentPath)
+		}
+	}
+}
+
+func TestRenderErrors(t *testing.T) {
+	s := loadSecrets(t)
+	c := loadCluster(t, "flatcar")
+	tests := []struct {
+		name string
+		in   Input
+		want string
+	}{
+		{"bad role", Input{Cluster: c, Secrets: s, Role: "master", Arch: "amd64"}, `unknown role "master"`},
+		{"bad arch", Input{Cluster: c, Secrets: s, Role: "worker", Arch: "riscv64"}, `arch "riscv64"`},
+		{"unknown node", Input{Cluster: c, Secrets: s, Role: "worker", Arch: "amd64", NodeName: "nope"}, `node "nope" is not in`},
+		{"node role mismatch", Input{Cluster: c, Secrets: s, Role: "worker", Arch: "amd64", NodeName: "cp-1"}, `has role init`},
+		{"no agent", Input{Cluster: c, Secrets: s, Role: "worker", Arch: "amd64"}, "no kiln-firstboot binary"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Ignition(tt.in)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestUnpinnedDownload(t *testing.T) {
+	s := loadSecrets(t)
+	c := loadCluster(t, "flatcar")
+	c.Kubernetes.Downloads = c.Kubernetes.Downloads[:1] // amd64 only
+	in := Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleWorker, Arch: "arm64", Agent: fakeAgent(t, "arm64")}
+	_, err := Ignition(in)
+	if err == nil || !strings.Contains(err.Error(), "kiln pin --arch arm64") {
+		t.Fatalf("got %v, want the pin command in the error", err)
+	}
+	in.Arch = "amd64"
+	if _, err := Ignition(in); err != nil {
+		t.Fatalf("amd64 is pinned: %v", err)
+	}
+}
+
+func TestSnippets(t *testing.T) {
+	s := loadSecrets(t)
+	tests := []struct {
+		name, snippet, want string
+	}{
+		{"overrides node.yaml", "variant: flatcar\nversion: 1.1.0\nstorage:\n  files:\n    - path: /etc/kiln/node.yaml\n      contents:\n        inline: x\n", "/etc/kiln/node.yaml is written by kiln"},
+		{"overrides agent unit", "variant: flatcar\nversion: 1.1.0\nsystemd:\n  units:\n    - name: kiln-firstboot.service\n      enabled: false\n", "unit kiln-firstboot.service is kiln's"},
+		{"unknown key", "variant: flatcar\nversion: 1.1.0\nstorage:\n  filez: []\n", "butane[0] (bad.bu)"},
+		{"too new", "variant: fcos\nversion: 1.6.0\n", "kiln writes Ignition 3.4.0"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := loadCluster(t, "flatcar")
+			c.Snippets = []cluster.Snippet{{Path: "bad.bu", Data: []byte(tt.snippet)}}
+			_, err := Ignition(Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleWorker, Arch: "amd64", Agent: fakeAgent(t, "amd64")})
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+	// A legitimate snippet lands in the merged config.
+	c := loadCluster(t, "flatcar")
+	ign, err := Ignition(Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleWorker, Arch: "amd64", Agent: fakeAgent(t, "amd64")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, _ := decodedFiles(t, ign)
+	if string(files["/etc/motd.d/golden.conf"]) != "golden test cluster\n" {
+		t.Errorf("snippet file missing from the merged config")
+	}
+}
+
+func TestNodeNameAndPatches(t *testing.T) {
+	s := loadSecrets(t)
+	c := loadCluster(t, "flatcar")
+	in := Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleControlPlane, Arch: "amd64", NodeName: "cp-2", Agent: fakeAgent(t, "amd64")}
+	nc, err := NodeConfig(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nc.Hostname.Name != "cp-2" || nc.Hostname.Template != "" {
+		t.Errorf("hostname = %+v, want name cp-2 only", nc.Hostname)
+	}
+	ign, err := Ignition(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, _ := decodedFiles(t, ign)
+	if string(files["/etc/hostname"]) != "cp-2\n" {
+		t.Errorf("/etc/hostname = %q", files["/etc/hostname"])
+	}
+	if _, ok := files[PatchesPath+"/kube-apiserver00+strategic.yaml"]; !ok {
+		t.Errorf("control plane lacks its kube-apiserver patch: %v", keys(files))
+	}
+	in = Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleWorker, Arch: "amd64", Agent: fakeAgent(t, "amd64")}
+	kf, err := Kubeadm(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := kf[PatchesPath+"/kube-apiserver00+strategic.yaml"]; ok {
+		t.Error("worker got a control-plane-only patch")
+	}
+	if _, ok := kf[PatchesPath+"/kubeletconfiguration01+merge.yaml"]; !ok {
+		t.Errorf("worker lacks the all-roles patch: %v", kf.Paths())
+	}
+}
+
+func keys(m map[string][]byte) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
