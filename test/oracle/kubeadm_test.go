@@ -1,0 +1,158 @@
+//go:build oracle
+
+package oracle
+
+import (
+	"bytes"
+	"crypto/x509"
+	"encoding/pem"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"gopkg.in/yaml.v3"
+)
+
+// The oldest and newest Kubernetes kiln supports that a real kubeadm can
+// be built for here (the module proxy serves k8s.io/kubernetes up to
+// v1.37.2; v1.33.x is covered by the v1beta4 API these share).
+var kubeadmVersions = []string{"v1.34.4", "v1.37.2"}
+
+// TestKubeadmValidatesEveryConfig: a real kubeadm of the cluster's minor
+// accepts every kubeadm configuration kiln renders, and rejects a broken
+// one (so the oracle can fail).
+func TestKubeadmValidatesEveryConfig(t *testing.T) {
+	for _, v := range kubeadmVersions {
+		kubeadm := tool(t, "kubeadm-"+v)
+		for _, osName := range []string{"flatcar", "fcos"} {
+			cf := newCluster(t, "--kubernetes-version", v, "--os", osName)
+			editCluster(t, cf, func(m map[string]any) {
+				m["kubeadmPatches"] = []any{map[string]any{"target": "kube-apiserver", "patch": "metadata:\n  annotations:\n    kiln: oracle\n"}}
+			})
+			for _, c := range []struct{ role, format string }{
+				{"init", "kubeadm"}, {"init", "kubeadm-join"}, {"control-plane", "kubeadm"}, {"worker", "kubeadm"},
+			} {
+				t.Run(v+"-"+osName+"-"+c.role+"-"+c.format, func(t *testing.T) {
+					f := filepath.Join(t.TempDir(), "kubeadm.yaml")
+					os.WriteFile(f, kiln(t, "-c", cf, "render", "--role", c.role, "--format", c.format), 0o600)
+					out, err := run(t, kubeadm, "config", "validate", "--config", f)
+					if err != nil || !strings.Contains(string(out), "ok") {
+						t.Fatalf("kubeadm %s config validate: %v\n%s", v, err, out)
+					}
+				})
+			}
+		}
+		t.Run(v+"-rejects-broken", func(t *testing.T) {
+			cf := newCluster(t, "--kubernetes-version", v)
+			cfg := kiln(t, "-c", cf, "render", "--role", "worker", "--format", "kubeadm")
+			f := filepath.Join(t.TempDir(), "bad.yaml")
+			os.WriteFile(f, bytes.Replace(cfg, []byte("discovery:"), []byte("discovry:"), 1), 0o600)
+			if out, err := run(t, kubeadm, "config", "validate", "--config", f); err == nil {
+				t.Fatalf("kubeadm accepted a misspelled field:\n%s", out)
+			}
+		})
+	}
+}
+
+// TestKubeadmUsesOurCA: kubeadm init phase certs all, on the rendered init
+// configuration, keeps kiln's CAs and service-account key and issues an
+// API server certificate that verifies against our CA with the endpoint in
+// its names. certificatesDir is pointed at a scratch folder (the only
+// change to the rendered config) so the host's /etc/kubernetes is untouched.
+func TestKubeadmUsesOurCA(t *testing.T) {
+	for _, v := range kubeadmVersions {
+		t.Run(v, func(t *testing.T) {
+			cf := newCluster(t, "--kubernetes-version", v)
+			pki := filepath.Join(t.TempDir(), "pki")
+			src := filepath.Join(filepath.Dir(cf), "secrets", "pki")
+			originals := map[string][]byte{}
+			for _, f := range []string{"ca.crt", "ca.key", "front-proxy-ca.crt", "front-proxy-ca.key", "etcd/ca.crt", "etcd/ca.key", "sa.key", "sa.pub"} {
+				data, err := os.ReadFile(filepath.Join(src, f))
+				if err != nil {
+					t.Fatal(err)
+				}
+				originals[f] = data
+				os.MkdirAll(filepath.Dir(filepath.Join(pki, f)), 0o700)
+				os.WriteFile(filepath.Join(pki, f), data, 0o600)
+			}
+			cfg := withCertificatesDir(t, kiln(t, "-c", cf, "render", "--role", "init", "--format", "kubeadm"), pki)
+			f := filepath.Join(t.TempDir(), "init.yaml")
+			os.WriteFile(f, cfg, 0o600)
+			out, err := run(t, tool(t, "kubeadm-"+v), "init", "phase", "certs", "all", "--config", f)
+			if err != nil {
+				t.Fatalf("kubeadm init phase certs all: %v\n%s", err, out)
+			}
+			for _, want := range []string{
+				"Using existing ca certificate authority",
+				"Using existing front-proxy-ca certificate authority",
+				"Using existing etcd/ca certificate authority",
+				`Using the existing "sa" key`,
+			} {
+				if !strings.Contains(string(out), want) {
+					t.Errorf("kubeadm output lacks %q:\n%s", want, out)
+				}
+			}
+			for f, data := range originals {
+				if got, _ := os.ReadFile(filepath.Join(pki, f)); !bytes.Equal(got, data) {
+					t.Errorf("kubeadm replaced %s", f)
+				}
+			}
+			ca := parseCert(t, originals["ca.crt"])
+			apiserver := parseCert(t, mustRead(t, filepath.Join(pki, "apiserver.crt")))
+			pool := x509.NewCertPool()
+			pool.AddCert(ca)
+			if _, err := apiserver.Verify(x509.VerifyOptions{Roots: pool, DNSName: "lb.oracle.test"}); err != nil {
+				t.Errorf("apiserver certificate does not verify for the endpoint under our CA: %v", err)
+			}
+		})
+	}
+}
+
+// withCertificatesDir sets ClusterConfiguration.certificatesDir.
+func withCertificatesDir(t *testing.T, cfg []byte, dir string) []byte {
+	t.Helper()
+	dec := yaml.NewDecoder(bytes.NewReader(cfg))
+	var out bytes.Buffer
+	enc := yaml.NewEncoder(&out)
+	found := false
+	for {
+		var doc map[string]any
+		if err := dec.Decode(&doc); err != nil {
+			break
+		}
+		if doc["kind"] == "ClusterConfiguration" {
+			doc["certificatesDir"] = dir
+			found = true
+		}
+		if err := enc.Encode(doc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !found {
+		t.Fatal("rendered init config has no ClusterConfiguration")
+	}
+	return out.Bytes()
+}
+
+func mustRead(t *testing.T, p string) []byte {
+	t.Helper()
+	data, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+func parseCert(t *testing.T, data []byte) *x509.Certificate {
+	t.Helper()
+	block, _ := pem.Decode(data)
+	if block == nil {
+		t.Fatal("not PEM")
+	}
+	c, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
