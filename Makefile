@@ -6,7 +6,7 @@ ARCHES    := amd64 arm64
 AGENTS    := $(foreach a,$(ARCHES),$(AGENT_DIR)/kiln-firstboot-linux-$(a).gz)
 GOFILES   := $(shell find . -name '*.go' -not -path './test/tools/*' 2>/dev/null)
 
-.PHONY: build agents test oracle lint demo clean
+.PHONY: build agents test oracle lint check demo clean
 
 build: $(BIN)/kiln
 
@@ -31,6 +31,9 @@ test: build
 oracle: build
 	test/tools/build.sh
 	$(GO) test -tags oracle -count=1 ./test/...
+
+# Everything CI runs (see .ci/run).
+check: lint test oracle
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -14,10 +14,10 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
-// The oldest and newest Kubernetes kiln supports that a real kubeadm can
-// be built for here (the module proxy serves k8s.io/kubernetes up to
-// v1.37.2; v1.33.x is covered by the v1beta4 API these share).
-var kubeadmVersions = []string{"v1.34.4", "v1.37.2"}
+// Real kubeadm versions the oracle runs: the oldest and newest supported
+// minors (the newest patches the module proxy serves) and v1.34.4, the
+// version of the rehearsal recipe in DESIGN.md.
+var kubeadmVersions = []string{"v1.33.13", "v1.34.4", "v1.37.2"}
 
 // TestKubeadmValidatesEveryConfig: a real kubeadm of the cluster's minor
 // accepts every kubeadm configuration kiln renders, and rejects a broken
@@ -58,8 +58,11 @@ func TestKubeadmValidatesEveryConfig(t *testing.T) {
 // TestKubeadmUsesOurCA: kubeadm init phase certs all, on the rendered init
 // configuration, keeps kiln's CAs and service-account key and issues an
 // API server certificate that verifies against our CA with the endpoint in
-// its names. certificatesDir is pointed at a scratch folder (the only
-// change to the rendered config) so the host's /etc/kubernetes is untouched.
+// its names. The test changes three fields of the rendered config, all of
+// which the agent leaves to the node: certificatesDir points at a scratch
+// folder (the host's /etc/kubernetes stays untouched), and the advertise
+// address and node name are fixed so kubeadm does not depend on this
+// machine's routes or hostname.
 func TestKubeadmUsesOurCA(t *testing.T) {
 	for _, v := range kubeadmVersions {
 		t.Run(v, func(t *testing.T) {
@@ -76,7 +79,7 @@ func TestKubeadmUsesOurCA(t *testing.T) {
 				os.MkdirAll(filepath.Dir(filepath.Join(pki, f)), 0o700)
 				os.WriteFile(filepath.Join(pki, f), data, 0o600)
 			}
-			cfg := withCertificatesDir(t, kiln(t, "-c", cf, "render", "--role", "init", "--format", "kubeadm"), pki)
+			cfg := forScratch(t, kiln(t, "-c", cf, "render", "--role", "init", "--format", "kubeadm"), pki)
 			f := filepath.Join(t.TempDir(), "init.yaml")
 			os.WriteFile(f, cfg, 0o600)
 			out, err := run(t, tool(t, "kubeadm-"+v), "init", "phase", "certs", "all", "--config", f)
@@ -109,8 +112,9 @@ func TestKubeadmUsesOurCA(t *testing.T) {
 	}
 }
 
-// withCertificatesDir sets ClusterConfiguration.certificatesDir.
-func withCertificatesDir(t *testing.T, cfg []byte, dir string) []byte {
+// forScratch sets ClusterConfiguration.certificatesDir and the init node's
+// advertise address and name.
+func forScratch(t *testing.T, cfg []byte, dir string) []byte {
 	t.Helper()
 	dec := yaml.NewDecoder(bytes.NewReader(cfg))
 	var out bytes.Buffer
@@ -121,9 +125,13 @@ func withCertificatesDir(t *testing.T, cfg []byte, dir string) []byte {
 		if err := dec.Decode(&doc); err != nil {
 			break
 		}
-		if doc["kind"] == "ClusterConfiguration" {
+		switch doc["kind"] {
+		case "ClusterConfiguration":
 			doc["certificatesDir"] = dir
 			found = true
+		case "InitConfiguration":
+			doc["localAPIEndpoint"] = map[string]any{"advertiseAddress": "192.0.2.10"}
+			doc["nodeRegistration"].(map[string]any)["name"] = "oracle-init"
 		}
 		if err := enc.Encode(doc); err != nil {
 			t.Fatal(err)

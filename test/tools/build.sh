@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# Build the third-party "oracle" binaries that kiln's tests use as
+# independent checkers, from their upstream Go modules (via the Go module
+# proxy). See test/tools/README.md.
+#
+# Usage: test/tools/build.sh [ignition] [kubeadm-v1.X.Y ...]
+#   No arguments builds ignition and kubeadm for every KUBEADM_VERSIONS entry.
+#
+# Output: ${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}/bin/{ignition,kubeadm-vX.Y.Z}
+# A tool whose stamp matches its recipe is not rebuilt. Binaries are built to
+# a temporary name and renamed into place, so bin/ never holds a partial file.
+set -euo pipefail
+
+IGNITION_VERSION=v2.24.0
+KUBEADM_VERSIONS=(v1.33.13 v1.34.4 v1.37.2)
+# Newer Go toolchain that the go command may fetch from the module proxy; used
+# only when an upstream go.mod needs a newer Go than the local one.
+FALLBACK_TOOLCHAIN=go1.27.3
+# Bump when the recipe changes in a way that should force rebuilds.
+RECIPE_REV=1
+
+TOOLS_DIR=${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}
+BIN_DIR=$TOOLS_DIR/bin
+SRC_DIR=$TOOLS_DIR/src
+LOG_DIR=$TOOLS_DIR/log
+
+log() { printf '[kiln-tools] %s\n' "$*" >&2; }
+die() { printf '[kiln-tools] ERROR: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+	echo "usage: $0 [ignition] $(printf '[kubeadm-%s] ' "${KUBEADM_VERSIONS[@]}")" >&2
+	echo "  no arguments builds all; output goes to $BIN_DIR" >&2
+}
+
+command -v go >/dev/null || die "go not found in PATH"
+
+# Isolate the tool builds from whatever module/workspace the caller is in.
+export GOWORK=off
+export GOFLAGS="-buildvcs=false -modcacherw"
+export GO111MODULE=on
+
+# run LOGFILE CMD... : run a command with its output in LOGFILE; show the tail on failure.
+run() {
+	local logfile=$1
+	shift
+	printf '\n$ %s\n' "$*" >>"$logfile"
+	if ! "$@" >>"$logfile" 2>&1; then
+		log "command failed: $*"
+		log "last lines of $logfile:"
+		tail -n 40 "$logfile" >&2
+		return 1
+	fi
+}
+
+# go_line_of GOMOD : print the "go" version of a go.mod file.
+go_line_of() { awk '$1 == "go" { print $2; exit }' "$1"; }
+
+# pick_toolchain REQUIRED : export GOTOOLCHAIN so that the go command is new enough.
+pick_toolchain() {
+	local required=$1 local_v
+	local_v=$(GOTOOLCHAIN=local go env GOVERSION)
+	local_v=${local_v#go}
+	if [[ "$(printf '%s\n%s\n' "$required" "$local_v" | sort -V | head -n1)" == "$required" ]]; then
+		export GOTOOLCHAIN=local
+	else
+		log "upstream needs go >= $required, local is $local_v: using GOTOOLCHAIN=$FALLBACK_TOOLCHAIN"
+		export GOTOOLCHAIN=$FALLBACK_TOOLCHAIN
+	fi
+}
+
+# Module queries run in a scratch module of our own, so that they never touch
+# the go.mod/go.sum of a module that happens to contain KILN_TOOLS_DIR.
+probe() {
+	mkdir -p "$SRC_DIR/.probe"
+	[[ -f "$SRC_DIR/.probe/go.mod" ]] || echo "module kiln.invalid/probe" >"$SRC_DIR/.probe/go.mod"
+	(cd "$SRC_DIR/.probe" && GOTOOLCHAIN=local "$@")
+}
+
+# fetch_module MODULE VERSION : download MODULE@VERSION into the module cache;
+# sets UP_GOMOD (its go.mod), UP_DIR (its source) and UP_TIME (commit time, UTC).
+fetch_module() {
+	local out
+	out=$(probe go mod download -json "$1@$2" 2>&1) ||
+		die "cannot download $1@$2 from the module proxy: $out"
+	UP_GOMOD=$(sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p' <<<"$out")
+	UP_DIR=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$out")
+	[[ -f "$UP_GOMOD" && -d "$UP_DIR" ]] || die "cannot locate $1@$2 in the module cache"
+	UP_TIME=$(probe go list -m -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' "$1@$2") ||
+		die "cannot read the info of $1@$2"
+}
+
+# already_built NAME KEY : true when bin/NAME exists and was built with KEY.
+already_built() {
+	[[ -x "$BIN_DIR/$1" && -f "$BIN_DIR/.$1.stamp" && "$(cat "$BIN_DIR/.$1.stamp")" == "$2" ]]
+}
+
+# new_tmp NAME : print a fresh temporary path in bin/ (hidden; removed on exit),
+# after deleting leftovers of killed runs (we hold the lock, so none is live).
+new_tmp() {
+	rm -f "$BIN_DIR/.$1.tmp."*
+	echo "$BIN_DIR/.$1.tmp.$$"
+}
+
+# install_binary NAME TMPFILE KEY : move a finished build into place, then stamp it.
+install_binary() {
+	chmod 0755 "$2"
+	mv -f "$2" "$BIN_DIR/$1"
+	printf '%s\n' "$3" >"$BIN_DIR/.$1.stamp.tmp.$$"
+	mv -f "$BIN_DIR/.$1.stamp.tmp.$$" "$BIN_DIR/.$1.stamp"
+}
+
+TMP_FILES=()
+cleanup() { local f; for f in "${TMP_FILES[@]+"${TMP_FILES[@]}"}"; do rm -f "$f"; done; }
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- ignition
+build_ignition() {
+	local name=ignition mod=github.com/coreos/ignition/v2 ver=$IGNITION_VERSION
+	local pkg=$mod/internal # the `ignition` main package (upstream ./build uses it too)
+	local ldflags="-X $mod/internal/distro.selinuxRelabel=false -X $mod/internal/version.Raw=$ver"
+	local key="ignition $ver recipe=$RECIPE_REV ldflags=$ldflags"
+
+	if already_built "$name" "$key"; then
+		log "$name $ver: up to date ($BIN_DIR/$name)"
+		return 0
+	fi
+
+	command -v gcc >/dev/null || die "$name needs cgo: gcc not found (run .ci/install-deps)"
+	echo '#include <blkid/blkid.h>' | gcc -E -x c - >/dev/null 2>&1 ||
+		die "$name needs <blkid/blkid.h> (Debian: libblkid-dev; run .ci/install-deps)"
+
+	local start=$SECONDS dir=$SRC_DIR/$name logfile=$LOG_DIR/$name.log
+	log "$name $ver: building (log: $logfile)"
+	: >"$logfile"
+	fetch_module "$mod" "$ver"
+	local up=$UP_GOMOD
+	# The variables we set must exist, or -X would silently do nothing.
+	grep -Eq '^[[:space:]]*selinuxRelabel[[:space:]]*=' "$UP_DIR/internal/distro/distro.go" ||
+		die "$mod@$ver: internal/distro has no selinuxRelabel variable; update the ldflags in $0"
+	grep -Eq '^[[:space:]]*Raw[[:space:]]*=' "$UP_DIR/internal/version/version.go" ||
+		die "$mod@$ver: internal/version has no Raw variable; update the ldflags in $0"
+	pick_toolchain "$(go_line_of "$up")"
+
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	{
+		echo "// Generated by kiln test/tools/build.sh; do not edit."
+		echo "module kiln.invalid/tools/$name"
+		echo
+		echo "go $(go_line_of "$up")"
+		echo
+		echo "require $mod $ver"
+	} >"$dir/go.mod"
+
+	local tmp
+	tmp=$(new_tmp "$name")
+	TMP_FILES+=("$tmp")
+	# (&& chains: set -e does not apply inside a `( ... ) || die` list.)
+	(
+		cd "$dir" &&
+			run "$logfile" go get "$pkg@$ver" &&
+			CGO_ENABLED=1 run "$logfile" go build -trimpath -ldflags "$ldflags" -o "$tmp" "$pkg"
+	) || die "$name $ver: build failed (full log: $logfile)"
+	"$tmp" -version >>"$logfile" 2>&1 || die "$name $ver: built binary does not run (see $logfile)"
+	install_binary "$name" "$tmp" "$key"
+	log "$name $ver: built $BIN_DIR/$name in $((SECONDS - start))s"
+}
+
+# ---------------------------------------------------------------- kubeadm
+build_kubeadm() {
+	local ver=$1 name=kubeadm-$1 mod=k8s.io/kubernetes
+	[[ "$ver" =~ ^v1\.([0-9]+)\.([0-9]+)(-[0-9A-Za-z.-]+)?$ ]] || die "bad kubeadm version '$ver' (want v1.MINOR.PATCH)"
+	local minor=${BASH_REMATCH[1]}
+	local staging_ver=v0.${ver#v1.} # k8s.io/* staging modules are tagged v0.MINOR.PATCH
+	local vpkg
+	local ldflags="-s -w"
+	for vpkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+		ldflags+=" -X $vpkg.gitVersion=$ver -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor"
+	done
+	local key="kubeadm $ver recipe=$RECIPE_REV ldflags=$ldflags"
+
+	if already_built "$name" "$key"; then
+		log "$name: up to date ($BIN_DIR/$name)"
+		return 0
+	fi
+
+	local start=$SECONDS dir=$SRC_DIR/$name logfile=$LOG_DIR/$name.log
+	log "$name: building (log: $logfile)"
+	: >"$logfile"
+	fetch_module "$mod" "$ver"
+	local up=$UP_GOMOD
+	# buildDate = the release commit's time, so rebuilds are reproducible.
+	for vpkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+		ldflags+=" -X $vpkg.buildDate=$UP_TIME"
+	done
+	pick_toolchain "$(go_line_of "$up")"
+
+	# Replace directives: upstream points each staging module at ./staging/src/...;
+	# we pin it to the published staging module at the matching v0.X.Y instead.
+	# Any non-local upstream replace is copied as is.
+	local replaces
+	replaces=$(awk -v sv="$staging_ver" '
+		function emit(lhs, rhs) {
+			if (rhs ~ /^\.\/staging\/src\//) { print "\t" lhs " => " lhs " " sv }
+			else if (rhs ~ /^(\.|\/)/) { print "LOCAL " lhs " => " rhs }
+			else { print "\t" lhs " => " rhs }
+		}
+		/^replace[[:space:]]*\($/ { inblk = 1; next }
+		inblk && /^\)/ { inblk = 0; next }
+		inblk && /=>/ { sub(/\/\/.*/, ""); split($0, p, "=>"); gsub(/^[ \t]+|[ \t]+$/, "", p[1]); gsub(/^[ \t]+|[ \t]+$/, "", p[2]); emit(p[1], p[2]); next }
+		/^replace[[:space:]].*=>/ { sub(/\/\/.*/, ""); sub(/^replace[[:space:]]+/, ""); split($0, p, "=>"); gsub(/^[ \t]+|[ \t]+$/, "", p[1]); gsub(/^[ \t]+|[ \t]+$/, "", p[2]); emit(p[1], p[2]) }
+	' "$up")
+	if grep -q '^LOCAL' <<<"$replaces"; then
+		die "$mod@$ver has a local replace that is not a staging module: $(grep '^LOCAL' <<<"$replaces" | head -n1)"
+	fi
+	local nstaging
+	nstaging=$(grep -c " $staging_ver\$" <<<"$replaces" || true)
+	((nstaging > 10)) || die "$mod@$ver: found only $nstaging staging replaces in its go.mod; the recipe needs updating"
+
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	{
+		echo "// Generated by kiln test/tools/build.sh; do not edit."
+		echo "module kiln.invalid/tools/$name"
+		echo
+		echo "go $(go_line_of "$up")"
+		# Keep upstream's GODEBUG defaults: the main module's godebug lines decide them.
+		awk '/^godebug[[:space:]]*\(/ { blk = 1 } blk || /^godebug[[:space:]]/ { print } blk && /^\)/ { blk = 0 }' "$up"
+		echo
+		echo "require $mod $ver"
+		echo
+		echo "replace ("
+		printf '%s\n' "$replaces"
+		echo ")"
+	} >"$dir/go.mod"
+	log "$name: pinned $nstaging staging modules to $staging_ver"
+
+	local tmp
+	tmp=$(new_tmp "$name")
+	TMP_FILES+=("$tmp")
+	# Upstream builds kubeadm static (CGO_ENABLED=0).
+	(
+		cd "$dir" &&
+			run "$logfile" go get "$mod/cmd/kubeadm@$ver" &&
+			CGO_ENABLED=0 run "$logfile" go build -trimpath -ldflags "$ldflags" -o "$tmp" "$mod/cmd/kubeadm"
+	) || die "$name: build failed (full log: $logfile)"
+	local got
+	got=$("$tmp" version -o short 2>>"$logfile") || die "$name: built binary does not run (see $logfile)"
+	[[ "$got" == "$ver" ]] || die "$name: 'kubeadm version -o short' printed '$got', want '$ver'"
+	install_binary "$name" "$tmp" "$key"
+	log "$name: built $BIN_DIR/$name in $((SECONDS - start))s"
+}
+
+# ---------------------------------------------------------------- main
+targets=("$@")
+if ((${#targets[@]} == 0)); then
+	targets=(ignition)
+	for v in "${KUBEADM_VERSIONS[@]}"; do targets+=("kubeadm-$v"); done
+fi
+for t in "${targets[@]}"; do
+	case "$t" in
+	-h | --help) usage; exit 0 ;;
+	ignition) ;;
+	kubeadm-v1.*) ;; # any release; KUBEADM_VERSIONS is only the default set
+	*) usage; die "unknown tool '$t'" ;;
+	esac
+done
+
+mkdir -p "$BIN_DIR" "$SRC_DIR" "$LOG_DIR"
+# One build at a time per tools dir (parallel test runs may call this script).
+exec 9>"$TOOLS_DIR/.lock"
+if ! flock -n 9; then
+	log "another build holds $TOOLS_DIR/.lock; waiting"
+	flock 9
+fi
+
+for t in "${targets[@]}"; do
+	case "$t" in
+	ignition) build_ignition ;;
+	kubeadm-*) build_kubeadm "${t#kubeadm-}" ;;
+	esac
+done
+log "done: $BIN_DIR"
