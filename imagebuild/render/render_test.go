@@ -398,3 +398,27 @@ func keys(m map[string][]byte) []string {
 	}
 	return out
 }
+
+// TestNodeConfigRoundTrip: the agent's strict decoder reads exactly what
+// the builder writes, for every role.
+func TestNodeConfigRoundTrip(t *testing.T) {
+	s := loadSecrets(t)
+	for _, cb := range combos() {
+		nc, err := NodeConfig(Input{Cluster: loadCluster(t, cb.os), Secrets: s, Role: cb.role, Arch: cb.arch})
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, err := nc.Encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		back, err := nodeconfig.Decode(bytes.NewReader(data))
+		if err != nil {
+			t.Fatalf("%s: agent cannot read the rendered node.yaml: %v", cb.name(), err)
+		}
+		again, _ := back.Encode()
+		if !bytes.Equal(data, again) {
+			t.Errorf("%s: node.yaml does not round-trip", cb.name())
+		}
+	}
+}
