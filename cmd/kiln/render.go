@@ -26,7 +26,7 @@ var renderFormats = []string{"node", "kubeadm", "kubeadm-join", "butane", "ignit
 func newRenderCmd(g *globals) *cobra.Command {
 	o := &renderOptions{}
 	cmd := &cobra.Command{
-		Use:   "render --role ROLE",
+		Use:   "render --role ROLE | --node NAME",
 		Short: "Print a role's provisioning config (node metadata, kubeadm, Butane, Ignition)",
 		Long: `render prints what one node role gets, without touching any disk image:
 
@@ -45,12 +45,12 @@ Output that holds secrets is written with mode 0600 when --dest is used.`,
 		Example: `  kiln render --role init --format ignition --dest init.ign
   kiln render --role worker --arch arm64 --format butane
   kiln render --role control-plane --format kubeadm
-  kiln render --node cp-2 --role control-plane --dest cp-2.ign`,
+  kiln render --node cp-2 --dest cp-2.ign`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runRender(g, o) },
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (required)")
+	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (default with --node: the node's role)")
 	f.StringVar(&o.arch, "arch", "amd64", "node architecture: amd64 or arm64")
 	f.StringVar(&o.node, "node", "", "render for this inventory node (sets its hostname)")
 	f.StringVar(&o.format, "format", "ignition", "node, kubeadm, kubeadm-join, butane or ignition")
@@ -60,16 +60,21 @@ Output that holds secrets is written with mode 0600 when --dest is used.`,
 }
 
 func runRender(g *globals, o *renderOptions) error {
+	c, s, err := g.load()
+	if err != nil {
+		return err
+	}
+	if o.role == "" && o.node != "" {
+		if n, ok := c.InventoryNode(o.node); ok {
+			o.role = string(n.Role)
+		}
+	}
 	if o.role == "" {
-		return fault.Wrap(fault.Input, fmt.Errorf("--role is required: init, control-plane or worker"))
+		return fault.Wrap(fault.Input, fmt.Errorf("--role is required: init, control-plane or worker (or --node NAME of an inventory node)"))
 	}
 	role, err := nodeconfig.ParseRole(o.role)
 	if err != nil {
 		return fault.Wrap(fault.Input, fmt.Errorf("--role: %w", err))
-	}
-	c, s, err := g.load()
-	if err != nil {
-		return err
 	}
 	in := render.Input{Cluster: c, Secrets: s, Role: role, Arch: o.arch, NodeName: o.node}
 	var out []byte

@@ -50,9 +50,10 @@ type (
 		Mode mode   `yaml:"mode"`
 	}
 	butaneFile struct {
-		Path     string         `yaml:"path"`
-		Mode     mode           `yaml:"mode"`
-		Contents butaneContents `yaml:"contents"`
+		Path      string         `yaml:"path"`
+		Mode      mode           `yaml:"mode"`
+		Overwrite bool           `yaml:"overwrite,omitempty"`
+		Contents  butaneContents `yaml:"contents"`
 	}
 	butaneContents struct {
 		Inline       string              `yaml:"inline,omitempty"`
@@ -147,7 +148,8 @@ func butaneFor(in Input) (*butaneDoc, error) {
 		}
 	}
 	if nc.Hostname.Name != "" {
-		st.Files = append(st.Files, butaneFile{Path: "/etc/hostname", Mode: 0o644, Contents: butaneContents{Inline: nc.Hostname.Name + "\n"}})
+		// The OS may ship a default /etc/hostname; the node's name wins.
+		st.Files = append(st.Files, butaneFile{Path: "/etc/hostname", Mode: 0o644, Overwrite: true, Contents: butaneContents{Inline: nc.Hostname.Name + "\n"}})
 	}
 	st.Files = append(st.Files,
 		butaneFile{Path: modulesPath, Mode: 0o644, Contents: butaneContents{Inline: modulesConf}},
