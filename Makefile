@@ -6,7 +6,7 @@ ARCHES    := amd64 arm64
 AGENTS    := $(foreach a,$(ARCHES),$(AGENT_DIR)/kiln-firstboot-linux-$(a).gz)
 GOFILES   := $(shell find . -name '*.go' -not -path './test/tools/*' 2>/dev/null)
 
-.PHONY: build agents test oracle lint check demo clean
+.PHONY: build agents test test-arm64 oracle lint check demo clean
 
 build: $(BIN)/kiln
 
@@ -26,6 +26,10 @@ $(BIN)/kiln: $(AGENTS) $(GOFILES) go.mod go.sum
 test: build
 	$(GO) test ./...
 
+# The agent's pure tests, built for arm64 and run under qemu-user.
+test-arm64:
+	GOARCH=arm64 $(GO) test -count=1 -exec qemu-aarch64-static ./firstboot/...
+
 # Oracle tests: real Ignition and real kubeadm (built from Go modules by
 # test/tools/build.sh, cached in $$KILN_TOOLS_DIR) check what kiln renders.
 oracle: build
@@ -33,7 +37,7 @@ oracle: build
 	$(GO) test -tags oracle -count=1 ./test/...
 
 # Everything CI runs (see .ci/run).
-check: lint test oracle
+check: lint test test-arm64 oracle
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -229,6 +229,8 @@ Type=exec
 ExecStart=%s --config %s
 Restart=on-failure
 RestartSec=20s
+# Bad metadata (2) and a permanent refusal by the cluster (3) need a person.
+RestartPreventExitStatus=2 3
 
 [Install]
 WantedBy=multi-user.target

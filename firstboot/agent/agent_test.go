@@ -1,0 +1,290 @@
+package agent
+
+import (
+	"encoding/json"
+	"fmt"
+	"io/fs"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kilnproject/kiln/firstboot/endpoint"
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+)
+
+func (n *node) status() Status {
+	n.t.Helper()
+	var s Status
+	if err := json.Unmarshal([]byte(n.fs.read(StatusFile)), &s); err != nil {
+		n.t.Fatalf("status file: %v", err)
+	}
+	return s
+}
+
+func (n *node) wantCalls(want ...string) {
+	n.t.Helper()
+	if !slices.Equal(n.runner.calls, want) {
+		n.t.Errorf("commands:\n  %s\nwant:\n  %s", strings.Join(n.runner.calls, "\n  "), strings.Join(want, "\n  "))
+	}
+}
+
+var hostCalls = []string{"modprobe -a overlay br_netfilter", "swapoff -a"}
+
+func TestMissingMetadata(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleWorker)
+	delete(n.fs.m, rel(nodeconfig.DefaultPath))
+	if code := n.run(); code != ExitBadMetadata {
+		t.Fatalf("exit %d, want %d", code, ExitBadMetadata)
+	}
+	if s := n.status(); s.State != StateFailed || !strings.Contains(s.LastError, "node.yaml") {
+		t.Errorf("status %+v", s)
+	}
+	n.wantCalls()
+}
+
+func TestBadMetadataNamesFields(t *testing.T) {
+	for name, tc := range map[string]struct {
+		edit func(n *node)
+		want []string
+	}{
+		"invalid node.yaml": {
+			func(n *node) { n.nc.Cluster.ControlPlaneEndpoint = "lb"; n.writeMetadata() },
+			[]string{"cluster.controlPlaneEndpoint"},
+		},
+		"join file pins another CA": {
+			func(n *node) {
+				n.fs.put(n.nc.Kubeadm.JoinConfig, strings.ReplaceAll(n.fs.read(n.nc.Kubeadm.JoinConfig), n.nc.Cluster.CACertHash, "sha256:"+strings.Repeat("0", 64)), 0o600)
+			},
+			[]string{"caCertHashes does not pin cluster.caCertHash"},
+		},
+		"v1beta3 join file": {
+			func(n *node) {
+				n.fs.put(n.nc.Kubeadm.JoinConfig, strings.ReplaceAll(n.fs.read(n.nc.Kubeadm.JoinConfig), "v1beta4", "v1beta3"), 0o600)
+			},
+			[]string{`apiVersion "kubeadm.k8s.io/v1beta3"`},
+		},
+		"bad token, missing manifest": {
+			func(n *node) {
+				n.fs.put(n.nc.Kubeadm.JoinConfig, strings.ReplaceAll(n.fs.read(n.nc.Kubeadm.JoinConfig), testToken, "ABCDEF.0123456789abcdef"), 0o600)
+				n.nc.Manifests = []string{"/etc/kiln/manifests/cni.yaml"}
+				n.writeMetadata()
+			},
+			[]string{"discovery.bootstrapToken.token: not a bootstrap token", "manifests[0]"},
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			n := newNode(t, nodeconfig.RoleWorker)
+			tc.edit(n)
+			if code := n.run(); code != ExitBadMetadata {
+				t.Fatalf("exit %d, want %d", code, ExitBadMetadata)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(n.status().LastError, w) {
+					t.Errorf("status error %q does not say %q", n.status().LastError, w)
+				}
+			}
+			if strings.Contains(n.log.String(), "ABCDEF.0123456789abcdef") {
+				t.Error("a malformed token was logged")
+			}
+			n.wantCalls()
+		})
+	}
+}
+
+func TestWorkerJoins(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleWorker)
+	n.nc.Hostname = nodeconfig.Hostname{Template: "{cluster}-{role}-{mac}"}
+	n.writeMetadata()
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("exit %d", code)
+	}
+	n.wantCalls(append(hostCalls, "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
+	if got := n.fs.read("/proc/sys/kernel/hostname"); got != "test-worker-525400000001" {
+		t.Errorf("hostname %q", got)
+	}
+	if got := n.fs.read("/etc/hostname"); got != "test-worker-525400000001\n" {
+		t.Errorf("/etc/hostname %q", got)
+	}
+	for _, s := range sysctls {
+		if got := n.fs.read("/proc/sys/" + s.key); got != "1\n" {
+			t.Errorf("sysctl %s = %q", s.key, got)
+		}
+	}
+	if s := n.status(); s.State != StateDone || s.Node != "test-worker-525400000001" || s.TokenTimeLeft != "24h0m0s" || !s.Estimated {
+		t.Errorf("status %+v", s)
+	}
+	if len(n.reporter.bodies) == 0 || !n.reporter.closed {
+		t.Errorf("reporter got %d reports, closed %t", len(n.reporter.bodies), n.reporter.closed)
+	}
+
+	// A second start (the unit's condition aside) does nothing.
+	n.runner.calls = nil
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("second run: exit %d", code)
+	}
+	n.wantCalls()
+}
+
+func TestOptionalSysctlMissing(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleWorker)
+	delete(n.fs.m, "proc/sys/net/ipv6/conf/all/forwarding")
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("exit %d", code)
+	}
+	delete(n.fs.m, rel(nodeconfig.DoneFile))
+	delete(n.fs.m, rel(StateFile))
+	delete(n.fs.m, "proc/sys/net/bridge/bridge-nf-call-iptables")
+	if code := n.run(); code != ExitRetry || !strings.Contains(n.status().LastError, "net.bridge.bridge-nf-call-iptables") {
+		t.Fatalf("exit %d, status %+v", code, n.status())
+	}
+}
+
+func TestWaitsForClockRuntimeAndEndpoint(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleControlPlane)
+	n.clock.now = time.Date(1970, 1, 1, 0, 0, 5, 0, time.UTC)
+	delete(n.fs.m, rel(testSocket))
+	ticks := 0
+	n.clock.onTick = func(c *fakeClock) {
+		ticks++
+		switch ticks {
+		case 3: // NTP answers
+			c.now = epoch
+		case 6: // containerd starts
+			n.fs.put(testSocket, "", fs.ModeSocket)
+		}
+	}
+	n.prober.results = []endpoint.Result{
+		{Stage: endpoint.Unreachable, Err: fmt.Errorf("connection refused")},
+		{Stage: endpoint.NoTLS, Err: fmt.Errorf("EOF")},
+		{Stage: endpoint.NotReady, Err: fmt.Errorf("GET /readyz: 500")},
+		{Stage: endpoint.Serving, ServingSince: epoch},
+	}
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("exit %d", code)
+	}
+	if n.prober.n != 4 {
+		t.Errorf("%d probes, want 4", n.prober.n)
+	}
+	for _, w := range []string{"waiting for a synchronised clock: clock reads 1970", "waiting for the container runtime", "waiting for lb.test:6443 to serve the cluster: unreachable: connection refused"} {
+		if !strings.Contains(n.log.String(), w) {
+			t.Errorf("log lacks %q", w)
+		}
+	}
+}
+
+func TestJoinRetriesTransientFailures(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleControlPlane)
+	n.script(map[string][]result{"kubeadm join": {
+		failing("error execution phase control-plane-join/etcd: error creating local etcd static pod manifest file: etcd cluster is not healthy: context deadline exceeded"),
+		failing("[preflight] Some fatal errors occurred:\n\t[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: /etc/kubernetes/kubelet.conf already exists\n"),
+		ok,
+	}})
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("exit %d", code)
+	}
+	join := "kubeadm join --config /etc/kiln/kubeadm-join.yaml"
+	n.wantCalls(append(hostCalls, join, "kubeadm reset -f", join, "kubeadm reset -f", join)...)
+	// Backoff: 10s then 20s, each with the jitter the fake gives.
+	if got := n.clock.slept; !slices.Equal(got, []time.Duration{7500 * time.Millisecond, 15 * time.Second}) {
+		t.Errorf("slept %v", got)
+	}
+}
+
+func TestJoinStopsOnPermanentFailures(t *testing.T) {
+	for name, tc := range map[string]struct {
+		role     nodeconfig.Role
+		stderr   string
+		attempts int
+		advice   string
+	}{
+		"token expired": {nodeconfig.RoleWorker,
+			`error execution phase preflight: couldn't validate the identity of the API Server: token id "abcdef" is invalid for this cluster or it has expired. Use "kubeadm token create" on the control-plane node to create a new valid token`,
+			1, "bootstrap token is invalid or has expired"},
+		"CA hash mismatch": {nodeconfig.RoleWorker,
+			`error execution phase preflight: couldn't validate the identity of the API Server: cluster CA found in cluster-info ConfigMap is invalid: none of the public keys "sha256:aaaa" are pinned`,
+			1, "this image was built for another cluster"},
+		"certificate key rejected": {nodeconfig.RoleControlPlane,
+			`error execution phase control-plane-prepare/download-certs: error downloading certs: error decoding secret data with provided key: cipher: message authentication failed`,
+			1, "certificate key does not decrypt"},
+		"token unknown, repeatedly": {nodeconfig.RoleWorker,
+			`error execution phase preflight: couldn't validate the identity of the API Server: could not find a JWS signature in the cluster-info ConfigMap for token ID "abcdef"`,
+			repeatLimit, "does not know the bootstrap token"},
+		"unfit host": {nodeconfig.RoleWorker,
+			"[preflight] Some fatal errors occurred:\n\t[ERROR Mem]: the system RAM (512 MB) is less than the minimum 1700 MB\n",
+			1, "fails kubeadm's preflight checks"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			n := newNode(t, tc.role)
+			n.script(map[string][]result{"kubeadm join": {failing(tc.stderr + "\nTo see the stack trace of this error execute with --v=5 or higher\n" + testToken)}})
+			if code := n.run(); code != ExitPermanent {
+				t.Fatalf("exit %d, want %d", code, ExitPermanent)
+			}
+			if got := n.runner.count("kubeadm join"); got != tc.attempts {
+				t.Errorf("%d join attempts, want %d", got, tc.attempts)
+			}
+			s := n.status()
+			if !s.Permanent || !strings.Contains(s.LastError, tc.advice) || !strings.Contains(s.LastError, redacted) {
+				t.Errorf("status %+v", s)
+			}
+		})
+	}
+}
+
+func TestCertificatesMissingAfterWindowIsPermanent(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleControlPlane)
+	// The API server certificate is 7 hours old: the 6h upload window is over.
+	n.prober.results = []endpoint.Result{{Stage: endpoint.Serving, ServingSince: epoch.Add(-7 * time.Hour)}}
+	n.script(map[string][]result{"kubeadm join": {failing(`error execution phase control-plane-prepare/download-certs: error downloading certs: error downloading the secret: Secret "kubeadm-certs" was not found in the "kube-system" Namespace. This Secret might have expired. Please, run ` + "`kubeadm init phase upload-certs --upload-certs`" + ` on a control plane to generate a new one`)}})
+	if code := n.run(); code != ExitPermanent {
+		t.Fatalf("exit %d", code)
+	}
+	if got := n.runner.count("kubeadm join"); got != 1 {
+		t.Errorf("%d attempts", got)
+	}
+	if s := n.status(); s.CertificateUploadTimeLeft != "0s" || !s.Estimated {
+		t.Errorf("status %+v", s)
+	}
+}
+
+func TestCertificatesMissingEarlyIsRetried(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleControlPlane)
+	n.script(map[string][]result{"kubeadm join": {failing(`Secret "kubeadm-certs" was not found in the "kube-system" Namespace.`), ok}})
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("exit %d", code)
+	}
+}
+
+func TestForeignCAIsPermanent(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleWorker)
+	n.prober.results = []endpoint.Result{{Stage: endpoint.Foreign, Err: fmt.Errorf(`server certificate "kube-apiserver" is issued by "other", not by the cluster CA`)}}
+	if code := n.run(); code != ExitPermanent {
+		t.Fatalf("exit %d", code)
+	}
+	if n.prober.n != foreignLimit || n.runner.count("kubeadm") != 0 {
+		t.Errorf("%d probes, commands %v", n.prober.n, n.runner.calls)
+	}
+}
+
+func TestJoinResumesAfterPowerLoss(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleWorker)
+	n.fs.put(StateFile, `{"steps":{"join":{"started":"2030-01-01T00:00:00Z"}}}`, 0o600)
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("exit %d", code)
+	}
+	n.wantCalls(append(hostCalls, "kubeadm reset -f", "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
+}
+
+func TestJoinGivesUpAfterMaxAttempts(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleWorker)
+	n.script(map[string][]result{"kubeadm join": {failing("dial tcp 10.0.0.1:6443: connect: connection refused")}})
+	if code := n.run(); code != ExitRetry {
+		t.Fatalf("exit %d", code)
+	}
+	if got := n.runner.count("kubeadm join"); got != maxAttempts {
+		t.Errorf("%d attempts", got)
+	}
+	if max := slices.Max(n.clock.slept); max > DefaultTiming().BackoffMax {
+		t.Errorf("backoff %s above the cap", max)
+	}
+}

@@ -1,0 +1,150 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+)
+
+// AdminKubeconfig is the kubeconfig kubeadm init writes for kubectl.
+const AdminKubeconfig = "/etc/kubernetes/admin.conf"
+
+// kubectlAttempts bounds retries of one kubectl action in one agent run.
+const kubectlAttempts = 10
+
+// kubectl runs kubectl with the admin kubeconfig, retrying with backoff
+// while the API server is not reachable yet (the load balancer may come up
+// after the init node).
+func (r *run) kubectl(ctx context.Context, args ...string) (string, error) {
+	args = append([]string{"--kubeconfig", AdminKubeconfig}, args...)
+	for n := 1; ; n++ {
+		out, err := r.command(ctx, "kubectl", args...)
+		if err == nil || n >= kubectlAttempts || ctx.Err() != nil {
+			return out, err
+		}
+		delay := r.Timing.Backoff(n, r.Jitter)
+		r.status.LastError = err.Error()
+		r.publish(StateRetrying)
+		if err := r.Clock.Sleep(ctx, delay); err != nil {
+			return "", err
+		}
+	}
+}
+
+// applyManifests applies the metadata's manifests (CNI, add-ons) once the
+// cluster exists. The init role that joined an existing cluster skips it.
+func (r *run) applyManifests(ctx context.Context) error {
+	if r.state.Bootstrap != "init" || len(r.nc.Manifests) == 0 {
+		r.log.printf("no manifests to apply")
+		return nil
+	}
+	args := []string{"apply"}
+	for _, m := range r.nc.Manifests {
+		args = append(args, "-f", m)
+	}
+	_, err := r.kubectl(ctx, args...)
+	return err
+}
+
+// keepCertificates keeps the kubeadm-certs Secret alive for control planes
+// that boot late: kubeadm deletes it 2 hours after an upload, so the init
+// node uploads again every UploadEvery, until the expected control planes
+// are Ready or the upload window ends. Then it deletes the Secret: the
+// control-plane keys should not sit in the cluster longer than needed.
+func (r *run) keepCertificates(ctx context.Context) error {
+	if r.state.Bootstrap != "init" {
+		r.log.printf("this node joined an existing cluster; the node that created it keeps the certificates")
+		return nil
+	}
+	window := r.nc.Cluster.CertificateUploadWindow.Duration
+	if window == 0 {
+		r.log.printf("certificateUploadWindow is 0: the kubeadm-certs Secret expires on its own")
+		return nil
+	}
+	end := r.state.InitAt.Add(window)
+	want := r.nc.Cluster.ControlPlanes
+	for {
+		ready, err := r.readyControlPlanes(ctx)
+		switch {
+		case err != nil:
+			r.log.printf("count Ready control planes: %v", err)
+		case ready >= want:
+			r.log.printf("%d of %d control planes are Ready", ready, want)
+			return r.deleteCertificates(ctx)
+		}
+		now := r.Clock.Now()
+		if !now.Before(end) {
+			r.log.printf("the certificate upload window (%s) has ended with %d of %d control planes Ready", window, ready, want)
+			return r.deleteCertificates(ctx)
+		}
+		next := r.state.UploadedAt.Add(r.Timing.UploadEvery)
+		if !now.Before(next) {
+			if err := r.uploadCertificates(ctx); err != nil {
+				// The Secret from the last upload is still there; try
+				// again at the next poll.
+				r.log.printf("upload certificates: %v", err)
+			}
+			next = r.state.UploadedAt.Add(r.Timing.UploadEvery)
+		}
+		r.publish(StateWaiting)
+		wait := min(r.Timing.ReadyPoll, end.Sub(now), max(next.Sub(now), 0))
+		if err := r.Clock.Sleep(ctx, max(wait, time.Millisecond)); err != nil {
+			return err
+		}
+	}
+}
+
+// uploadCertificates re-uploads the control-plane certificates under the
+// same key. The key comes from the init configuration file (kubeadm allows
+// --upload-certs with --config, not --certificate-key), so it never
+// appears on a command line.
+func (r *run) uploadCertificates(ctx context.Context) error {
+	_, err := r.command(ctx, "kubeadm", "init", "phase", "upload-certs", "--upload-certs",
+		"--config", r.nc.Kubeadm.InitConfig, "--skip-certificate-key-print")
+	if err != nil {
+		return err
+	}
+	r.state.UploadedAt = r.Clock.Now().UTC()
+	return r.state.save(r.FS)
+}
+
+func (r *run) deleteCertificates(ctx context.Context) error {
+	_, err := r.kubectl(ctx, "--namespace", "kube-system", "delete", "secret", "kubeadm-certs", "--ignore-not-found")
+	return err
+}
+
+// nodeList is the part of kubectl's NodeList JSON the agent reads.
+type nodeList struct {
+	Items []struct {
+		Status struct {
+			Conditions []struct {
+				Type   string `json:"type"`
+				Status string `json:"status"`
+			} `json:"conditions"`
+		} `json:"status"`
+	} `json:"items"`
+}
+
+// readyControlPlanes counts control-plane nodes whose Ready condition is
+// True.
+func (r *run) readyControlPlanes(ctx context.Context) (int, error) {
+	out, err := r.command(ctx, "kubectl", "--kubeconfig", AdminKubeconfig, "get", "nodes",
+		"--selector", "node-role.kubernetes.io/control-plane", "--output", "json")
+	if err != nil {
+		return 0, err
+	}
+	var list nodeList
+	if err := json.Unmarshal([]byte(out), &list); err != nil {
+		return 0, fmt.Errorf("read kubectl get nodes output: %w", err)
+	}
+	ready := 0
+	for _, n := range list.Items {
+		for _, c := range n.Status.Conditions {
+			if c.Type == "Ready" && c.Status == "True" {
+				ready++
+			}
+		}
+	}
+	return ready, nil
+}

@@ -1,0 +1,261 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+
+	"github.com/kilnproject/kiln/firstboot/endpoint"
+	"github.com/kilnproject/kiln/firstboot/kubeadm"
+)
+
+// foreignLimit is how many probes in a row may see another CA at the
+// endpoint before the agent gives up: once is a glitch, three times is a
+// load balancer routing to another cluster, or an image for another cluster.
+const foreignLimit = 3
+
+// repeatLimit is how many kubeadm attempts in a row may fail with a
+// TokenUnknown or CertificatesMissing before the agent gives up. kubeadm
+// already waits its discovery timeout inside each attempt.
+const repeatLimit = 3
+
+// maxAttempts bounds one agent run's kubeadm attempts; systemd then
+// restarts the agent, up to the unit's StartLimitBurst.
+const maxAttempts = 20
+
+// bootstrap is the init role's step: join the cluster if the endpoint
+// already serves it, otherwise create it. Two nodes must never both run
+// kubeadm init, and only the init role ever does.
+func (r *run) bootstrap(ctx context.Context) error {
+	if r.resumed {
+		// A half-done init or join leaves manifests, certificates and
+		// kubeconfigs that make kubeadm's preflight fail; a half-done init
+		// may even serve the endpoint. Clean up before looking.
+		r.log.printf("an earlier bootstrap was interrupted: resetting before starting over")
+		if err := r.reset(ctx); err != nil {
+			return err
+		}
+	}
+	res, err := r.probeSettled(ctx)
+	if err != nil {
+		return err
+	}
+	switch res.Stage {
+	case endpoint.Serving, endpoint.NotReady:
+		r.log.printf("%s already serves this cluster (%s): joining it as a control plane instead of running kubeadm init", r.nc.Cluster.ControlPlaneEndpoint, res.Stage)
+		if err := r.joinCluster(ctx, false); err != nil {
+			return err
+		}
+		r.state.Bootstrap = "join"
+		return r.state.save(r.FS)
+	}
+	r.log.printf("%s does not serve this cluster yet (%s: %v): creating it", r.nc.Cluster.ControlPlaneEndpoint, res.Stage, res.Err)
+	err = r.retry(ctx, "kubeadm init", false, func(ctx context.Context) error {
+		if err := r.placePKI(); err != nil {
+			return err
+		}
+		_, err := r.command(ctx, "kubeadm", "init", "--config", r.nc.Kubeadm.InitConfig, "--upload-certs",
+			"--skip-token-print", "--skip-certificate-key-print")
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	now := r.Clock.Now().UTC()
+	r.state.Bootstrap, r.state.InitAt, r.state.UploadedAt = "init", now, now
+	return r.state.save(r.FS)
+}
+
+// probeSettled probes the endpoint once, but looks again while it shows a
+// foreign CA, up to foreignLimit times.
+func (r *run) probeSettled(ctx context.Context) (endpoint.Result, error) {
+	for n := 1; ; n++ {
+		res := r.probe(ctx)
+		if res.Stage != endpoint.Foreign {
+			return res, nil
+		}
+		if n >= foreignLimit {
+			return res, r.foreign(res)
+		}
+		if err := r.Clock.Sleep(ctx, r.Timing.Poll); err != nil {
+			return res, err
+		}
+	}
+}
+
+func (r *run) probe(ctx context.Context) endpoint.Result {
+	res := r.prober.Probe(ctx)
+	if s := res.ServingSince; !s.IsZero() && res.Stage >= endpoint.NotReady && (r.servingSince.IsZero() || s.Before(r.servingSince)) {
+		r.servingSince = s
+	}
+	return res
+}
+
+func (r *run) foreign(res endpoint.Result) error {
+	return &PermanentError{
+		Advice: fmt.Sprintf("%s serves another cluster: the image pins CA %s; check where the load balancer routes, or rebuild the image from this cluster's secrets", r.nc.Cluster.ControlPlaneEndpoint, r.nc.Cluster.CACertHash),
+		Err:    res.Err,
+	}
+}
+
+// joinStep is the control-plane and worker roles' step.
+func (r *run) joinStep(ctx context.Context) error {
+	return r.joinCluster(ctx, r.resumed)
+}
+
+// joinCluster waits for the endpoint to serve the cluster, then runs
+// kubeadm join until it succeeds or fails for good.
+func (r *run) joinCluster(ctx context.Context, resetFirst bool) error {
+	if err := r.waitServing(ctx); err != nil {
+		return err
+	}
+	return r.retry(ctx, "kubeadm join", resetFirst, func(ctx context.Context) error {
+		_, err := r.command(ctx, "kubeadm", "join", "--config", r.nc.Kubeadm.JoinConfig)
+		return err
+	})
+}
+
+// waitServing waits until the endpoint accepts TCP, speaks TLS with a
+// certificate under the pinned CA, and answers /readyz or /version.
+func (r *run) waitServing(ctx context.Context) error {
+	foreign := 0
+	var res endpoint.Result
+	err := r.waitFor(ctx, r.nc.Cluster.ControlPlaneEndpoint+" to serve the cluster", func() (bool, string) {
+		res = r.probe(ctx)
+		if res.Stage == endpoint.Foreign {
+			foreign++
+		} else {
+			foreign = 0
+		}
+		if res.Stage == endpoint.Serving || foreign >= foreignLimit {
+			return true, ""
+		}
+		return false, fmt.Sprintf("%s: %v", res.Stage, res.Err)
+	})
+	if err != nil {
+		return err
+	}
+	if foreign >= foreignLimit {
+		return r.foreign(res)
+	}
+	return nil
+}
+
+// retry runs a kubeadm attempt until it succeeds, with kubeadm reset -f and
+// an exponential, jittered backoff between attempts. Permanent failures
+// stop it at once; TokenUnknown and CertificatesMissing stop it when they
+// persist or when the token or the upload must have expired.
+func (r *run) retry(ctx context.Context, what string, resetFirst bool, attempt func(context.Context) error) error {
+	var (
+		lastClass kubeadm.Class
+		repeats   int
+	)
+	for n := 1; ; n++ {
+		if n > 1 || resetFirst {
+			if err := r.reset(ctx); err != nil {
+				return err
+			}
+		}
+		r.status.Attempt = n
+		r.publish(StateRunning)
+		err := attempt(ctx)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return err
+		}
+		var ce *CommandError
+		if !errors.As(err, &ce) {
+			return err
+		}
+		class := kubeadm.Classify(ce.Output)
+		if class == lastClass {
+			repeats++
+		} else {
+			lastClass, repeats = class, 1
+		}
+		if class.Permanent() || r.gaveUp(class, repeats) {
+			return &PermanentError{Advice: class.Advice(), Err: err}
+		}
+		if n >= maxAttempts {
+			return fmt.Errorf("%s failed %d times; the last failure: %w", what, n, err)
+		}
+		delay := r.Timing.Backoff(n, r.Jitter)
+		r.status.LastError = err.Error()
+		r.publish(StateRetrying)
+		r.log.printf("%s attempt %d failed (%s); retrying in %s", what, n, class.Advice(), delay.Round(1e6))
+		if err := r.Clock.Sleep(ctx, delay); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+	}
+}
+
+// gaveUp decides whether a repeated TokenUnknown or CertificatesMissing is
+// final.
+func (r *run) gaveUp(class kubeadm.Class, repeats int) bool {
+	origin, _ := r.clusterOrigin()
+	now := r.Clock.Now()
+	switch class {
+	case kubeadm.TokenUnknown:
+		ttl := r.nc.Cluster.TokenTTL.Duration
+		return repeats >= repeatLimit || (ttl > 0 && !origin.IsZero() && now.After(origin.Add(ttl)))
+	case kubeadm.CertificatesMissing:
+		return repeats >= repeatLimit || (!origin.IsZero() && now.After(r.certificatesGone(origin)))
+	}
+	return false
+}
+
+// reset undoes a half-done kubeadm init or join.
+func (r *run) reset(ctx context.Context) error {
+	_, err := r.command(ctx, "kubeadm", "reset", "-f")
+	return err
+}
+
+// placePKI copies the pre-made cluster PKI into kubeadm's certificates
+// directory, keeping files already there (kubeadm reuses an existing CA and
+// creates only what is missing). Private keys are written 0600.
+func (r *run) placePKI() error {
+	src, dst := r.nc.PKIDir, r.nc.Kubeadm.CertificatesDir
+	var copyDir func(rel string) error
+	copyDir = func(rel string) error {
+		entries, err := r.FS.ReadDir(path.Join(src, rel))
+		if err != nil {
+			return fmt.Errorf("place PKI: %w", err)
+		}
+		if err := r.FS.MkdirAll(path.Join(dst, rel), 0o700); err != nil {
+			return fmt.Errorf("place PKI: %w", err)
+		}
+		for _, e := range entries {
+			name := path.Join(rel, e.Name())
+			if e.IsDir() {
+				if err := copyDir(name); err != nil {
+					return err
+				}
+				continue
+			}
+			switch _, err := r.FS.Stat(path.Join(dst, name)); {
+			case err == nil:
+				continue
+			case !errors.Is(err, fs.ErrNotExist):
+				return fmt.Errorf("place PKI: %w", err)
+			}
+			data, err := r.FS.ReadFile(path.Join(src, name))
+			if err != nil {
+				return fmt.Errorf("place PKI: %w", err)
+			}
+			mode := fs.FileMode(0o644)
+			if path.Ext(name) == ".key" {
+				mode = 0o600
+			}
+			if err := r.FS.Replace(path.Join(dst, name), data, mode); err != nil {
+				return fmt.Errorf("place PKI: %w", err)
+			}
+			r.log.printf("placed %s", path.Join(dst, name))
+		}
+		return nil
+	}
+	return copyDir("")
+}

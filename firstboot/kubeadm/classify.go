@@ -1,0 +1,109 @@
+package kubeadm
+
+import (
+	"regexp"
+	"strings"
+)
+
+// Class sorts a kubeadm failure by what the agent should do about it.
+type Class int
+
+// The classes. The message patterns are kubeadm's own error texts
+// (cmd/kubeadm/app/discovery/token, util/pubkeypin, phases/copycerts,
+// preflight), current in v1.34 to v1.37.
+const (
+	// Transient failures are retried after kubeadm reset -f: connection
+	// refused, etcd not healthy yet, a half-done earlier attempt.
+	Transient Class = iota
+	// TokenRejected: the cluster knows the token ID but the token is
+	// invalid or has expired. Permanent.
+	TokenRejected
+	// TokenUnknown: kubeadm waited its whole discovery timeout without the
+	// cluster-info ConfigMap ever being signed for the token ID. Right after
+	// init this is a race; later it means the token expired or was never
+	// created. The agent gives up when it persists.
+	TokenUnknown
+	// CAMismatch: the cluster's CA is not the one pinned. Permanent.
+	CAMismatch
+	// CertificateKeyRejected: the certificate key does not decrypt the
+	// kubeadm-certs Secret. Permanent.
+	CertificateKeyRejected
+	// CertificatesMissing: the kubeadm-certs Secret is absent (expired, or
+	// deleted when the upload window ended). The agent gives up when it
+	// persists.
+	CertificatesMissing
+	// HostUnfit: a preflight check that kubeadm reset does not fix (CPU,
+	// memory, swap, kernel). Permanent.
+	HostUnfit
+)
+
+// Permanent reports whether retrying cannot help.
+func (c Class) Permanent() bool {
+	switch c {
+	case TokenRejected, CAMismatch, CertificateKeyRejected, HostUnfit:
+		return true
+	}
+	return false
+}
+
+// Advice is the plain message the agent gives for a class: what went
+// wrong and what to do.
+func (c Class) Advice() string {
+	switch c {
+	case TokenRejected:
+		return "the bootstrap token is invalid or has expired: create a token with `kubeadm token create` on a control plane, put it in the cluster's secrets and rebuild this node's image"
+	case TokenUnknown:
+		return "the cluster does not know the bootstrap token (it has expired or was never created): create a token with `kubeadm token create` on a control plane, put it in the cluster's secrets and rebuild this node's image"
+	case CAMismatch:
+		return "the cluster's CA is not the CA this image pins: this image was built for another cluster; rebuild it from this cluster's secrets"
+	case CertificateKeyRejected:
+		return "the certificate key does not decrypt the kubeadm-certs Secret: this image carries another cluster's certificate key; rebuild it from this cluster's secrets"
+	case CertificatesMissing:
+		return "the kubeadm-certs Secret is gone (the certificate upload window has ended): run `kubeadm init phase upload-certs --upload-certs --config /etc/kiln/kubeadm-init.yaml` on the init node, then `systemctl restart kiln-firstboot` here"
+	case HostUnfit:
+		return "this machine fails kubeadm's preflight checks: fix what they name (see the output above) and restart kiln-firstboot"
+	}
+	return "transient failure: retrying"
+}
+
+var (
+	patterns = []struct {
+		class Class
+		re    *regexp.Regexp
+	}{
+		{TokenRejected, regexp.MustCompile(`is invalid for this cluster or it has expired|failed to verify JWS signature of received cluster info object`)},
+		{TokenUnknown, regexp.MustCompile(`could not find a JWS signature in the cluster-info ConfigMap`)},
+		{CAMismatch, regexp.MustCompile(`none of the public keys .* are pinned`)},
+		{CertificateKeyRejected, regexp.MustCompile(`error decoding secret data with provided key|error decoding certificate key`)},
+		{CertificatesMissing, regexp.MustCompile(`Secret "kubeadm-certs" was not found`)},
+	}
+	preflightRe = regexp.MustCompile(`\[ERROR ([^\]]+)\]`)
+)
+
+// Classify sorts kubeadm's output (stdout and stderr) from a failed run.
+func Classify(output string) Class {
+	for _, p := range patterns {
+		if p.re.MatchString(output) {
+			return p.class
+		}
+	}
+	if strings.Contains(output, "[preflight] Some fatal errors occurred") {
+		for _, m := range preflightRe.FindAllStringSubmatch(output, -1) {
+			if !resettable(m[1]) {
+				return HostUnfit
+			}
+		}
+	}
+	return Transient
+}
+
+// resettable reports whether kubeadm reset -f clears a preflight error:
+// files, directories and ports left by an earlier, interrupted attempt.
+func resettable(check string) bool {
+	for _, p := range []string{"FileAvailable--", "DirAvailable--", "Port-"} {
+		if strings.HasPrefix(check, p) {
+			return true
+		}
+	}
+	return false
+}

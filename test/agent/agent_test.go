@@ -1,0 +1,184 @@
+package agent_test
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/test/agent/sim"
+)
+
+func status(t *testing.T, n *simNode) map[string]any {
+	t.Helper()
+	var s map[string]any
+	if err := json.Unmarshal([]byte(n.read("/run/kiln/status.json")), &s); err != nil {
+		t.Fatalf("%s status: %v\n%s", n.name, err, n.log())
+	}
+	return s
+}
+
+func TestInitThenWorker(t *testing.T) {
+	c := newCluster(t, clusterOptions{uploadWindow: "2s"})
+	var mu sync.Mutex
+	var reports []string
+	rs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		reports = append(reports, string(b))
+		mu.Unlock()
+	}))
+	defer rs.Close()
+	if err := c.sim.StartLB(); err != nil {
+		t.Fatal(err)
+	}
+	cp1, w1 := c.node("cp-1", nodeconfig.RoleInit), c.node("w-1", nodeconfig.RoleWorker)
+	cp1.nc.ReportURL, cp1.nc.Manifests = rs.URL, []string{"/etc/kiln/manifests/cni.yaml"}
+	data, _ := cp1.nc.Encode()
+	cp1.write(nodeconfig.DefaultPath, data, 0o600)
+	cp1.write("/etc/kiln/manifests/cni.yaml", []byte("kind: List\n"), 0o644)
+	deadline := time.Now().Add(60 * time.Second)
+	cp1.start(c)
+	w1.start(c)
+	for _, n := range []*simNode{cp1, w1} {
+		if code := n.wait(deadline); code != 0 {
+			t.Fatalf("%s: exit %d\n%s", n.name, code, n.log())
+		}
+		if s := status(t, n); s["state"] != "done" || s["node"] != n.name {
+			t.Errorf("%s status %v", n.name, s)
+		}
+		if n.read(nodeconfig.DoneFile) == "" {
+			t.Errorf("%s: no done file", n.name)
+		}
+	}
+	snap := c.sim.Snapshot()
+	if len(snap.Inits) != 1 || !snap.Members["w-1"].Joined || len(snap.Applied) != 1 {
+		t.Errorf("cluster %+v", snap)
+	}
+	// Only one of 3 control planes came: the window (2s) ended, the
+	// Secret was deleted.
+	if !strings.Contains(cp1.log(), "certificate upload window (2s) has ended with 1 of 3") || !strings.Contains(strings.Join(snap.Events, ","), "delete-certs cp-1") {
+		t.Errorf("certificate upload did not end as expected:\n%s", cp1.log())
+	}
+	// The key from the init node's PKI is 0600 where kubeadm finds it.
+	if fi, err := os.Stat(filepath.Join(cp1.root, "etc/kubernetes/pki/ca.key")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("ca.key: %v %v", fi, err)
+	}
+	mu.Lock()
+	if len(reports) == 0 || !strings.Contains(reports[len(reports)-1], `"state": "done"`) {
+		t.Errorf("reports: %d, last %q", len(reports), reports[max(len(reports)-1, 0):])
+	}
+	mu.Unlock()
+	c.checkNoSecrets(cp1, w1)
+
+	// A reboot is a no-op.
+	calls := w1.read("/var/log/stub-calls.log")
+	w1.start(c)
+	if code := w1.wait(time.Now().Add(20 * time.Second)); code != 0 || w1.read("/var/log/stub-calls.log") != calls {
+		t.Errorf("second boot: exit %d, new commands:\n%s", code, strings.TrimPrefix(w1.read("/var/log/stub-calls.log"), calls))
+	}
+}
+
+func TestInitJoinsWhenClusterExists(t *testing.T) {
+	c := newCluster(t, clusterOptions{})
+	if err := c.sim.StartLB(); err != nil {
+		t.Fatal(err)
+	}
+	first := c.node("cp-1", nodeconfig.RoleInit)
+	first.start(c)
+	waitFor(t, 30*time.Second, func() bool { return len(c.sim.Snapshot().Inits) == 1 })
+	first.kill()
+	// The init node is re-imaged (fresh disk) and boots again.
+	again := c.nodeIn("cp-1-reimaged", "cp-1", nodeconfig.RoleInit)
+	again.start(c)
+	if code := again.wait(time.Now().Add(30 * time.Second)); code != 0 {
+		t.Fatalf("exit %d\n%s", code, again.log())
+	}
+	if !strings.Contains(again.log(), "joining it as a control plane instead of running kubeadm init") || len(c.sim.Snapshot().Inits) != 1 {
+		t.Errorf("inits %v\n%s", c.sim.Snapshot().Inits, again.log())
+	}
+}
+
+func TestForeignCA(t *testing.T) {
+	c := newCluster(t, clusterOptions{})
+	if err := c.sim.StartLB(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.sim.ServeForeignCA(); err != nil {
+		t.Fatal(err)
+	}
+	for name, role := range map[string]nodeconfig.Role{"w-1": nodeconfig.RoleWorker, "cp-1": nodeconfig.RoleInit} {
+		n := c.node(name, role)
+		n.start(c)
+		if code := n.wait(time.Now().Add(30 * time.Second)); code != 3 {
+			t.Fatalf("%s: exit %d, want 3\n%s", role, code, n.log())
+		}
+		if s := status(t, n); s["permanent"] != true || !strings.Contains(s["lastError"].(string), "serves another cluster") || !strings.Contains(s["lastError"].(string), `issued by "other-cluster-ca"`) {
+			t.Errorf("%s status %v", role, s)
+		}
+		if strings.Contains(n.read("/var/log/stub-calls.log"), "kubeadm") {
+			t.Errorf("%s ran kubeadm against a foreign cluster", role)
+		}
+	}
+}
+
+func TestBadMetadata(t *testing.T) {
+	c := newCluster(t, clusterOptions{})
+	n := c.node("w-1", nodeconfig.RoleWorker)
+	n.write(nodeconfig.DefaultPath, []byte(strings.Replace(n.read(nodeconfig.DefaultPath), "role: worker", "role: master", 1)), 0o600)
+	n.start(c)
+	if code := n.wait(time.Now().Add(20 * time.Second)); code != 2 {
+		t.Fatalf("exit %d\n%s", code, n.log())
+	}
+	if s := status(t, n); s["state"] != "failed" || !strings.Contains(s["lastError"].(string), `role: unknown role "master"`) {
+		t.Errorf("status %v", s)
+	}
+}
+
+// The stubs must refuse what the real kubeadm refuses.
+func TestStubKubeadmRules(t *testing.T) {
+	c := newCluster(t, clusterOptions{})
+	n := c.node("cp-1", nodeconfig.RoleInit)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"init", "--config", "/etc/kiln/kubeadm-init.yaml", "--certificate-key", "00"}, "can not mix '--config' with arguments [certificate-key]"},
+		{[]string{"init", "--config", "/etc/kiln/kubeadm-init.yaml", "--cert-dir", "/x"}, "can not mix '--config' with arguments [cert-dir]"},
+		{[]string{"join", "--config", "/etc/kiln/kubeadm-init.yaml"}, "no JoinConfiguration"},
+		{[]string{"reset"}, "aborted reset operation"},
+	} {
+		cmd := exec.Command(filepath.Join(bin.stubs, "kubeadm"), tc.args...)
+		cmd.Env = []string{sim.EnvRoot + "=" + n.root, sim.EnvURL + "=" + c.sim.URL()}
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), tc.want) {
+			t.Errorf("kubeadm %v: %v\n%s", tc.args, err, out)
+		}
+	}
+	v3 := strings.ReplaceAll(n.read("/etc/kiln/kubeadm-join.yaml"), "v1beta4", "v1beta3")
+	n.write("/etc/kiln/kubeadm-join.yaml", []byte(v3), 0o600)
+	cmd := exec.Command(filepath.Join(bin.stubs, "kubeadm"), "join", "--config", "/etc/kiln/kubeadm-join.yaml")
+	cmd.Env = []string{sim.EnvRoot + "=" + n.root, sim.EnvURL + "=" + c.sim.URL()}
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "old API spec") {
+		t.Errorf("v1beta3 accepted: %s", out)
+	}
+}
+
+func waitFor(t *testing.T, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in time")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
