@@ -65,9 +65,11 @@ func runRender(g *globals, o *renderOptions) error {
 		return err
 	}
 	if o.role == "" && o.node != "" {
-		if n, ok := c.InventoryNode(o.node); ok {
-			o.role = string(n.Role)
+		n, ok := c.InventoryNode(o.node)
+		if !ok {
+			return fault.Wrap(fault.Input, fmt.Errorf("--node %q is not in the cluster file's nodes list", o.node))
 		}
+		o.role = string(n.Role)
 	}
 	if o.role == "" {
 		return fault.Wrap(fault.Input, fmt.Errorf("--role is required: init, control-plane or worker (or --node NAME of an inventory node)"))

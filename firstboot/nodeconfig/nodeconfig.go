@@ -245,7 +245,7 @@ func (nc *NodeConfig) Validate() error {
 			add("hostname.name", "%v", err)
 		}
 	case nc.Hostname.Template != "":
-		if err := CheckHostnameTemplate(nc.Hostname.Template); err != nil {
+		if err := CheckHostnameTemplate(nc.Hostname.Template, c.Name); err != nil {
 			add("hostname.template", "%v", err)
 		}
 	default:
@@ -321,22 +321,37 @@ func CheckEndpoint(ep string) error {
 	return nil
 }
 
-// CheckNodeName checks a Kubernetes node name (a DNS-1123 subdomain).
-func CheckNodeName(name string) error {
+// MaxNodeName is the longest node name kiln accepts: the node name is also
+// the host name, and Linux keeps at most 64 bytes of it.
+const MaxNodeName = 63
+
+// CheckDNSName checks a lowercase DNS name (a DNS-1123 subdomain).
+func CheckDNSName(name string) error {
 	if len(name) > 253 {
 		return fmt.Errorf("%q is longer than 253 characters", name)
 	}
 	for _, label := range strings.Split(name, ".") {
 		if len(label) > 63 || !dnsLabelRe.MatchString(label) {
-			return fmt.Errorf("%q is not a valid node name: use lowercase letters, digits, '-' and '.'", name)
+			return fmt.Errorf("%q is not a valid name: use lowercase letters, digits, '-' and '.', at most 63 between dots", name)
 		}
 	}
 	return nil
 }
 
+// CheckNodeName checks a node name, which is also the node's host name.
+func CheckNodeName(name string) error {
+	if err := CheckDNSName(name); err != nil {
+		return err
+	}
+	if len(name) > MaxNodeName {
+		return fmt.Errorf("%q is %d characters: a node name is also the host name, at most %d", name, len(name), MaxNodeName)
+	}
+	return nil
+}
+
 // CheckHostnameTemplate checks that a template only uses known variables
-// and yields a valid node name.
-func CheckHostnameTemplate(t string) error {
+// and yields a valid node name for the cluster, whatever the role and MAC.
+func CheckHostnameTemplate(t, cluster string) error {
 	for _, v := range templateRe.FindAllString(t, -1) {
 		switch v {
 		case "{cluster}", "{role}", "{mac}":
@@ -344,9 +359,10 @@ func CheckHostnameTemplate(t string) error {
 			return fmt.Errorf("%q uses unknown variable %s: use {cluster}, {role} or {mac}", t, v)
 		}
 	}
-	sample := ExpandHostname(t, "cluster", RoleControlPlane, "0a1b2c3d4e5f")
+	// control-plane is the longest role name.
+	sample := ExpandHostname(t, cluster, RoleControlPlane, "0a1b2c3d4e5f")
 	if err := CheckNodeName(sample); err != nil {
-		return fmt.Errorf("%q expands to an invalid node name: %v", t, err)
+		return fmt.Errorf("%q expands to an invalid node name: %v (shorten the template or the cluster name)", t, err)
 	}
 	return nil
 }

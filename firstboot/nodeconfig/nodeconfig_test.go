@@ -30,7 +30,7 @@ func TestHostnameTemplate(t *testing.T) {
 		t.Errorf("got %q", got)
 	}
 	for tmpl, ok := range map[string]bool{"{cluster}-{mac}": true, "{nope}": false, "UPPER-{mac}": false, "a..b": false} {
-		if err := CheckHostnameTemplate(tmpl); (err == nil) != ok {
+		if err := CheckHostnameTemplate(tmpl, "lab"); (err == nil) != ok {
 			t.Errorf("CheckHostnameTemplate(%q) = %v", tmpl, err)
 		}
 	}
@@ -51,5 +51,18 @@ func TestDecodeRejects(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), field) {
 			t.Errorf("validation error lacks %s: %v", field, err)
 		}
+	}
+}
+
+// TestHostnameTemplateUsesTheClusterName: a long cluster name makes the
+// default template too long for a host name; validation must say so at
+// build time, not the agent at boot.
+func TestHostnameTemplateUsesTheClusterName(t *testing.T) {
+	long := "a-very-long-cluster-name-for-the-edge-sites-01" // 46 characters
+	if err := CheckHostnameTemplate("{cluster}-{role}-{mac}", long); err == nil || !strings.Contains(err.Error(), "at most 63") {
+		t.Errorf("got %v", err)
+	}
+	if err := CheckHostnameTemplate("{cluster}-{mac}", long); err != nil {
+		t.Errorf("59 characters is fine: %v", err)
 	}
 }

@@ -4,7 +4,9 @@
 package atomicfile
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 
@@ -12,12 +14,14 @@ import (
 )
 
 // Write stores data at path with perm. Unless replace is set, an existing
-// file is an error naming the flag that allows replacing it.
+// file is an error naming the flag that allows replacing it; the check and
+// the write are one step (a hard link never replaces a file).
 func Write(path string, data []byte, perm os.FileMode, replace bool) error {
-	if !replace {
-		if _, err := os.Lstat(path); err == nil {
-			return fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to replace it", path))
-		}
+	exists := func() error {
+		return fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to replace it", path))
+	}
+	if _, err := os.Lstat(path); err == nil && !replace {
+		return exists()
 	}
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -28,28 +32,43 @@ func Write(path string, data []byte, perm os.FileMode, replace bool) error {
 		return fault.Wrap(fault.IO, fmt.Errorf("write %s: %w", path, err))
 	}
 	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
+	defer os.Remove(tmp) // a no-op once the file has been renamed
+	if err := writeAndSync(f, data, perm); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("write %s: %w", path, err))
+	}
+	if replace {
+		err = os.Rename(tmp, path)
+	} else if err = os.Link(tmp, path); errors.Is(err, fs.ErrExist) {
+		return exists()
+	}
+	if err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("write %s: %w", path, err))
+	}
+	return fault.Wrap(fault.IO, syncDir(dir))
+}
+
+func writeAndSync(f *os.File, data []byte, perm os.FileMode) error {
 	if err := f.Chmod(perm); err != nil {
-		return fault.Wrap(fault.IO, err)
+		f.Close()
+		return err
 	}
 	if _, err := f.Write(data); err != nil {
-		return fault.Wrap(fault.IO, fmt.Errorf("write %s: %w", path, err))
+		f.Close()
+		return err
 	}
 	if err := f.Sync(); err != nil {
-		return fault.Wrap(fault.IO, fmt.Errorf("write %s: %w", path, err))
+		f.Close()
+		return err
 	}
-	if err := f.Close(); err != nil {
-		return fault.Wrap(fault.IO, fmt.Errorf("write %s: %w", path, err))
+	return f.Close()
+}
+
+// syncDir makes a rename or link in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
 	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fault.Wrap(fault.IO, fmt.Errorf("write %s: %w", path, err))
-	}
-	ok = true
-	return nil
+	defer d.Close()
+	return d.Sync()
 }

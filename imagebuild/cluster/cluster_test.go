@@ -73,6 +73,7 @@ func TestValidation(t *testing.T) {
 		{"ssh type", "name: lab\ncontrolPlaneEndpoint: lb:6443\nssh:\n  authorizedKeys: ['ssh-dss AAAA x']\n", []string{"ssh.authorizedKeys[0]: key type \"ssh-dss\""}},
 		{"template var", "name: lab\ncontrolPlaneEndpoint: lb:6443\nhostname:\n  template: 'n-{serial}'\n", []string{"hostname.template", "unknown variable {serial}"}},
 		{"template case", "name: lab\ncontrolPlaneEndpoint: lb:6443\nhostname:\n  template: 'Node-{mac}'\n", []string{"hostname.template", "invalid node name"}},
+		{"long name, default template", "name: a-very-long-cluster-name-for-the-edge-sites-01\ncontrolPlaneEndpoint: lb:6443\n", []string{"hostname.template", "at most 63", "shorten the template or the cluster name"}},
 		{"unknown role", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: master}\n", []string{"nodes[0].role: unknown role \"master\""}},
 		{"dup mac", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: init, mac: '52:54:00:00:00:01'}\n  - {name: b, role: worker, mac: '52-54-00-00-00-01'}\n", []string{"nodes[1].mac: 52:54:00:00:00:01 is already used by nodes[0]"}},
 		{"bad mac", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, mac: '52:54:00'}\n", []string{"nodes[0].mac"}},

@@ -90,7 +90,7 @@ func (c *Cluster) Validate() error {
 			}
 		}
 	}
-	if err := nodeconfig.CheckNodeName(k.DNSDomain); err != nil {
+	if err := nodeconfig.CheckDNSName(k.DNSDomain); err != nil {
 		add("kubernetes.dnsDomain", "%v", err)
 	}
 	switch {
@@ -124,7 +124,8 @@ func (c *Cluster) Validate() error {
 			add(fmt.Sprintf("ssh.authorizedKeys[%d]", i), "%v", err)
 		}
 	}
-	if err := nodeconfig.CheckHostnameTemplate(c.Hostname.Template); err != nil {
+	// The template is checked with the real cluster name, once that is valid.
+	if err := nodeconfig.CheckHostnameTemplate(c.Hostname.Template, c.Name); err != nil && clusterRe.MatchString(c.Name) {
 		add("hostname.template", "%v", err)
 	}
 	c.validateNodes(&errs)

@@ -11,6 +11,7 @@ import (
 	"github.com/coreos/ignition/v2/config/v3_4"
 	"github.com/coreos/ignition/v2/config/v3_4/types"
 	"github.com/coreos/vcontext/report"
+	"gopkg.in/yaml.v3"
 
 	"github.com/kilnproject/kiln/imagebuild/fault"
 )
@@ -29,7 +30,11 @@ func Ignition(in Input) ([]byte, error) {
 		return nil, fmt.Errorf("translate kiln's butane: %w", err)
 	}
 	managed := managedPaths(base)
+	variant := butaneVariant(bu)
 	for i, sn := range in.Cluster.Snippets {
+		if v := butaneVariant(sn.Data); v != variant {
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): variant %q, but the cluster's OS takes variant %q", i, sn.Path, v, variant))
+		}
 		cfg, err := translate(sn.Data)
 		if err != nil {
 			return nil, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): %w", i, sn.Path, err))
@@ -78,7 +83,18 @@ func reportError(err error, rpt report.Report) error {
 	return err
 }
 
-// managedPaths lists what kiln's own config writes.
+// butaneVariant reads a Butane document's variant ("" if unreadable; the
+// translation then reports the problem).
+func butaneVariant(bu []byte) string {
+	var head struct {
+		Variant string `yaml:"variant"`
+	}
+	_ = yaml.Unmarshal(bu, &head)
+	return head.Variant
+}
+
+// managedPaths lists what kiln's own config writes: files, links, and
+// units whose contents kiln supplies.
 func managedPaths(cfg types.Config) map[string]bool {
 	out := map[string]bool{}
 	for _, f := range cfg.Storage.Files {
@@ -86,6 +102,11 @@ func managedPaths(cfg types.Config) map[string]bool {
 	}
 	for _, l := range cfg.Storage.Links {
 		out[l.Path] = true
+	}
+	for _, u := range cfg.Systemd.Units {
+		if u.Contents != nil {
+			out["unit:"+u.Name] = true
+		}
 	}
 	return out
 }
@@ -109,8 +130,10 @@ func checkSnippet(cfg types.Config, managed map[string]bool) error {
 		check(d.Path)
 	}
 	for _, u := range cfg.Systemd.Units {
-		if u.Name == AgentUnit {
-			errs = append(errs, fmt.Errorf("unit %s is kiln's: remove it from the snippet", u.Name))
+		// Enabling a unit or adding drop-ins is fine; replacing the
+		// contents kiln wrote, or touching the agent's unit, is not.
+		if u.Name == AgentUnit || managed["unit:"+u.Name] && u.Contents != nil {
+			errs = append(errs, fmt.Errorf("unit %s is written by kiln: remove it from the snippet (a drop-in can extend it)", u.Name))
 		}
 	}
 	return errors.Join(errs...)

@@ -330,9 +330,10 @@ func TestSnippets(t *testing.T) {
 		name, snippet, want string
 	}{
 		{"overrides node.yaml", "variant: flatcar\nversion: 1.1.0\nstorage:\n  files:\n    - path: /etc/kiln/node.yaml\n      contents:\n        inline: x\n", "/etc/kiln/node.yaml is written by kiln"},
-		{"overrides agent unit", "variant: flatcar\nversion: 1.1.0\nsystemd:\n  units:\n    - name: kiln-firstboot.service\n      enabled: false\n", "unit kiln-firstboot.service is kiln's"},
+		{"overrides agent unit", "variant: flatcar\nversion: 1.1.0\nsystemd:\n  units:\n    - name: kiln-firstboot.service\n      enabled: false\n", "unit kiln-firstboot.service is written by kiln"},
 		{"unknown key", "variant: flatcar\nversion: 1.1.0\nstorage:\n  filez: []\n", "butane[0] (bad.bu)"},
-		{"too new", "variant: fcos\nversion: 1.6.0\n", "kiln writes Ignition 3.4.0"},
+		{"too new", "variant: flatcar\nversion: 1.2.0-experimental\n", "kiln writes Ignition 3.4.0"},
+		{"other variant", "variant: fcos\nversion: 1.5.0\n", `variant "fcos", but the cluster's OS takes variant "flatcar"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -420,5 +421,24 @@ func TestNodeConfigRoundTrip(t *testing.T) {
 		if !bytes.Equal(data, again) {
 			t.Errorf("%s: node.yaml does not round-trip", cb.name())
 		}
+	}
+}
+
+// TestSnippetUnits: on Fedora CoreOS kiln writes kubelet.service itself; a
+// snippet may extend it with a drop-in but not replace it.
+func TestSnippetUnits(t *testing.T) {
+	s := loadSecrets(t)
+	render := func(snippet string) error {
+		c := loadCluster(t, "fcos")
+		c.Snippets = []cluster.Snippet{{Path: "u.bu", Data: []byte(snippet)}}
+		_, err := Ignition(Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleWorker, Arch: "amd64", Agent: fakeAgent(t, "amd64")})
+		return err
+	}
+	head := "variant: fcos\nversion: 1.5.0\nsystemd:\n  units:\n    - name: kubelet.service\n"
+	if err := render(head + "      contents: |\n        [Service]\n        ExecStart=/bin/true\n"); err == nil || !strings.Contains(err.Error(), "unit kubelet.service is written by kiln") {
+		t.Errorf("replacing kubelet.service: %v", err)
+	}
+	if err := render(head + "      dropins:\n        - name: 20-extra.conf\n          contents: |\n            [Service]\n            Environment=KUBELET_EXTRA_ARGS=--v=2\n"); err != nil {
+		t.Errorf("a kubelet drop-in is allowed: %v", err)
 	}
 }
