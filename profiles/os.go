@@ -41,6 +41,10 @@ type OS struct {
 	EnableUnits []string `yaml:"enableUnits"`
 	// KubeletUnit: kiln must write the kubelet unit (the OS has none).
 	KubeletUnit bool `yaml:"kubeletUnit"`
+	// Links are symlinks kiln creates, e.g. to enable a unit that only
+	// appears once a system extension is merged (a preset set by Ignition
+	// is applied before that).
+	Links []Link `yaml:"links,omitempty"`
 	// Arches maps kiln's arch names (amd64, arm64) to the name the
 	// download URLs use.
 	Arches map[string]string `yaml:"arches"`
@@ -59,6 +63,12 @@ type Download struct {
 	Mode int    `yaml:"mode"`
 	// Link, if set, is a symlink created to Path.
 	Link string `yaml:"link,omitempty"`
+}
+
+// Link is a symbolic link at Path pointing to Target.
+type Link struct {
+	Path   string `yaml:"path"`
+	Target string `yaml:"target"`
 }
 
 // Expand fills {version} and {arch} in s.
@@ -113,6 +123,11 @@ func (o *OS) Validate() error {
 	}
 	if _, ok := o.Download("kubelet"); o.KubeletUnit && !ok {
 		errs = append(errs, errors.New("kubeletUnit needs a download named kubelet"))
+	}
+	for i, l := range o.Links {
+		if !path.IsAbs(l.Path) || !path.IsAbs(l.Target) {
+			errs = append(errs, fmt.Errorf("links[%d]: path and target must be absolute", i))
+		}
 	}
 	if len(o.Downloads) == 0 {
 		errs = append(errs, errors.New("downloads: at least one (the Kubernetes binaries)"))

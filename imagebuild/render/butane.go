@@ -177,6 +177,10 @@ func butaneFor(in Input) (*butaneDoc, error) {
 		}
 	}
 
+	for _, l := range osp.Links {
+		st.Links = append(st.Links, butaneLink{Path: l.Path, Target: l.Target})
+	}
+
 	units := &doc.Systemd.Units
 	if osp.KubeletUnit {
 		*units = append(*units, butaneUnit{Name: "kubelet.service", Enabled: true, Contents: kubeletUnit(osp)})

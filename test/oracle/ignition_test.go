@@ -179,6 +179,10 @@ func TestIgnitionAppliesEveryRole(t *testing.T) {
 						if target, err := os.Readlink(filepath.Join(root, "etc/extensions/kubernetes.raw")); err != nil || target != p {
 							t.Errorf("sysext link: %q %v", target, err)
 						}
+						wants := "etc/systemd/system/multi-user.target.wants/kubelet.service"
+						if target, err := os.Readlink(filepath.Join(root, wants)); err != nil || target != "/usr/lib/systemd/system/kubelet.service" {
+							t.Errorf("kubelet from the sysext is not enabled: %q %v", target, err)
+						}
 					case "fcos":
 						for _, b := range []string{"kubeadm", "kubelet", "kubectl"} {
 							expectFile(t, root, "/usr/local/bin/"+b, payload("/"+arch+"/"+b), 0o755)
