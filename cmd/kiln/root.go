@@ -102,6 +102,8 @@ Fedora CoreOS with a first-boot agent that runs kubeadm init or join.`,
 		newRenderCmd(g),
 		newKubeconfigCmd(g),
 		newVersionCmd(g),
+		newProfilesCmd(g),
+		newBuildImageCmd(g),
 	)
 	return root
 }

@@ -13,12 +13,12 @@ import (
 	"net/http"
 	"os"
 	"slices"
-	"time"
 
 	"gopkg.in/yaml.v3"
 
 	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
+	prog "github.com/kilnproject/kiln/imagebuild/progress"
 	"github.com/kilnproject/kiln/profiles"
 )
 
@@ -119,9 +119,9 @@ func hashOne(ctx context.Context, d cluster.Download, src Source, progress io.Wr
 	}
 	defer r.Close()
 	h := sha512.New()
-	pw := &progressWriter{w: progress, label: d.Name + " " + d.Arch, total: size}
-	n, err := io.Copy(io.MultiWriter(h, pw), r)
-	pw.finish()
+	meter := prog.New(progress, d.Name+" "+d.Arch, size)
+	n, err := io.Copy(io.MultiWriter(h, meter), r)
+	meter.Done()
 	if err != nil {
 		return "", fault.Wrap(fault.Download, fmt.Errorf("read %s for %s: %w", d.Name, d.Arch, err))
 	}
@@ -130,36 +130,6 @@ func hashOne(ctx context.Context, d cluster.Download, src Source, progress io.Wr
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
-
-// progressWriter prints "label: 12.0 MiB / 120.0 MiB" at most once a second.
-type progressWriter struct {
-	w     io.Writer
-	label string
-	total int64
-	done  int64
-	last  time.Time
-}
-
-func (p *progressWriter) Write(b []byte) (int, error) {
-	p.done += int64(len(b))
-	if now := time.Now(); now.Sub(p.last) >= time.Second {
-		p.last = now
-		p.print()
-	}
-	return len(b), nil
-}
-
-func (p *progressWriter) print() {
-	if p.total > 0 {
-		fmt.Fprintf(p.w, "%s: %.1f MiB / %.1f MiB\n", p.label, mib(p.done), mib(p.total))
-	} else {
-		fmt.Fprintf(p.w, "%s: %.1f MiB\n", p.label, mib(p.done))
-	}
-}
-
-func (p *progressWriter) finish() { p.print() }
-
-func mib(n int64) float64 { return float64(n) / (1 << 20) }
 
 // Rewrite replaces kubernetes.downloads in a cluster file's YAML, keeping
 // the rest of the file (comments included) as it was.

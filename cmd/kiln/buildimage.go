@@ -1,0 +1,182 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/agentbin"
+	"github.com/kilnproject/kiln/imagebuild/bake"
+	"github.com/kilnproject/kiln/imagebuild/baseimage"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/render"
+)
+
+type buildImageOptions struct {
+	role       string
+	profile    string
+	node       string
+	baseImage  string
+	firmware   string
+	dest       string
+	compress   string
+	mirror     string
+	signingKey string
+	cacheDir   string
+	timeout    time.Duration
+	force      bool
+	output     outputFormat
+}
+
+func newBuildImageCmd(g *globals) *cobra.Command {
+	o := &buildImageOptions{}
+	cmd := &cobra.Command{
+		Use:   "build-image --role ROLE --profile PROFILE",
+		Short: "Bake a ready-to-flash disk image for one node role",
+		Long: `build-image turns a vendor OS disk image into a ready-to-flash image for one
+role of the cluster, offline once the base image is cached, without loop
+devices, mounts or root:
+
+  1. the base image (Flatcar or Fedora CoreOS, per --profile; see kiln
+     profiles) is downloaded with progress, resumably, verified (Flatcar:
+     SHA-512 from .DIGESTS and the OpenPGP signature against the embedded
+     Flatcar key; Fedora CoreOS: sha256 from the stream metadata),
+     decompressed once and cached sparse in the user cache folder; or
+     --base-image FILE is used (raw, .bz2, .xz or .zst), fully offline;
+  2. it is copied (reflink where the filesystem can, else sparse) and the
+     role's Ignition config is written where the OS reads it on first boot
+     (Flatcar: config.ign in the OEM filesystem; Fedora CoreOS:
+     ignition/config.ign and ignition.firstboot in the boot filesystem);
+     board profiles also get their firmware on the EFI system partition;
+  3. IMAGE.img (mode 0600: it carries the role's secrets), IMAGE.bmap (for
+     bmaptool copy), IMAGE.sha256 and with --compress IMAGE.img.zst or .xz
+     are written to --dest, all or nothing.
+
+Needs e2fsprogs, plus btrfs-progs for Flatcar and mtools and dosfstools for
+Raspberry Pi profiles. The partition table, USR partitions, kernels and boot
+loaders are never changed. Progress goes to stderr; -o json prints the result.`,
+		Example: `  kiln build-image --role init --profile flatcar-amd64
+  kiln build-image --role worker --profile fcos-x86_64 --compress zst --dest out/
+  kiln build-image --role control-plane --node cp-2 --profile flatcar-arm64
+  kiln build-image --role worker --profile flatcar-rpi4 --firmware RPi4_UEFI_Firmware_v1.50.zip
+  kiln build-image --role worker --profile flatcar-amd64 --base-image flatcar_production_image.bin.bz2 -o json`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return runBuildImage(ctx, g, o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (required)")
+	f.StringVar(&o.profile, "profile", "", "target profile, see kiln profiles (required)")
+	f.StringVar(&o.node, "node", "", "bake for this inventory node (sets its hostname and the image name)")
+	f.StringVar(&o.baseImage, "base-image", "", "use this vendor image file (raw, .bz2, .xz or .zst) instead of downloading")
+	f.StringVar(&o.firmware, "firmware", "", "board firmware archive (flatcar-rpi4: the pftf RPi4 UEFI zip)")
+	f.StringVar(&o.dest, "dest", ".", "folder for the image and its .bmap and .sha256")
+	f.StringVar(&o.compress, "compress", "", "also write a compressed image: zst or xz (multi-threaded)")
+	f.StringVar(&o.mirror, "mirror", "", "download the base image from this mirror instead of the profile's origin")
+	f.StringVar(&o.signingKey, "signing-key", "", "armored OpenPGP public key that signs the mirror's images (default: the profile's embedded key)")
+	f.StringVar(&o.cacheDir, "cache-dir", "", "base image cache (default: kiln/ in the user cache folder)")
+	f.DurationVar(&o.timeout, "timeout", 2*time.Hour, "give up downloading after this long")
+	f.BoolVar(&o.force, "force", false, "replace existing outputs")
+	addOutputFlag(cmd, &o.output)
+	return cmd
+}
+
+func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error {
+	if o.role == "" || o.profile == "" {
+		return fault.Wrap(fault.Input, fmt.Errorf("--role and --profile are required, for example --role worker --profile flatcar-amd64 (see kiln profiles)"))
+	}
+	role, err := nodeconfig.ParseRole(o.role)
+	if err != nil {
+		return fault.Wrap(fault.Input, fmt.Errorf("--role: %w", err))
+	}
+	t, err := lookupTarget(o.profile)
+	if err != nil {
+		return err
+	}
+	c, s, err := g.load()
+	if err != nil {
+		return err
+	}
+	if c.OS.Name != t.OS {
+		return fault.Wrap(fault.Input, fmt.Errorf("--profile %s is for os %s, but the cluster file has os.name %s: pick a %s profile (kiln profiles) or change os.name", t.Name, t.OS, c.OS.Name, c.OS.Name))
+	}
+	in := render.Input{Cluster: c, Secrets: s, Role: role, Arch: t.Arch, NodeName: o.node}
+	if in.Agent, err = agentbin.Gzipped(t.Arch); err != nil {
+		return err
+	}
+	config, err := render.Ignition(in)
+	if err != nil {
+		return err
+	}
+
+	cache := &baseimage.Cache{Dir: o.cacheDir, Client: &http.Client{Timeout: o.timeout}, Progress: g.stderr}
+	if cache.Dir == "" {
+		if cache.Dir, err = baseimage.DefaultCacheDir(); err != nil {
+			return err
+		}
+	}
+	base, version := o.baseImage, "(local file)"
+	if base != "" {
+		if base, err = cache.Local(base); err != nil {
+			return err
+		}
+	} else {
+		src := baseimage.Source{Target: t, Channel: c.OS.Channel, Version: c.OS.Version, Mirror: o.mirror}
+		if o.signingKey != "" {
+			if src.Keyring, err = os.ReadFile(o.signingKey); err != nil {
+				return fault.Wrap(fault.Input, fmt.Errorf("--signing-key: %w", err))
+			}
+		}
+		var rel *baseimage.Release
+		if base, rel, _, err = cache.Fetch(ctx, src); err != nil {
+			return err
+		}
+		version = rel.Version
+	}
+	firmware := o.firmware
+	if fw := t.Firmware; fw != nil && firmware == "" && fw.SHA256 != "" {
+		if firmware, err = cache.FetchFile(ctx, fw.URL, baseimage.Digest{Algo: "sha256", Hex: fw.SHA256}); err != nil {
+			return err
+		}
+	}
+
+	who := string(role)
+	if o.node != "" {
+		who = o.node
+	}
+	res, err := bake.Bake(ctx, bake.Options{
+		Target:   t,
+		Base:     base,
+		Config:   config,
+		Firmware: firmware,
+		Output:   filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, who, t.Name)),
+		Compress: o.compress,
+		Force:    o.force,
+		Runner:   bake.Exec{},
+		Progress: g.stderr,
+	})
+	if err != nil {
+		return err
+	}
+	lines := []string{
+		fmt.Sprintf("baked %s for %s (%s %s, base %s) in %.1fs", res.Image, who, t.OS, t.Arch, version, res.Seconds),
+		fmt.Sprintf("  size %.1f MiB, %.1f MiB mapped; sha256 %s", float64(res.Size)/(1<<20), float64(res.MappedBytes)/(1<<20), res.SHA256),
+		"  block map: " + res.Bmap + " (flash with: bmaptool copy " + res.Image + " /dev/DEVICE)",
+		"  checksums: " + res.SHA256File,
+	}
+	if res.Compressed != "" {
+		lines = append(lines, "  compressed: "+res.Compressed)
+	}
+	return emit(g.stdout, o.output, res, lines...)
+}

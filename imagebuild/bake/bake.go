@@ -1,0 +1,311 @@
+// Package bake turns a vendor OS disk image into a ready-to-flash image
+// for one node role: it copies the base image (reflink or sparse copy),
+// writes the role's Ignition config where the OS reads it on first boot,
+// lays board firmware over the EFI system partition, and publishes the
+// image with a .bmap, a .sha256 and optionally a compressed copy, all
+// atomically. It never touches the partition table, the USR partitions,
+// kernels or boot loaders, and checks that the disk and partition GUIDs
+// are unchanged before publishing.
+//
+// Filesystems are changed with the tools made for them (debugfs, mtools,
+// btrfs-progs) on a copy of the partition, checked with their fsck, and
+// written back; see inject.go for why.
+package bake
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/kilnproject/kiln/imagebuild/disk"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/sparse"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// Options for one bake.
+type Options struct {
+	Target *profiles.Target
+	// Base is the raw (decompressed) vendor image.
+	Base string
+	// Config is the rendered Ignition config.
+	Config []byte
+	// Firmware is the board firmware archive (rpi4 targets only).
+	Firmware string
+	// Output is the image's path; the other files go beside it.
+	Output string
+	// Compress is "", "zst" or "xz".
+	Compress string
+	// Force replaces existing outputs.
+	Force    bool
+	Runner   Runner
+	Progress io.Writer
+}
+
+// Result says what a bake produced.
+type Result struct {
+	Image          string   `json:"image"`
+	Compressed     string   `json:"compressed,omitempty"`
+	Bmap           string   `json:"bmap"`
+	SHA256File     string   `json:"sha256File"`
+	SHA256         string   `json:"sha256"`
+	Size           int64    `json:"size"`
+	MappedBytes    int64    `json:"mappedBytes"`
+	Reflinked      bool     `json:"reflinked"`
+	Touched        []string `json:"touchedPartitions"`
+	FirmwareSHA256 string   `json:"firmwareSHA256,omitempty"`
+	Seconds        float64  `json:"seconds"`
+}
+
+// Outputs are the paths a bake writes for an image path and compression.
+func Outputs(image, compress string) (compressed, bmap, sum string) {
+	stem := strings.TrimSuffix(image, filepath.Ext(image))
+	if compress != "" {
+		compressed = image + "." + compress
+	}
+	return compressed, stem + ".bmap", stem + ".sha256"
+}
+
+// Bake runs one bake.
+func Bake(ctx context.Context, o Options) (*Result, error) {
+	start := time.Now()
+	t := o.Target
+	if err := o.check(); err != nil {
+		return nil, err
+	}
+	compressed, bmapPath, sumPath := Outputs(o.Output, o.Compress)
+	finals := []string{bmapPath, sumPath, o.Output}
+	if compressed != "" {
+		finals = append([]string{compressed}, finals...)
+	}
+	if !o.Force {
+		for _, f := range finals {
+			if _, err := os.Lstat(f); err == nil {
+				return nil, fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to replace it", f))
+			}
+		}
+	}
+	layout, err := disk.Read(o.Base)
+	if err != nil {
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("base image: %w", err))
+	}
+	outDir := filepath.Dir(o.Output)
+	if err := os.MkdirAll(outDir, 0o755); err != nil {
+		return nil, fault.Wrap(fault.IO, err)
+	}
+	work, err := os.MkdirTemp(outDir, ".kiln-work-*")
+	if err != nil {
+		return nil, fault.Wrap(fault.IO, err)
+	}
+	defer os.RemoveAll(work)
+
+	// Every output is first written under a temporary name in work/ and
+	// renamed into place only when all are complete, image last.
+	temps := map[string]string{}
+	for _, f := range finals {
+		temps[f] = filepath.Join(work, "out-"+filepath.Base(f))
+	}
+	img, reflinked, err := cloneBase(o.Base, temps[o.Output], o.Progress)
+	if err != nil {
+		return nil, err
+	}
+	defer img.Close()
+
+	res := &Result{Image: o.Output, Compressed: compressed, Bmap: bmapPath, SHA256File: sumPath, Reflinked: reflinked}
+	config := file{path: "config.ign", data: o.Config, mode: 0o600}
+	switch t.Inject.Method {
+	case profiles.InjectFlatcarOEM:
+		err = withPartition(ctx, img, layout, t.Inject.Partition, work, func(part string, fsys disk.FS) (string, error) {
+			switch fsys.Kind {
+			case disk.FSBtrfs:
+				out := part + ".new"
+				return out, rebuildBtrfs(ctx, o.Runner, part, out, work, fsys, []file{config})
+			case disk.FSExt4:
+				return part, writeExt4(ctx, o.Runner, part, work, nil, []file{config})
+			default:
+				return "", fault.Wrap(fault.Unsupported, fmt.Errorf("the OEM partition holds %s, not btrfs or ext4: is this a Flatcar image?", fsys.Kind))
+			}
+		})
+	case profiles.InjectFCOSBoot:
+		err = withPartition(ctx, img, layout, t.Inject.Partition, work, func(part string, fsys disk.FS) (string, error) {
+			if fsys.Kind != disk.FSExt4 {
+				return "", fault.Wrap(fault.Unsupported, fmt.Errorf("the boot partition holds %s, not ext4: is this a Fedora CoreOS metal image?", fsys.Kind))
+			}
+			config.path = "ignition/config.ign"
+			return part, writeExt4(ctx, o.Runner, part, work,
+				[]dir{{"ignition", 0o700}},
+				[]file{config, {path: "ignition.firstboot", mode: 0o644, keep: true}})
+		})
+	default:
+		err = fault.Wrap(fault.Unsupported, fmt.Errorf("inject method %q is not supported", t.Inject.Method))
+	}
+	if err != nil {
+		return nil, err
+	}
+	res.Touched = append(res.Touched, t.Inject.Partition)
+
+	if fw := t.Firmware; fw != nil {
+		tree := filepath.Join(work, "firmware")
+		if res.FirmwareSHA256, err = unpackFirmware(o.Firmware, tree, fw); err != nil {
+			return nil, err
+		}
+		err = withPartition(ctx, img, layout, fw.Partition, work, func(part string, fsys disk.FS) (string, error) {
+			if fsys.Kind != disk.FSFAT {
+				return "", fault.Wrap(fault.Unsupported, fmt.Errorf("partition %s holds %s, not FAT", fw.Partition, fsys.Kind))
+			}
+			return part, copyFAT(ctx, o.Runner, part, tree)
+		})
+		if err != nil {
+			return nil, err
+		}
+		res.Touched = append(res.Touched, fw.Partition)
+	}
+
+	if err := img.Sync(); err != nil {
+		return nil, fault.Wrap(fault.IO, err)
+	}
+	after, err := disk.Read(img.Name())
+	if err == nil {
+		err = layout.Same(after)
+	}
+	if err != nil {
+		return nil, fault.Wrap(fault.IO, fmt.Errorf("the baked image's partition table differs from the base (please report this): %w", err))
+	}
+
+	sum, err := summarize(img, o.Compress, temps[compressed], o.Progress)
+	if err != nil {
+		return nil, err
+	}
+	lines := fmt.Sprintf("%s  %s\n", sum.sha256, filepath.Base(o.Output))
+	if compressed != "" {
+		lines += fmt.Sprintf("%s  %s\n", sum.compressSum, filepath.Base(compressed))
+	}
+	for path, data := range map[string][]byte{bmapPath: sum.bmap, sumPath: []byte(lines)} {
+		if err := os.WriteFile(temps[path], data, 0o644); err != nil {
+			return nil, fault.Wrap(fault.IO, err)
+		}
+	}
+	// The image carries the node's secrets (init: the cluster CAs).
+	for _, f := range finals {
+		mode := os.FileMode(0o644)
+		if f == o.Output || f == compressed {
+			mode = 0o600
+		}
+		if err := os.Chmod(temps[f], mode); err != nil {
+			return nil, fault.Wrap(fault.IO, err)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("bake interrupted, nothing published: %w", err)
+	}
+	for _, f := range finals {
+		if err := os.Rename(temps[f], f); err != nil {
+			return nil, fault.Wrap(fault.IO, fmt.Errorf("publish %s: %w", f, err))
+		}
+	}
+	fi, _ := img.Stat()
+	res.SHA256, res.Size, res.MappedBytes = sum.sha256, fi.Size(), sum.mapped
+	res.Seconds = time.Since(start).Seconds()
+	return res, nil
+}
+
+func (o Options) check() error {
+	t := o.Target
+	var errs []error
+	if o.Compress != "" && !slices.Contains(Compressions, o.Compress) {
+		errs = append(errs, fmt.Errorf("--compress %q: use zst or xz", o.Compress))
+	}
+	if t.Firmware != nil && o.Firmware == "" {
+		errs = append(errs, fmt.Errorf("profile %s needs %s: pass --firmware FILE (the release zip from %s)", t.Name, t.Firmware.Name, t.Firmware.URL))
+	}
+	if t.Firmware == nil && o.Firmware != "" {
+		errs = append(errs, fmt.Errorf("--firmware: profile %s takes no firmware (only board profiles such as flatcar-rpi4 do)", t.Name))
+	}
+	if len(o.Config) == 0 {
+		errs = append(errs, errors.New("no Ignition config to write"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fault.Wrap(fault.Input, err)
+	}
+	tools := ext4Tools
+	if t.Inject.Method == profiles.InjectFlatcarOEM {
+		tools = append(tools, btrfsTools...)
+	}
+	if t.Firmware != nil {
+		tools = append(tools, fatTools...)
+	}
+	return need(tools...)
+}
+
+// cloneBase copies the base image to path, sparse or reflinked.
+func cloneBase(base, path string, prog io.Writer) (*os.File, bool, error) {
+	src, err := os.Open(base)
+	if err != nil {
+		return nil, false, fault.Wrap(fault.Input, fmt.Errorf("base image: %w", err))
+	}
+	defer src.Close()
+	dst, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, false, fault.Wrap(fault.IO, err)
+	}
+	reflinked, err := sparse.Clone(dst, src)
+	if err != nil {
+		dst.Close()
+		return nil, false, fault.Wrap(fault.IO, fmt.Errorf("copy base image: %w", err))
+	}
+	how := "sparse copy"
+	if reflinked {
+		how = "reflink"
+	}
+	fmt.Fprintf(prog, "copied base image %s (%s)\n", filepath.Base(base), how)
+	return dst, reflinked, nil
+}
+
+// withPartition copies the named partition of img out to a file, lets
+// change modify it (or build a replacement of the same size, whose path
+// it returns), and writes the result back into img. The filesystem's
+// label must be the partition's name, as the OS finds it by label.
+func withPartition(ctx context.Context, img *os.File, l *disk.Layout, name, work string, change func(part string, fsys disk.FS) (string, error)) error {
+	p, err := l.ByName(name)
+	if err != nil {
+		return fault.Wrap(fault.Download, fmt.Errorf("base image: %w", err))
+	}
+	part := filepath.Join(work, "part-"+name+".img")
+	f, err := os.Create(part)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	defer f.Close()
+	if err := sparse.ExtractRegion(f, img, p.Start, p.Size); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("read partition %s: %w", name, err))
+	}
+	fsys, err := disk.Sniff(f)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	if fsys.Kind != disk.FSFAT && fsys.Label != name {
+		return fault.Wrap(fault.Download, fmt.Errorf("base image: partition %s holds a %s filesystem labelled %q, not %q", name, fsys.Kind, fsys.Label, name))
+	}
+	out, err := change(part, fsys)
+	if err != nil {
+		return fmt.Errorf("partition %s: %w", name, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	nf, err := os.Open(out)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	defer nf.Close()
+	if err := sparse.ReplaceRegion(img, p.Start, p.Size, nf); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("write partition %s: %w", name, err))
+	}
+	return nil
+}

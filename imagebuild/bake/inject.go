@@ -1,0 +1,203 @@
+package bake
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"regexp"
+	"strings"
+
+	"github.com/kilnproject/kiln/imagebuild/disk"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+)
+
+// file is one file kiln puts into a filesystem; its parent directories
+// must exist or be listed as dirs.
+type file struct {
+	path string // relative to the filesystem root, "/"-separated
+	data []byte
+	mode fs.FileMode
+	// keep leaves an existing file as it is (Fedora CoreOS's
+	// ignition.firstboot may carry GRUB settings).
+	keep bool
+}
+
+type dir struct {
+	path string
+	mode fs.FileMode
+}
+
+// writeExt4 writes dirs and files into the ext4 filesystem image part
+// with debugfs, owned by root, then proves the result: e2fsck -fn is
+// clean and every file reads back byte-identical with its mode.
+//
+// debugfs (e2fsprogs) is used rather than go-diskfs, which corrupts
+// existing mke2fs filesystems in common cases (DESIGN.md section 5).
+func writeExt4(ctx context.Context, r Runner, part, work string, dirs []dir, files []file) error {
+	var script strings.Builder
+	own := func(p string, mode fs.FileMode, typ int) {
+		fmt.Fprintf(&script, "set_inode_field %s mode 0%o\nset_inode_field %s uid 0\nset_inode_field %s gid 0\n", p, typ|int(mode.Perm()), p, p)
+	}
+	for _, d := range dirs {
+		fmt.Fprintf(&script, "mkdir %s\n", d.path)
+		own(d.path, d.mode, 0o40000)
+	}
+	for i, f := range files {
+		if f.keep {
+			out, _ := r.Run(ctx, debugfs.name, "-R", "stat "+f.path, part)
+			if len(bytes.TrimSpace(out)) > 0 {
+				continue
+			}
+		}
+		host := filepath.Join(work, fmt.Sprintf("ext4-%d", i))
+		if err := os.WriteFile(host, f.data, 0o600); err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+		fmt.Fprintf(&script, "rm %s\nwrite %s %s\n", f.path, host, f.path)
+		own(f.path, f.mode, 0o100000)
+	}
+	cmds := filepath.Join(work, "debugfs.cmds")
+	if err := os.WriteFile(cmds, []byte(script.String()), 0o600); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	if _, err := r.Run(ctx, debugfs.name, "-w", "-f", cmds, part); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("write ext4 filesystem: %w", err))
+	}
+	if _, err := r.Run(ctx, e2fsck.name, "-fn", part); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("e2fsck finds the written filesystem damaged (please report this): %w", err))
+	}
+	for _, d := range dirs {
+		if err := checkExt4Mode(ctx, r, part, d.path, d.mode); err != nil {
+			return err
+		}
+	}
+	for _, f := range files {
+		got, err := r.Run(ctx, debugfs.name, "-R", "cat "+f.path, part)
+		if err != nil {
+			return fault.Wrap(fault.IO, fmt.Errorf("read back %s: %w", f.path, err))
+		}
+		if f.keep {
+			continue
+		}
+		if !bytes.Equal(got, f.data) {
+			return fault.Wrap(fault.IO, fmt.Errorf("read back %s: content differs from what was written", f.path))
+		}
+		if err := checkExt4Mode(ctx, r, part, f.path, f.mode); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+var debugfsMode = regexp.MustCompile(`Mode:\s+0?([0-7]+)`)
+
+func checkExt4Mode(ctx context.Context, r Runner, part, p string, mode fs.FileMode) error {
+	out, err := r.Run(ctx, debugfs.name, "-R", "stat "+p, part)
+	m := debugfsMode.FindSubmatch(out)
+	if err != nil || m == nil || string(m[1]) != fmt.Sprintf("%o", mode.Perm()) {
+		return fault.Wrap(fault.IO, fmt.Errorf("read back %s: want mode %o, debugfs says %q (%v)", p, mode.Perm(), m, err))
+	}
+	return nil
+}
+
+// rebuildBtrfs makes a new btrfs image at out, the size of part, with
+// part's label and UUID, every file part holds, plus files.
+//
+// go-diskfs cannot write btrfs and no tool adds a file to an unmounted
+// btrfs, so kiln reads everything out with `btrfs restore` (metadata,
+// symlinks and xattrs kept) and builds the filesystem afresh with
+// `mkfs.btrfs --rootdir`. Keeping btrfs (rather than switching OEM to
+// ext4, which Flatcar's initrd also mounts) keeps the partition exactly
+// the kind Flatcar ships, for its own tools and for GRUB.
+func rebuildBtrfs(ctx context.Context, r Runner, part, out, work string, fsys disk.FS, files []file) error {
+	tree := filepath.Join(work, "oem")
+	if err := os.Mkdir(tree, 0o755); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	if _, err := r.Run(ctx, btrfs.name, "restore", "-m", "-S", "-x", part, tree); err != nil {
+		return fault.Wrap(fault.Download, fmt.Errorf("read the base image's OEM btrfs: %w", err))
+	}
+	for _, f := range files {
+		p := filepath.Join(tree, filepath.FromSlash(f.path))
+		if err := os.WriteFile(p, f.data, f.mode); err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+		if err := os.Chmod(p, f.mode); err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+	}
+	fi, err := os.Stat(part)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	nf, err := os.Create(out)
+	if err == nil {
+		err = nf.Truncate(fi.Size())
+		nf.Close()
+	}
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	if _, err := r.Run(ctx, mkfsBtrfs.name, "-q", "-f", "-L", fsys.Label, "-U", fsys.UUID, "--rootdir", tree, out); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("build the OEM btrfs: %w", err))
+	}
+	if _, err := r.Run(ctx, btrfs.name, "check", "--readonly", out); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("btrfs check finds the new OEM filesystem damaged (please report this): %w", err))
+	}
+	back := filepath.Join(work, "oem-readback")
+	if err := os.Mkdir(back, 0o755); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	if _, err := r.Run(ctx, btrfs.name, "restore", out, back); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("read back the OEM btrfs: %w", err))
+	}
+	for _, f := range files {
+		got, err := os.ReadFile(filepath.Join(back, filepath.FromSlash(f.path)))
+		if err != nil || !bytes.Equal(got, f.data) {
+			return fault.Wrap(fault.IO, fmt.Errorf("read back %s from the new OEM btrfs: content differs (%v)", f.path, err))
+		}
+	}
+	return nil
+}
+
+// copyFAT copies the tree at src to the root of the FAT filesystem image
+// part with mtools, replacing files of the same name, then proves the
+// result: fsck.vfat -n is clean and every file reads back identical.
+//
+// mtools is used rather than go-diskfs, whose writes into an existing
+// FAT32 fail fsck.vfat (DESIGN.md section 5).
+func copyFAT(ctx context.Context, r Runner, part, src string) error {
+	entries, err := os.ReadDir(src)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	args := []string{"-i", part, "-s", "-o", "-Q", "-m"}
+	for _, e := range entries {
+		args = append(args, filepath.Join(src, e.Name()))
+	}
+	if _, err := r.Run(ctx, mcopy.name, append(args, "::/")...); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("copy firmware to the FAT partition: %w", err))
+	}
+	if _, err := r.Run(ctx, fsckVfat.name, "-n", part); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("fsck.vfat finds the FAT partition damaged after copying: %w", err))
+	}
+	return filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(src, p)
+		want, err := os.ReadFile(p)
+		if err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+		got, err := r.Run(ctx, mcopy.name, "-n", "-i", part, "::/"+path.Clean(filepath.ToSlash(rel)), "-")
+		if err != nil || !bytes.Equal(got, want) {
+			return fault.Wrap(fault.IO, fmt.Errorf("read back %s from the FAT partition: content differs (%v)", rel, err))
+		}
+		return nil
+	})
+}

@@ -1,0 +1,251 @@
+package baseimage
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha512"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/ProtonMail/go-crypto/openpgp/armor"
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+func TestEmbeddedFlatcarKey(t *testing.T) {
+	k, _ := profiles.SigningKey("flatcar")
+	kr, err := openpgp.ReadArmoredKeyRing(bytes.NewReader(k))
+	if err != nil || len(kr) != 1 {
+		t.Fatalf("read key: %v (%d entities)", err, len(kr))
+	}
+	if fp := fmt.Sprintf("%X", kr[0].PrimaryKey.Fingerprint); fp != "F88CFEDEFF29A5B4D9523864E25D9AED0593B34A" {
+		t.Errorf("fingerprint %s", fp)
+	}
+	valid := false
+	for _, sk := range kr[0].Subkeys {
+		if fmt.Sprintf("%X", sk.PublicKey.Fingerprint) == "52F145DFD00BBDCD928CBB5A32DA80F91EF52974" {
+			valid = true
+		}
+	}
+	if !valid {
+		t.Error("the 2025-2027 signing subkey 52F145DF... is missing")
+	}
+}
+
+func TestDigestFor(t *testing.T) {
+	d := []byte("# MD5 HASH\nabc  f.bz2\n# SHA1 HASH\nabcd  f.bz2\n# SHA512 HASH\n" + strings.Repeat("AB", 64) + "  f.bz2\n" + strings.Repeat("cd", 64) + "  g.bz2\n")
+	if got, err := digestFor(d, "SHA512", "f.bz2"); err != nil || got != strings.Repeat("ab", 64) {
+		t.Errorf("f.bz2: %s %v", got, err)
+	}
+	if _, err := digestFor(d, "SHA512", "h.bz2"); err == nil {
+		t.Error("missing file accepted")
+	}
+	if _, err := digestFor([]byte("# SHA512 HASH\nabc  f.bz2\n"), "SHA512", "f.bz2"); err == nil {
+		t.Error("short hash accepted")
+	}
+}
+
+// release is a fake Flatcar release server with Range support.
+type release struct {
+	*httptest.Server
+	files  map[string][]byte
+	ranges []string
+	cut    int // drop the next image download after this many bytes
+}
+
+func newRelease(t *testing.T, image []byte, signer *openpgp.Entity) *release {
+	r := &release{files: map[string][]byte{}}
+	sum := sha512.Sum512(image)
+	var sig bytes.Buffer
+	if err := openpgp.DetachSign(&sig, signer, bytes.NewReader(image), nil); err != nil {
+		t.Fatal(err)
+	}
+	p := "/stable/amd64-usr/1.2.3/flatcar_production_image.bin.bz2"
+	r.files["/stable/amd64-usr/current/version.txt"] = []byte("FLATCAR_VERSION=1.2.3\n")
+	r.files[p] = image
+	r.files[p+".DIGESTS"] = []byte(fmt.Sprintf("# SHA512 HASH\n%x  flatcar_production_image.bin.bz2\n", sum))
+	r.files[p+".sig"] = sig.Bytes()
+	r.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		data, ok := r.files[req.URL.Path]
+		if !ok {
+			http.NotFound(w, req)
+			return
+		}
+		if rg := req.Header.Get("Range"); rg != "" {
+			r.ranges = append(r.ranges, rg)
+		}
+		if req.URL.Path == p && r.cut > 0 {
+			n := r.cut
+			r.cut = 0
+			w.Header().Set("Content-Length", fmt.Sprint(len(data)))
+			w.Write(data[:n])
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler)
+		}
+		http.ServeContent(w, req, "", time.Time{}, bytes.NewReader(data))
+	}))
+	t.Cleanup(r.Close)
+	return r
+}
+
+func armoredPublic(t *testing.T, e *openpgp.Entity) []byte {
+	var b bytes.Buffer
+	w, _ := armor.Encode(&b, openpgp.PublicKeyType, nil)
+	if err := e.Serialize(w); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	return b.Bytes()
+}
+
+func testImage(t *testing.T) (raw, compressed []byte) {
+	noise := make([]byte, 64<<10)
+	for i := range noise {
+		noise[i] = byte(i * 7919 >> 3)
+	}
+	raw = append(bytes.Repeat([]byte{0}, 1<<20), noise...)
+	var b bytes.Buffer
+	zw, _ := zstd.NewWriter(&b)
+	zw.Write(raw)
+	zw.Close()
+	return raw, b.Bytes()
+}
+
+func TestFetchVerifiesResumesAndCaches(t *testing.T) {
+	signer, _ := openpgp.NewEntity("test", "", "test@kiln.invalid", nil)
+	raw, zimg := testImage(t)
+	rel := newRelease(t, zimg, signer)
+	target, _ := profiles.LookupTarget("flatcar-amd64")
+	src := Source{Target: target, Channel: "stable", Version: "current", Mirror: rel.URL + "/{channel}", Keyring: armoredPublic(t, signer)}
+	c := &Cache{Dir: t.TempDir(), Client: rel.Client(), Progress: io.Discard}
+
+	rel.cut = len(zimg) / 2
+	_, _, _, err := c.Fetch(context.Background(), src)
+	if fault.KindOf(err) != fault.Download || !strings.Contains(err.Error(), "resume") {
+		t.Fatalf("cut download: %v", err)
+	}
+	path, r, hit, err := c.Fetch(context.Background(), src)
+	if err != nil || hit || r.Version != "1.2.3" {
+		t.Fatalf("resumed fetch: %v hit=%v %+v", err, hit, r)
+	}
+	if want := fmt.Sprintf("bytes=%d-", len(zimg)/2); len(rel.ranges) != 1 || rel.ranges[0] != want {
+		t.Errorf("Range requests %v, want [%s]", rel.ranges, want)
+	}
+	got, _ := os.ReadFile(path)
+	if !bytes.Equal(got, raw) {
+		t.Fatal("cached image differs from the decompressed original")
+	}
+	if blocks := blocksOf(t, path); blocks*512 >= int64(len(raw)) {
+		t.Errorf("cached image is not sparse: %d blocks for %d bytes", blocks, len(raw))
+	}
+	if _, _, hit, err := c.Fetch(context.Background(), src); err != nil || !hit {
+		t.Errorf("second fetch: hit=%v %v", hit, err)
+	}
+}
+
+func blocksOf(t *testing.T, path string) int64 {
+	out, err := exec.Command("stat", "-c", "%b", path).Output()
+	if err != nil {
+		t.Skip("stat: ", err)
+	}
+	var n int64
+	fmt.Sscan(string(out), &n)
+	return n
+}
+
+func TestFetchRefusesBadImages(t *testing.T) {
+	signer, _ := openpgp.NewEntity("test", "", "test@kiln.invalid", nil)
+	stranger, _ := openpgp.NewEntity("stranger", "", "s@kiln.invalid", nil)
+	_, zimg := testImage(t)
+	target, _ := profiles.LookupTarget("flatcar-amd64")
+	p := "/stable/amd64-usr/1.2.3/flatcar_production_image.bin.bz2"
+	for name, c := range map[string]struct {
+		tamper func(r *release)
+		want   string
+	}{
+		"corrupt":        {func(r *release) { r.files[p] = append(bytes.Clone(zimg[:len(zimg)-1]), zimg[len(zimg)-1]^1) }, "corrupt"},
+		"wrongly signed": {func(r *release) { r.files[p+".sig"] = newRelease(t, zimg, stranger).files[p+".sig"] }, "does not verify"},
+		"unsigned":       {func(r *release) { delete(r.files, p+".sig") }, "unsigned"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			rel := newRelease(t, zimg, signer)
+			c.tamper(rel)
+			cache := &Cache{Dir: t.TempDir(), Client: rel.Client(), Progress: io.Discard}
+			src := Source{Target: target, Channel: "stable", Version: "1.2.3", Mirror: rel.URL + "/{channel}", Keyring: armoredPublic(t, signer)}
+			_, _, _, err := cache.Fetch(context.Background(), src)
+			if fault.KindOf(err) != fault.Download || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got %v, want a download error mentioning %q", err, c.want)
+			}
+			left, _ := filepath.Glob(filepath.Join(cache.Dir, "*", "*"))
+			if len(left) != 0 {
+				t.Errorf("left in cache: %v", left)
+			}
+		})
+	}
+}
+
+func TestFCOSStream(t *testing.T) {
+	_, zimg := testImage(t)
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/streams/stable.json" {
+			fmt.Fprintf(w, `{"architectures":{"aarch64":{"artifacts":{"metal":{"release":"42.1","formats":{"raw.xz":{"disk":{"location":"%s/img.raw.xz","sha256":"%s"}}}}}}}}`, srv.URL, strings.Repeat("a", 64))
+			return
+		}
+		w.Write(zimg)
+	}))
+	defer srv.Close()
+	target, _ := profiles.LookupTarget("fcos-aarch64")
+	rel, err := Resolve(context.Background(), srv.Client(), Source{Target: target, Channel: "stable", Version: "current", Mirror: srv.URL})
+	if err != nil || rel.Version != "42.1" || rel.Digest.String() != "sha256:"+strings.Repeat("a", 64) {
+		t.Fatalf("resolve: %+v %v", rel, err)
+	}
+	_, err = Resolve(context.Background(), srv.Client(), Source{Target: target, Channel: "stable", Version: "41.9", Mirror: srv.URL})
+	if fault.KindOf(err) != fault.Input || !strings.Contains(err.Error(), "42.1") {
+		t.Errorf("old pinned version: %v", err)
+	}
+	c := &Cache{Dir: t.TempDir(), Client: srv.Client(), Progress: io.Discard}
+	if _, _, _, err := c.Fetch(context.Background(), Source{Target: target, Channel: "stable", Version: "current", Mirror: srv.URL}); err == nil || !strings.Contains(err.Error(), "corrupt") {
+		t.Errorf("wrong sha256 accepted: %v", err)
+	}
+}
+
+func TestLocalDecompressesOnce(t *testing.T) {
+	raw, zimg := testImage(t)
+	dir := t.TempDir()
+	var gz bytes.Buffer
+	gw := gzip.NewWriter(&gz)
+	gw.Write(raw)
+	gw.Close()
+	for name, data := range map[string][]byte{"img.zst": zimg, "img.raw": raw} {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, data, 0o644)
+		c := &Cache{Dir: filepath.Join(dir, "cache"), Progress: io.Discard}
+		got, err := c.Local(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(got); !bytes.Equal(b, raw) {
+			t.Errorf("%s: prepared image differs", name)
+		}
+		if name == "img.raw" && got != p {
+			t.Errorf("raw image copied to %s", got)
+		}
+	}
+	c := &Cache{Dir: t.TempDir(), Progress: io.Discard}
+	if _, err := c.Local(filepath.Join(dir, "missing.bin")); fault.KindOf(err) != fault.Input {
+		t.Errorf("missing file: %v", err)
+	}
+}

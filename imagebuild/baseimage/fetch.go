@@ -1,0 +1,343 @@
+package baseimage
+
+import (
+	"bufio"
+	"bytes"
+	"compress/bzip2"
+	"context"
+	"crypto/sha256"
+	"crypto/sha512"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
+
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/progress"
+	"github.com/kilnproject/kiln/imagebuild/sparse"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// Cache is kiln's base image cache: verified images, decompressed and
+// sparse, under base/ALGO-HEX.raw (the digest of the download); downloads
+// in progress under partial/.
+type Cache struct {
+	Dir      string
+	Client   *http.Client
+	Progress io.Writer
+}
+
+// DefaultCacheDir is kiln/ in the user's cache folder ($XDG_CACHE_HOME or
+// ~/.cache).
+func DefaultCacheDir() (string, error) {
+	d, err := os.UserCacheDir()
+	if err != nil {
+		return "", fault.Wrap(fault.Environment, fmt.Errorf("find the cache folder: %w (set XDG_CACHE_HOME)", err))
+	}
+	return filepath.Join(d, "kiln"), nil
+}
+
+func (c *Cache) rawPath(d Digest) string {
+	return filepath.Join(c.Dir, "base", d.Algo+"-"+d.Hex+".raw")
+}
+
+// Fetch returns the cached raw image of s's release, downloading,
+// verifying and decompressing it first if it is not cached yet. hit
+// reports a cache hit.
+func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, hit bool, err error) {
+	rel, err = Resolve(ctx, c.Client, s)
+	if err != nil {
+		return "", nil, false, err
+	}
+	raw = c.rawPath(rel.Digest)
+	if _, err := os.Stat(raw); err == nil {
+		fmt.Fprintf(c.Progress, "base image %s %s: cached (%s)\n", s.Target.Name, rel.Version, raw)
+		return raw, rel, true, nil
+	}
+	keyring, err := s.keyring()
+	if err != nil {
+		return "", nil, false, err
+	}
+	part := filepath.Join(c.Dir, "partial", rel.Digest.Algo+"-"+rel.Digest.Hex+".part")
+	if err := c.download(ctx, rel.URL, part); err != nil {
+		return "", nil, false, err
+	}
+	if err := c.verify(ctx, part, rel, keyring); err != nil {
+		os.Remove(part)
+		return "", nil, false, err
+	}
+	if err := c.store(part, raw, rel.URL); err != nil {
+		return "", nil, false, err
+	}
+	os.Remove(part)
+	return raw, rel, false, nil
+}
+
+func (s Source) keyring() (openpgp.EntityList, error) {
+	if s.Target.Image.Source != profiles.SourceFlatcarRelease {
+		return nil, nil
+	}
+	armored := s.Keyring
+	if armored == nil {
+		k, err := profiles.SigningKey(s.Target.Image.SigningKey)
+		if err != nil {
+			return nil, err
+		}
+		armored = k
+	}
+	kr, err := openpgp.ReadArmoredKeyRing(bytes.NewReader(armored))
+	if err != nil {
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("read signing key: %w", err))
+	}
+	return kr, nil
+}
+
+// download fetches url into part, resuming from what part already holds.
+func (c *Cache) download(ctx context.Context, url, part string) error {
+	if err := os.MkdirAll(filepath.Dir(part), 0o755); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	f, err := os.OpenFile(part, os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("open download %s: %w", part, err))
+	}
+	defer f.Close()
+	have, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	resp, err := get(ctx, c.Client, url, have)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	total := resp.ContentLength
+	if resp.StatusCode == http.StatusPartialContent {
+		start, size, ok := contentRange(resp.Header.Get("Content-Range"))
+		if !ok || start != have {
+			return fault.Wrap(fault.Download, fmt.Errorf("download %s: the server answered a resume from byte %d with %q", url, have, resp.Header.Get("Content-Range")))
+		}
+		total = size
+		fmt.Fprintf(c.Progress, "resuming %s at %.1f MiB\n", url, float64(have)/(1<<20))
+	} else {
+		have = 0 // the server sent the whole file
+		if err := f.Truncate(0); err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+	}
+	p := progress.New(c.Progress, "download "+filepath.Base(url), total)
+	p.Add(have)
+	n, err := io.Copy(io.MultiWriter(io.NewOffsetWriter(f, have), p), resp.Body)
+	p.Done()
+	if err == nil && total >= 0 && have+n != total {
+		err = io.ErrUnexpectedEOF
+	}
+	if err != nil {
+		return fault.Wrap(fault.Download, fmt.Errorf("download %s interrupted after %d of %d bytes: %w; run the same command again to resume", url, have+n, total, err))
+	}
+	if err := f.Sync(); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	return nil
+}
+
+// contentRange parses "bytes START-END/SIZE".
+func contentRange(h string) (start, size int64, ok bool) {
+	rest, found := strings.CutPrefix(h, "bytes ")
+	rng, sz, found2 := strings.Cut(rest, "/")
+	from, _, found3 := strings.Cut(rng, "-")
+	if !found || !found2 || !found3 {
+		return 0, 0, false
+	}
+	start, err1 := strconv.ParseInt(from, 10, 64)
+	size, err2 := strconv.ParseInt(sz, 10, 64)
+	return start, size, err1 == nil && err2 == nil
+}
+
+// verify checks the downloaded file's digest and, for signed sources,
+// its detached OpenPGP signature.
+func (c *Cache) verify(ctx context.Context, part string, rel *Release, keyring openpgp.EntityList) error {
+	h := map[string]func() hash.Hash{"sha512": sha512.New, "sha256": sha256.New}[rel.Digest.Algo]
+	if h == nil {
+		return fault.Wrap(fault.Download, fmt.Errorf("unsupported digest %s", rel.Digest.Algo))
+	}
+	got, err := fileDigest(part, h())
+	if err != nil {
+		return err
+	}
+	if got != rel.Digest.Hex {
+		return fault.Wrap(fault.Download, fmt.Errorf("%s is corrupt: its %s is %s, the release lists %s; the download was deleted, run again to download it afresh", rel.URL, rel.Digest.Algo, got, rel.Digest.Hex))
+	}
+	if rel.SignatureURL == "" {
+		return nil
+	}
+	sig, err := getSmall(ctx, c.Client, rel.SignatureURL)
+	if err != nil {
+		return fault.Wrap(fault.Download, fmt.Errorf("%s is unsigned or its signature cannot be fetched: %w", rel.URL, err))
+	}
+	f, err := os.Open(part)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	defer f.Close()
+	if bytes.HasPrefix(sig, []byte("-----BEGIN")) {
+		_, err = openpgp.CheckArmoredDetachedSignature(keyring, f, bytes.NewReader(sig), nil)
+	} else {
+		_, err = openpgp.CheckDetachedSignature(keyring, f, bytes.NewReader(sig), nil)
+	}
+	if err != nil {
+		return fault.Wrap(fault.Download, fmt.Errorf("%s: the OpenPGP signature does not verify against the signing key: %w; the download was deleted", rel.URL, err))
+	}
+	fmt.Fprintf(c.Progress, "verified %s (%s, OpenPGP signature good)\n", filepath.Base(rel.URL), rel.Digest.Algo)
+	return nil
+}
+
+func fileDigest(p string, h hash.Hash) (string, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	defer f.Close()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", fault.Wrap(fault.IO, fmt.Errorf("hash %s: %w", p, err))
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// store decompresses src into the cache file raw, sparse, atomically.
+func (c *Cache) store(src, raw, name string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	defer in.Close()
+	if err := os.MkdirAll(filepath.Dir(raw), 0o755); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(raw), ".unpack-*")
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	ok := false
+	defer func() {
+		tmp.Close()
+		if !ok {
+			os.Remove(tmp.Name())
+		}
+	}()
+	fi, _ := in.Stat()
+	p := progress.New(c.Progress, "decompress "+filepath.Base(name), fi.Size())
+	r, kind, err := Decompress(io.TeeReader(in, p))
+	if err != nil {
+		return err
+	}
+	w := sparse.NewWriter(tmp)
+	if _, err := io.Copy(w, r); err != nil {
+		return fault.Wrap(fault.Download, fmt.Errorf("decompress %s (%s): %w", name, kind, err))
+	}
+	p.Done()
+	if err := w.Close(); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	if err := os.Rename(tmp.Name(), raw); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	ok = true
+	return nil
+}
+
+// Decompress sniffs r's format (bzip2, xz, zstd, or none) and returns a
+// reader of the decompressed data.
+func Decompress(r io.Reader) (io.Reader, string, error) {
+	br := bufio.NewReaderSize(r, 1<<20)
+	magic, _ := br.Peek(6)
+	switch {
+	case bytes.HasPrefix(magic, []byte("BZh")):
+		return bzip2.NewReader(br), "bzip2", nil
+	case bytes.HasPrefix(magic, []byte{0xFD, '7', 'z', 'X', 'Z', 0}):
+		xr, err := xz.NewReader(br)
+		if err != nil {
+			return nil, "", fault.Wrap(fault.Download, fmt.Errorf("read xz: %w", err))
+		}
+		return xr, "xz", nil
+	case bytes.HasPrefix(magic, []byte{0x28, 0xB5, 0x2F, 0xFD}):
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(runtime.GOMAXPROCS(0)), zstd.WithDecoderMaxWindow(1<<31))
+		if err != nil {
+			return nil, "", fault.Wrap(fault.Download, fmt.Errorf("read zstd: %w", err))
+		}
+		return zr.IOReadCloser(), "zstd", nil
+	}
+	return br, "raw", nil
+}
+
+// Local prepares a base image given as a file (--base-image): a raw image
+// is used as it is; a compressed one is decompressed once into the cache,
+// under the sha256 of the file.
+func (c *Cache) Local(p string) (string, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return "", fault.Wrap(fault.Input, fmt.Errorf("--base-image: %w", err))
+	}
+	_, kind, err := Decompress(f)
+	f.Close()
+	if err != nil {
+		return "", err
+	}
+	if kind == "raw" {
+		return p, nil
+	}
+	sum, err := fileDigest(p, sha256.New())
+	if err != nil {
+		return "", err
+	}
+	raw := c.rawPath(Digest{"sha256", sum})
+	if _, err := os.Stat(raw); err == nil {
+		return raw, nil
+	}
+	if err := c.store(p, raw, p); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fault.Wrap(fault.Input, err)
+		}
+		return "", err
+	}
+	return raw, nil
+}
+
+// FetchFile returns the cached copy of a file pinned by its digest (such
+// as board firmware), downloading (resumably) and verifying it first if
+// needed.
+func (c *Cache) FetchFile(ctx context.Context, url string, d Digest) (string, error) {
+	dst := filepath.Join(c.Dir, "files", d.Algo+"-"+d.Hex)
+	if _, err := os.Stat(dst); err == nil {
+		return dst, nil
+	}
+	part := filepath.Join(c.Dir, "partial", d.Algo+"-"+d.Hex+".part")
+	if err := c.download(ctx, url, part); err != nil {
+		return "", err
+	}
+	if err := c.verify(ctx, part, &Release{URL: url, Digest: d}, nil); err != nil {
+		os.Remove(part)
+		return "", err
+	}
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	if err := os.Rename(part, dst); err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	return dst, nil
+}

@@ -1,0 +1,211 @@
+// Package baseimage finds, downloads, verifies and caches vendor OS disk
+// images. A download is verified before anything uses it (Flatcar: the
+// SHA-512 in the release's .DIGESTS and the detached OpenPGP signature
+// against the profile's embedded key; Fedora CoreOS: the sha256 in the
+// stream metadata), resumed when interrupted, decompressed once and
+// cached sparse under its digest. Nothing unverified is ever cached.
+package baseimage
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"path"
+	"strings"
+
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// Source says which image to fetch.
+type Source struct {
+	Target  *profiles.Target
+	Channel string
+	// Version is a release, or "current".
+	Version string
+	// Mirror, if set, replaces the profile's origin.
+	Mirror string
+	// Keyring, if set, replaces the profile's embedded signing key
+	// (armored OpenPGP public keys).
+	Keyring []byte
+}
+
+// Digest is a content hash.
+type Digest struct {
+	Algo string `json:"algo"` // sha512 or sha256
+	Hex  string `json:"hex"`
+}
+
+func (d Digest) String() string { return d.Algo + ":" + d.Hex }
+
+// Release is a resolved base image: where it is and how to check it.
+type Release struct {
+	Version string `json:"version"`
+	URL     string `json:"url"`
+	Digest  Digest `json:"digest"`
+	// SignatureURL is the detached OpenPGP signature of the file at URL
+	// (Flatcar).
+	SignatureURL string `json:"signatureURL,omitempty"`
+}
+
+func (s Source) origin() string {
+	if s.Mirror != "" {
+		return s.Mirror
+	}
+	return s.Target.Image.Origin
+}
+
+func (s Source) expand(tmpl, version string) string {
+	return s.Target.Image.Expand(tmpl, s.origin(), s.Channel, version)
+}
+
+// Resolve finds the release's URL and digest (small downloads only).
+func Resolve(ctx context.Context, c *http.Client, s Source) (*Release, error) {
+	switch s.Target.Image.Source {
+	case profiles.SourceFlatcarRelease:
+		return resolveFlatcar(ctx, c, s)
+	case profiles.SourceFCOSStream:
+		return resolveFCOS(ctx, c, s)
+	default:
+		return nil, fault.Wrap(fault.Unsupported, fmt.Errorf("image source %q is not supported", s.Target.Image.Source))
+	}
+}
+
+func resolveFlatcar(ctx context.Context, c *http.Client, s Source) (*Release, error) {
+	version := s.Version
+	if version == "current" {
+		vu := s.expand(s.Target.Image.VersionURL, "current")
+		body, err := getSmall(ctx, c, vu)
+		if err != nil {
+			return nil, err
+		}
+		version = flatcarVersion(body)
+		if version == "" {
+			return nil, fault.Wrap(fault.Download, fmt.Errorf("%s has no FLATCAR_VERSION line: is the mirror a Flatcar release server?", vu))
+		}
+	}
+	u := s.expand(s.Target.Image.URL, version)
+	digests, err := getSmall(ctx, c, u+".DIGESTS")
+	if err != nil {
+		return nil, err
+	}
+	sum, err := digestFor(digests, "SHA512", path.Base(u))
+	if err != nil {
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("%s.DIGESTS: %w", u, err))
+	}
+	return &Release{Version: version, URL: u, Digest: Digest{"sha512", sum}, SignatureURL: u + ".sig"}, nil
+}
+
+func flatcarVersion(body []byte) string {
+	sc := bufio.NewScanner(bytes.NewReader(body))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "FLATCAR_VERSION="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// digestFor reads a Flatcar .DIGESTS file ("# SHA512 HASH" sections of
+// "<hex>  <file>" lines) and returns the file's hash.
+func digestFor(digests []byte, algo, file string) (string, error) {
+	section := ""
+	sc := bufio.NewScanner(bytes.NewReader(digests))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if h, ok := strings.CutPrefix(line, "#"); ok {
+			section = strings.Fields(h + " ?")[0]
+			continue
+		}
+		f := strings.Fields(line)
+		if section == algo && len(f) == 2 && strings.TrimPrefix(f[1], "*") == file {
+			want := map[string]int{"SHA512": 128, "SHA256": 64}[algo]
+			if len(f[0]) != want {
+				return "", fmt.Errorf("malformed %s for %s", algo, file)
+			}
+			return strings.ToLower(f[0]), nil
+		}
+	}
+	return "", fmt.Errorf("no %s hash for %s", algo, file)
+}
+
+// stream is the part of a Fedora CoreOS stream document kiln reads.
+type stream struct {
+	Architectures map[string]struct {
+		Artifacts map[string]struct {
+			Release string `json:"release"`
+			Formats map[string]struct {
+				Disk struct {
+					Location string `json:"location"`
+					SHA256   string `json:"sha256"`
+				} `json:"disk"`
+			} `json:"formats"`
+		} `json:"artifacts"`
+	} `json:"architectures"`
+}
+
+func resolveFCOS(ctx context.Context, c *http.Client, s Source) (*Release, error) {
+	su := s.expand(s.Target.Image.StreamURL, s.Version)
+	body, err := getSmall(ctx, c, su)
+	if err != nil {
+		return nil, err
+	}
+	var st stream
+	if err := json.Unmarshal(body, &st); err != nil {
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("parse stream %s: %w", su, err))
+	}
+	metal := st.Architectures[s.Target.Image.StreamArch].Artifacts["metal"]
+	disk := metal.Formats["raw.xz"].Disk
+	if disk.Location == "" || len(disk.SHA256) != 64 {
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("stream %s lists no metal raw.xz image with a sha256 for %s", su, s.Target.Image.StreamArch))
+	}
+	if s.Version != "current" && s.Version != metal.Release {
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("os.version %s is not the current %s release (the stream lists %s): set os.version to current or %s, or pass --base-image FILE", s.Version, s.Channel, metal.Release, metal.Release))
+	}
+	loc := disk.Location
+	if s.Mirror != "" {
+		if rest, ok := strings.CutPrefix(loc, s.Target.Image.Origin); ok {
+			loc = strings.TrimSuffix(s.Mirror, "/") + rest
+		}
+	}
+	return &Release{Version: metal.Release, URL: loc, Digest: Digest{"sha256", strings.ToLower(disk.SHA256)}}, nil
+}
+
+// getSmall downloads a small metadata file (at most 4 MiB).
+func getSmall(ctx context.Context, c *http.Client, u string) ([]byte, error) {
+	resp, err := get(ctx, c, u, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("download %s: %w", u, err))
+	}
+	return b, nil
+}
+
+// get starts a GET, from byte offset from (a Range request) when from > 0.
+// Any status but 200 or 206 is an error.
+func get(ctx context.Context, c *http.Client, u string, from int64) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("base image URL %s: %w", u, err))
+	}
+	if from > 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", from))
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("download %s: %w (offline? pass --base-image FILE)", u, err))
+	}
+	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent {
+		resp.Body.Close()
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("download %s: %s", u, resp.Status))
+	}
+	return resp, nil
+}

@@ -1,0 +1,85 @@
+package profiles
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"testing/fstest"
+)
+
+func TestEmbeddedTargetsLoad(t *testing.T) {
+	want := "fcos-aarch64,fcos-x86_64,flatcar-amd64,flatcar-arm64,flatcar-rpi4"
+	if got := strings.Join(TargetNames(), ","); got != want {
+		t.Fatalf("TargetNames() = %s, want %s", got, want)
+	}
+	rpi, err := LookupTarget("flatcar-rpi4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rpi.Firmware == nil || rpi.Arch != "arm64" || rpi.Inject.Method != InjectFlatcarOEM {
+		t.Errorf("flatcar-rpi4 = %+v", rpi)
+	}
+	fl, _ := LookupTarget("flatcar-amd64")
+	if got := fl.Image.Expand(fl.Image.URL, fl.Image.Origin, "beta", "4593.1.0"); got != "https://beta.release.flatcar-linux.net/amd64-usr/4593.1.0/flatcar_production_image.bin.bz2" {
+		t.Errorf("flatcar URL = %s", got)
+	}
+	if got := fl.Image.Expand(fl.Image.URL, "https://mirror.test/flatcar/", "beta", "1.2.3"); got != "https://mirror.test/flatcar/amd64-usr/1.2.3/flatcar_production_image.bin.bz2" {
+		t.Errorf("mirrored URL = %s", got)
+	}
+	if _, err := LookupTarget("flatcar-x86"); err == nil || !strings.Contains(err.Error(), "flatcar-amd64") {
+		t.Errorf("unknown target error: %v", err)
+	}
+}
+
+func TestRaspberryPi5Refused(t *testing.T) {
+	for _, name := range []string{"flatcar-rpi5", "fcos-RPi5"} {
+		_, err := LookupTarget(name)
+		var u *UnsupportedTargetError
+		if !errors.As(err, &u) || !strings.Contains(err.Error(), "Ethernet") || !strings.Contains(err.Error(), "flatcar-rpi4") {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+func TestSigningKeyEmbedded(t *testing.T) {
+	k, err := SigningKey("flatcar")
+	if err != nil || !strings.Contains(string(k), "BEGIN PGP PUBLIC KEY BLOCK") {
+		t.Fatalf("flatcar key: %v", err)
+	}
+	for _, bad := range []string{"", "../os/fcos", "nope"} {
+		if _, err := SigningKey(bad); err == nil {
+			t.Errorf("SigningKey(%q) accepted", bad)
+		}
+	}
+}
+
+func TestBadTargetsRejected(t *testing.T) {
+	good := `name: x
+description: test
+os: fcos
+arch: amd64
+board: generic
+image: {source: fcos-stream, origin: 'https://o.test', streamURL: '{origin}/s/{channel}.json', streamArch: x86_64}
+inject: {method: fcos-boot, partition: boot}
+`
+	if _, err := loadTargets(fstest.MapFS{"target/x.yaml": {Data: []byte(good)}}); err != nil {
+		t.Fatalf("good target: %v", err)
+	}
+	for name, body := range map[string]string{
+		"name mismatch":   strings.Replace(good, "name: x", "name: y", 1),
+		"unknown field":   good + "extra: 1\n",
+		"bad arch":        strings.Replace(good, "arch: amd64", "arch: riscv64", 1),
+		"bad board":       strings.Replace(good, "board: generic", "board: rpi3", 1),
+		"rpi4 no fw":      strings.Replace(strings.Replace(good, "board: generic", "board: rpi4", 1), "arch: amd64", "arch: arm64", 1),
+		"http origin":     strings.Replace(good, "https://o.test", "http://o.test", 1),
+		"unknown source":  strings.Replace(good, "source: fcos-stream", "source: ftp", 1),
+		"method for os":   strings.Replace(good, "method: fcos-boot", "method: flatcar-oem", 1),
+		"unknown os":      strings.Replace(good, "os: fcos", "os: ubuntu", 1),
+		"no partition":    strings.Replace(good, ", partition: boot", "", 1),
+		"firmware on gen": good + "firmware: {name: f, url: 'https://f.test/f.zip', sha256: '', partition: ESP, requiredFiles: [a], configTxt: x}\n",
+	} {
+		if _, err := loadTargets(fstest.MapFS{"target/x.yaml": {Data: []byte(body)}}); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}

@@ -1,0 +1,142 @@
+//go:build oracle
+
+package image
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kilnproject/kiln/imagebuild/baseimage"
+)
+
+// BenchmarkBakeThreeRoles bakes init, control-plane and worker images
+// from a Flatcar-sized base (8.5 GiB sparse, 1 GiB btrfs OEM, 256 MiB of
+// USR data) and compares with the same outputs made by standard tools:
+// cp --sparse=always, btrfs restore + mkfs.btrfs --rootdir + dd for the
+// OEM, sha256sum and bmaptool create. It reports kiln's time as a ratio
+// of the baseline's, measured in the same run.
+//
+//	go test -tags oracle -run '^$' -bench BakeThreeRoles -benchtime 1x ./test/image/
+func BenchmarkBakeThreeRoles(b *testing.B) {
+	t := &testing.T{}
+	e := setup(t)
+	dir := b.TempDir()
+	base := filepath.Join(dir, "flatcar-big.bin")
+	oem := map[string][]byte{"grub.cfg": []byte("set linux_append=\"\"\n")}
+	buildDisk(t, base, flatcarDiskGUID, 8704, []part{
+		{num: 1, name: "EFI-SYSTEM", typ: typeESP, mib: 1024, fill: fillFAT("32", map[string][]byte{"EFI/boot/bootx64.efi": randomBytes(t, 1<<20), "flatcar/first_boot": {}}, "EFI-SYSTEM")},
+		{num: 2, name: "BIOS-BOOT", typ: typeBIOS, mib: 2},
+		{num: 3, name: "USR-A", typ: typeUSR, guid: usrAGUID, mib: 2048, fill: fillRandom(256 << 20)},
+		{num: 4, name: "USR-B", typ: typeUSR, mib: 2048},
+		{num: 6, name: "OEM", typ: typeLinux, mib: 1024, fill: fillBtrfs("OEM", oem)},
+		{num: 7, name: "OEM-CONFIG", typ: typeOEMConfig, mib: 64},
+		{num: 9, name: "ROOT", typ: typeRoot, fill: fillExt4("ROOT", map[string][]byte{"README": {}}, nil)},
+	})
+	if t.Failed() {
+		b.Fatal("fixture failed")
+	}
+	roles := []string{"init", "control-plane", "worker"}
+	b.ResetTimer()
+	var kilnTime, toolTime time.Duration
+	for b.Loop() {
+		out := b.TempDir()
+		start := time.Now()
+		for _, role := range roles {
+			r := kilnRun(t, nil, "-c", e.flCluster, "build-image", "--profile", "flatcar-amd64", "--role", role, "--base-image", base, "--dest", out, "--cache-dir", filepath.Join(dir, "cache"))
+			if r.code != 0 {
+				b.Fatalf("bake %s: %s", role, r.stderr)
+			}
+		}
+		kilnTime += time.Since(start)
+
+		start = time.Now()
+		for _, role := range roles {
+			toolBake(b, base, filepath.Join(out, "tools-"+role+".img"), render(t, e.flCluster, role, "amd64"))
+		}
+		toolTime += time.Since(start)
+	}
+	b.ReportMetric(kilnTime.Seconds()/float64(b.N), "s-kiln/3roles")
+	b.ReportMetric(toolTime.Seconds()/float64(b.N), "s-tools/3roles")
+	b.ReportMetric(kilnTime.Seconds()/toolTime.Seconds(), "ratio-kiln/tools")
+}
+
+// toolBake is the baseline: the same image, .sha256 and .bmap made by
+// hand with standard tools.
+func toolBake(b *testing.B, base, out string, config []byte) {
+	sh := func(script string) {
+		if o, err := exec.Command("sh", "-euc", script).CombinedOutput(); err != nil {
+			b.Fatalf("%s: %v\n%s", script, err, o)
+		}
+	}
+	work := b.TempDir()
+	os.WriteFile(filepath.Join(work, "config.ign"), config, 0o600)
+	t := &testing.T{}
+	e := readTable(t, base).byName(t, "OEM")
+	off, size := e.Start*512, e.Size*512
+	sh(fmt.Sprintf(`cd %[1]s
+cp --sparse=always %[2]s %[3]s
+dd if=%[2]s of=oem.img bs=1M iflag=skip_bytes,count_bytes skip=%[4]d count=%[5]d conv=sparse status=none
+uuid=$(btrfs inspect-internal dump-super oem.img | awk '$1=="fsid"{print $2}')
+mkdir tree && btrfs restore -m -S -x oem.img tree >/dev/null && cp config.ign tree/
+truncate -s %[5]d new.img && mkfs.btrfs -q -f -L OEM -U "$uuid" --rootdir tree new.img
+fallocate --punch-hole --keep-size --offset %[4]d --length %[5]d %[3]s
+dd if=new.img of=%[3]s bs=1M oflag=seek_bytes seek=%[4]d conv=notrunc,sparse status=none
+sha256sum %[3]s > %[3]s.sha256
+bmaptool -q create -o %[3]s.bmap %[3]s`, work, base, out, off, size))
+}
+
+// BenchmarkDecompress compares kiln's decompression (Go: compress/bzip2,
+// ulikunitz/xz, klauspost/compress/zstd) with bzip2 -dc, xz -dc and
+// zstd -dc on the same 128 MiB of disk-like data, in the same run.
+func BenchmarkDecompress(b *testing.B) {
+	t := &testing.T{}
+	raw := append(randomBytes(t, 32<<20), make([]byte, 64<<20)...)
+	raw = append(raw, bytes.Repeat([]byte("#!/bin/sh\necho kiln\n"), 32<<20/20)...)
+	dir := b.TempDir()
+	src := filepath.Join(dir, "raw")
+	os.WriteFile(src, raw, 0o644)
+	for _, c := range []struct{ ext, compress, tool string }{
+		{"bz2", "bzip2 -c", "bzip2 -dc"},
+		{"xz", "xz -T0 -c", "xz -dc"},
+		{"zst", "zstd -q -T0 -c", "zstd -q -dc"},
+	} {
+		comp := filepath.Join(dir, "raw."+c.ext)
+		if o, err := exec.Command("sh", "-c", c.compress+" "+src+" > "+comp).CombinedOutput(); err != nil {
+			b.Fatalf("%s: %v %s", c.compress, err, o)
+		}
+		b.Run(c.ext, func(b *testing.B) {
+			var goT, toolT time.Duration
+			for b.Loop() {
+				start := time.Now()
+				f, _ := os.Open(comp)
+				r, _, err := baseimage.Decompress(f)
+				if err != nil {
+					b.Fatal(err)
+				}
+				n, err := io.Copy(io.Discard, r)
+				f.Close()
+				if err != nil || n != int64(len(raw)) {
+					b.Fatalf("decompress: %v (%d bytes)", err, n)
+				}
+				goT += time.Since(start)
+				start = time.Now()
+				cmd := exec.Command("sh", "-c", c.tool+" "+comp+" > /dev/null")
+				if o, err := cmd.CombinedOutput(); err != nil {
+					b.Fatalf("%s: %v %s", c.tool, err, strings.TrimSpace(string(o)))
+				}
+				toolT += time.Since(start)
+			}
+			mib := float64(len(raw)) / (1 << 20) * float64(b.N)
+			b.ReportMetric(mib/goT.Seconds(), "MiB/s-kiln")
+			b.ReportMetric(mib/toolT.Seconds(), "MiB/s-tool")
+			b.ReportMetric(toolT.Seconds()/goT.Seconds(), "speed-ratio-kiln/tool")
+		})
+	}
+}
