@@ -80,6 +80,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 				return endpoint.New(nc.Cluster.ControlPlaneEndpoint, ca, probeTimeout)
 			},
 			NewReporter: func(url string) agent.Reporter { return system.NewReporter(url, reportTimeout) },
+			DialSocket:  root.DialSocket,
 			FirstMAC:    system.FirstMAC,
 			Jitter:      agent.RandomJitter,
 			Timing:      timing,

@@ -291,7 +291,9 @@ func (r *run) checkInit() []error {
 	if c.Endpoint != nc.Cluster.ControlPlaneEndpoint {
 		errs = append(errs, fmt.Errorf("%s: controlPlaneEndpoint %s is not cluster.controlPlaneEndpoint %s", file, c.Endpoint, nc.Cluster.ControlPlaneEndpoint))
 	}
-	if c.TokenID != r.join.TokenID {
+	// Without a valid join file (reported on its own) there is no token
+	// to compare.
+	if r.join != nil && c.TokenID != r.join.TokenID {
 		errs = append(errs, fmt.Errorf("%s: the bootstrap token is not the one in %s", file, nc.Kubeadm.JoinConfig))
 	}
 	if _, err := r.FS.Stat(path.Join(nc.PKIDir, "ca.crt")); err != nil {

@@ -288,3 +288,51 @@ func TestJoinGivesUpAfterMaxAttempts(t *testing.T) {
 		t.Errorf("backoff %s above the cap", max)
 	}
 }
+
+func TestWaitsForRuntimeToAcceptConnections(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleWorker)
+	// containerd's socket is left from before a reboot; containerd listens
+	// on it again a few polls later.
+	n.staleSocket = true
+	ticks := 0
+	n.clock.onTick = func(*fakeClock) {
+		if ticks++; ticks == 3 {
+			n.staleSocket = false
+		}
+	}
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("exit %d", code)
+	}
+	for _, w := range []string{"waiting for the container runtime at " + testSocket + ": dial unix " + testSocket + ": connect: connection refused", "waited for the container runtime"} {
+		if !strings.Contains(n.log.String(), w) {
+			t.Errorf("log lacks %q", w)
+		}
+	}
+	if ticks < 3 {
+		t.Errorf("joined after %d polls, before the runtime listened", ticks)
+	}
+}
+
+func TestHostnameKeptAcrossRestarts(t *testing.T) {
+	n := newNode(t, nodeconfig.RoleWorker)
+	n.nc.Hostname = nodeconfig.Hostname{Template: "{cluster}-{role}-{mac}"}
+	n.writeMetadata()
+	n.script(map[string][]result{"kubeadm join": {failing("dial tcp 10.0.0.1:6443: connect: connection refused")}})
+	if code := n.run(); code != ExitRetry {
+		t.Fatalf("exit %d", code)
+	}
+	// systemd restarts the agent after a reboot in which the interfaces
+	// enumerated in another order.
+	n.agent.FirstMAC = func() (string, error) { return "525400000002", nil }
+	n.script(nil)
+	n.runner.calls = nil
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("second run: exit %d", code)
+	}
+	if got := n.fs.read("/proc/sys/kernel/hostname"); got != "test-worker-525400000001" {
+		t.Errorf("hostname %q after the restart, want the first run's", got)
+	}
+	if s := n.status(); s.Node != "test-worker-525400000001" {
+		t.Errorf("status %+v", s)
+	}
+}

@@ -64,6 +64,16 @@ func (r *run) keepCertificates(ctx context.Context) error {
 	}
 	end := r.state.InitAt.Add(window)
 	want := r.nc.Cluster.ControlPlanes
+	// After failed uploads, the next one waits for the retry backoff
+	// rather than for UploadEvery after the last success (long past).
+	failures := 0
+	var retryAt time.Time
+	nextUpload := func() time.Time {
+		if failures > 0 {
+			return retryAt
+		}
+		return r.state.UploadedAt.Add(r.Timing.UploadEvery)
+	}
 	for {
 		ready, err := r.readyControlPlanes(ctx)
 		switch {
@@ -78,14 +88,20 @@ func (r *run) keepCertificates(ctx context.Context) error {
 			r.log.printf("the certificate upload window (%s) has ended with %d of %d control planes Ready", window, ready, want)
 			return r.deleteCertificates(ctx)
 		}
-		next := r.state.UploadedAt.Add(r.Timing.UploadEvery)
+		next := nextUpload()
 		if !now.Before(next) {
 			if err := r.uploadCertificates(ctx); err != nil {
-				// The Secret from the last upload is still there; try
-				// again at the next poll.
-				r.log.printf("upload certificates: %v", err)
+				// The Secret from the last upload may still be there;
+				// try again after the backoff.
+				failures++
+				delay := r.Timing.Backoff(failures, r.Jitter)
+				retryAt = r.Clock.Now().Add(delay)
+				r.status.LastError = err.Error()
+				r.log.printf("upload certificates failed; retrying in %s: %v", delay.Round(time.Millisecond), err)
+			} else {
+				failures, r.status.LastError = 0, ""
 			}
-			next = r.state.UploadedAt.Add(r.Timing.UploadEvery)
+			next = nextUpload()
 		}
 		r.publish(StateWaiting)
 		wait := min(r.Timing.ReadyPoll, end.Sub(now), max(next.Sub(now), 0))

@@ -1,14 +1,17 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"path"
 
 	"github.com/kilnproject/kiln/firstboot/endpoint"
 	"github.com/kilnproject/kiln/firstboot/kubeadm"
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 )
 
 // foreignLimit is how many probes in a row may see another CA at the
@@ -38,29 +41,34 @@ func (r *run) bootstrap(ctx context.Context) error {
 			return err
 		}
 	}
-	res, err := r.probeSettled(ctx)
-	if err != nil {
+	// Every attempt looks at the endpoint first: after a failed attempt
+	// and its reset, the cluster may exist without this node (control
+	// planes joined before the failure, or another init node).
+	err := r.retry(ctx, "kubeadm init", false, func(ctx context.Context) error {
+		res, err := r.probeSettled(ctx)
+		if err != nil {
+			return err
+		}
+		if res.Stage == endpoint.Serving || res.Stage == endpoint.NotReady {
+			r.log.printf("%s already serves this cluster (%s): joining it as a control plane instead of running kubeadm init", r.nc.Cluster.ControlPlaneEndpoint, res.Stage)
+			return errClusterExists
+		}
+		r.log.printf("%s does not serve this cluster yet (%s: %v): creating it", r.nc.Cluster.ControlPlaneEndpoint, res.Stage, res.Err)
+		if err := r.placePKI(); err != nil {
+			return err
+		}
+		_, err = r.command(ctx, "kubeadm", "init", "--config", r.nc.Kubeadm.InitConfig, "--upload-certs",
+			"--skip-token-print", "--skip-certificate-key-print")
 		return err
-	}
-	switch res.Stage {
-	case endpoint.Serving, endpoint.NotReady:
-		r.log.printf("%s already serves this cluster (%s): joining it as a control plane instead of running kubeadm init", r.nc.Cluster.ControlPlaneEndpoint, res.Stage)
+	})
+	switch {
+	case errors.Is(err, errClusterExists):
 		if err := r.joinCluster(ctx, false); err != nil {
 			return err
 		}
 		r.state.Bootstrap = "join"
 		return r.state.save(r.FS)
-	}
-	r.log.printf("%s does not serve this cluster yet (%s: %v): creating it", r.nc.Cluster.ControlPlaneEndpoint, res.Stage, res.Err)
-	err = r.retry(ctx, "kubeadm init", false, func(ctx context.Context) error {
-		if err := r.placePKI(); err != nil {
-			return err
-		}
-		_, err := r.command(ctx, "kubeadm", "init", "--config", r.nc.Kubeadm.InitConfig, "--upload-certs",
-			"--skip-token-print", "--skip-certificate-key-print")
-		return err
-	})
-	if err != nil {
+	case err != nil:
 		return err
 	}
 	now := r.Clock.Now().UTC()
@@ -68,21 +76,45 @@ func (r *run) bootstrap(ctx context.Context) error {
 	return r.state.save(r.FS)
 }
 
-// probeSettled probes the endpoint once, but looks again while it shows a
-// foreign CA, up to foreignLimit times.
+// errClusterExists stops the init attempts: the endpoint serves the
+// cluster.
+var errClusterExists = errors.New("the endpoint serves this cluster")
+
+// probeSettled probes the endpoint until its answer can be trusted: it
+// serves this cluster (or its API server is starting); it showed a
+// foreign CA foreignLimit times in a row (a permanent error); or it did
+// not answer (no TCP, no TLS) for the whole settle window. While the
+// endpoint's name does not resolve, the network is not up and the window
+// starts again.
 func (r *run) probeSettled(ctx context.Context) (endpoint.Result, error) {
-	for n := 1; ; n++ {
-		res := r.probe(ctx)
-		if res.Stage != endpoint.Foreign {
-			return res, nil
+	var res endpoint.Result
+	foreign := 0
+	start := r.Clock.Now()
+	what := fmt.Sprintf("an answer from %s (up to %s)", r.nc.Cluster.ControlPlaneEndpoint, r.Timing.Settle)
+	err := r.waitFor(ctx, what, func() (bool, string) {
+		res = r.probe(ctx)
+		why := fmt.Sprintf("%s: %v", res.Stage, res.Err)
+		var dns *net.DNSError
+		switch {
+		case res.Stage == endpoint.Serving || res.Stage == endpoint.NotReady:
+			return true, ""
+		case res.Stage == endpoint.Foreign:
+			foreign++
+			return foreign >= foreignLimit, why
+		case errors.As(res.Err, &dns):
+			foreign, start = 0, r.Clock.Now()
+			return false, why + " (is the network up?)"
 		}
-		if n >= foreignLimit {
-			return res, r.foreign(res)
-		}
-		if err := r.Clock.Sleep(ctx, r.Timing.Poll); err != nil {
-			return res, err
-		}
+		foreign = 0
+		return !r.Clock.Now().Before(start.Add(r.Timing.Settle)), why
+	})
+	if err != nil {
+		return res, err
 	}
+	if res.Stage == endpoint.Foreign {
+		return res, r.foreign(res)
+	}
+	return res, nil
 }
 
 func (r *run) probe(ctx context.Context) endpoint.Result {
@@ -215,47 +247,93 @@ func (r *run) reset(ctx context.Context) error {
 }
 
 // placePKI copies the pre-made cluster PKI into kubeadm's certificates
-// directory, keeping files already there (kubeadm reuses an existing CA and
-// creates only what is missing). Private keys are written 0600.
+// directory, keeping files already there when they are this cluster's
+// (kubeadm reuses an existing CA and creates only what is missing).
+// Every file is checked before any is written, so a certificate and its
+// key are placed together or not at all. Private keys are written 0600.
 func (r *run) placePKI() error {
 	src, dst := r.nc.PKIDir, r.nc.Kubeadm.CertificatesDir
-	var copyDir func(rel string) error
-	copyDir = func(rel string) error {
+	var missing []string
+	var check func(rel string) error
+	check = func(rel string) error {
 		entries, err := r.FS.ReadDir(path.Join(src, rel))
 		if err != nil {
-			return fmt.Errorf("place PKI: %w", err)
-		}
-		if err := r.FS.MkdirAll(path.Join(dst, rel), 0o700); err != nil {
 			return fmt.Errorf("place PKI: %w", err)
 		}
 		for _, e := range entries {
 			name := path.Join(rel, e.Name())
 			if e.IsDir() {
-				if err := copyDir(name); err != nil {
+				if err := check(name); err != nil {
 					return err
 				}
 				continue
 			}
-			switch _, err := r.FS.Stat(path.Join(dst, name)); {
-			case err == nil:
+			have, err := r.FS.ReadFile(path.Join(dst, name))
+			switch {
+			case errors.Is(err, fs.ErrNotExist):
+				missing = append(missing, name)
 				continue
-			case !errors.Is(err, fs.ErrNotExist):
+			case err != nil:
 				return fmt.Errorf("place PKI: %w", err)
 			}
-			data, err := r.FS.ReadFile(path.Join(src, name))
+			want, err := r.FS.ReadFile(path.Join(src, name))
 			if err != nil {
 				return fmt.Errorf("place PKI: %w", err)
 			}
-			mode := fs.FileMode(0o644)
-			if path.Ext(name) == ".key" {
-				mode = 0o600
+			if err := r.checkPlaced(name, have, want); err != nil {
+				return err
 			}
-			if err := r.FS.Replace(path.Join(dst, name), data, mode); err != nil {
-				return fmt.Errorf("place PKI: %w", err)
-			}
-			r.log.printf("placed %s", path.Join(dst, name))
 		}
 		return nil
 	}
-	return copyDir("")
+	if err := check(""); err != nil {
+		return err
+	}
+	for _, name := range missing {
+		data, err := r.FS.ReadFile(path.Join(src, name))
+		if err != nil {
+			return fmt.Errorf("place PKI: %w", err)
+		}
+		if err := r.FS.MkdirAll(path.Join(dst, path.Dir(name)), 0o700); err != nil {
+			return fmt.Errorf("place PKI: %w", err)
+		}
+		mode := fs.FileMode(0o644)
+		if path.Ext(name) == ".key" {
+			mode = 0o600
+		}
+		if err := r.FS.Replace(path.Join(dst, name), data, mode); err != nil {
+			return fmt.Errorf("place PKI: %w", err)
+		}
+		r.log.printf("placed %s", path.Join(dst, name))
+	}
+	return nil
+}
+
+// checkPlaced checks a pre-made PKI file already in the certificates
+// directory, which kubeadm would use as it is: ca.crt must be the pinned
+// CA, and any other file the one this image carries, so that no
+// certificate is kept beside a key from another cluster. A leftover from
+// another cluster makes every join fail later with a CA mismatch, so the
+// agent stops.
+func (r *run) checkPlaced(name string, have, want []byte) error {
+	if bytes.Equal(have, want) {
+		return nil
+	}
+	target := path.Join(r.nc.Kubeadm.CertificatesDir, name)
+	err := errors.New("its content differs")
+	if name == "ca.crt" {
+		ca, perr := nodeconfig.ParseCACertificate(string(have))
+		switch {
+		case perr != nil:
+			err = perr
+		case nodeconfig.CACertHash(ca) == r.nc.Cluster.CACertHash:
+			return nil
+		default:
+			err = fmt.Errorf("its CA hash is %s, cluster.caCertHash is %s", nodeconfig.CACertHash(ca), r.nc.Cluster.CACertHash)
+		}
+	}
+	return &PermanentError{
+		Advice: fmt.Sprintf("%s is already there and differs from this cluster's %s: kubeadm would use it instead; if it is left from another cluster, empty %s (or run `kubeadm reset -f`) and restart kiln-firstboot", target, path.Join(r.nc.PKIDir, name), r.nc.Kubeadm.CertificatesDir),
+		Err:    err,
+	}
 }

@@ -59,6 +59,9 @@ type Deps struct {
 	NewProber func(nc *nodeconfig.NodeConfig) (Prober, error)
 	// NewReporter returns the reporter for a report URL.
 	NewReporter func(url string) Reporter
+	// DialSocket connects to a unix socket on the node and hangs up: it
+	// tells whether a server accepts connections there.
+	DialSocket func(ctx context.Context, name string) error
 	// FirstMAC returns the MAC address hostname templates use.
 	FirstMAC func() (string, error)
 	// Jitter returns a random duration in [0, max).
@@ -81,6 +84,12 @@ type Timing struct {
 	CommandTimeout time.Duration
 	// CertificatesTTL is how long kubeadm keeps the kubeadm-certs Secret.
 	CertificatesTTL time.Duration
+	// Settle is how long the init node keeps probing an endpoint that
+	// does not answer (no TCP, no TLS) before it creates the cluster: a
+	// node re-imaged into a running cluster may boot before its network
+	// or the load balancer is up. Name resolution failures do not count
+	// towards it.
+	Settle time.Duration
 }
 
 // DefaultTiming is the timing on a real node.
@@ -93,6 +102,7 @@ func DefaultTiming() Timing {
 		ReadyPoll:       30 * time.Second,
 		CommandTimeout:  20 * time.Minute,
 		CertificatesTTL: 2 * time.Hour,
+		Settle:          time.Minute,
 	}
 }
 
@@ -107,6 +117,7 @@ func (t Timing) Scaled(f float64) Timing {
 		ReadyPoll:       s(t.ReadyPoll),
 		CommandTimeout:  s(t.CommandTimeout),
 		CertificatesTTL: s(t.CertificatesTTL),
+		Settle:          s(t.Settle),
 	}
 }
 

@@ -30,17 +30,20 @@ const (
 
 var (
 	epoch  = time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	testCA = func() string {
-		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "kubernetes"},
-			NotBefore: epoch.Add(-time.Hour), NotAfter: epoch.Add(24 * time.Hour * 365),
-			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-		}
-		der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-		return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
-	}()
+	testCA = newCAPEM()
 )
+
+// newCAPEM returns a new self-signed CA certificate, PEM encoded.
+func newCAPEM() string {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "kubernetes"},
+		NotBefore: epoch.Add(-time.Hour), NotAfter: epoch.Add(24 * time.Hour * 365),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+}
 
 // node is an agent with fakes around it, set up for one role.
 type node struct {
@@ -53,6 +56,8 @@ type node struct {
 	reporter *fakeReporter
 	log      bytes.Buffer
 	agent    *Agent
+	// staleSocket: the runtime's socket file is there but nothing listens.
+	staleSocket bool
 }
 
 func newNode(t *testing.T, role nodeconfig.Role) *node {
@@ -122,6 +127,7 @@ cgroupDriver: systemd
 		for _, f := range []string{"ca.crt", "ca.key", "front-proxy-ca.crt", "front-proxy-ca.key", "etcd/ca.crt", "etcd/ca.key", "sa.key", "sa.pub"} {
 			n.fs.put("/etc/kiln/pki/"+f, "PEM "+f, 0o600)
 		}
+		n.fs.put("/etc/kiln/pki/ca.crt", testCA, 0o600)
 	}
 	n.writeMetadata()
 	n.fs.put(testSocket, "", fs.ModeSocket|0o660)
@@ -136,12 +142,24 @@ cgroupDriver: systemd
 			FS: n.fs, Runner: n.runner, Clock: n.clock,
 			NewProber:   func(*nodeconfig.NodeConfig) (Prober, error) { return n.prober, nil },
 			NewReporter: func(string) Reporter { return n.reporter },
+			DialSocket:  n.dialSocket,
 			FirstMAC:    func() (string, error) { return "525400000001", nil },
 			Jitter:      func(d time.Duration) time.Duration { return d / 2 },
 			Timing:      DefaultTiming(),
 		},
 	}
 	return n
+}
+
+func (n *node) dialSocket(_ context.Context, name string) error {
+	fi, err := n.fs.Stat(name)
+	switch {
+	case err != nil:
+		return fmt.Errorf("dial unix %s: %w", name, err)
+	case fi.Mode()&fs.ModeSocket == 0 || n.staleSocket:
+		return fmt.Errorf("dial unix %s: connect: connection refused", name)
+	}
+	return nil
 }
 
 func (n *node) writeMetadata() {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"strings"
+	"time"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 )
@@ -62,9 +63,14 @@ func (r *run) swapOff(ctx context.Context) error {
 }
 
 // setHostname names the node: kubeadm registers it under the kernel
-// hostname.
+// hostname. A name made from the template is recorded in the state file
+// before it is used, so a run resumed after a power loss names the node
+// as kubeadm already knows it.
 func (r *run) setHostname(context.Context) error {
 	name := r.nc.Hostname.Name
+	if name == "" {
+		name = r.state.Hostname
+	}
 	if name == "" {
 		mac, err := r.FirstMAC()
 		if err != nil {
@@ -73,6 +79,10 @@ func (r *run) setHostname(context.Context) error {
 		name = nodeconfig.ExpandHostname(r.nc.Hostname.Template, r.nc.Cluster.Name, r.nc.Role, mac)
 		if err := nodeconfig.CheckNodeName(name); err != nil {
 			return &MetadataError{Err: fmt.Errorf("hostname.template: %w", err)}
+		}
+		r.state.Hostname = name
+		if err := r.state.save(r.FS); err != nil {
+			return err
 		}
 	}
 	r.status.Node = name
@@ -88,19 +98,22 @@ func (r *run) setHostname(context.Context) error {
 	return nil
 }
 
-// waitRuntime waits for the container runtime's socket.
+// socketTimeout bounds one connection attempt to the runtime's socket.
+const socketTimeout = 5 * time.Second
+
+// waitRuntime waits until the container runtime accepts connections on its
+// socket: the socket file alone may be left from before a crash or
+// reboot.
 func (r *run) waitRuntime(ctx context.Context) error {
 	sock, ok := strings.CutPrefix(r.join.CRISocket, "unix://")
 	if !ok {
 		return &MetadataError{Err: fmt.Errorf("%s: nodeRegistration.criSocket %q is not a unix:// socket", r.nc.Kubeadm.JoinConfig, r.join.CRISocket)}
 	}
 	return r.waitFor(ctx, "the container runtime at "+sock, func() (bool, string) {
-		fi, err := r.FS.Stat(sock)
-		switch {
-		case err != nil:
+		dctx, cancel := context.WithTimeout(ctx, socketTimeout)
+		defer cancel()
+		if err := r.DialSocket(dctx, sock); err != nil {
 			return false, err.Error()
-		case fi.Mode()&fs.ModeSocket == 0:
-			return false, sock + " is not a socket"
 		}
 		return true, ""
 	})

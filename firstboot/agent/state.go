@@ -27,6 +27,10 @@ type State struct {
 	InitAt time.Time `json:"initAt,omitzero"`
 	// UploadedAt is the last certificate upload.
 	UploadedAt time.Time `json:"uploadedAt,omitzero"`
+	// Hostname is the node name the agent chose from the hostname
+	// template; later starts keep it even if the MAC it came from is no
+	// longer the first one (interfaces can enumerate in another order).
+	Hostname string `json:"hostname,omitempty"`
 }
 
 // StepRecord times one step. A step with Started but no Finished was

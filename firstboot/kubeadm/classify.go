@@ -32,8 +32,9 @@ const (
 	// deleted when the upload window ended). The agent gives up when it
 	// persists.
 	CertificatesMissing
-	// HostUnfit: a preflight check that kubeadm reset does not fix (CPU,
-	// memory, swap, kernel). Permanent.
+	// HostUnfit: a preflight check about the machine itself, which
+	// neither kubeadm reset nor waiting fixes (CPU, memory, swap, kernel,
+	// missing tools). Permanent.
 	HostUnfit
 )
 
@@ -89,7 +90,7 @@ func Classify(output string) Class {
 	}
 	if strings.Contains(output, "[preflight] Some fatal errors occurred") {
 		for _, m := range preflightRe.FindAllStringSubmatch(output, -1) {
-			if !resettable(m[1]) {
+			if hostCheck(m[1]) {
 				return HostUnfit
 			}
 		}
@@ -97,13 +98,20 @@ func Classify(output string) Class {
 	return Transient
 }
 
-// resettable reports whether kubeadm reset -f clears a preflight error:
-// files, directories and ports left by an earlier, interrupted attempt.
-func resettable(check string) bool {
-	for _, p := range []string{"FileAvailable--", "DirAvailable--", "Port-"} {
-		if strings.HasPrefix(check, p) {
-			return true
-		}
+// hostCheck reports whether a failed preflight check is about the machine
+// itself, which neither kubeadm reset nor waiting fixes. The names are
+// kubeadm's (cmd/kubeadm/app/preflight/checks.go). Every other check is
+// transient: files, directories and ports left by an interrupted attempt
+// (FileAvailable, DirAvailable, Port), a container runtime still starting
+// (CRI, ContainerRuntimeVersion), a registry that did not answer
+// (ImagePull).
+func hostCheck(check string) bool {
+	switch check {
+	case "NumCPU", "Mem", "Swap", "SystemVerification", "KubeletVersion", "KubernetesVersion", "IsPrivilegedUser":
+		return true
 	}
-	return false
+	// FileExisting-<tool>: a binary missing from PATH (conntrack, mount,
+	// ...); FileContent--proc-...: a kernel setting the agent has already
+	// written but the kernel refuses.
+	return strings.HasPrefix(check, "FileExisting-") || strings.HasPrefix(check, "FileContent--proc-")
 }

@@ -1,6 +1,7 @@
 package kubeadm
 
 import (
+	"os"
 	"strings"
 	"testing"
 )
@@ -67,6 +68,13 @@ func TestClassify(t *testing.T) {
 		`Get "https://lb:6443/api/v1/namespaces/kube-public/configmaps/cluster-info": dial tcp 10.0.0.1:6443: connect: connection refused`:              Transient,
 		"[preflight] Some fatal errors occurred:\n\t[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: exists\n\t[ERROR Port-10250]: in use\n":         Transient,
 		"[preflight] Some fatal errors occurred:\n\t[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: exists\n\t[ERROR Swap]: swap is on\n":           HostUnfit,
+		// Transient preflight failures: a registry blip, containerd not
+		// serving CRI yet (ImagePull in kubeadm's own format, from
+		// preflight.ImagePullCheck).
+		"[preflight] Some fatal errors occurred:\n\t[ERROR ImagePull]: failed to pull image registry.k8s.io/kube-apiserver:v1.37.2: failed to pull image registry.k8s.io/kube-apiserver:v1.37.2: rpc error: code = Unknown desc = failed to pull and unpack image \"registry.k8s.io/kube-apiserver:v1.37.2\": failed to resolve reference \"registry.k8s.io/kube-apiserver:v1.37.2\": dial tcp: lookup registry.k8s.io: no such host\n[preflight] If you know what you are doing, you can make a check non-fatal with `--ignore-preflight-errors=...`\n": Transient,
+		"[preflight] Some fatal errors occurred:\n\t[ERROR DirAvailable--var-lib-etcd]: /var/lib/etcd is not empty\n\t[ERROR Port-2379]: Port 2379 is in use\n": Transient,
+		"[preflight] Some fatal errors occurred:\n\t[ERROR FileExisting-conntrack]: conntrack not found in system path\n":                                       HostUnfit,
+		"[preflight] Some fatal errors occurred:\n\t[ERROR NumCPU]: the number of available CPUs 1 is less than the required 2\n":                               HostUnfit,
 	} {
 		if got := Classify(out); got != want {
 			t.Errorf("Classify(%q) = %d, want %d", out, got, want)
@@ -74,5 +82,22 @@ func TestClassify(t *testing.T) {
 	}
 	if TokenUnknown.Permanent() || CertificatesMissing.Permanent() || !CAMismatch.Permanent() {
 		t.Error("wrong permanence")
+	}
+}
+
+// Output of the real kubeadm v1.37.2 (see testdata/README).
+func TestClassifyRealPreflight(t *testing.T) {
+	for file, want := range map[string]Class{
+		"preflight-init-no-kubelet.txt":         HostUnfit,
+		"preflight-init-cri-socket-missing.txt": Transient,
+		"preflight-join-cri-not-serving.txt":    Transient,
+	} {
+		out, err := os.ReadFile("testdata/" + file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := Classify(string(out)); got != want {
+			t.Errorf("%s: Classify = %d, want %d", file, got, want)
+		}
 	}
 }

@@ -118,8 +118,10 @@ type Cluster struct {
 // Hostname decides the node's name: Name if set, otherwise Template.
 type Hostname struct {
 	Name string `yaml:"name,omitempty"`
-	// Template may use {cluster}, {role} and {mac} (the first non-loopback
-	// interface's MAC address, 12 lowercase hex digits).
+	// Template may use {cluster}, {role} and {mac} (the MAC address of the
+	// first physical network interface, or of the first non-loopback one
+	// when none is physical; 12 lowercase hex digits). The agent records
+	// the name on first boot and keeps it.
 	Template string `yaml:"template,omitempty"`
 }
 

@@ -99,6 +99,16 @@ func (r Root) Stat(name string) (fs.FileInfo, error) { return os.Stat(r.path(nam
 // ReadDir lists a directory.
 func (r Root) ReadDir(name string) ([]fs.DirEntry, error) { return os.ReadDir(r.path(name)) }
 
+// DialSocket connects to a unix socket and hangs up.
+func (r Root) DialSocket(ctx context.Context, name string) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", r.path(name))
+	if err != nil {
+		return err
+	}
+	return conn.Close()
+}
+
 // Clock is the system clock.
 type Clock struct{}
 
@@ -117,25 +127,45 @@ func (Clock) Sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
-// FirstMAC returns the MAC address of the first non-loopback interface
-// (by index) that has one, as 12 lowercase hex digits.
+// FirstMAC returns the MAC address of the first physical network interface
+// (by index), or of the first non-loopback one when none is physical, as
+// 12 lowercase hex digits.
 func FirstMAC() (string, error) {
 	ifs, err := net.Interfaces()
 	if err != nil {
 		return "", fmt.Errorf("list network interfaces: %w", err)
 	}
-	return PickMAC(ifs)
+	return PickMAC(ifs, hasDevice)
 }
 
-// PickMAC chooses the MAC address FirstMAC reports.
-func PickMAC(ifs []net.Interface) (string, error) {
+// hasDevice reports whether a network interface is a device (it has
+// /sys/class/net/<name>/device), not a bridge, bond, veth or tunnel that
+// software creates with a random or borrowed MAC address.
+func hasDevice(name string) bool {
+	_, err := os.Stat(filepath.Join("/sys/class/net", name, "device"))
+	return err == nil
+}
+
+// PickMAC chooses the MAC address FirstMAC reports: physical interfaces
+// come first.
+func PickMAC(ifs []net.Interface, physical func(name string) bool) (string, error) {
 	ifs = slices.Clone(ifs)
 	slices.SortFunc(ifs, func(a, b net.Interface) int { return a.Index - b.Index })
+	var fallback string
 	for _, i := range ifs {
 		if i.Flags&net.FlagLoopback != 0 || len(i.HardwareAddr) == 0 {
 			continue
 		}
-		return fmt.Sprintf("%x", []byte(i.HardwareAddr)), nil
+		mac := fmt.Sprintf("%x", []byte(i.HardwareAddr))
+		if physical(i.Name) {
+			return mac, nil
+		}
+		if fallback == "" {
+			fallback = mac
+		}
+	}
+	if fallback != "" {
+		return fallback, nil
 	}
 	return "", errors.New("no network interface with a MAC address: set hostname.name in the node metadata")
 }

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -40,18 +41,55 @@ func TestRoot(t *testing.T) {
 	}
 }
 
+func TestDialSocket(t *testing.T) {
+	dir, err := os.MkdirTemp("", "sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	r := Root(dir)
+	l, err := net.Listen("unix", filepath.Join(dir, "containerd.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.DialSocket(context.Background(), "/containerd.sock"); err != nil {
+		t.Errorf("listening socket: %v", err)
+	}
+	// A socket file nobody listens on, as left by a runtime that died.
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	if _, err := os.Stat(filepath.Join(dir, "containerd.sock")); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.DialSocket(context.Background(), "/containerd.sock"); err == nil {
+		t.Error("a stale socket accepted a connection")
+	}
+	if err := r.DialSocket(context.Background(), "/missing.sock"); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("missing socket: %v", err)
+	}
+}
+
 func TestPickMAC(t *testing.T) {
 	mac := func(s string) net.HardwareAddr { m, _ := net.ParseMAC(s); return m }
-	got, err := PickMAC([]net.Interface{
+	ifs := []net.Interface{
 		{Index: 3, Name: "eth1", HardwareAddr: mac("52:54:00:00:00:03")},
 		{Index: 1, Name: "lo", Flags: net.FlagLoopback, HardwareAddr: mac("00:00:00:00:00:01")},
 		{Index: 2, Name: "wg0"},
 		{Index: 4, Name: "eth0", HardwareAddr: mac("52:54:00:AB:00:04")},
-	})
+		// A bridge created before the NICs were probed.
+		{Index: 0, Name: "br0", HardwareAddr: mac("02:42:00:00:00:09")},
+	}
+	nics := func(name string) bool { return strings.HasPrefix(name, "eth") }
+	got, err := PickMAC(ifs, nics)
 	if err != nil || got != "525400000003" {
 		t.Errorf("%q %v", got, err)
 	}
-	if _, err := PickMAC(nil); err == nil {
+	// Without a physical interface, the first with a MAC address.
+	got, err = PickMAC(ifs, func(string) bool { return false })
+	if err != nil || got != "024200000009" {
+		t.Errorf("no physical interface: %q %v", got, err)
+	}
+	if _, err := PickMAC(nil, nics); err == nil {
 		t.Error("no error without interfaces")
 	}
 }

@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"crypto/rand"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
 	"github.com/kilnproject/kiln/test/agent/sim"
 )
 
@@ -105,6 +107,44 @@ func TestInitJoinsWhenClusterExists(t *testing.T) {
 	if !strings.Contains(again.log(), "joining it as a control plane instead of running kubeadm init") || len(c.sim.Snapshot().Inits) != 1 {
 		t.Errorf("inits %v\n%s", c.sim.Snapshot().Inits, again.log())
 	}
+	c.checkNoSecrets(first, again)
+}
+
+// A certificates directory left from another cluster: the init node
+// refuses it rather than creating a cluster under a CA no join can pin.
+func TestInitRefusesForeignCA(t *testing.T) {
+	c := newCluster(t, clusterOptions{})
+	other, err := secrets.Generate("other", time.Now(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := c.node("cp-1", nodeconfig.RoleInit)
+	n.write("/etc/kubernetes/pki/ca.crt", other.PKI["ca.crt"], 0o644)
+	n.start(c)
+	if code := n.wait(time.Now().Add(20 * time.Second)); code != 3 {
+		t.Fatalf("exit %d, want 3\n%s", code, n.log())
+	}
+	if s := status(t, n); s["permanent"] != true || !strings.Contains(s["lastError"].(string), "/etc/kubernetes/pki/ca.crt is already there") {
+		t.Errorf("status %v", s)
+	}
+	if strings.Contains(n.read("/var/log/stub-calls.log"), "kubeadm init") || n.read("/etc/kubernetes/pki/ca.key") != "" {
+		t.Errorf("kubeadm init ran or ca.key was placed beside another cluster's CA:\n%s", n.log())
+	}
+	c.checkNoSecrets(n)
+}
+
+// The secret check covers the command lines the stubs record.
+func TestSecretCheckCoversCommandLines(t *testing.T) {
+	c := newCluster(t, clusterOptions{})
+	n := c.node("w-1", nodeconfig.RoleWorker)
+	n.write("/var/log/stub-calls.log", []byte("kubeadm join --config /etc/kiln/kubeadm-join.yaml\n"), 0o644)
+	if leaks := c.leaks(n); len(leaks) != 0 {
+		t.Fatalf("leaks in a clean node: %v", leaks)
+	}
+	n.write("/var/log/stub-calls.log", []byte("kubeadm join lb:6443 --token "+c.secrets.Token+"\n"), 0o644)
+	if leaks := c.leaks(n); len(leaks) == 0 || !strings.Contains(leaks[0], "a command line") {
+		t.Errorf("a token on a command line not found: %v", leaks)
+	}
 }
 
 func TestForeignCA(t *testing.T) {
@@ -127,6 +167,7 @@ func TestForeignCA(t *testing.T) {
 		if strings.Contains(n.read("/var/log/stub-calls.log"), "kubeadm") {
 			t.Errorf("%s ran kubeadm against a foreign cluster", role)
 		}
+		c.checkNoSecrets(n)
 	}
 }
 
@@ -134,12 +175,21 @@ func TestBadMetadata(t *testing.T) {
 	c := newCluster(t, clusterOptions{})
 	n := c.node("w-1", nodeconfig.RoleWorker)
 	n.write(nodeconfig.DefaultPath, []byte(strings.Replace(n.read(nodeconfig.DefaultPath), "role: worker", "role: master", 1)), 0o600)
-	n.start(c)
-	if code := n.wait(time.Now().Add(20 * time.Second)); code != 2 {
-		t.Fatalf("exit %d\n%s", code, n.log())
-	}
-	if s := status(t, n); s["state"] != "failed" || !strings.Contains(s["lastError"].(string), `role: unknown role "master"`) {
-		t.Errorf("status %v", s)
+	// The init node's join file has a malformed token.
+	in := c.node("cp-1", nodeconfig.RoleInit)
+	in.write(in.nc.Kubeadm.JoinConfig, []byte(strings.Replace(in.read(in.nc.Kubeadm.JoinConfig), "token: ", "token: X", 1)), 0o600)
+	for node, want := range map[*simNode]string{
+		n:  `role: unknown role "master"`,
+		in: in.nc.Kubeadm.JoinConfig + ": JoinConfiguration.discovery.bootstrapToken.token: not a bootstrap token",
+	} {
+		node.start(c)
+		if code := node.wait(time.Now().Add(20 * time.Second)); code != 2 {
+			t.Fatalf("%s: exit %d\n%s", node.name, code, node.log())
+		}
+		if s := status(t, node); s["state"] != "failed" || !strings.Contains(s["lastError"].(string), want) {
+			t.Errorf("%s: status %v", node.name, s)
+		}
+		c.checkNoSecrets(node)
 	}
 }
 

@@ -294,14 +294,31 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-// checkNoSecrets fails if a secret is in a node's log or status.
+// checkNoSecrets fails if a secret is in a node's log, its status or the
+// command lines the stubs recorded (no secret is ever passed as an
+// argument, where every user of the machine can read it).
 func (c *testCluster) checkNoSecrets(nodes ...*simNode) {
 	c.t.Helper()
 	for _, n := range nodes {
+		for _, where := range c.leaks(n) {
+			c.t.Errorf("%s: a secret appears in %s", n.name, where)
+		}
+	}
+}
+
+// leaks says where a node shows a secret.
+func (c *testCluster) leaks(n *simNode) []string {
+	var out []string
+	for _, place := range []struct{ name, text string }{
+		{"the agent log", n.log()},
+		{"the status", n.read("/run/kiln/status.json")},
+		{"a command line", n.read("/var/log/stub-calls.log")},
+	} {
 		for _, s := range c.secretValues() {
-			if strings.Contains(n.log(), s) || strings.Contains(n.read("/run/kiln/status.json"), s) {
-				c.t.Errorf("%s: a secret (%d bytes) appears in the log or status", n.name, len(s))
+			if strings.Contains(place.text, s) {
+				out = append(out, fmt.Sprintf("%s (a secret of %d bytes)", place.name, len(s)))
 			}
 		}
 	}
+	return out
 }
