@@ -242,6 +242,16 @@ func (e *env) build(t *testing.T, cluster string, args ...string) (bakeResult, r
 	return br, r
 }
 
+// bake is build that must succeed.
+func (e *env) bake(t *testing.T, cluster string, args ...string) bakeResult {
+	t.Helper()
+	br, r := e.build(t, cluster, args...)
+	if r.code != 0 {
+		t.Fatalf("build-image: exit %d\n%s", r.code, r.stderr)
+	}
+	return br
+}
+
 func (e *env) flatcarArgs(cache string) []string {
 	return []string{"--profile", "flatcar-amd64", "--mirror", e.srv.URL + "/{channel}", "--signing-key", e.goodKey, "--cache-dir", cache}
 }
@@ -357,10 +367,7 @@ func TestBadDownloadsRefused(t *testing.T) {
 func TestFCOSStreamBake(t *testing.T) {
 	e := setup(t)
 	cache, dest := t.TempDir(), t.TempDir()
-	br, r := e.build(t, e.fcCluster, "--profile", "fcos-x86_64", "--role", "control-plane", "--mirror", e.srv.URL, "--cache-dir", cache, "--dest", dest, "--compress", "xz")
-	if r.code != 0 {
-		t.Fatalf("build-image: exit %d\n%s", r.code, r.stderr)
-	}
+	br := e.bake(t, e.fcCluster, "--profile", "fcos-x86_64", "--role", "control-plane", "--mirror", e.srv.URL, "--cache-dir", cache, "--dest", dest, "--compress", "xz")
 	checkImage(t, e, br, e.fcos, "control-plane", "amd64")
 	must(t, "sh", "-c", fmt.Sprintf("xz -dc %s | cmp - %s", br.Compressed, br.Image))
 
@@ -391,20 +398,8 @@ func TestFCOSStreamBake(t *testing.T) {
 // files; fsck.vfat is clean.
 func TestRaspberryPi4Firmware(t *testing.T) {
 	e := setup(t)
-	dest := t.TempDir()
-	base := filepath.Join(t.TempDir(), "flatcar-arm64.bin.zst")
-	must(t, "zstd", "-q", "-T0", e.arm.path, "-o", base)
-	fw := map[string][]byte{
-		"RPI_EFI.fd": randomBytes(t, 2<<20), "start4.elf": randomBytes(t, 300<<10), "fixup4.dat": randomBytes(t, 5<<10),
-		"bcm2711-rpi-4-b.dtb": randomBytes(t, 50<<10), "overlays/miniuart-bt.dtbo": randomBytes(t, 2<<10),
-		"firmware/brcm/brcmfmac43455-sdio.bin": randomBytes(t, 100<<10), "Readme.md": []byte("# firmware\n"),
-	}
-	zipPath := filepath.Join(t.TempDir(), "RPi4_UEFI_Firmware.zip")
-	writeZip(t, zipPath, fw)
-	br, r := e.build(t, e.flCluster, "--profile", "flatcar-rpi4", "--role", "worker", "--base-image", base, "--firmware", zipPath, "--cache-dir", t.TempDir(), "--dest", dest)
-	if r.code != 0 {
-		t.Fatalf("build-image: exit %d\n%s", r.code, r.stderr)
-	}
+	base, zipPath, fw := rpi4Inputs(t, e)
+	br := e.bakeRPi4(t, base, zipPath)
 	checkImage(t, e, br, e.arm, "worker", "arm64")
 	checkFlatcar(t, e, br, e.arm, e.flCluster, "worker", "arm64")
 	esp := extract(t, br.Image, "EFI-SYSTEM")
@@ -421,10 +416,31 @@ func TestRaspberryPi4Firmware(t *testing.T) {
 	mountAndCompare(t, br.Image, "EFI-SYSTEM", "vfat", map[string][]byte{"RPI_EFI.fd": fw["RPI_EFI.fd"], "overlays/miniuart-bt.dtbo": fw["overlays/miniuart-bt.dtbo"]})
 
 	// Without --firmware the profile (not pinned) asks for it.
-	_, r = e.build(t, e.flCluster, "--profile", "flatcar-rpi4", "--role", "worker", "--base-image", base, "--cache-dir", t.TempDir(), "--dest", t.TempDir())
+	_, r := e.build(t, e.flCluster, "--profile", "flatcar-rpi4", "--role", "worker", "--base-image", base, "--cache-dir", t.TempDir(), "--dest", t.TempDir())
 	if r.code != 2 || !strings.Contains(r.stderr, "--firmware") {
 		t.Errorf("missing firmware: exit %d\n%s", r.code, r.stderr)
 	}
+}
+
+// rpi4Inputs: the arm64 fixture compressed with zstd (an offline
+// --base-image) and a stand-in pftf firmware zip with its files.
+func rpi4Inputs(t *testing.T, e *env) (base, zipPath string, fw map[string][]byte) {
+	base = filepath.Join(t.TempDir(), "flatcar-arm64.bin.zst")
+	must(t, "zstd", "-q", "-T0", e.arm.path, "-o", base)
+	fw = map[string][]byte{
+		"RPI_EFI.fd": randomBytes(t, 2<<20), "start4.elf": randomBytes(t, 300<<10), "fixup4.dat": randomBytes(t, 5<<10),
+		"bcm2711-rpi-4-b.dtb": randomBytes(t, 50<<10), "overlays/miniuart-bt.dtbo": randomBytes(t, 2<<10),
+		"firmware/brcm/brcmfmac43455-sdio.bin": randomBytes(t, 100<<10), "Readme.md": []byte("# firmware\n"),
+	}
+	zipPath = filepath.Join(t.TempDir(), "RPi4_UEFI_Firmware.zip")
+	writeZip(t, zipPath, fw)
+	return base, zipPath, fw
+}
+
+// bakeRPi4 bakes a worker image for the flatcar-rpi4 profile, offline.
+func (e *env) bakeRPi4(t *testing.T, base, zipPath string) bakeResult {
+	t.Helper()
+	return e.bake(t, e.flCluster, "--profile", "flatcar-rpi4", "--role", "worker", "--base-image", base, "--firmware", zipPath, "--cache-dir", t.TempDir(), "--dest", t.TempDir())
 }
 
 func writeZip(t *testing.T, path string, files map[string][]byte) {
@@ -446,7 +462,7 @@ func writeZip(t *testing.T, path string, files map[string][]byte) {
 // render is what kiln render prints for the role: the reference the
 // baked config must equal byte for byte.
 func render(t *testing.T, cluster, role, arch string) []byte {
-	return []byte(kilnOK(t, nil, "-c", cluster, "render", "--role", role, "--arch", arch))
+	return []byte(kilnOK(t, nil, "-c", cluster, "render", "--role", role, "--arch", arch, "--format", "ignition"))
 }
 
 // checkImage: GPT sound and unchanged (sgdisk -v, sfdisk), untouched
