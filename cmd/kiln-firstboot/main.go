@@ -81,6 +81,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 			},
 			NewReporter: func(url string) agent.Reporter { return system.NewReporter(url, reportTimeout) },
 			DialSocket:  root.DialSocket,
+			Etcd:        system.Etcd{Timeout: probeTimeout},
 			FirstMAC:    system.FirstMAC,
 			Jitter:      agent.RandomJitter,
 			Timing:      timing,

@@ -242,6 +242,7 @@ func (r *run) gaveUp(class kubeadm.Class, repeats int) bool {
 
 // reset undoes a half-done kubeadm init or join.
 func (r *run) reset(ctx context.Context) error {
+	r.forgetEtcdMember(ctx)
 	_, err := r.command(ctx, "kubeadm", "reset", "-f")
 	return err
 }

@@ -62,6 +62,9 @@ type Deps struct {
 	// DialSocket connects to a unix socket on the node and hangs up: it
 	// tells whether a server accepts connections there.
 	DialSocket func(ctx context.Context, name string) error
+	// Etcd removes a control plane's own etcd member left by an unfinished
+	// join (see forgetEtcdMember); nil skips that.
+	Etcd EtcdMembers
 	// FirstMAC returns the MAC address hostname templates use.
 	FirstMAC func() (string, error)
 	// Jitter returns a random duration in [0, max).

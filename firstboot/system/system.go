@@ -7,8 +7,12 @@ package system
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -17,6 +21,8 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+
+	"github.com/kilnproject/kiln/firstboot/agent"
 )
 
 // Exec runs commands found on PATH.
@@ -226,4 +232,80 @@ func (r *Reporter) loop() {
 			resp.Body.Close()
 		}
 	}
+}
+
+// Etcd edits etcd's membership through the JSON gateway of etcd's v3 API
+// (POST /v3/cluster/member/list and /remove on a client URL), so the agent
+// needs no etcd client library.
+type Etcd struct {
+	Timeout time.Duration
+}
+
+// etcdMember is a member in the gateway's JSON (uint64 IDs are strings).
+type etcdMember struct {
+	ID       string   `json:"ID"`
+	Name     string   `json:"name"`
+	PeerURLs []string `json:"peerURLs"`
+}
+
+// RemoveMember removes the member with peerURL, asking each endpoint in
+// turn until one answers.
+func (e Etcd) RemoveMember(ctx context.Context, c agent.EtcdClient, peerURL string) (bool, error) {
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(c.CA) {
+		return false, errors.New("etcd CA: no PEM certificate")
+	}
+	cert, err := tls.X509KeyPair(c.Cert, c.Key)
+	if err != nil {
+		return false, fmt.Errorf("etcd client certificate: %w", err)
+	}
+	client := &http.Client{Timeout: e.Timeout, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
+	}}
+	defer client.CloseIdleConnections()
+	post := func(endpoint, api string, in, out any) error {
+		body, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint+api, bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		data, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		if err != nil {
+			return err
+		}
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s%s: %s: %s", endpoint, api, resp.Status, bytes.TrimSpace(data))
+		}
+		return json.Unmarshal(data, out)
+	}
+	var errs []error
+	for _, ep := range c.Endpoints {
+		var list struct {
+			Members []etcdMember `json:"members"`
+		}
+		if err := post(ep, "/v3/cluster/member/list", struct{}{}, &list); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		i := slices.IndexFunc(list.Members, func(m etcdMember) bool { return slices.Contains(m.PeerURLs, peerURL) })
+		if i < 0 {
+			return false, nil
+		}
+		var out struct{}
+		if err := post(ep, "/v3/cluster/member/remove", map[string]string{"ID": list.Members[i].ID}, &out); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		return true, nil
+	}
+	return false, errors.Join(errs...)
 }
