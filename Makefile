@@ -4,9 +4,9 @@ BIN       := bin
 AGENT_DIR := imagebuild/agentbin/bin
 ARCHES    := amd64 arm64
 AGENTS    := $(foreach a,$(ARCHES),$(AGENT_DIR)/kiln-firstboot-linux-$(a).gz)
-GOFILES   := $(shell find . -name '*.go' -not -path './test/tools/*' 2>/dev/null)
+GOFILES   := $(shell find . -name '*.go' -not -path './test/tools/*' -not -path './test/rehearsal/*' 2>/dev/null)
 
-.PHONY: build agents test test-arm64 oracle lint check demo clean
+.PHONY: build agents test test-arm64 oracle rehearsal lint check demo clean
 
 build: $(BIN)/kiln
 
@@ -36,13 +36,26 @@ oracle: build
 	test/tools/build.sh
 	$(GO) test -tags oracle -count=1 ./test/oracle/ ./test/image/
 
+# The real-kubeadm rehearsal (test/rehearsal, its own Go module): real
+# kubeadm, API servers, controller managers, schedulers and etcd built from
+# their modules, nodes as network namespaces behind HAProxy, each driven by
+# the real kiln-firstboot. Root only. REHEARSAL_VERSIONS: the oldest
+# verified and the newest supported Kubernetes.
+REHEARSAL_VERSIONS ?= v1.34.4 v1.37.2
+rehearsal: build
+	cd test/rehearsal && $(GO) build -o ../../$(BIN)/rehearsal .
+	for v in $(REHEARSAL_VERSIONS); do \
+		test/tools/build.sh rehearsal-$$v && $(BIN)/rehearsal run -version $$v $(REHEARSAL_ARGS) || exit 1; \
+	done
+
 # Everything CI runs (see .ci/run).
-check: lint test test-arm64 oracle
+check: lint test test-arm64 oracle rehearsal
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags oracle ./test/...
+	cd test/rehearsal && $(GO) vet ./...
 
 # The main job on a fresh machine: a demo cluster (kept if it exists), its
 # Kubernetes download pinned, and a ready-to-flash Flatcar image for the

@@ -1,0 +1,46 @@
+// Command rehearsal is kiln's real-kubeadm rehearsal (issue 6): real
+// kubeadm, kube-apiserver, kube-controller-manager, kube-scheduler and etcd,
+// built from their Go modules at the cluster's Kubernetes version, brought up
+// by the real kiln-firstboot agent on nodes emulated as Linux namespaces
+// behind a real HAProxy. Only the container runtime and the kubelet are
+// replaced (by the node emulator in node.go, pods.go and kubelet.go).
+//
+//	rehearsal run [flags] [scenario...]   orchestrate scenarios (as root)
+//	rehearsal node [flags]                one node (started by run)
+//
+// The same binary is installed as the nodes' systemctl, kubelet, modprobe
+// and swapoff (shims.go), chosen by the name it is called under.
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"k8s.io/apimachinery/pkg/types"
+)
+
+func main() {
+	if shim, ok := shims[filepath.Base(os.Args[0])]; ok {
+		os.Exit(shim(os.Args[1:]))
+	}
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: rehearsal run [flags] [scenario...] | rehearsal node [flags]")
+		os.Exit(2)
+	}
+	var err error
+	switch os.Args[1] {
+	case "run":
+		err = runMain(os.Args[2:])
+	case "node":
+		err = nodeMain(os.Args[2:])
+	default:
+		err = fmt.Errorf("unknown command %q: use run or node", os.Args[1])
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rehearsal: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func typesUID(s string) types.UID { return types.UID(s) }
