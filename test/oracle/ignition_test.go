@@ -5,6 +5,8 @@ package oracle
 import (
 	"bytes"
 	"compress/gzip"
+	"encoding/base64"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
@@ -198,8 +200,12 @@ func TestIgnitionAppliesEveryRole(t *testing.T) {
 					}
 					if role == "init" {
 						expectFile(t, root, "/etc/kiln/kubeadm-init.yaml", kiln(t, append(r, "--format", "kubeadm")...), 0o600)
+						// The detector the other roles rely on sees the init node's keys.
+						if !hasPrivateKeyBlock(mustRead(t, filepath.Join(root, "etc/kiln/pki/ca.key"))) {
+							t.Error("hasPrivateKeyBlock misses the CA key")
+						}
 					} else {
-						scanForKeys(t, root, role)
+						scanForKeys(t, root, role, secretsDir)
 					}
 				})
 			}
@@ -208,19 +214,47 @@ func TestIgnitionAppliesEveryRole(t *testing.T) {
 }
 
 // scanForKeys walks everything Ignition wrote for a non-init node: no
-// private key of any kind may be there.
-func scanForKeys(t *testing.T, root, role string) {
+// PEM private key block may be there, and none of the cluster's keys in
+// any form. (The agent binary contains the words "PRIVATE KEY" as Go's
+// PEM parser does, so a plain substring search would prove nothing.)
+func scanForKeys(t *testing.T, root, role, secretsDir string) {
 	t.Helper()
+	var keys [][]byte
+	for _, f := range []string{"ca.key", "front-proxy-ca.key", "etcd/ca.key", "sa.key"} {
+		block, _ := pem.Decode(mustRead(t, filepath.Join(secretsDir, f)))
+		keys = append(keys, block.Bytes, []byte(base64.StdEncoding.EncodeToString(block.Bytes)[:64]))
+	}
 	filepath.Walk(root, func(p string, fi os.FileInfo, err error) error {
 		if err != nil || !fi.Mode().IsRegular() {
 			return err
 		}
 		data, _ := os.ReadFile(p)
-		if bytes.Contains(data, []byte("PRIVATE KEY")) {
-			t.Errorf("%s node: %s holds a private key", role, p)
+		if hasPrivateKeyBlock(data) {
+			t.Errorf("%s node: %s holds a PEM private key", role, p)
+		}
+		for _, k := range keys {
+			if bytes.Contains(data, k) {
+				t.Errorf("%s node: %s holds one of the cluster's private keys", role, p)
+			}
 		}
 		return nil
 	})
+}
+
+// hasPrivateKeyBlock reports whether data holds a decodable PEM block of a
+// private key type.
+func hasPrivateKeyBlock(data []byte) bool {
+	for {
+		i := bytes.Index(data, []byte("-----BEGIN "))
+		if i < 0 {
+			return false
+		}
+		block, _ := pem.Decode(data[i:])
+		if block != nil && strings.HasSuffix(block.Type, "PRIVATE KEY") {
+			return true
+		}
+		data = data[i+len("-----BEGIN "):]
+	}
 }
 
 // TestIgnitionRefusesTamperedDownload: when the served artifact no longer
