@@ -3,18 +3,13 @@
 package profiles
 
 import (
-	"bytes"
 	"embed"
 	"errors"
 	"fmt"
-	"io/fs"
 	"path"
 	"regexp"
 	"slices"
-	"sort"
 	"strings"
-
-	"gopkg.in/yaml.v3"
 )
 
 //go:embed os/*.yaml
@@ -143,53 +138,12 @@ func (o *OS) Validate() error {
 	return nil
 }
 
-var loaded = mustLoad()
+var loaded = mustLoadAll[OS](osFiles, "os")
 
-func mustLoad() map[string]*OS {
-	out, err := load(osFiles)
-	if err != nil {
-		panic(err) // embedded data is checked by the package's tests
-	}
-	return out
-}
-
-func load(fsys fs.FS) (map[string]*OS, error) {
-	names, err := fs.Glob(fsys, "os/*.yaml")
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]*OS{}
-	for _, n := range names {
-		data, err := fs.ReadFile(fsys, n)
-		if err != nil {
-			return nil, err
-		}
-		dec := yaml.NewDecoder(bytes.NewReader(data))
-		dec.KnownFields(true)
-		var o OS
-		if err := dec.Decode(&o); err != nil {
-			return nil, fmt.Errorf("%s: %w", n, err)
-		}
-		if err := o.Validate(); err != nil {
-			return nil, fmt.Errorf("%s: %w", n, err)
-		}
-		if want := strings.TrimSuffix(path.Base(n), ".yaml"); o.Name != want {
-			return nil, fmt.Errorf("%s: name %q must match the file name", n, o.Name)
-		}
-		out[o.Name] = &o
-	}
-	return out, nil
-}
+func (o *OS) profileName() string { return o.Name }
 
 // OSNames lists the supported operating systems.
-func OSNames() []string {
-	names := make([]string, 0, len(loaded))
-	for n := range loaded {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
-}
+func OSNames() []string { return sortedNames(loaded) }
 
 // LookupOS returns the profile of an operating system.
 func LookupOS(name string) (*OS, error) {

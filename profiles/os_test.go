@@ -41,7 +41,7 @@ arches: {amd64: x86-64, arm64: arm64}
 downloads:
   - {name: k, url: 'https://e/k', path: /opt/k, mode: 0644}
 `
-	if _, err := load(fstest.MapFS{"os/x.yaml": {Data: []byte(good)}}); err != nil {
+	if _, err := loadAll[OS](fstest.MapFS{"os/x.yaml": {Data: []byte(good)}}, "os"); err != nil {
 		t.Fatalf("good profile: %v", err)
 	}
 	for name, body := range map[string]string{
@@ -52,7 +52,7 @@ downloads:
 		"relative agent": strings.Replace(good, "/opt/bin/a", "bin/a", 1),
 		"kubelet unit":   good + "kubeletUnit: true\n",
 	} {
-		if _, err := load(fstest.MapFS{"os/x.yaml": {Data: []byte(body)}}); err == nil {
+		if _, err := loadAll[OS](fstest.MapFS{"os/x.yaml": {Data: []byte(body)}}, "os"); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
 	}

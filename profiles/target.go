@@ -1,17 +1,11 @@
 package profiles
 
 import (
-	"bytes"
 	"embed"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/url"
-	"path"
-	"sort"
 	"strings"
-
-	"gopkg.in/yaml.v3"
 )
 
 //go:embed target/*.yaml keys/*.asc
@@ -223,55 +217,12 @@ var refusedBoards = map[string]string{
 	"rpi5": "the Raspberry Pi 5 has no UEFI firmware with working Ethernet, so neither Flatcar nor Fedora CoreOS can fetch anything at first boot; use a Raspberry Pi 4 (flatcar-rpi4) or an arm64 UEFI machine (flatcar-arm64, fcos-aarch64)",
 }
 
-var targets = mustLoadTargets()
+var targets = mustLoadAll[Target](targetFiles, "target")
 
-func mustLoadTargets() map[string]*Target {
-	out, err := loadTargets(targetFiles)
-	if err != nil {
-		panic(err) // embedded data is checked by the package's tests
-	}
-	return out
-}
-
-func loadTargets(fsys fs.FS) (map[string]*Target, error) {
-	names, err := fs.Glob(fsys, "target/*.yaml")
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]*Target{}
-	var errs []error
-	for _, n := range names {
-		data, err := fs.ReadFile(fsys, n)
-		if err != nil {
-			return nil, err
-		}
-		dec := yaml.NewDecoder(bytes.NewReader(data))
-		dec.KnownFields(true)
-		var t Target
-		if err := dec.Decode(&t); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", n, err))
-			continue
-		}
-		if err := t.Validate(); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", n, err))
-		}
-		if want := strings.TrimSuffix(path.Base(n), ".yaml"); t.Name != want {
-			errs = append(errs, fmt.Errorf("%s: name %q must match the file name", n, t.Name))
-		}
-		out[t.Name] = &t
-	}
-	return out, errors.Join(errs...)
-}
+func (t *Target) profileName() string { return t.Name }
 
 // TargetNames lists the target profiles.
-func TargetNames() []string {
-	names := make([]string, 0, len(targets))
-	for n := range targets {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
-}
+func TargetNames() []string { return sortedNames(targets) }
 
 // LookupTarget returns a target profile. A board kiln refuses gives an
 // *UnsupportedTargetError that says why.

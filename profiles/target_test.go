@@ -62,7 +62,7 @@ board: generic
 image: {source: fcos-stream, origin: 'https://o.test', streamURL: '{origin}/s/{channel}.json', streamArch: x86_64}
 inject: {method: fcos-boot, partition: boot}
 `
-	if _, err := loadTargets(fstest.MapFS{"target/x.yaml": {Data: []byte(good)}}); err != nil {
+	if _, err := loadAll[Target](fstest.MapFS{"target/x.yaml": {Data: []byte(good)}}, "target"); err != nil {
 		t.Fatalf("good target: %v", err)
 	}
 	for name, body := range map[string]string{
@@ -78,7 +78,7 @@ inject: {method: fcos-boot, partition: boot}
 		"no partition":    strings.Replace(good, ", partition: boot", "", 1),
 		"firmware on gen": good + "firmware: {name: f, url: 'https://f.test/f.zip', sha256: '', partition: ESP, requiredFiles: [a], configTxt: x}\n",
 	} {
-		if _, err := loadTargets(fstest.MapFS{"target/x.yaml": {Data: []byte(body)}}); err == nil {
+		if _, err := loadAll[Target](fstest.MapFS{"target/x.yaml": {Data: []byte(body)}}, "target"); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
 	}
