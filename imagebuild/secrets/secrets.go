@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/atomicfile"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 )
 
@@ -296,8 +297,8 @@ func (s *Secrets) Write(dir string, force bool) error {
 		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 			return fault.Wrap(fault.IO, err)
 		}
-		if err := writeSynced(p, data); err != nil {
-			return fault.Wrap(fault.IO, fmt.Errorf("write secrets: %w", err))
+		if err := atomicfile.Write(p, data, 0o600, false); err != nil {
+			return fmt.Errorf("write secrets: %w", err)
 		}
 	}
 	if err := os.Chmod(tmp, 0o700); err != nil {
@@ -322,22 +323,6 @@ func (s *Secrets) Write(dir string, force bool) error {
 		return fault.Wrap(fault.IO, fmt.Errorf("replace secrets: %w", err))
 	}
 	return fault.Wrap(fault.IO, os.RemoveAll(old))
-}
-
-func writeSynced(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
 }
 
 // Load reads and checks the secrets in dir. It refuses secret files that

@@ -118,18 +118,25 @@ func (k *kubelet) loadClient() error {
 			}
 		}
 	}
-	rc, err := clientcmd.NewDefaultClientConfig(*cfg, nil).ClientConfig()
-	if err != nil {
-		return err
-	}
-	rc.Timeout = 10 * time.Second
-	cs, err := kubernetes.NewForConfig(rc)
+	cs, host, err := clientsetFor(cfg)
 	if err != nil {
 		return err
 	}
 	k.client = cs
-	log.Printf("kubelet: using %s (server %s)", kubeletConf, rc.Host)
+	log.Printf("kubelet: using %s (server %s)", kubeletConf, host)
 	return nil
+}
+
+// clientsetFor builds a client from a loaded kubeconfig, with the kubelet's
+// request timeout; it also returns the server it talks to.
+func clientsetFor(cfg *clientcmdapi.Config) (*kubernetes.Clientset, string, error) {
+	rc, err := clientcmd.NewDefaultClientConfig(*cfg, nil).ClientConfig()
+	if err != nil {
+		return nil, "", err
+	}
+	rc.Timeout = 10 * time.Second
+	cs, err := kubernetes.NewForConfig(rc)
+	return cs, rc.Host, err
 }
 
 // storeClientCert writes kubelet-client-<time>.pem and points
@@ -160,12 +167,7 @@ func (k *kubelet) bootstrap(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	rc, err := clientcmd.NewDefaultClientConfig(*cfg, nil).ClientConfig()
-	if err != nil {
-		return err
-	}
-	rc.Timeout = 10 * time.Second
-	cs, err := kubernetes.NewForConfig(rc)
+	cs, host, err := clientsetFor(cfg)
 	if err != nil {
 		return err
 	}
@@ -177,7 +179,7 @@ func (k *kubelet) bootstrap(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	log.Printf("kubelet: TLS bootstrap of %s via %s", name, rc.Host)
+	log.Printf("kubelet: TLS bootstrap of %s via %s", name, host)
 	reqName, reqUID, err := csr.RequestCertificate(cs, csrPEM, "", certificatesv1.KubeAPIServerClientKubeletSignerName, nil,
 		[]certificatesv1.KeyUsage{certificatesv1.UsageDigitalSignature, certificatesv1.UsageClientAuth}, key)
 	if err != nil {
