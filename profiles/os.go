@@ -45,6 +45,8 @@ type OS struct {
 	Arches map[string]string `yaml:"arches"`
 	// Downloads are the Kubernetes artifacts Ignition fetches.
 	Downloads []Download `yaml:"downloads"`
+	// PXE says how the OS boots from the network.
+	PXE PXEBoot `yaml:"pxe"`
 
 	versionRe *regexp.Regexp
 }
@@ -58,6 +60,23 @@ type Download struct {
 	Mode int    `yaml:"mode"`
 	// Link, if set, is a symlink created to Path.
 	Link string `yaml:"link,omitempty"`
+}
+
+// PXEBoot is how the OS's live PXE system is started and installed.
+type PXEBoot struct {
+	// KernelArgs start a first boot; the config URL is added as
+	// ignition.config.url.
+	KernelArgs []string `yaml:"kernelArgs"`
+	// RootfsArg, if set, names the kernel argument that gives the live
+	// root filesystem's URL (Fedora CoreOS); offline, the rootfs is
+	// appended as an initramfs instead.
+	RootfsArg string `yaml:"rootfsArg,omitempty"`
+	// InitrdConfig is where the live system looks for its config inside
+	// an appended initramfs (the offline variant).
+	InitrdConfig string `yaml:"initrdConfig"`
+	// Install is the command that writes the OS and a config to a disk.
+	// It may use {disk}, {config}, {channel} and {version}.
+	Install []string `yaml:"install"`
 }
 
 // Link is a symbolic link at Path pointing to Target.
@@ -123,6 +142,9 @@ func (o *OS) Validate() error {
 		if !path.IsAbs(l.Path) || !path.IsAbs(l.Target) {
 			errs = append(errs, fmt.Errorf("links[%d]: path and target must be absolute", i))
 		}
+	}
+	if len(o.PXE.KernelArgs) == 0 || o.PXE.InitrdConfig == "" || path.IsAbs(o.PXE.InitrdConfig) || len(o.PXE.Install) == 0 || !path.IsAbs(o.PXE.Install[0]) {
+		errs = append(errs, errors.New("pxe: kernelArgs, a relative initrdConfig and an install command with an absolute path are required"))
 	}
 	if len(o.Downloads) == 0 {
 		errs = append(errs, errors.New("downloads: at least one (the Kubernetes binaries)"))

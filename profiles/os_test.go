@@ -40,6 +40,7 @@ volumePluginDir: /opt/v
 arches: {amd64: x86-64, arm64: arm64}
 downloads:
   - {name: k, url: 'https://e/k', path: /opt/k, mode: 0644}
+pxe: {kernelArgs: [a=1], initrdConfig: oem/config.ign, install: [/bin/i, '{disk}']}
 `
 	if _, err := loadAll[OS](fstest.MapFS{"os/x.yaml": {Data: []byte(good)}}, "os"); err != nil {
 		t.Fatalf("good profile: %v", err)
@@ -51,6 +52,9 @@ downloads:
 		"http download":  strings.Replace(good, "https://e/k", "http://e/k", 1),
 		"relative agent": strings.Replace(good, "/opt/bin/a", "bin/a", 1),
 		"kubelet unit":   good + "kubeletUnit: true\n",
+		"no pxe args":    strings.Replace(good, "[a=1]", "[]", 1),
+		"abs initrd cfg": strings.Replace(good, "oem/config.ign", "/oem/config.ign", 1),
+		"rel installer":  strings.Replace(good, "/bin/i", "bin/i", 1),
 	} {
 		if _, err := loadAll[OS](fstest.MapFS{"os/x.yaml": {Data: []byte(body)}}, "os"); err == nil {
 			t.Errorf("%s: accepted", name)

@@ -26,6 +26,20 @@ type Target struct {
 	Image    Image     `yaml:"image" json:"image"`
 	Inject   Inject    `yaml:"inject" json:"inject"`
 	Firmware *Firmware `yaml:"firmware,omitempty" json:"firmware,omitempty"`
+	// PXE, if set, says where the network-boot files come from; targets
+	// without it cannot be network-booted by kiln.
+	PXE *PXE `yaml:"pxe,omitempty" json:"pxe,omitempty"`
+}
+
+// PXE lists the vendor's network-boot files. For flatcar-release sources
+// each is a URL template like Image.URL, verified like the image (.DIGESTS
+// and .sig beside it); for fcos-stream sources the stream's pxe format
+// names them, with their sha256.
+type PXE struct {
+	Kernel    string `yaml:"kernel,omitempty" json:"kernel,omitempty"`
+	Initramfs string `yaml:"initramfs,omitempty" json:"initramfs,omitempty"`
+	// Stream: the files come from the stream metadata (fcos-stream).
+	Stream bool `yaml:"stream,omitempty" json:"stream,omitempty"`
 }
 
 // Image sources.
@@ -157,6 +171,18 @@ func (t *Target) Validate() error {
 		}
 	default:
 		add("inject.method %q: use %s or %s", t.Inject.Method, InjectFlatcarOEM, InjectFCOSBoot)
+	}
+	if p := t.PXE; p != nil {
+		switch {
+		case t.Board != "generic":
+			add("pxe: only generic boards boot from the network")
+		case im.Source == SourceFlatcarRelease && !p.Stream:
+			checkURL("pxe.kernel", p.Kernel)
+			checkURL("pxe.initramfs", p.Initramfs)
+		case im.Source == SourceFCOSStream && p.Stream && p.Kernel == "" && p.Initramfs == "":
+		default:
+			add("pxe: flatcar-release sources give kernel and initramfs URLs; fcos-stream sources set stream: true")
+		}
 	}
 	if t.Inject.Partition == "" {
 		add("inject.partition: required (a GPT partition name)")

@@ -62,8 +62,10 @@ board: generic
 image: {source: fcos-stream, origin: 'https://o.test', streamURL: '{origin}/s/{channel}.json', streamArch: x86_64}
 inject: {method: fcos-boot, partition: boot}
 `
-	if _, err := loadAll[Target](fstest.MapFS{"target/x.yaml": {Data: []byte(good)}}, "target"); err != nil {
-		t.Fatalf("good target: %v", err)
+	for _, ok := range []string{good, good + "pxe: {stream: true}\n"} {
+		if _, err := loadAll[Target](fstest.MapFS{"target/x.yaml": {Data: []byte(ok)}}, "target"); err != nil {
+			t.Fatalf("good target: %v", err)
+		}
 	}
 	for name, body := range map[string]string{
 		"name mismatch":   strings.Replace(good, "name: x", "name: y", 1),
@@ -76,6 +78,8 @@ inject: {method: fcos-boot, partition: boot}
 		"method for os":   strings.Replace(good, "method: fcos-boot", "method: flatcar-oem", 1),
 		"unknown os":      strings.Replace(good, "os: fcos", "os: ubuntu", 1),
 		"no partition":    strings.Replace(good, ", partition: boot", "", 1),
+		"pxe urls stream": good + "pxe: {kernel: 'https://o.test/k'}\n",
+		"pxe nothing":     good + "pxe: {}\n",
 		"firmware on gen": good + "firmware: {name: f, url: 'https://f.test/f.zip', sha256: '', partition: ESP, requiredFiles: [a], configTxt: x}\n",
 	} {
 		if _, err := loadAll[Target](fstest.MapFS{"target/x.yaml": {Data: []byte(body)}}, "target"); err == nil {
