@@ -321,15 +321,23 @@ func (c *Cache) Local(p string) (string, error) {
 // as board firmware), downloading (resumably) and verifying it first if
 // needed.
 func (c *Cache) FetchFile(ctx context.Context, url string, d Digest) (string, error) {
+	return c.FetchVerified(ctx, &Release{URL: url, Digest: d}, nil)
+}
+
+// FetchVerified returns the cached copy of a release file (kept as it was
+// downloaded, not decompressed), downloading (resumably) and verifying its
+// digest and, when the release has one, its signature against keyring.
+func (c *Cache) FetchVerified(ctx context.Context, rel *Release, keyring openpgp.EntityList) (string, error) {
+	d := rel.Digest
 	dst := filepath.Join(c.Dir, "files", d.Algo+"-"+d.Hex)
 	if _, err := os.Stat(dst); err == nil {
 		return dst, nil
 	}
 	part := filepath.Join(c.Dir, "partial", d.Algo+"-"+d.Hex+".part")
-	if err := c.download(ctx, url, part); err != nil {
+	if err := c.download(ctx, rel.URL, part); err != nil {
 		return "", err
 	}
-	if err := c.verify(ctx, part, &Release{URL: url, Digest: d}, nil); err != nil {
+	if err := c.verify(ctx, part, rel, keyring); err != nil {
 		os.Remove(part)
 		return "", err
 	}
@@ -340,4 +348,25 @@ func (c *Cache) FetchFile(ctx context.Context, url string, d Digest) (string, er
 		return "", fault.Wrap(fault.IO, err)
 	}
 	return dst, nil
+}
+
+// FetchPXE returns the cached, verified network-boot files of s's
+// release, downloading what is missing.
+func (c *Cache) FetchPXE(ctx context.Context, s Source) (version string, files []PXEFile, paths []string, err error) {
+	version, files, err = ResolvePXE(ctx, c.Client, s)
+	if err != nil {
+		return "", nil, nil, err
+	}
+	keyring, err := s.keyring()
+	if err != nil {
+		return "", nil, nil, err
+	}
+	for _, f := range files {
+		p, err := c.FetchVerified(ctx, &f.Release, keyring)
+		if err != nil {
+			return "", nil, nil, err
+		}
+		paths = append(paths, p)
+	}
+	return version, files, paths, nil
 }

@@ -76,19 +76,33 @@ func Resolve(ctx context.Context, c *http.Client, s Source) (*Release, error) {
 }
 
 func resolveFlatcar(ctx context.Context, c *http.Client, s Source) (*Release, error) {
-	version := s.Version
-	if version == "current" {
-		vu := s.expand(s.Target.Image.VersionURL, "current")
-		body, err := getSmall(ctx, c, vu)
-		if err != nil {
-			return nil, err
-		}
-		version = flatcarVersion(body)
-		if version == "" {
-			return nil, fault.Wrap(fault.Download, fmt.Errorf("%s has no FLATCAR_VERSION line: is the mirror a Flatcar release server?", vu))
-		}
+	version, err := flatcarRelease(ctx, c, s)
+	if err != nil {
+		return nil, err
 	}
-	u := s.expand(s.Target.Image.URL, version)
+	return flatcarFile(ctx, c, s.expand(s.Target.Image.URL, version), version)
+}
+
+// flatcarRelease resolves "current" to a release from version.txt.
+func flatcarRelease(ctx context.Context, c *http.Client, s Source) (string, error) {
+	if s.Version != "current" {
+		return s.Version, nil
+	}
+	vu := s.expand(s.Target.Image.VersionURL, "current")
+	body, err := getSmall(ctx, c, vu)
+	if err != nil {
+		return "", err
+	}
+	version := flatcarVersion(body)
+	if version == "" {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s has no FLATCAR_VERSION line: is the mirror a Flatcar release server?", vu))
+	}
+	return version, nil
+}
+
+// flatcarFile reads a release file's SHA-512 from the .DIGESTS beside it;
+// its detached signature is the .sig beside it.
+func flatcarFile(ctx context.Context, c *http.Client, u, version string) (*Release, error) {
 	digests, err := getSmall(ctx, c, u+".DIGESTS")
 	if err != nil {
 		return nil, err
@@ -133,46 +147,106 @@ func digestFor(digests []byte, algo, file string) (string, error) {
 	return "", fmt.Errorf("no %s hash for %s", algo, file)
 }
 
-// stream is the part of a Fedora CoreOS stream document kiln reads.
+// stream is the part of a Fedora CoreOS stream document kiln reads:
+// formats map a format ("raw.xz", "pxe") to its files ("disk"; "kernel",
+// "initramfs", "rootfs").
 type stream struct {
 	Architectures map[string]struct {
 		Artifacts map[string]struct {
-			Release string `json:"release"`
-			Formats map[string]struct {
-				Disk struct {
-					Location string `json:"location"`
-					SHA256   string `json:"sha256"`
-				} `json:"disk"`
-			} `json:"formats"`
+			Release string                           `json:"release"`
+			Formats map[string]map[string]streamFile `json:"formats"`
 		} `json:"artifacts"`
 	} `json:"architectures"`
 }
 
+type streamFile struct {
+	Location string `json:"location"`
+	SHA256   string `json:"sha256"`
+}
+
 func resolveFCOS(ctx context.Context, c *http.Client, s Source) (*Release, error) {
-	su := s.expand(s.Target.Image.StreamURL, s.Version)
-	body, err := getSmall(ctx, c, su)
+	version, files, err := resolveStream(ctx, c, s, "raw.xz", "disk")
 	if err != nil {
 		return nil, err
 	}
+	return &Release{Version: version, URL: files[0].URL, Digest: files[0].Digest}, nil
+}
+
+// resolveStream finds the current release's files of one format of the
+// metal artifact in the stream, on the mirror if one is given.
+func resolveStream(ctx context.Context, c *http.Client, s Source, format string, names ...string) (string, []Release, error) {
+	su := s.expand(s.Target.Image.StreamURL, s.Version)
+	body, err := getSmall(ctx, c, su)
+	if err != nil {
+		return "", nil, err
+	}
 	var st stream
 	if err := json.Unmarshal(body, &st); err != nil {
-		return nil, fault.Wrap(fault.Download, fmt.Errorf("parse stream %s: %w", su, err))
+		return "", nil, fault.Wrap(fault.Download, fmt.Errorf("parse stream %s: %w", su, err))
 	}
 	metal := st.Architectures[s.Target.Image.StreamArch].Artifacts["metal"]
-	disk := metal.Formats["raw.xz"].Disk
-	if disk.Location == "" || len(disk.SHA256) != 64 {
-		return nil, fault.Wrap(fault.Download, fmt.Errorf("stream %s lists no metal raw.xz image with a sha256 for %s", su, s.Target.Image.StreamArch))
-	}
 	if s.Version != "current" && s.Version != metal.Release {
-		return nil, fault.Wrap(fault.Input, fmt.Errorf("os.version %s is not the current %s release (the stream lists %s): set os.version to current or %s, or pass --base-image FILE", s.Version, s.Channel, metal.Release, metal.Release))
+		return "", nil, fault.Wrap(fault.Input, fmt.Errorf("os.version %s is not the current %s release (the stream lists %s): set os.version to current or %s, or give local files", s.Version, s.Channel, metal.Release, metal.Release))
 	}
-	loc := disk.Location
-	if s.Mirror != "" {
-		if rest, ok := strings.CutPrefix(loc, s.Target.Image.Origin); ok {
-			loc = strings.TrimSuffix(s.Mirror, "/") + rest
+	var out []Release
+	for _, name := range names {
+		f := metal.Formats[format][name]
+		if f.Location == "" || len(f.SHA256) != 64 {
+			return "", nil, fault.Wrap(fault.Download, fmt.Errorf("stream %s lists no metal %s %s with a sha256 for %s", su, format, name, s.Target.Image.StreamArch))
 		}
+		loc := f.Location
+		if s.Mirror != "" {
+			if rest, ok := strings.CutPrefix(loc, s.Target.Image.Origin); ok {
+				loc = strings.TrimSuffix(s.Mirror, "/") + rest
+			}
+		}
+		out = append(out, Release{Version: metal.Release, URL: loc, Digest: Digest{"sha256", strings.ToLower(f.SHA256)}})
 	}
-	return &Release{Version: metal.Release, URL: loc, Digest: Digest{"sha256", strings.ToLower(disk.SHA256)}}, nil
+	return metal.Release, out, nil
+}
+
+// PXEFile is one verified network-boot file.
+type PXEFile struct {
+	// Kind is kernel, initramfs or rootfs.
+	Kind string
+	Release
+}
+
+// ResolvePXE finds the network-boot files of s's release: Flatcar's PXE
+// kernel and initramfs (each verified by its .DIGESTS and signature),
+// or Fedora CoreOS's live kernel, initramfs and rootfs (sha256 from the
+// stream).
+func ResolvePXE(ctx context.Context, c *http.Client, s Source) (string, []PXEFile, error) {
+	p := s.Target.PXE
+	if p == nil {
+		return "", nil, fault.Wrap(fault.Unsupported, fmt.Errorf("profile %s cannot boot from the network (no pxe files): use a generic flatcar or fcos profile", s.Target.Name))
+	}
+	kinds := []string{"kernel", "initramfs"}
+	if p.Stream {
+		kinds = append(kinds, "rootfs")
+		version, rels, err := resolveStream(ctx, c, s, "pxe", kinds...)
+		if err != nil {
+			return "", nil, err
+		}
+		files := make([]PXEFile, len(rels))
+		for i, r := range rels {
+			files[i] = PXEFile{Kind: kinds[i], Release: r}
+		}
+		return version, files, nil
+	}
+	version, err := flatcarRelease(ctx, c, s)
+	if err != nil {
+		return "", nil, err
+	}
+	var files []PXEFile
+	for i, tmpl := range []string{p.Kernel, p.Initramfs} {
+		rel, err := flatcarFile(ctx, c, s.expand(tmpl, version), version)
+		if err != nil {
+			return "", nil, err
+		}
+		files = append(files, PXEFile{Kind: kinds[i], Release: *rel})
+	}
+	return version, files, nil
 }
 
 // getSmall downloads a small metadata file (at most 4 MiB).
