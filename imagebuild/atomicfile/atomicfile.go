@@ -72,3 +72,23 @@ func syncDir(dir string) error {
 	defer d.Close()
 	return d.Sync()
 }
+
+// ReplaceDir puts the finished folder tmp in place of dir: dir is moved
+// aside, tmp renamed to dir, and only then the old one deleted; if the
+// rename fails the old folder comes back. tmp must be beside dir.
+func ReplaceDir(tmp, dir string) error {
+	if _, err := os.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
+		return fault.Wrap(fault.IO, os.Rename(tmp, dir))
+	}
+	old := tmp + ".old"
+	if err := os.Rename(dir, old); err != nil {
+		return fault.Wrap(fault.IO, fmt.Errorf("replace %s: %w", dir, err))
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		if rerr := os.Rename(old, dir); rerr != nil {
+			return fault.Wrap(fault.IO, fmt.Errorf("replace %s: %w; the previous one is in %s", dir, err, old))
+		}
+		return fault.Wrap(fault.IO, fmt.Errorf("replace %s: %w", dir, err))
+	}
+	return fault.Wrap(fault.IO, os.RemoveAll(old))
+}

@@ -304,25 +304,10 @@ func (s *Secrets) Write(dir string, force bool) error {
 	if err := os.Chmod(tmp, 0o700); err != nil {
 		return fault.Wrap(fault.IO, err)
 	}
-	if !Exists(dir) {
-		if err := os.Rename(tmp, dir); err != nil {
-			return fault.Wrap(fault.IO, fmt.Errorf("write secrets: %w", err))
-		}
-		return nil
+	if err := atomicfile.ReplaceDir(tmp, dir); err != nil {
+		return fmt.Errorf("write secrets: %w", err)
 	}
-	// Replace: move the old secrets aside, put the new ones in place, and
-	// only then delete the old ones; on failure the old ones come back.
-	old := tmp + ".old"
-	if err := os.Rename(dir, old); err != nil {
-		return fault.Wrap(fault.IO, fmt.Errorf("replace secrets: %w", err))
-	}
-	if err := os.Rename(tmp, dir); err != nil {
-		if rerr := os.Rename(old, dir); rerr != nil {
-			return fault.Wrap(fault.IO, fmt.Errorf("replace secrets: %w; the previous secrets are in %s", err, old))
-		}
-		return fault.Wrap(fault.IO, fmt.Errorf("replace secrets: %w", err))
-	}
-	return fault.Wrap(fault.IO, os.RemoveAll(old))
+	return nil
 }
 
 // Load reads and checks the secrets in dir. It refuses secret files that
