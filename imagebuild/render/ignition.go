@@ -44,7 +44,13 @@ func Ignition(in Input) ([]byte, error) {
 		}
 		base = v3_4.Merge(base, cfg)
 	}
-	out, err := json.MarshalIndent(base, "", "  ")
+	return encode(base)
+}
+
+// encode writes a config as Ignition reads it, after validating it
+// exactly as Ignition does on the node.
+func encode(cfg types.Config) ([]byte, error) {
+	out, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
 		return nil, err
 	}

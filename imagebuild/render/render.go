@@ -33,6 +33,8 @@ type Input struct {
 	// Agent is the gzip-compressed kiln-firstboot binary for Arch. Only
 	// Butane and Ignition need it.
 	Agent []byte
+	// ReportURL, if set, receives the agent's status (kiln serve).
+	ReportURL string
 }
 
 func (in Input) check() error {
@@ -84,6 +86,7 @@ func NodeConfig(in Input) (*nodeconfig.NodeConfig, error) {
 			CertificatesDir: CertificatesDir,
 		},
 		NotBefore: s.CA().NotBefore,
+		ReportURL: in.ReportURL,
 	}
 	if in.NodeName == "" {
 		nc.Hostname.Template = c.Hostname.Template

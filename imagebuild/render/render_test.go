@@ -442,3 +442,44 @@ func TestSnippetUnits(t *testing.T) {
 		t.Errorf("a kubelet drop-in is allowed: %v", err)
 	}
 }
+
+func TestInstaller(t *testing.T) {
+	for osName, wantCmd := range map[string]string{
+		"flatcar": "ExecStart=/usr/bin/flatcar-install -d /dev/disk/by-id/wwn-0x5000 -C stable -V 4593.2.3 -i " + InstallConfigPath + "\n",
+		"fcos":    "ExecStart=/usr/bin/coreos-installer install /dev/disk/by-id/wwn-0x5000 --stream stable --ignition-file " + InstallConfigPath + "\n",
+	} {
+		c := loadCluster(t, osName)
+		in := Input{Cluster: c, Secrets: loadSecrets(t), Role: nodeconfig.RoleWorker, Arch: "amd64", NodeName: "w-1", Agent: fakeAgent(t, "amd64"), ReportURL: "http://boot.test/report/w-1?key=k"}
+		node, err := Ignition(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files, _ := decodedFiles(t, node)
+		if !bytes.Contains(files[nodeconfigPath], []byte("reportURL: http://boot.test/report/w-1?key=k\n")) {
+			t.Errorf("%s: node.yaml lacks the report URL:\n%s", osName, files[nodeconfigPath])
+		}
+		inst, err := Installer(InstallInput{Cluster: c, Config: node, Disk: "/dev/disk/by-id/wwn-0x5000", DoneURL: "http://boot.test/report/w-1?key=k"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		files, modes := decodedFiles(t, inst)
+		if !bytes.Equal(files[InstallConfigPath], node) || modes[InstallConfigPath] != 0o600 {
+			t.Errorf("%s: the installer does not carry the node's config byte for byte at mode 0600 (mode %o)", osName, modes[InstallConfigPath])
+		}
+		cfg, _, _ := v3_4.Parse(inst)
+		if len(cfg.Systemd.Units) != 1 || cfg.Systemd.Units[0].Contents == nil {
+			t.Fatalf("%s: installer units: %+v", osName, cfg.Systemd.Units)
+		}
+		unit := *cfg.Systemd.Units[0].Contents
+		for _, want := range []string{wantCmd, "http://boot.test/report/w-1?key=k\n", "ExecStart=/usr/bin/systemctl --no-block reboot\n"} {
+			if !strings.Contains(unit, want) {
+				t.Errorf("%s: installer unit lacks %q:\n%s", osName, want, unit)
+			}
+		}
+		for _, bad := range []string{"sda", "/dev/sda; rm -rf /", "/dev/sd%a"} {
+			if _, err := Installer(InstallInput{Cluster: c, Config: node, Disk: bad}); err == nil {
+				t.Errorf("disk %q accepted", bad)
+			}
+		}
+	}
+}

@@ -1,0 +1,86 @@
+package render
+
+import (
+	"bytes"
+	"fmt"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// InstallConfigPath is where the installer's live system keeps the node's
+// own config until the install command copies it to the disk.
+const InstallConfigPath = "/var/lib/kiln-install/config.ign"
+
+// InstallUnit runs the install.
+const InstallUnit = "kiln-install.service"
+
+// InstallInput is what an installer config needs.
+type InstallInput struct {
+	Cluster *cluster.Cluster
+	// Config is the node's own Ignition config (from Ignition).
+	Config []byte
+	// Disk is the device the OS is written to (/dev/sda,
+	// /dev/disk/by-id/...).
+	Disk string
+	// DoneURL, if set, receives a status POST once the OS is on the disk
+	// (kiln serve then sends the node to its disk on the next boot).
+	DoneURL string
+}
+
+// Installer renders the Ignition config of a network-booted live system
+// that writes the OS to in.Disk with the node's own config (carried
+// inside, mode 0600), reports, and reboots into it. It carries no agent
+// and joins nothing itself.
+func Installer(in InstallInput) ([]byte, error) {
+	c := in.Cluster
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil, err
+	}
+	if !strings.HasPrefix(in.Disk, "/dev/") || strings.ContainsAny(in.Disk, " \t\n'\"\\%") {
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("install disk %q: give a device path such as /dev/sda or /dev/disk/by-id/NAME", in.Disk))
+	}
+	doc := &butaneDoc{Variant: osp.Butane.Variant, Version: osp.Butane.Version}
+	if len(c.SSH.AuthorizedKeys) > 0 {
+		doc.Passwd = &butanePasswd{Users: []butaneUser{{Name: "core", SSHAuthorizedKeys: c.SSH.AuthorizedKeys}}}
+	}
+	doc.Storage.Directories = []butaneDir{{Path: "/var/lib/kiln-install", Mode: 0o700}}
+	doc.Storage.Files = []butaneFile{{Path: InstallConfigPath, Mode: 0o600, Contents: butaneContents{Inline: string(in.Config)}}}
+	cmd := make([]string, len(osp.PXE.Install))
+	r := strings.NewReplacer("{disk}", in.Disk, "{config}", InstallConfigPath, "{channel}", c.OS.Channel, "{version}", c.OS.Version)
+	for i, a := range osp.PXE.Install {
+		cmd[i] = r.Replace(a)
+	}
+	unit := fmt.Sprintf(`[Unit]
+Description=kiln: write %s and this node's config to %s, then reboot into it
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=%s
+`, osp.Description, in.Disk, strings.Join(cmd, " "))
+	if in.DoneURL != "" {
+		// A failed report only costs the operator a boot-order change.
+		unit += fmt.Sprintf("ExecStart=-/usr/bin/curl -fsS --retry 5 --max-time 10 -H 'Content-Type: application/json' --data '{\"phase\":\"installed\",\"state\":\"done\"}' %s\n",
+			strings.ReplaceAll(in.DoneURL, "%", "%%"))
+	}
+	unit += "ExecStart=/usr/bin/systemctl --no-block reboot\n\n[Install]\nWantedBy=multi-user.target\n"
+	doc.Systemd.Units = []butaneUnit{{Name: InstallUnit, Enabled: true, Contents: unit}}
+
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	if err := enc.Encode(doc); err != nil {
+		return nil, err
+	}
+	cfg, err := translate(buf.Bytes())
+	if err != nil {
+		return nil, fmt.Errorf("translate the installer's butane: %w", err)
+	}
+	return encode(cfg)
+}
