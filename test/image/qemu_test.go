@@ -17,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kilnproject/kiln/imagebuild/pxe"
 )
 
 // Booting Debian's own kernels under QEMU (TCG) mounts the baked
@@ -253,20 +255,24 @@ func writeInitramfs(t *testing.T, path, kdir, init string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var c cpio
-	for _, d := range []string{"bin", "dev", "proc", "sys", "m", "lib", "lib/modules"} {
-		c.add(d, fs.ModeDir|0o755, nil)
+	var buf bytes.Buffer
+	c := pxe.NewCPIO(&buf)
+	for _, d := range []string{"bin", "dev", "proc", "sys", "m", "lib/modules"} {
+		c.Dir(d, 0o755)
 	}
-	c.add("bin/busybox", 0o755, busybox)
-	c.add("init", 0o755, []byte(init))
+	c.File("bin/busybox", 0o755, busybox)
+	c.File("init", 0o755, []byte(init))
 	for i, ko := range moduleOrder(t, filepath.Join(kdir, "modules"), guestModules) {
 		data, err := os.ReadFile(ko)
 		if err != nil {
 			t.Fatal(err)
 		}
-		c.add(fmt.Sprintf("lib/modules/%03d-%s", i, filepath.Base(ko)), 0o644, data)
+		c.File(fmt.Sprintf("lib/modules/%03d-%s", i, filepath.Base(ko)), 0o644, data)
 	}
-	if err := os.WriteFile(path, c.close(), 0o644); err != nil {
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, buf.Bytes(), 0o644); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -352,37 +358,4 @@ func modDeps(t *testing.T, ko string) (depends, softPre []string) {
 		}
 	}
 	return depends, softPre
-}
-
-// cpio builds a newc ("070701") archive.
-type cpio struct {
-	buf bytes.Buffer
-	ino int
-}
-
-func (c *cpio) add(name string, mode fs.FileMode, data []byte) {
-	c.ino++
-	m := uint32(mode.Perm())
-	switch {
-	case mode.IsDir():
-		m |= 0o040000
-	case name != "TRAILER!!!":
-		m |= 0o100000
-	}
-	fmt.Fprintf(&c.buf, "070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%s\x00",
-		c.ino, m, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name)+1, 0, name)
-	c.pad()
-	c.buf.Write(data)
-	c.pad()
-}
-
-func (c *cpio) pad() {
-	for c.buf.Len()%4 != 0 {
-		c.buf.WriteByte(0)
-	}
-}
-
-func (c *cpio) close() []byte {
-	c.add("TRAILER!!!", 0, nil)
-	return c.buf.Bytes()
 }

@@ -1,0 +1,398 @@
+package pxe
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/render"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// StateDir is where kiln serve keeps what it learns (pool assignments,
+// reports); a rebuilt bundle keeps it.
+const StateDir = "state"
+
+// DefaultDisk is the install target when none is given.
+const DefaultDisk = "/dev/sda"
+
+// AssetFile is a boot file for the bundle: a verified download or a local
+// file.
+type AssetFile struct {
+	Kind string
+	// Path is the file on this machine; Name its file name in the bundle.
+	Path, Name string
+}
+
+// Options say what bundle to build.
+type Options struct {
+	Cluster *cluster.Cluster
+	Secrets *secrets.Secrets
+	Target  *profiles.Target
+	// Agent is the gzip-compressed kiln-firstboot for the target's arch.
+	Agent     []byte
+	OSVersion string
+	Assets    []AssetFile
+	// ServerURL is where nodes reach kiln serve.
+	ServerURL string
+	// Modes maps a role to live or install (missing: install for init
+	// and control-plane, live for workers).
+	Modes map[nodeconfig.Role]string
+	// Disk is the install target.
+	Disk       string
+	KernelArgs []string
+	// MatchboxURL is the matchbox endpoint the export points nodes at.
+	MatchboxURL string
+	Output      string
+	Force       bool
+	Progress    io.Writer
+}
+
+// Result describes a built bundle.
+type Result struct {
+	Dir     string       `json:"dir"`
+	Profile string       `json:"profile"`
+	Server  string       `json:"serverURL"`
+	Nodes   []NodeResult `json:"nodes"`
+	Assets  []Asset      `json:"assets"`
+	Seconds float64      `json:"seconds"`
+}
+
+// NodeResult is one entry of a built bundle.
+type NodeResult struct {
+	Name    string          `json:"name"`
+	Role    nodeconfig.Role `json:"role"`
+	MAC     string          `json:"mac,omitempty"`
+	Default bool            `json:"default,omitempty"`
+	Mode    string          `json:"mode"`
+	Config  string          `json:"config"`
+	Script  string          `json:"script,omitempty"`
+	Offline string          `json:"offline"`
+}
+
+// DefaultMode is a role's boot mode unless the operator says otherwise:
+// control planes install (etcd must survive a reboot), workers run live.
+func DefaultMode(r nodeconfig.Role) string {
+	if r == nodeconfig.RoleWorker {
+		return ModeLive
+	}
+	return ModeInstall
+}
+
+func (o *Options) check() error {
+	var errs []error
+	u, err := url.Parse(o.ServerURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" || strings.Trim(u.Path, "/") != "" {
+		errs = append(errs, fmt.Errorf("--server-url %q: give the URL nodes reach kiln serve at, such as http://10.0.0.5:8080", o.ServerURL))
+	}
+	if o.Target.PXE == nil {
+		errs = append(errs, fault.Wrap(fault.Unsupported, fmt.Errorf("--profile %s cannot boot from the network: use a generic flatcar or fcos profile (kiln profiles)", o.Target.Name)))
+	}
+	for role, m := range o.Modes {
+		if m != ModeLive && m != ModeInstall {
+			errs = append(errs, fmt.Errorf("mode for %s %q: use %s or %s", role, m, ModeLive, ModeInstall))
+		}
+	}
+	for _, a := range o.KernelArgs {
+		if strings.ContainsAny(a, " \t\n") || strings.HasPrefix(a, "ignition.config.url=") {
+			errs = append(errs, fmt.Errorf("--kernel-arg %q: one argument without spaces; kiln sets ignition.config.url itself", a))
+		}
+	}
+	return fault.Wrap(fault.Input, errors.Join(errs...))
+}
+
+// entries lists the bundle's nodes: the inventory, then a role default
+// for each role (init only when the inventory names no init node).
+func (o *Options) entries(prev *Manifest) ([]Node, error) {
+	var out []Node
+	names := map[string]bool{}
+	hasInit := false
+	add := func(n Node) error {
+		if names[n.Name] {
+			return fault.Wrap(fault.Input, fmt.Errorf("nodes: %q is both an inventory node and kiln's role default name: rename the inventory node", n.Name))
+		}
+		names[n.Name] = true
+		n.Mode = o.Modes[n.Role]
+		if n.Mode == "" {
+			n.Mode = DefaultMode(n.Role)
+		}
+		if n.Mode == ModeInstall {
+			n.Disk = o.Disk
+		}
+		// A rebuilt bundle keeps its tokens, so machines mid-boot and
+		// kiln serve's assignments stay valid.
+		if p, ok := prev.lookup(n.Name); ok && p.Role == n.Role && p.MAC == n.MAC {
+			n.Token, n.ReportKey = p.Token, p.ReportKey
+		} else {
+			var err error
+			if n.Token, err = randomHex(); err != nil {
+				return err
+			}
+			if n.ReportKey, err = randomHex(); err != nil {
+				return err
+			}
+		}
+		n.Config = filepath.Join("configs", n.Name+".ign")
+		out = append(out, n)
+		return nil
+	}
+	for i, in := range o.Cluster.Nodes {
+		n := Node{Name: in.Name, Role: in.Role}
+		if in.MAC != "" {
+			mac, err := NormalizeMAC(in.MAC)
+			if err != nil {
+				return nil, fault.Wrap(fault.Input, fmt.Errorf("nodes[%d].mac: %w", i, err))
+			}
+			n.MAC = mac
+		}
+		hasInit = hasInit || in.Role == nodeconfig.RoleInit
+		if err := add(n); err != nil {
+			return nil, err
+		}
+	}
+	for _, r := range []nodeconfig.Role{nodeconfig.RoleInit, nodeconfig.RoleControlPlane, nodeconfig.RoleWorker} {
+		if r == nodeconfig.RoleInit && hasInit {
+			continue
+		}
+		if err := add(Node{Name: "default-" + string(r), Role: r, Default: true}); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+func (m *Manifest) lookup(name string) (*Node, bool) {
+	if m == nil {
+		return nil, false
+	}
+	return m.Node(name)
+}
+
+func randomHex() (string, error) {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return "", fault.Wrap(fault.Environment, fmt.Errorf("random token: %w", err))
+	}
+	return hex.EncodeToString(b), nil
+}
+
+// Build writes the bundle to o.Output: all of it, or nothing (it is built
+// beside the output and renamed into place; kiln serve's state in a
+// bundle it replaces is kept).
+func Build(ctx context.Context, o Options) (*Result, error) {
+	start := time.Now()
+	if err := o.check(); err != nil {
+		return nil, err
+	}
+	if o.Disk == "" {
+		o.Disk = DefaultDisk
+	}
+	if o.Progress == nil {
+		o.Progress = io.Discard
+	}
+	var prev *Manifest
+	if _, err := os.Stat(o.Output); err == nil {
+		if !o.Force {
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to rebuild it (tokens and kiln serve's state are kept)", o.Output))
+		}
+		if prev, err = ReadManifest(o.Output); err != nil {
+			return nil, fmt.Errorf("%s exists but is not a bundle kiln can rebuild (%w): remove it or pick another --output", o.Output, err)
+		}
+	}
+	osp, err := profiles.LookupOS(o.Cluster.OS.Name)
+	if err != nil {
+		return nil, err
+	}
+	nodes, err := o.entries(prev)
+	if err != nil {
+		return nil, err
+	}
+	m := &Manifest{
+		Format: FormatVersion, Cluster: o.Cluster.Name, Profile: o.Target.Name, OS: o.Target.OS, Arch: o.Target.Arch,
+		OSVersion: o.OSVersion, ServerURL: strings.TrimSuffix(o.ServerURL, "/"),
+		KernelArgs: append(append([]string{}, osp.PXE.KernelArgs...), o.KernelArgs...), RootfsArg: osp.PXE.RootfsArg,
+		Nodes: nodes,
+	}
+	if prev != nil {
+		m.StatusToken = prev.StatusToken
+	} else if m.StatusToken, err = randomHex(); err != nil {
+		return nil, err
+	}
+
+	parent := filepath.Dir(filepath.Clean(o.Output))
+	if err := os.MkdirAll(parent, 0o755); err != nil {
+		return nil, fault.Wrap(fault.IO, err)
+	}
+	tmp, err := os.MkdirTemp(parent, ".pxe-*")
+	if err != nil {
+		return nil, fault.Wrap(fault.IO, err)
+	}
+	defer os.RemoveAll(tmp)
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return nil, fault.Wrap(fault.IO, err)
+	}
+	w := &writer{dir: tmp}
+
+	setDir := fmt.Sprintf("%s-%s-%s", o.Target.OS, o.Target.Arch, o.OSVersion)
+	for _, a := range o.Assets {
+		rel := filepath.Join(setDir, a.Name)
+		sum, size, err := w.asset(filepath.Join("assets", rel), a.Path)
+		if err != nil {
+			return nil, err
+		}
+		m.Assets = append(m.Assets, Asset{Kind: a.Kind, File: filepath.ToSlash(rel), SHA256: sum, Size: size})
+		fmt.Fprintf(o.Progress, "asset %s: %s (%.1f MiB)\n", a.Kind, rel, float64(size)/(1<<20))
+	}
+	if _, ok := m.Asset(AssetKernel); !ok {
+		return nil, fault.Wrap(fault.Input, errors.New("no kernel: give --kernel and --initramfs, or let kiln download them"))
+	}
+
+	res := &Result{Dir: o.Output, Profile: o.Target.Name, Server: m.ServerURL, Assets: m.Assets}
+	for i := range m.Nodes {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		n := &m.Nodes[i]
+		nr, err := o.node(w, m, n, osp)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", n.Name, err)
+		}
+		res.Nodes = append(res.Nodes, nr)
+		what := n.Mode
+		if n.Mode == ModeInstall {
+			what += " to " + n.Disk
+		}
+		fmt.Fprintf(o.Progress, "node %s (%s, %s): %s\n", n.Name, n.Role, what, nr.Config)
+	}
+	if err := o.matchbox(w, m); err != nil {
+		return nil, err
+	}
+	data, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	if err := w.file(ManifestFile, append(data, '\n'), 0o600); err != nil {
+		return nil, err
+	}
+	if w.err != nil {
+		return nil, w.err
+	}
+	// Keep kiln serve's state across rebuilds.
+	oldState, newState := filepath.Join(o.Output, StateDir), filepath.Join(tmp, StateDir)
+	moved := os.Rename(oldState, newState) == nil
+	if err := atomicfile.ReplaceDir(tmp, o.Output); err != nil {
+		if moved {
+			os.Rename(newState, oldState)
+		}
+		return nil, fmt.Errorf("write bundle: %w", err)
+	}
+	res.Seconds = time.Since(start).Seconds()
+	return res, nil
+}
+
+// node renders one entry: its config (the node's own, or an installer
+// holding it), its iPXE script when it has a MAC, and its offline variant.
+func (o *Options) node(w *writer, m *Manifest, n *Node, osp *profiles.OS) (NodeResult, error) {
+	in := render.Input{Cluster: o.Cluster, Secrets: o.Secrets, Role: n.Role, Arch: o.Target.Arch, Agent: o.Agent, ReportURL: m.ReportURL(n)}
+	if !n.Default {
+		in.NodeName = n.Name
+	}
+	config, err := render.Ignition(in)
+	if err != nil {
+		return NodeResult{}, err
+	}
+	if n.Mode == ModeInstall {
+		if config, err = render.Installer(render.InstallInput{Cluster: o.Cluster, Config: config, Disk: n.Disk, DoneURL: m.ReportURL(n)}); err != nil {
+			return NodeResult{}, err
+		}
+	}
+	nr := NodeResult{Name: n.Name, Role: n.Role, MAC: n.MAC, Default: n.Default, Mode: n.Mode, Config: n.Config}
+	w.file(n.Config, config, 0o600)
+	if n.MAC != "" {
+		nr.Script = filepath.Join("ipxe", n.Name+".ipxe")
+		w.file(nr.Script, []byte(m.Script(n, n.MAC)), 0o600)
+	}
+	var cpio bytes.Buffer
+	if err := ConfigInitramfs(&cpio, osp.PXE.InitrdConfig, config); err != nil {
+		return NodeResult{}, err
+	}
+	nr.Offline = filepath.Join("offline", n.Name)
+	w.file(filepath.Join(nr.Offline, OfflineConfig), cpio.Bytes(), 0o600)
+	w.file(filepath.Join(nr.Offline, "boot.ipxe"), []byte(m.OfflineScript(n, OfflineConfig)), 0o600)
+	return nr, w.err
+}
+
+// OfflineConfig is the file name of a node's config initramfs in its
+// offline folder.
+const OfflineConfig = "config.img"
+
+// writer writes the bundle's files, keeping the first error.
+type writer struct {
+	dir string
+	err error
+}
+
+func (w *writer) file(rel string, data []byte, perm os.FileMode) error {
+	if w.err != nil {
+		return w.err
+	}
+	p := filepath.Join(w.dir, rel)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		w.err = fault.Wrap(fault.IO, err)
+		return w.err
+	}
+	if err := atomicfile.Write(p, data, perm, false); err != nil {
+		w.err = err
+	}
+	return w.err
+}
+
+// asset links src into the bundle (or copies it across filesystems) and
+// returns its sha256 and size.
+func (w *writer) asset(rel, src string) (string, int64, error) {
+	dst := filepath.Join(w.dir, rel)
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return "", 0, fault.Wrap(fault.IO, err)
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		return "", 0, fault.Wrap(fault.Input, err)
+	}
+	defer in.Close()
+	h := sha256.New()
+	if os.Link(src, dst) == nil {
+		n, err := io.Copy(h, in)
+		if err != nil {
+			return "", 0, fault.Wrap(fault.IO, err)
+		}
+		return hex.EncodeToString(h.Sum(nil)), n, nil
+	}
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+	if err != nil {
+		return "", 0, fault.Wrap(fault.IO, err)
+	}
+	n, err := io.Copy(io.MultiWriter(out, h), in)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return "", 0, fault.Wrap(fault.IO, fmt.Errorf("copy %s: %w", src, err))
+	}
+	return hex.EncodeToString(h.Sum(nil)), n, nil
+}

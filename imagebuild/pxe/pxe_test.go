@@ -1,0 +1,263 @@
+package pxe
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+const clusterYAML = `apiVersion: kiln.dev/v1alpha1
+kind: Cluster
+name: rack
+controlPlaneEndpoint: lb.rack.test:6443
+kubernetes:
+  downloads:
+DOWNLOADS
+os: {name: OS}
+nodes:
+  - {name: cp-1, role: init, mac: "52:54:00:00:00:01"}
+  - {name: cp-2, role: control-plane, mac: "52-54-00-00-00-02"}
+  - {name: cp-3, role: control-plane}
+  - {name: w-1, role: worker, mac: "52:54:00:00:00:11"}
+`
+
+var testSecrets *secrets.Secrets
+
+func fixture(t *testing.T, osName, profile string) Options {
+	t.Helper()
+	if testSecrets == nil {
+		s, err := secrets.Generate("rack", time.Now(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		testSecrets = s
+	}
+	osp, err := profiles.LookupOS(osName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var downloads []string
+	for _, d := range osp.Downloads {
+		downloads = append(downloads, "    - {name: "+d.Name+", arch: amd64, url: 'https://e.test/"+d.Name+"', sha512: "+strings.Repeat("ab", 64)+"}")
+	}
+	c, err := cluster.Parse([]byte(strings.NewReplacer("DOWNLOADS", strings.Join(downloads, "\n"), "OS", osName).Replace(clusterYAML)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg, err := profiles.LookupTarget(profile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	var assets []AssetFile
+	kinds := []string{AssetKernel, AssetInitramfs}
+	if tg.PXE.Stream {
+		kinds = append(kinds, AssetRootfs)
+	}
+	for _, k := range kinds {
+		p := filepath.Join(dir, k+".bin")
+		if err := os.WriteFile(p, []byte("fake "+k), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		assets = append(assets, AssetFile{Kind: k, Path: p, Name: k + ".bin"})
+	}
+	return Options{
+		Cluster: c, Secrets: testSecrets, Target: tg, Agent: []byte("agent"), OSVersion: "1.2.3", Assets: assets,
+		ServerURL: "http://10.0.0.5:8080/", Output: filepath.Join(dir, "bundle"),
+	}
+}
+
+func TestBuildBundle(t *testing.T) {
+	o := fixture(t, "flatcar", "flatcar-amd64")
+	o.KernelArgs = []string{"console=ttyS0"}
+	res, err := Build(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := ReadManifest(o.Output)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, n := range m.Nodes {
+		got = append(got, strings.Join([]string{n.Name, string(n.Role), n.MAC, n.Mode, n.Disk}, "/"))
+	}
+	want := []string{
+		"cp-1/init/52:54:00:00:00:01/install//dev/sda",
+		"cp-2/control-plane/52:54:00:00:00:02/install//dev/sda",
+		"cp-3/control-plane//install//dev/sda",
+		"w-1/worker/52:54:00:00:00:11/live/",
+		"default-control-plane/control-plane//install//dev/sda",
+		"default-worker/worker//live/",
+	}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("nodes:\n got %v\nwant %v", got, want)
+	}
+	if m.ServerURL != "http://10.0.0.5:8080" || len(res.Nodes) != len(want) {
+		t.Errorf("server %q, %d results", m.ServerURL, len(res.Nodes))
+	}
+	tokens := map[string]bool{m.StatusToken: true}
+	for _, n := range m.Nodes {
+		for _, tok := range []string{n.Token, n.ReportKey} {
+			if !regexp.MustCompile(`^[0-9a-f]{64}$`).MatchString(tok) || tokens[tok] {
+				t.Errorf("%s: token %q is not a fresh 256-bit hex token", n.Name, tok)
+			}
+			tokens[tok] = true
+		}
+	}
+	// Everything that carries a token or a config is private.
+	filepath.WalkDir(o.Output, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(o.Output, p)
+		fi, _ := d.Info()
+		private := !strings.HasPrefix(rel, "assets/") && !strings.HasPrefix(rel, "matchbox/profiles/") && !strings.HasPrefix(rel, "matchbox/groups/") && rel != "matchbox/README"
+		if private && fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: mode %v, want 0600", rel, fi.Mode().Perm())
+		}
+		return nil
+	})
+	cp2, _ := m.Node("cp-2")
+	script, err := os.ReadFile(filepath.Join(o.Output, "ipxe", "cp-2.ipxe"))
+	if err != nil || string(script) != m.Script(cp2, cp2.MAC) {
+		t.Errorf("ipxe/cp-2.ipxe differs from what kiln serve hands out (%v)", err)
+	}
+	wantScript := "#!ipxe\n# kiln cluster rack: cp-2 (control-plane, install)\n" +
+		"kernel http://10.0.0.5:8080/assets/flatcar-amd64-1.2.3/kernel.bin initrd=initramfs.bin flatcar.first_boot=1 console=ttyS0 " +
+		"ignition.config.url=http://10.0.0.5:8080/config/cp-2?mac=52%3A54%3A00%3A00%3A00%3A02&token=" + cp2.Token + "\n" +
+		"initrd http://10.0.0.5:8080/assets/flatcar-amd64-1.2.3/initramfs.bin\nboot\n"
+	if string(script) != wantScript {
+		t.Errorf("script:\n%s\nwant:\n%s", script, wantScript)
+	}
+	offline, _ := os.ReadFile(filepath.Join(o.Output, "offline", "w-1", "boot.ipxe"))
+	if !strings.Contains(string(offline), "initrd config.img\n") || !strings.Contains(string(offline), "kernel ../../assets/flatcar-amd64-1.2.3/kernel.bin initrd=initramfs.bin initrd=config.img ") || strings.Contains(string(offline), "token") {
+		t.Errorf("offline script:\n%s", offline)
+	}
+	for _, f := range []string{"cp-1", "cp-2", "w-1", "default-worker"} {
+		var g mbGroup
+		data, err := os.ReadFile(filepath.Join(o.Output, "matchbox", "groups", "rack-"+f+".json"))
+		if err == nil {
+			err = json.Unmarshal(data, &g)
+		}
+		n, _ := m.Node(f)
+		if err != nil || g.Profile != "rack-"+f || g.Selector["mac"] != n.MAC {
+			t.Errorf("matchbox group %s: %+v %v", f, g, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(o.Output, "matchbox", "groups", "rack-cp-3.json")); err == nil {
+		t.Error("a pool slot got a matchbox group")
+	}
+}
+
+func TestInstallerCarriesNodeConfig(t *testing.T) {
+	o := fixture(t, "flatcar", "flatcar-amd64")
+	o.Modes = map[nodeconfig.Role]string{nodeconfig.RoleWorker: ModeInstall}
+	o.Disk = "/dev/nvme0n1"
+	if _, err := Build(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	m, _ := ReadManifest(o.Output)
+	w, _ := m.Node("w-1")
+	cfg, _ := os.ReadFile(filepath.Join(o.Output, w.Config))
+	for _, want := range []string{"flatcar-install -d /dev/nvme0n1 -C stable -V current -i /var/lib/kiln-install/config.ign", "/report/w-1?key=" + w.ReportKey} {
+		if !bytes.Contains(cfg, []byte(want)) {
+			t.Errorf("w-1's installer lacks %q", want)
+		}
+	}
+}
+
+func TestFCOSBundle(t *testing.T) {
+	o := fixture(t, "fcos", "fcos-x86_64")
+	if _, err := Build(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	m, _ := ReadManifest(o.Output)
+	w, _ := m.Node("w-1")
+	s := m.Script(w, w.MAC)
+	if !strings.Contains(s, " ignition.firstboot ignition.platform.id=metal coreos.live.rootfs_url=http://10.0.0.5:8080/assets/fcos-amd64-1.2.3/rootfs.bin ignition.config.url=") {
+		t.Errorf("fcos script:\n%s", s)
+	}
+	off := m.OfflineScript(w, OfflineConfig)
+	if !strings.Contains(off, "initrd=initramfs.bin initrd=rootfs.bin initrd=config.img ") || strings.Contains(off, "rootfs_url") {
+		t.Errorf("fcos offline script appends the rootfs:\n%s", off)
+	}
+}
+
+func TestRebuildKeepsTokensAndState(t *testing.T) {
+	o := fixture(t, "flatcar", "flatcar-amd64")
+	if _, err := Build(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := ReadManifest(o.Output)
+	state := filepath.Join(o.Output, StateDir, "assignments.json")
+	os.MkdirAll(filepath.Dir(state), 0o700)
+	os.WriteFile(state, []byte("{}"), 0o600)
+	if _, err := Build(context.Background(), o); err == nil || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("rebuild without --force: %v", err)
+	}
+	o.Force = true
+	if _, err := Build(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := ReadManifest(o.Output)
+	if after.StatusToken != before.StatusToken || after.Nodes[0].Token != before.Nodes[0].Token || after.Nodes[0].ReportKey != before.Nodes[0].ReportKey {
+		t.Error("a rebuild changed the tokens")
+	}
+	if _, err := os.Stat(state); err != nil {
+		t.Errorf("kiln serve's state was lost: %v", err)
+	}
+}
+
+func TestBadInputWritesNothing(t *testing.T) {
+	for name, edit := range map[string]func(*Options){
+		"server url":   func(o *Options) { o.ServerURL = "10.0.0.5:8080" },
+		"server query": func(o *Options) { o.ServerURL = "http://10.0.0.5/?a=b" },
+		"mode":         func(o *Options) { o.Modes = map[nodeconfig.Role]string{nodeconfig.RoleWorker: "ram"} },
+		"kernel arg":   func(o *Options) { o.KernelArgs = []string{"ignition.config.url=http://x"} },
+		"disk":         func(o *Options) { o.Disk = "sda" },
+		"asset":        func(o *Options) { o.Assets[1].Path = "/nonexistent" },
+		"rpi4":         func(o *Options) { o.Target, _ = profiles.LookupTarget("flatcar-rpi4") },
+	} {
+		o := fixture(t, "flatcar", "flatcar-amd64")
+		edit(&o)
+		if _, err := Build(context.Background(), o); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+		left, _ := filepath.Glob(filepath.Join(filepath.Dir(o.Output), "*"))
+		var extra []string
+		for _, l := range left {
+			if !strings.HasSuffix(l, ".bin") {
+				extra = append(extra, filepath.Base(l))
+			}
+		}
+		if len(extra) > 0 {
+			t.Errorf("%s: left %v behind", name, extra)
+		}
+	}
+}
+
+func TestNormalizeMAC(t *testing.T) {
+	for in, want := range map[string]string{"52-54-00-AB-cd-EF": "52:54:00:ab:cd:ef", "52:54:00:ab:cd:ef": "52:54:00:ab:cd:ef"} {
+		if got, err := NormalizeMAC(in); err != nil || got != want {
+			t.Errorf("NormalizeMAC(%q) = %q, %v", in, got, err)
+		}
+	}
+	for _, bad := range []string{"", "52:54:00:ab:cd", "00:00:00:00:00:00:00:e0", "zz:54:00:ab:cd:ef"} {
+		if _, err := NormalizeMAC(bad); err == nil {
+			t.Errorf("NormalizeMAC(%q) accepted", bad)
+		}
+	}
+}
