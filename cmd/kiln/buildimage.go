@@ -3,12 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"syscall"
-	"time"
 
 	"github.com/spf13/cobra"
 
@@ -21,19 +19,16 @@ import (
 )
 
 type buildImageOptions struct {
-	role       string
-	profile    string
-	node       string
-	baseImage  string
-	firmware   string
-	dest       string
-	compress   string
-	mirror     string
-	signingKey string
-	cacheDir   string
-	timeout    time.Duration
-	force      bool
-	output     outputFormat
+	role      string
+	profile   string
+	node      string
+	baseImage string
+	firmware  string
+	dest      string
+	compress  string
+	download  downloadOptions
+	force     bool
+	output    outputFormat
 }
 
 func newBuildImageCmd(g *globals) *cobra.Command {
@@ -83,10 +78,7 @@ loaders are never changed. Progress goes to stderr; -o json prints the result.`,
 	f.StringVar(&o.firmware, "firmware", "", "board firmware archive (flatcar-rpi4: the pftf RPi4 UEFI zip)")
 	f.StringVar(&o.dest, "dest", ".", "folder for the image and its .bmap and .sha256")
 	f.StringVar(&o.compress, "compress", "", "also write a compressed image: zst or xz (multi-threaded)")
-	f.StringVar(&o.mirror, "mirror", "", "download the base image from this mirror instead of the profile's origin")
-	f.StringVar(&o.signingKey, "signing-key", "", "armored OpenPGP public key that signs the mirror's images (default: the profile's embedded key)")
-	f.StringVar(&o.cacheDir, "cache-dir", "", "base image cache (default: kiln/ in the user cache folder)")
-	f.DurationVar(&o.timeout, "timeout", 2*time.Hour, "give up downloading after this long")
+	o.download.addFlags(f, "base image")
 	f.BoolVar(&o.force, "force", false, "replace existing outputs")
 	addOutputFlag(cmd, &o.output)
 	return cmd
@@ -100,16 +92,9 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 	if err != nil {
 		return fault.Wrap(fault.Input, fmt.Errorf("--role: %w", err))
 	}
-	t, err := lookupTarget(o.profile)
+	t, c, s, err := g.loadForTarget(o.profile)
 	if err != nil {
 		return err
-	}
-	c, s, err := g.load()
-	if err != nil {
-		return err
-	}
-	if c.OS.Name != t.OS {
-		return fault.Wrap(fault.Input, fmt.Errorf("--profile %s is for os %s, but the cluster file has os.name %s: pick a %s profile (kiln profiles) or change os.name", t.Name, t.OS, c.OS.Name, c.OS.Name))
 	}
 	in := render.Input{Cluster: c, Secrets: s, Role: role, Arch: t.Arch, NodeName: o.node}
 	if in.Agent, err = agentbin.Gzipped(t.Arch); err != nil {
@@ -120,11 +105,9 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 		return err
 	}
 
-	cache := &baseimage.Cache{Dir: o.cacheDir, Client: &http.Client{Timeout: o.timeout}, Progress: g.stderr}
-	if cache.Dir == "" {
-		if cache.Dir, err = baseimage.DefaultCacheDir(); err != nil {
-			return err
-		}
+	cache, err := o.download.cache(g)
+	if err != nil {
+		return err
 	}
 	base, version := o.baseImage, "(local file)"
 	if base != "" {
@@ -132,11 +115,9 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 			return err
 		}
 	} else {
-		src := baseimage.Source{Target: t, Channel: c.OS.Channel, Version: c.OS.Version, Mirror: o.mirror}
-		if o.signingKey != "" {
-			if src.Keyring, err = os.ReadFile(o.signingKey); err != nil {
-				return fault.Wrap(fault.Input, fmt.Errorf("--signing-key: %w", err))
-			}
+		src, err := o.download.source(t, c)
+		if err != nil {
+			return err
 		}
 		var rel *baseimage.Release
 		if base, rel, _, err = cache.Fetch(ctx, src); err != nil {

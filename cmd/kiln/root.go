@@ -104,6 +104,7 @@ Fedora CoreOS with a first-boot agent that runs kubeadm init or join.`,
 		newVersionCmd(g),
 		newProfilesCmd(g),
 		newBuildImageCmd(g),
+		newPxeCmd(g),
 	)
 	return root
 }

@@ -1,0 +1,73 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/kilnproject/kiln/imagebuild/baseimage"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+// downloadOptions are the flags of commands that fetch vendor files.
+type downloadOptions struct {
+	mirror     string
+	signingKey string
+	cacheDir   string
+	timeout    time.Duration
+}
+
+func (o *downloadOptions) addFlags(f *pflag.FlagSet, what string) {
+	f.StringVar(&o.mirror, "mirror", "", "download the "+what+" from this mirror instead of the profile's origin")
+	f.StringVar(&o.signingKey, "signing-key", "", "armored OpenPGP public key that signs the mirror's files (default: the profile's embedded key)")
+	f.StringVar(&o.cacheDir, "cache-dir", "", "download cache (default: kiln/ in the user cache folder)")
+	f.DurationVar(&o.timeout, "timeout", 2*time.Hour, "give up downloading after this long")
+}
+
+// cache is the download cache, reporting progress on g's stderr.
+func (o *downloadOptions) cache(g *globals) (*baseimage.Cache, error) {
+	c := &baseimage.Cache{Dir: o.cacheDir, Client: &http.Client{Timeout: o.timeout}, Progress: g.stderr}
+	if c.Dir == "" {
+		var err error
+		if c.Dir, err = baseimage.DefaultCacheDir(); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// source says what to fetch for the target: the cluster's OS channel and
+// version, from the mirror if one is given.
+func (o *downloadOptions) source(t *profiles.Target, c *cluster.Cluster) (baseimage.Source, error) {
+	src := baseimage.Source{Target: t, Channel: c.OS.Channel, Version: c.OS.Version, Mirror: o.mirror}
+	if o.signingKey != "" {
+		var err error
+		if src.Keyring, err = os.ReadFile(o.signingKey); err != nil {
+			return src, fault.Wrap(fault.Input, fmt.Errorf("--signing-key: %w", err))
+		}
+	}
+	return src, nil
+}
+
+// loadForTarget loads the cluster and secrets and checks that the target
+// profile is for the cluster's OS.
+func (g *globals) loadForTarget(profile string) (*profiles.Target, *cluster.Cluster, *secrets.Secrets, error) {
+	t, err := lookupTarget(profile)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	c, s, err := g.load()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if c.OS.Name != t.OS {
+		return nil, nil, nil, fault.Wrap(fault.Input, fmt.Errorf("--profile %s is for os %s, but the cluster file has os.name %s: pick a %s profile (kiln profiles) or change os.name", t.Name, t.OS, c.OS.Name, c.OS.Name))
+	}
+	return t, c, s, nil
+}

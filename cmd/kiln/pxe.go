@@ -1,0 +1,225 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/agentbin"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/pxe"
+	"github.com/kilnproject/kiln/profiles"
+)
+
+type pxeOptions struct {
+	output      string
+	profile     string
+	serverURL   string
+	modes       map[string]string
+	disk        string
+	kernel      string
+	initramfs   string
+	rootfs      string
+	kernelArgs  []string
+	matchboxURL string
+	download    downloadOptions
+	force       bool
+	format      outputFormat
+}
+
+func newPxeCmd(g *globals) *cobra.Command {
+	o := &pxeOptions{}
+	cmd := &cobra.Command{
+		Use:   "pxe --output DIR --server-url URL",
+		Short: "Build a network-boot bundle for every node, served by kiln serve",
+		Long: `pxe writes everything a rack of machines needs to boot from the network into
+one folder, all or nothing, for kiln serve (or any web server, or matchbox):
+
+  assets/     the OS's PXE kernel and initramfs (Fedora CoreOS: and rootfs),
+              downloaded, verified (Flatcar: SHA-512 and OpenPGP signature;
+              Fedora CoreOS: sha256 from the stream) and cached, or given
+              as local files with --kernel, --initramfs (and --rootfs)
+  configs/    per node, its Ignition config (hostname and role set); for
+              install-mode nodes, an installer config that carries it
+  ipxe/       per node with a MAC, the iPXE script kiln serve hands it
+  offline/    per node, boot.ipxe and config.img: the config as an extra
+              initramfs (gzip newc cpio), for booting with no config server
+  matchbox/   the same nodes as matchbox profiles, groups and configs
+  bundle.json the index kiln serve reads (mode 0600: it holds tokens)
+
+Nodes are the cluster file's inventory (name, role, MAC) plus a role default
+per role for machines it does not list (default-worker, default-control-plane,
+and default-init when no inventory node is init). Inventory nodes without a
+MAC are pool slots kiln serve can assign (kiln serve --pool).
+
+Modes: live runs the node from RAM (nothing survives a reboot; fine for
+workers, the default for them); install boots an installer that writes the
+OS and the node's config to --disk and reboots into it (the default for
+init and control-plane nodes, whose etcd must survive a reboot). Set them
+with --mode ROLE=MODE.
+
+--server-url is where the nodes reach kiln serve; it is written into the
+scripts and configs (config and status report URLs). Rebuilding with --force
+keeps every token and kiln serve's state.`,
+		Example: `  kiln pxe --output pxe/ --server-url http://10.0.0.5:8080
+  kiln serve --bundle pxe/ --listen :8080
+  kiln pxe --output pxe/ --server-url http://10.0.0.5:8080 --mode worker=install --disk /dev/nvme0n1
+  kiln pxe --output pxe/ --server-url http://10.0.0.5:8080 --profile flatcar-arm64 --kernel-arg console=ttyAMA0
+  kiln pxe --output pxe/ --server-url http://10.0.0.5:8080 \
+      --kernel flatcar_production_pxe.vmlinuz --initramfs flatcar_production_pxe_image.cpio.gz`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return runPxe(ctx, g, o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.output, "output", "", "bundle folder to write (required)")
+	f.StringVar(&o.serverURL, "server-url", "", "URL the nodes reach kiln serve at, such as http://10.0.0.5:8080 (required)")
+	f.StringVar(&o.profile, "profile", "", "target profile: a generic flatcar or fcos profile (default: the cluster's OS for amd64)")
+	f.StringToStringVar(&o.modes, "mode", nil, "boot mode per role, ROLE=live|install (default: init and control-plane install, worker live)")
+	f.StringVar(&o.disk, "disk", pxe.DefaultDisk, "disk install-mode nodes install to")
+	f.StringVar(&o.kernel, "kernel", "", "use this PXE kernel instead of downloading")
+	f.StringVar(&o.initramfs, "initramfs", "", "use this PXE initramfs instead of downloading")
+	f.StringVar(&o.rootfs, "rootfs", "", "use this live rootfs instead of downloading (Fedora CoreOS)")
+	f.StringArrayVar(&o.kernelArgs, "kernel-arg", nil, "extra kernel argument for every node (repeatable), such as console=ttyS0,115200n8")
+	f.StringVar(&o.matchboxURL, "matchbox-url", "", "matchbox endpoint for the export (default: --server-url)")
+	o.download.addFlags(f, "PXE files")
+	f.BoolVar(&o.force, "force", false, "rebuild an existing bundle (keeps its tokens and kiln serve's state)")
+	o.format = "text"
+	f.Var(&o.format, "format", "result format: text or json")
+	return cmd
+}
+
+// defaultPxeProfile is the amd64 generic profile of an OS.
+func defaultPxeProfile(osName string) string {
+	for _, n := range profiles.TargetNames() {
+		if t, err := profiles.LookupTarget(n); err == nil && t.OS == osName && t.Arch == "amd64" && t.PXE != nil {
+			return n
+		}
+	}
+	return ""
+}
+
+func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
+	if o.output == "" || o.serverURL == "" {
+		return fault.Wrap(fault.Input, errors.New("--output and --server-url are required, for example --output pxe/ --server-url http://10.0.0.5:8080"))
+	}
+	modes := map[nodeconfig.Role]string{}
+	for r, m := range o.modes {
+		role, err := nodeconfig.ParseRole(r)
+		if err != nil {
+			return fault.Wrap(fault.Input, fmt.Errorf("--mode %s=%s: %w", r, m, err))
+		}
+		modes[role] = m
+	}
+	if o.profile == "" {
+		c, _, err := g.load()
+		if err != nil {
+			return err
+		}
+		o.profile = defaultPxeProfile(c.OS.Name)
+	}
+	t, c, s, err := g.loadForTarget(o.profile)
+	if err != nil {
+		return err
+	}
+	if t.PXE == nil {
+		return fault.Wrap(fault.Unsupported, fmt.Errorf("--profile %s cannot boot from the network: use a generic flatcar or fcos profile (kiln profiles)", t.Name))
+	}
+	agent, err := agentbin.Gzipped(t.Arch)
+	if err != nil {
+		return err
+	}
+	assets, version, err := o.assets(ctx, g, t, c)
+	if err != nil {
+		return err
+	}
+	res, err := pxe.Build(ctx, pxe.Options{
+		Cluster: c, Secrets: s, Target: t, Agent: agent, OSVersion: version, Assets: assets,
+		ServerURL: o.serverURL, Modes: modes, Disk: o.disk, KernelArgs: o.kernelArgs,
+		MatchboxURL: o.matchboxURL, Output: o.output, Force: o.force, Progress: g.stderr,
+	})
+	if err != nil {
+		return err
+	}
+	lines := []string{fmt.Sprintf("wrote %s: %d nodes booting %s %s from %s in %.1fs", res.Dir, len(res.Nodes), t.Name, version, res.Server, res.Seconds)}
+	for _, n := range res.Nodes {
+		who := n.MAC
+		switch {
+		case n.Default:
+			who = "role default"
+		case who == "":
+			who = "pool slot"
+		}
+		lines = append(lines, fmt.Sprintf("  %-24s %-13s %-7s %s", n.Name, n.Role, n.Mode, who))
+	}
+	lines = append(lines,
+		"next: kiln serve --bundle "+res.Dir+", and point DHCP's boot file (iPXE) at "+res.Server+pxe.EntryPath,
+		"offline: serve the bundle with any web server and chain offline/NODE/boot.ipxe; matchbox: see "+filepath.Join(res.Dir, pxe.MatchboxDir, "README"))
+	return emit(g.stdout, o.format, res, lines...)
+}
+
+// assets returns the boot files: the local files given, or the release's
+// verified downloads.
+func (o *pxeOptions) assets(ctx context.Context, g *globals, t *profiles.Target, c *cluster.Cluster) ([]pxe.AssetFile, string, error) {
+	kinds := []string{pxe.AssetKernel, pxe.AssetInitramfs}
+	if t.PXE.Stream {
+		kinds = append(kinds, pxe.AssetRootfs)
+	}
+	local := map[string]string{pxe.AssetKernel: o.kernel, pxe.AssetInitramfs: o.initramfs, pxe.AssetRootfs: o.rootfs}
+	given := 0
+	for _, k := range kinds {
+		if local[k] != "" {
+			given++
+		}
+	}
+	if o.rootfs != "" && !t.PXE.Stream {
+		return nil, "", fault.Wrap(fault.Input, fmt.Errorf("--rootfs: %s boots without a separate rootfs", t.Name))
+	}
+	if given > 0 {
+		if given != len(kinds) {
+			return nil, "", fault.Wrap(fault.Input, fmt.Errorf("give all of --%s for local files, or none to download them", strings.Join(kinds, ", --")))
+		}
+		var out []pxe.AssetFile
+		for _, k := range kinds {
+			if _, err := os.Stat(local[k]); err != nil {
+				return nil, "", fault.Wrap(fault.Input, fmt.Errorf("--%s: %w", k, err))
+			}
+			out = append(out, pxe.AssetFile{Kind: k, Path: local[k], Name: filepath.Base(local[k])})
+		}
+		version := c.OS.Version
+		if version == "current" {
+			version = "local"
+		}
+		return out, version, nil
+	}
+	cache, err := o.download.cache(g)
+	if err != nil {
+		return nil, "", err
+	}
+	src, err := o.download.source(t, c)
+	if err != nil {
+		return nil, "", err
+	}
+	version, files, paths, err := cache.FetchPXE(ctx, src)
+	if err != nil {
+		return nil, "", err
+	}
+	var out []pxe.AssetFile
+	for i, f := range files {
+		out = append(out, pxe.AssetFile{Kind: f.Kind, Path: paths[i], Name: path.Base(strings.SplitN(f.URL, "?", 2)[0])})
+	}
+	return out, version, nil
+}
