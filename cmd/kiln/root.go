@@ -105,6 +105,8 @@ Fedora CoreOS with a first-boot agent that runs kubeadm init or join.`,
 		newProfilesCmd(g),
 		newBuildImageCmd(g),
 		newPxeCmd(g),
+		newServeCmd(g),
+		newStatusCmd(g),
 	)
 	return root
 }

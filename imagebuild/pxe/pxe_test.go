@@ -137,7 +137,7 @@ func TestBuildBundle(t *testing.T) {
 	}
 	wantScript := "#!ipxe\n# kiln cluster rack: cp-2 (control-plane, install)\n" +
 		"kernel http://10.0.0.5:8080/assets/flatcar-amd64-1.2.3/kernel.bin initrd=initramfs.bin flatcar.first_boot=1 console=ttyS0 " +
-		"ignition.config.url=http://10.0.0.5:8080/config/cp-2?mac=52%3A54%3A00%3A00%3A00%3A02&token=" + cp2.Token + "\n" +
+		"ignition.config.url=http://10.0.0.5:8080/config/cp-2?mac=52-54-00-00-00-02&token=" + cp2.Token + "\n" +
 		"initrd http://10.0.0.5:8080/assets/flatcar-amd64-1.2.3/initramfs.bin\nboot\n"
 	if string(script) != wantScript {
 		t.Errorf("script:\n%s\nwant:\n%s", script, wantScript)

@@ -10,13 +10,14 @@ import (
 // EntryScript is what DHCP points iPXE at: it asks for the script of the
 // NIC it booted from.
 func EntryScript() string {
-	return "#!ipxe\n# kiln: fetch this machine's own script\nchain --autofree " + ScriptPath + "?mac=${net0/mac:hexhyp} || goto refused\nexit\n:refused\necho kiln: this machine (${net0/mac}) is not in the cluster's inventory\nexit 1\n"
+	return "#!ipxe\n# kiln: fetch this machine's own script\nchain --autofree " + ScriptPath + "?mac=${netX/mac:hexhyp} || goto refused\nexit\n:refused\necho kiln: this machine (${netX/mac}) is not in the cluster's inventory\nexit 1\n"
 }
 
-// ConfigURL is where a node booted from mac fetches its config.
+// ConfigURL is where a node booted from mac fetches its config. The MAC is
+// written as iPXE's hexhyp (52-54-00-12-34-56) and the token is hex: the
+// URL needs no escaping on a kernel command line.
 func (m *Manifest) ConfigURL(n *Node, mac string) string {
-	q := url.Values{"mac": {mac}, "token": {n.Token}}
-	return strings.TrimSuffix(m.ServerURL, "/") + ConfigPath + n.Name + "?" + q.Encode()
+	return strings.TrimSuffix(m.ServerURL, "/") + ConfigPath + n.Name + "?mac=" + strings.ReplaceAll(mac, ":", "-") + "&token=" + n.Token
 }
 
 // ReportURL is where the node's agent POSTs its status.

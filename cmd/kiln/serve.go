@@ -1,0 +1,135 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/pxe"
+	"github.com/kilnproject/kiln/imagebuild/serve"
+)
+
+type serveOptions struct {
+	bundle    string
+	listen    string
+	pool      []string
+	accessLog string
+}
+
+func newServeCmd(g *globals) *cobra.Command {
+	o := &serveOptions{}
+	cmd := &cobra.Command{
+		Use:   "serve --bundle DIR",
+		Short: "Serve a kiln pxe bundle to network-booting machines",
+		Long: `serve is the boot server for a bundle made by kiln pxe. Point DHCP's iPXE
+boot file at SERVER-URL/boot.ipxe (SERVER-URL is the bundle's --server-url);
+each machine then gets:
+
+  /ipxe?mac=MAC            its iPXE script, found by the MAC it boots from;
+                           an install-mode node that reported installed
+                           gets a script that boots its disk instead
+  /config/NAME             its Ignition config, only with its MAC and token
+                           (init and control-plane configs hold cluster
+                           keys: refused once the node is installed)
+  /assets/FILE             the kernel, initramfs and rootfs (Range requests)
+  /report/NAME             where its first-boot agent reports (POST)
+  /status                  every node's last report, for kiln status
+
+Machines the inventory does not name are refused, unless --pool gives them
+an entry: the next inventory node without a MAC of a pool role (in the
+cluster file's order), else the role default of the first pool role that has
+one (default-init at most once). Assignments and reports are kept in the
+bundle's state/ folder: they survive restarts and rebuilds.
+
+Each request is logged (tokens and keys redacted) to --access-log. serve
+runs until SIGINT or SIGTERM, then lets running requests finish for a few
+seconds and saves its state. It speaks plain HTTP (iPXE's usual); configs
+are guarded by tokens, so keep the boot network private.`,
+		Example: `  kiln serve --bundle pxe/
+  kiln serve --bundle pxe/ --listen 10.0.0.5:8080 --access-log /var/log/kiln-access.log
+  kiln serve --bundle pxe/ --pool init,control-plane
+  kiln serve --bundle pxe/ --pool worker`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return runServe(ctx, g, o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.bundle, "bundle", "", "the folder kiln pxe wrote (required)")
+	f.StringVar(&o.listen, "listen", ":8080", "address to listen on, HOST:PORT")
+	f.StringSliceVar(&o.pool, "pool", nil, "give machines the inventory does not name an entry of these roles, in order (init, control-plane, worker)")
+	f.StringVar(&o.accessLog, "access-log", "", "append the access log to this file (default: stderr)")
+	return cmd
+}
+
+func runServe(ctx context.Context, g *globals, o *serveOptions) error {
+	if o.bundle == "" {
+		return fault.Wrap(fault.Input, fmt.Errorf("--bundle is required: the folder kiln pxe --output wrote"))
+	}
+	var pool []nodeconfig.Role
+	for _, s := range o.pool {
+		r, err := nodeconfig.ParseRole(strings.TrimSpace(s))
+		if err != nil {
+			return fault.Wrap(fault.Input, fmt.Errorf("--pool: %w", err))
+		}
+		pool = append(pool, r)
+	}
+	var access io.Writer = g.stderr
+	if o.accessLog != "" {
+		f, err := os.OpenFile(o.accessLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return fault.Wrap(fault.Input, fmt.Errorf("--access-log: %w", err))
+		}
+		defer f.Close()
+		access = f
+	}
+	srv, err := serve.New(serve.Options{Dir: o.bundle, Pool: pool, AccessLog: access, Log: g.stderr})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", o.listen)
+	if err != nil {
+		return fault.Wrap(fault.Environment, fmt.Errorf("--listen %s: %w: pick a free address or stop what uses it", o.listen, err))
+	}
+	m := srv.Manifest()
+	fmt.Fprintf(g.stdout, "serving %s (cluster %s, %d entries) on http://%s; nodes use %s (DHCP boot file: %s)\n",
+		o.bundle, m.Cluster, len(m.Nodes), ln.Addr(), m.ServerURL, strings.TrimSuffix(m.ServerURL, "/")+pxe.EntryPath)
+	if warning := checkServerURL(m.ServerURL, ln.Addr()); warning != "" {
+		fmt.Fprintf(g.stderr, "kiln serve: warning: %s\n", warning)
+	}
+	return srv.Serve(ctx, ln)
+}
+
+// checkServerURL warns when the nodes' server URL cannot reach this
+// listener.
+func checkServerURL(serverURL string, addr net.Addr) string {
+	u, err := url.Parse(serverURL)
+	tcp, ok := addr.(*net.TCPAddr)
+	if err != nil || !ok {
+		return ""
+	}
+	if u.Scheme != "http" {
+		return fmt.Sprintf("the bundle's server URL %s is not http://, but kiln serve speaks plain HTTP: put a TLS proxy in front of it, or rebuild the bundle with kiln pxe --server-url http://...", serverURL)
+	}
+	port := u.Port()
+	if port == "" {
+		port = "80"
+	}
+	if port != strconv.Itoa(tcp.Port) {
+		return fmt.Sprintf("nodes use port %s (%s) but kiln serve listens on port %d: pass --listen :%s, or rebuild the bundle with kiln pxe --server-url", port, serverURL, tcp.Port, port)
+	}
+	return ""
+}

@@ -1,0 +1,187 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/pxe"
+	"github.com/kilnproject/kiln/imagebuild/serve"
+	"github.com/kilnproject/kiln/imagebuild/serve/servetest"
+)
+
+// lockedBuffer is written by a running command while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+func pxeBundle(t *testing.T) (string, *pxe.Manifest) {
+	return servetest.NewBundle(t,
+		pxe.Node{Name: "cp1", Role: nodeconfig.RoleInit, MAC: "52:54:00:00:00:01"},
+		pxe.Node{Name: "w1", Role: nodeconfig.RoleWorker, MAC: "52:54:00:00:00:02"},
+		pxe.Node{Name: "default-worker", Role: nodeconfig.RoleWorker, Default: true},
+	)
+}
+
+// TestServe runs kiln serve as the command line does, reports to it,
+// asks kiln status, and stops it with SIGTERM.
+func TestServe(t *testing.T) {
+	dir, m := pxeBundle(t)
+	accessLog := filepath.Join(t.TempDir(), "access.log")
+	var out, errOut lockedBuffer
+	exit := make(chan int, 1)
+	go func() {
+		exit <- run([]string{"serve", "--bundle", dir, "--listen", "127.0.0.1:0", "--access-log", accessLog, "--pool", "worker"}, &out, &errOut)
+	}()
+	// The command prints its address once the signal handler is set.
+	addr := regexp.MustCompile(`on http://(127\.0\.0\.1:\d+);`)
+	var server string
+	for deadline := time.Now().Add(10 * time.Second); server == ""; time.Sleep(5 * time.Millisecond) {
+		select {
+		case code := <-exit:
+			t.Fatalf("kiln serve exited %d: %s", code, errOut.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kiln serve printed no address:\n%s\n%s", out.String(), errOut.String())
+		}
+		if match := addr.FindStringSubmatch(out.String()); match != nil {
+			server = "http://" + match[1]
+		}
+	}
+	if !strings.Contains(out.String(), "nodes use http://10.0.0.5:8080") || !strings.Contains(errOut.String(), "nodes use port 8080") {
+		t.Errorf("no server URL or port warning:\n%s\n%s", out.String(), errOut.String())
+	}
+
+	w1, _ := m.Node("w1")
+	resp, err := http.Post(server+pxe.ReportPath+"w1?key="+w1.ReportKey, "application/json",
+		strings.NewReader(`{"node":"w1","phase":"kubeadm-join","state":"retrying","lastError":"connection refused\nretrying","attempt":2}`))
+	if err != nil || resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("report: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	if resp, err = http.Get(server + pxe.ScriptPath + "?mac=52-54-00-00-00-09"); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("pool machine's script: %v %v", err, resp)
+	}
+	resp.Body.Close()
+
+	r := kiln(t, "status", "--bundle", dir, "--server", server)
+	r.expect(t, 0)
+	if !regexp.MustCompile(`(?m)^w1 +worker +52:54:00:00:00:02 +live +kubeadm-join +retrying +\d+s ago +connection refused retrying$`).MatchString(r.stdout) ||
+		!regexp.MustCompile(`(?m)^cp1 +init +52:54:00:00:00:01 +install +- +- +never$`).MatchString(r.stdout) ||
+		!regexp.MustCompile(`(?m)^default-worker +worker +52:54:00:00:00:09 +live +- +- +never`).MatchString(r.stdout) {
+		t.Errorf("status table:\n%s", r.stdout)
+	}
+	r = kiln(t, "status", "--bundle", dir, "--server", server, "-o", "json")
+	r.expect(t, 0)
+	var st serve.Status
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || len(st.Nodes) != 3 || st.Nodes[1].Reports[0].LastError != "connection refused\nretrying" {
+		t.Errorf("status JSON: %v\n%s", err, r.stdout)
+	}
+	wrong := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(wrong, []byte("not-the-token\n"), 0o600)
+	kiln(t, "status", "--server", server, "--token-file", wrong).expect(t, exitInput, "refused the status token")
+	right := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(right, []byte(m.StatusToken+"\n"), 0o600)
+	kiln(t, "status", "--server", server, "--token-file", right).expect(t, 0)
+
+	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case code := <-exit:
+		if code != exitOK {
+			t.Fatalf("kiln serve exited %d after SIGTERM: %s", code, errOut.String())
+		}
+	case <-time.After(serve.ShutdownGrace + 5*time.Second):
+		t.Fatal("kiln serve did not stop on SIGTERM")
+	}
+	state, err := os.ReadFile(filepath.Join(dir, pxe.StateDir, "reports.json"))
+	if err != nil || !strings.Contains(string(state), "kubeadm-join") {
+		t.Errorf("reports not saved at shutdown: %v\n%s", err, state)
+	}
+	logged, err := os.ReadFile(accessLog)
+	if err != nil || !strings.Contains(string(logged), "POST /report/w1?key=REDACTED 204") {
+		t.Errorf("access log: %v\n%s", err, logged)
+	}
+	for _, secret := range []string{w1.ReportKey, m.StatusToken} {
+		if strings.Contains(string(logged)+out.String()+errOut.String()+r.stdout, secret) {
+			t.Errorf("kiln serve or status printed a secret")
+		}
+	}
+}
+
+func TestServeBadInput(t *testing.T) {
+	dir, _ := pxeBundle(t)
+	kiln(t, "serve").expect(t, exitInput, "--bundle is required")
+	kiln(t, "serve", "--bundle", t.TempDir()).expect(t, exitInput, "not a kiln PXE bundle")
+	kiln(t, "serve", "--bundle", dir, "--pool", "worker,boss").expect(t, exitInput, "--pool")
+	kiln(t, "serve", "--bundle", dir, "--pool", "init").expect(t, exitInput, "pool role init")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	kiln(t, "serve", "--bundle", dir, "--listen", ln.Addr().String()).expect(t, exitEnvironment, "--listen")
+}
+
+func TestStatusErrors(t *testing.T) {
+	dir, _ := pxeBundle(t)
+	kiln(t, "status").expect(t, exitInput, "--bundle DIR")
+	kiln(t, "status", "--bundle", dir, "--token-file", "x").expect(t, exitInput, "one of them")
+	kiln(t, "status", "--token-file", filepath.Join(dir, "none")).expect(t, exitInput, "--token-file")
+	kiln(t, "status", "--bundle", dir, "--server", "10.0.0.5:8080").expect(t, exitInput, "--server")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	kiln(t, "status", "--bundle", dir, "--server", "http://"+addr).expect(t, exitEnvironment, "cannot reach kiln serve at http://"+addr)
+}
+
+func TestStatusTable(t *testing.T) {
+	st := &serve.Status{Nodes: []serve.NodeStatus{
+		{Name: "w2", Role: nodeconfig.RoleWorker, Mode: pxe.ModeLive},
+		{Name: "default-worker", Role: nodeconfig.RoleWorker, Mode: pxe.ModeLive, Default: true,
+			Assigned: []serve.Assignment{{MAC: "52:54:00:00:00:0a"}, {MAC: "52:54:00:00:00:0b"}},
+			Reports: []serve.Report{
+				{Host: "lab-worker-a", Phase: "done", State: "done", SecondsSinceReport: 7200},
+				{From: "10.0.0.9", Phase: "kubeadm-join", State: "failed", SecondsSinceReport: 90, LastError: strings.Repeat("x", 100)},
+			}},
+	}}
+	got := statusTable(st)
+	for _, want := range []string{
+		`(?m)^NAME +ROLE +MAC +MODE +PHASE +STATE +LAST-REPORT +LAST-ERROR$`,
+		`(?m)^w2 +worker +- +live +- +- +never$`,
+		`(?m)^default-worker/lab-worker-a +worker +2 machines +live +done +done +2h ago$`,
+		`(?m)^default-worker/10\.0\.0\.9 +worker +2 machines +live +kubeadm-join +failed +1m ago +x{59}…$`,
+	} {
+		if !regexp.MustCompile(want).MatchString(got) {
+			t.Errorf("table lacks %s:\n%s", want, got)
+		}
+	}
+}

@@ -1,0 +1,403 @@
+// Package serve is kiln serve: the HTTP boot server for a bundle made by
+// kiln pxe. It answers iPXE with each machine's script, hands out configs
+// to the machine they are for, serves the boot assets, and records the
+// first-boot agents' reports. What it learns (pool assignments, reports)
+// is kept under the bundle's state/ folder, so it survives restarts and
+// rebuilds of the bundle.
+package serve
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/pxe"
+)
+
+// Phases the server acts on.
+const (
+	// PhaseInstalled is what the kiln installer reports once the OS and
+	// the node's config are on the disk.
+	PhaseInstalled = "installed"
+	// PhaseDone is the agent's last phase: the node is in the cluster.
+	PhaseDone = "done"
+)
+
+const (
+	// writeTimeout bounds writing any answer. There is no server-wide
+	// WriteTimeout: it would cut off a slow download of a big initramfs or
+	// rootfs. Files get writeTimeout plus their size at minRate instead.
+	writeTimeout = time.Minute
+	// minRate is the slowest download waited for, in bytes per second
+	// (300 MB: about 2.5 hours). Dead peers are found sooner by TCP
+	// keep-alives; this drops clients that stay connected but stop reading.
+	minRate = 32 << 10
+	// ShutdownGrace is how long a shutdown waits for running requests.
+	ShutdownGrace = 10 * time.Second
+	// maxReport is the largest report body accepted.
+	maxReport = 64 << 10
+)
+
+// Options say what to serve.
+type Options struct {
+	// Dir is the bundle kiln pxe wrote.
+	Dir string
+	// Pool lists the roles an unknown machine may be given: first a free
+	// inventory node without a MAC of one of them (in the manifest's
+	// order), else the first of these roles that has a role default.
+	Pool []nodeconfig.Role
+	// AccessLog gets one line per request; Log gets the server's notices
+	// (unknown machines, refusals, assignments). Both may be nil.
+	AccessLog, Log io.Writer
+}
+
+// Server serves one bundle. It is an http.Handler; Serve runs it.
+type Server struct {
+	dir  string
+	m    *pxe.Manifest
+	pool []nodeconfig.Role
+	// assets maps each asset's URL path to its file: requests are looked
+	// up, never joined onto the filesystem.
+	assets map[string]string
+	log    *log.Logger
+	access *log.Logger
+
+	// mu guards what the server learns; see state.go.
+	mu         sync.Mutex
+	assigned   map[string]*assignment // by MAC
+	reports    map[string]*record     // by reportKey
+	dirty      bool                   // reports changed since written
+	flushTimer *time.Timer
+	flushMu    sync.Mutex // one writer of reports.json at a time
+}
+
+// New reads the bundle's manifest and the server's state.
+func New(o Options) (*Server, error) {
+	m, err := pxe.ReadManifest(o.Dir)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		dir:    o.Dir,
+		m:      m,
+		assets: map[string]string{},
+		log:    log.New(orDiscard(o.Log), "kiln serve: ", log.LstdFlags),
+		access: log.New(orDiscard(o.AccessLog), "", 0),
+	}
+	for _, a := range m.Assets {
+		s.assets[pxe.AssetPath+a.File] = filepath.Join(o.Dir, "assets", a.File)
+	}
+	for _, r := range o.Pool {
+		if !slices.ContainsFunc(m.Nodes, func(n pxe.Node) bool { return n.Role == r && n.MAC == "" }) {
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("pool role %s: the bundle has no %s entry without a MAC (inventory node or role default): drop it from the pool or rebuild the bundle with kiln pxe", r, r))
+		}
+		if !slices.Contains(s.pool, r) {
+			s.pool = append(s.pool, r)
+		}
+	}
+	if err := s.load(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func orDiscard(w io.Writer) io.Writer {
+	if w == nil {
+		return io.Discard
+	}
+	return w
+}
+
+// Manifest is the bundle's manifest the server answers from.
+func (s *Server) Manifest() *pxe.Manifest { return s.m }
+
+// Serve answers on ln until ctx ends, then shuts down: running requests
+// get ShutdownGrace to finish, and the state is written.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	hs := &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: 10 * time.Second,
+		// Request bodies are reports of at most 64 KiB.
+		ReadTimeout:    30 * time.Second,
+		IdleTimeout:    2 * time.Minute,
+		MaxHeaderBytes: 16 << 10,
+		ErrorLog:       s.log,
+	}
+	done := make(chan error, 1)
+	go func() { done <- hs.Serve(ln) }()
+	var err error
+	select {
+	case err = <-done:
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), ShutdownGrace)
+		if errors.Is(hs.Shutdown(sctx), context.DeadlineExceeded) {
+			s.log.Printf("requests still running after %s were cut off", ShutdownGrace)
+			hs.Close()
+		}
+		cancel()
+		if err = <-done; errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
+	}
+	return errors.Join(fault.Wrap(fault.Environment, err), s.Close())
+}
+
+// ServeHTTP answers one request and logs it.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	lw := &logWriter{ResponseWriter: w}
+	// Fails only where there is no connection (httptest recorders).
+	_ = http.NewResponseController(w).SetWriteDeadline(start.Add(writeTimeout))
+	s.route(lw, r)
+	s.access.Printf("%s %s %s %s %d %d %s", start.UTC().Format("2006-01-02T15:04:05.000Z"), r.RemoteAddr, r.Method,
+		loggedURI(r), lw.code(), lw.bytes, time.Since(start).Round(time.Microsecond))
+}
+
+var (
+	readOnly = []string{http.MethodGet, http.MethodHead}
+	postOnly = []string{http.MethodPost}
+)
+
+func (s *Server) route(w http.ResponseWriter, r *http.Request) {
+	p := r.URL.Path
+	switch {
+	case r.URL.RawPath != "":
+		// Every path here is plain: an encoded slash or dot names nothing.
+		http.NotFound(w, r)
+	case p == pxe.EntryPath:
+		if allow(w, r, readOnly) {
+			text(w, http.StatusOK, pxe.EntryScript())
+		}
+	case p == pxe.ScriptPath:
+		if allow(w, r, readOnly) {
+			s.script(w, r)
+		}
+	case strings.HasPrefix(p, pxe.ConfigPath):
+		if allow(w, r, readOnly) {
+			s.config(w, r, strings.TrimPrefix(p, pxe.ConfigPath))
+		}
+	case strings.HasPrefix(p, pxe.AssetPath):
+		if allow(w, r, readOnly) {
+			s.asset(w, r)
+		}
+	case strings.HasPrefix(p, pxe.ReportPath):
+		if allow(w, r, postOnly) {
+			s.report(w, r, strings.TrimPrefix(p, pxe.ReportPath))
+		}
+	case p == pxe.StatusPath:
+		if allow(w, r, readOnly) {
+			s.status(w, r)
+		}
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func allow(w http.ResponseWriter, r *http.Request, methods []string) bool {
+	if slices.Contains(methods, r.Method) {
+		return true
+	}
+	w.Header().Set("Allow", strings.Join(methods, ", "))
+	http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+	return false
+}
+
+// text answers with a plain-text body that must not be cached: scripts
+// carry tokens and change as machines install.
+func text(w http.ResponseWriter, code int, body string) {
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	io.WriteString(w, body)
+}
+
+// script answers iPXE with the script of the machine with ?mac=.
+func (s *Server) script(w http.ResponseWriter, r *http.Request) {
+	mac, err := pxe.NormalizeMAC(r.URL.Query().Get("mac"))
+	if err != nil {
+		http.Error(w, "kiln: ?mac=: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	s.mu.Lock()
+	n, a, err := s.nodeFor(mac)
+	installed := n != nil && n.Mode == pxe.ModeInstall && len(s.reportsOf(n, a)) > 0
+	s.mu.Unlock()
+	switch {
+	case err != nil:
+		s.log.Printf("assign %s: %v", mac, err)
+		http.Error(w, "kiln: could not save the assignment (see kiln serve's log)", http.StatusInternalServerError)
+	case n == nil:
+		s.log.Printf("unknown MAC %s (from %s): add it to the cluster file's nodes[].mac and rebuild with kiln pxe, or run kiln serve with --pool", mac, r.RemoteAddr)
+		http.Error(w, "kiln: unknown MAC "+mac, http.StatusNotFound)
+	case installed:
+		s.log.Printf("%s (%s) is installed: it boots from its disk", n.Name, mac)
+		text(w, http.StatusOK, pxe.LocalBootScript(n))
+	default:
+		text(w, http.StatusOK, s.m.Script(n, mac))
+	}
+}
+
+// config serves a node's config to the machine it is for: only with the
+// node's MAC (or one assigned to it) and its token. Every refusal looks
+// the same to the client; the log says why.
+func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
+	q := r.URL.Query()
+	refuse := func(why string) {
+		s.log.Printf("refused config %q to %s: %s", name, r.RemoteAddr, why)
+		http.Error(w, "kiln: config refused", http.StatusForbidden)
+	}
+	n, ok := s.m.Node(name)
+	if !ok {
+		refuse("no such node")
+		return
+	}
+	if subtle.ConstantTimeCompare([]byte(q.Get("token")), []byte(n.Token)) != 1 {
+		refuse("wrong token")
+		return
+	}
+	mac, err := pxe.NormalizeMAC(q.Get("mac"))
+	if err != nil {
+		refuse(err.Error())
+		return
+	}
+	s.mu.Lock()
+	a := s.assigned[mac]
+	if n.MAC != mac && (n.MAC != "" || a == nil || a.Node != n.Name) {
+		s.mu.Unlock()
+		refuse(fmt.Sprintf("MAC %s is not %s's", mac, n.Name))
+		return
+	}
+	if n.Role.IsControlPlane() && retired(s.reportsOf(n, a)) {
+		s.mu.Unlock()
+		s.log.Printf("refused config %s to %s (%s): it is installed or in the cluster", n.Name, mac, r.RemoteAddr)
+		http.Error(w, "kiln: this node already reported installed or done; its config holds cluster keys and is not served again (to rebuild the machine, delete its report from the bundle's state/reports.json and restart kiln serve)", http.StatusGone)
+		return
+	}
+	// Only what is told apart later is noted: which machine on a role
+	// default installed (boots its disk) or holds control-plane keys.
+	if n.Default && (n.Mode == pxe.ModeInstall || n.Role.IsControlPlane()) {
+		err = s.configFetched(a, host(r.RemoteAddr), time.Now())
+	}
+	s.mu.Unlock()
+	if err != nil {
+		s.log.Printf("config %s for %s: %v", n.Name, mac, err)
+		http.Error(w, "kiln: could not save state (see kiln serve's log)", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	s.serveFile(w, r, filepath.Join(s.dir, n.Config), "application/json")
+}
+
+// asset serves a file the manifest lists under assets/.
+func (s *Server) asset(w http.ResponseWriter, r *http.Request) {
+	file, ok := s.assets[r.URL.Path]
+	if !ok {
+		http.NotFound(w, r)
+		return
+	}
+	s.serveFile(w, r, file, "application/octet-stream")
+}
+
+// serveFile serves a file with Range and conditional requests;
+// http.ServeContent over an *os.File lets the kernel copy it (sendfile).
+func (s *Server) serveFile(w http.ResponseWriter, r *http.Request, path, contentType string) {
+	f, err := os.Open(path)
+	if err != nil {
+		s.log.Printf("%v: the bundle is incomplete, rebuild it with kiln pxe", err)
+		http.Error(w, "kiln: file missing on the server", http.StatusInternalServerError)
+		return
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		s.log.Printf("%s: not a regular file (%v): rebuild the bundle with kiln pxe", path, err)
+		http.Error(w, "kiln: file unreadable on the server", http.StatusInternalServerError)
+		return
+	}
+	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(writeTimeout + time.Duration(fi.Size()/minRate)*time.Second))
+	w.Header().Set("Content-Type", contentType)
+	http.ServeContent(w, r, "", fi.ModTime(), f)
+}
+
+// agentStatus is what agents (firstboot/agent.Status) and the kiln
+// installer POST; unknown fields are ignored.
+type agentStatus struct {
+	Node      string    `json:"node,omitempty"`
+	Role      string    `json:"role,omitempty"`
+	Cluster   string    `json:"cluster,omitempty"`
+	Phase     string    `json:"phase"`
+	State     string    `json:"state"`
+	Attempt   int       `json:"attempt,omitempty"`
+	LastError string    `json:"lastError,omitempty"`
+	Permanent bool      `json:"permanent,omitempty"`
+	Updated   time.Time `json:"updated,omitzero"`
+}
+
+// report records a node's status.
+func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
+	n, ok := s.m.Node(name)
+	if !ok || subtle.ConstantTimeCompare([]byte(r.URL.Query().Get("key")), []byte(n.ReportKey)) != 1 {
+		s.log.Printf("refused report for %q from %s: unknown node or wrong key", name, r.RemoteAddr)
+		http.Error(w, "kiln: report refused", http.StatusForbidden)
+		return
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxReport))
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		http.Error(w, fmt.Sprintf("kiln: report larger than %d bytes", maxReport), http.StatusRequestEntityTooLarge)
+		return
+	}
+	var st agentStatus
+	if err == nil {
+		err = json.Unmarshal(body, &st)
+	}
+	if err != nil {
+		http.Error(w, "kiln: report: "+err.Error()+": send the agent's status as JSON", http.StatusBadRequest)
+		return
+	}
+	s.record(n, st, host(r.RemoteAddr), time.Now())
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// status answers with every node's state, for kiln status.
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare([]byte(token), []byte(s.m.StatusToken)) != 1 {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
+		http.Error(w, "kiln: status needs Authorization: Bearer with the bundle's statusToken", http.StatusUnauthorized)
+		return
+	}
+	body, err := json.MarshalIndent(s.snapshot(time.Now()), "", "  ")
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	w.Write(append(body, '\n'))
+}
+
+// host is the address part of a RemoteAddr.
+func host(remoteAddr string) string {
+	h, _, err := net.SplitHostPort(remoteAddr)
+	if err != nil {
+		return remoteAddr
+	}
+	return h
+}

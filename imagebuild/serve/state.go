@@ -1,0 +1,297 @@
+package serve
+
+import (
+	"cmp"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/pxe"
+)
+
+// The server's state files, under the bundle's pxe.StateDir. Both are
+// written whole and atomically, mode 0600 (they name the machines).
+const (
+	assignmentsFile = "assignments.json"
+	reportsFile     = "reports.json"
+	stateFormat     = 1
+	// flushDelay is the longest a report waits before it is written:
+	// agents report often, the disk is written at most this often.
+	flushDelay = time.Second
+)
+
+// assignment is a pool entry given to a machine the inventory does not
+// name.
+type assignment struct {
+	Node     string          `json:"node"`
+	Role     nodeconfig.Role `json:"role"`
+	Assigned time.Time       `json:"assigned"`
+	// ConfigFrom and ConfigAt are the address and time of the machine's
+	// last config download, for role defaults: the installer's report
+	// names no machine, so a report from that address after that time is
+	// taken to be this machine's.
+	ConfigFrom string    `json:"configFrom,omitempty"`
+	ConfigAt   time.Time `json:"configAt,omitzero"`
+}
+
+type assignmentsJSON struct {
+	Format      int                    `json:"format"`
+	Assignments map[string]*assignment `json:"assignments"`
+}
+
+// record is the last report of one machine.
+type record struct {
+	Node string `json:"node"`
+	// Host is the hostname the agent reported, From the address the
+	// report came from.
+	Host     string    `json:"host,omitempty"`
+	From     string    `json:"from"`
+	Received time.Time `json:"received"`
+	// Retired is set once the machine reported installed or done: a
+	// control plane's config is not served to it again.
+	Retired bool        `json:"retired,omitempty"`
+	Status  agentStatus `json:"status"`
+}
+
+type reportsJSON struct {
+	Format  int       `json:"format"`
+	Reports []*record `json:"reports"`
+}
+
+// reportKey tells machines apart: an inventory entry is one machine; a
+// role default's machines by the hostname they report, or their address
+// while they report none (the installer).
+func reportKey(n *pxe.Node, host, from string) string {
+	switch {
+	case !n.Default:
+		return n.Name
+	case host != "":
+		return n.Name + " host " + host
+	default:
+		return n.Name + " from " + from
+	}
+}
+
+func (s *Server) statePath(name string) string {
+	return filepath.Join(s.dir, pxe.StateDir, name)
+}
+
+// readState decodes a state file; a missing one is empty.
+func (s *Server) readState(name string, v any) error {
+	p := s.statePath(name)
+	data, err := os.ReadFile(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err == nil {
+		err = json.Unmarshal(data, v)
+	}
+	if err != nil {
+		return fault.Wrap(fault.Input, fmt.Errorf("%s: %w: repair or delete it (kiln serve then forgets what it held)", p, err))
+	}
+	return nil
+}
+
+// load reads the state, keeping what still fits the manifest: a rebuilt
+// bundle may have renamed nodes or given them MACs.
+func (s *Server) load() error {
+	var as assignmentsJSON
+	var rs reportsJSON
+	if err := errors.Join(s.readState(assignmentsFile, &as), s.readState(reportsFile, &rs)); err != nil {
+		return err
+	}
+	s.assigned, s.reports = map[string]*assignment{}, map[string]*record{}
+	taken := map[string]bool{}
+	for mac, a := range as.Assignments {
+		n, ok := s.m.Node(a.Node)
+		norm, err := pxe.NormalizeMAC(mac)
+		_, inInventory := s.m.NodeByMAC(norm)
+		if !ok || err != nil || inInventory || n.MAC != "" || n.Role != a.Role || (!n.Default && taken[n.Name]) {
+			s.log.Printf("forgetting the assignment of %s to %s: the bundle no longer has it as a pool entry", mac, a.Node)
+			continue
+		}
+		taken[n.Name] = true
+		s.assigned[norm] = a
+	}
+	for _, r := range rs.Reports {
+		n, ok := s.m.Node(r.Node)
+		if !ok {
+			s.log.Printf("forgetting the reports of %s: the bundle no longer has it", r.Node)
+			continue
+		}
+		s.reports[reportKey(n, r.Host, r.From)] = r
+	}
+	return nil
+}
+
+// nodeFor finds the entry of a machine: by its MAC in the manifest, by an
+// earlier assignment, or (with a pool) by assigning it the next free
+// entry, saved before it is used. s.mu is held.
+func (s *Server) nodeFor(mac string) (*pxe.Node, *assignment, error) {
+	if n, ok := s.m.NodeByMAC(mac); ok {
+		return n, nil, nil
+	}
+	if a, ok := s.assigned[mac]; ok {
+		n, _ := s.m.Node(a.Node)
+		return n, a, nil
+	}
+	n := s.free()
+	if n == nil {
+		return nil, nil, nil
+	}
+	a := &assignment{Node: n.Name, Role: n.Role, Assigned: time.Now().UTC()}
+	s.assigned[mac] = a
+	if err := s.saveAssignments(); err != nil {
+		delete(s.assigned, mac)
+		return nil, nil, err
+	}
+	s.log.Printf("assigned %s to %s (%s)", mac, n.Name, n.Role)
+	return n, a, nil
+}
+
+// free is the next pool entry: an inventory node without a MAC, in the
+// manifest's order, then a role default in the pool's order (init's only
+// once). s.mu is held.
+func (s *Server) free() *pxe.Node {
+	used := map[string]bool{}
+	for _, a := range s.assigned {
+		used[a.Node] = true
+	}
+	for i := range s.m.Nodes {
+		n := &s.m.Nodes[i]
+		if !n.Default && n.MAC == "" && !used[n.Name] && slices.Contains(s.pool, n.Role) {
+			return n
+		}
+	}
+	for _, r := range s.pool {
+		for i := range s.m.Nodes {
+			n := &s.m.Nodes[i]
+			if n.Default && n.Role == r && (r != nodeconfig.RoleInit || !used[n.Name]) {
+				return n
+			}
+		}
+	}
+	return nil
+}
+
+func (s *Server) saveAssignments() error {
+	data, err := json.MarshalIndent(assignmentsJSON{Format: stateFormat, Assignments: s.assigned}, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(s.statePath(assignmentsFile), append(data, '\n'), 0o600, true)
+}
+
+// configFetched notes where and when a role default's machine fetched its
+// config, and saves it (an fsync per such download: a boot storm of
+// install-mode machines is serialized here). s.mu is held.
+func (s *Server) configFetched(a *assignment, from string, now time.Time) error {
+	a.ConfigFrom, a.ConfigAt = from, now.UTC()
+	return s.saveAssignments()
+}
+
+// reportsOf returns the reports of the machine behind an entry (a is its
+// assignment, nil for inventory MACs). s.mu is held.
+func (s *Server) reportsOf(n *pxe.Node, a *assignment) []*record {
+	if !n.Default {
+		if r, ok := s.reports[n.Name]; ok {
+			return []*record{r}
+		}
+		return nil
+	}
+	var out []*record
+	for _, r := range s.reports {
+		if r.Node == n.Name && a != nil && a.ConfigFrom != "" && r.From == a.ConfigFrom && r.Received.After(a.ConfigAt) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func retired(rs []*record) bool {
+	return slices.ContainsFunc(rs, func(r *record) bool { return r.Retired })
+}
+
+// record keeps a report and schedules writing it.
+func (s *Server) record(n *pxe.Node, st agentStatus, from string, now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := reportKey(n, st.Node, from)
+	r, ok := s.reports[k]
+	if !ok {
+		r = &record{Node: n.Name}
+		// The first report naming a host from where the installer
+		// reported continues that machine's record.
+		if old := reportKey(n, "", from); old != k {
+			if prev, ok := s.reports[old]; ok {
+				r.Retired = prev.Retired
+				delete(s.reports, old)
+			}
+		}
+		s.reports[k] = r
+	}
+	if st.Node != "" {
+		r.Host = st.Node
+	}
+	r.From, r.Received, r.Status = from, now.UTC(), st
+	r.Retired = r.Retired || st.Phase == PhaseInstalled || st.Phase == PhaseDone
+	s.dirty = true
+	if s.flushTimer == nil {
+		s.flushTimer = time.AfterFunc(flushDelay, func() {
+			if err := s.Flush(); err != nil {
+				s.log.Printf("%v (retrying with the next report)", err)
+			}
+		})
+	}
+}
+
+// Flush writes the reports now if they changed.
+func (s *Server) Flush() error {
+	s.flushMu.Lock()
+	defer s.flushMu.Unlock()
+	s.mu.Lock()
+	if s.flushTimer != nil {
+		s.flushTimer.Stop()
+		s.flushTimer = nil
+	}
+	if !s.dirty {
+		s.mu.Unlock()
+		return nil
+	}
+	rs := reportsJSON{Format: stateFormat}
+	for _, r := range s.reports {
+		rs.Reports = append(rs.Reports, r)
+	}
+	slices.SortFunc(rs.Reports, compareRecords)
+	data, err := json.MarshalIndent(rs, "", "  ")
+	s.dirty = false
+	s.mu.Unlock()
+	if err == nil {
+		err = atomicfile.Write(s.statePath(reportsFile), append(data, '\n'), 0o600, true)
+	}
+	if err != nil {
+		s.mu.Lock()
+		s.dirty = true
+		s.mu.Unlock()
+		return fmt.Errorf("save reports: %w", err)
+	}
+	return nil
+}
+
+// Close writes what is not yet written. A Server used as a handler
+// without Serve must be closed.
+func (s *Server) Close() error {
+	return s.Flush()
+}
+
+func compareRecords(a, b *record) int {
+	return cmp.Or(cmp.Compare(a.Node, b.Node), cmp.Compare(a.Host, b.Host), cmp.Compare(a.From, b.From))
+}
