@@ -6,7 +6,7 @@ ARCHES    := amd64 arm64
 AGENTS    := $(foreach a,$(ARCHES),$(AGENT_DIR)/kiln-firstboot-linux-$(a).gz)
 GOFILES   := $(shell find . -name '*.go' -not -path './test/tools/*' -not -path './test/rehearsal/*' 2>/dev/null)
 
-.PHONY: build agents test test-arm64 oracle rehearsal lint check demo clean
+.PHONY: build agents test test-arm64 oracle rehearsal bench-pxe lint check demo clean
 
 build: $(BIN)/kiln
 
@@ -48,8 +48,13 @@ rehearsal: build
 		test/tools/build.sh rehearsal-$$v && $(BIN)/rehearsal run -version $$v $(REHEARSAL_ARGS) || exit 1; \
 	done
 
+# kiln serve under load next to Debian's nginx, same files, same run: 1000
+# clients each fetch a script and a 64 MiB initramfs; prints the ratios.
+bench-pxe: build
+	$(GO) test -tags oracle -count=1 -run '^$$' -bench ServeVsNginx -benchtime 1x ./test/image/
+
 # Everything CI runs (see .ci/run).
-check: lint test test-arm64 oracle rehearsal
+check: lint test test-arm64 oracle rehearsal bench-pxe
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

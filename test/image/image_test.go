@@ -104,24 +104,56 @@ func (e *env) sign(t *testing.T, home string, data []byte) []byte {
 
 const flatcarVersion = "4593.1.0"
 
-// publish serves a Flatcar release (image, .DIGESTS, .sig) and a Fedora
-// CoreOS stream. The digests always describe the fixture's true bytes.
+// pxeFiles are the network-boot files the fixture releases hold: name in
+// the release -> content.
+var pxeFiles = map[string][]byte{
+	"flatcar_production_pxe.vmlinuz":               bytes.Repeat([]byte("flatcar pxe kernel\n"), 4096),
+	"flatcar_production_pxe_image.cpio.gz":         bytes.Repeat([]byte("flatcar pxe initramfs\n"), 4096),
+	"fedora-coreos-42.1-live-kernel.x86_64":        bytes.Repeat([]byte("fcos live kernel\n"), 4096),
+	"fedora-coreos-42.1-live-initramfs.x86_64.img": bytes.Repeat([]byte("fcos live initramfs\n"), 4096),
+	"fedora-coreos-42.1-live-rootfs.x86_64.img":    bytes.Repeat([]byte("fcos live rootfs\n"), 4096),
+}
+
+// publish serves a Flatcar release (image, .DIGESTS, .sig; the PXE kernel
+// and initramfs, each with its .DIGESTS and a good signature) and a Fedora
+// CoreOS stream (metal image and live PXE files). The digests always
+// describe the files' true bytes.
 func (e *env) publish(t *testing.T, image, sig []byte) {
-	sum := sha512.Sum512(e.flatcarBz2)
-	base := "/stable/amd64-usr/" + flatcarVersion + "/flatcar_production_image.bin.bz2"
+	rel := "/stable/amd64-usr/" + flatcarVersion + "/"
 	e.srv.set("/stable/amd64-usr/current/version.txt", []byte("FLATCAR_BUILD=4593\nFLATCAR_VERSION="+flatcarVersion+"\n"))
-	e.srv.set(base, image)
-	e.srv.set(base+".DIGESTS", []byte(fmt.Sprintf("# MD5 HASH\n0123  flatcar_production_image.bin.bz2\n# SHA512 HASH\n%x  flatcar_production_image.bin.bz2\n", sum)))
-	e.srv.set(base+".sig", sig)
-	xsum := sha256.Sum256(e.fcosXZ)
-	loc := e.srv.URL + "/prod/streams/stable/builds/42.1/x86_64/fedora-coreos-42.1-metal.x86_64.raw.xz"
-	stream := fmt.Sprintf(`{"stream":"stable","architectures":{"x86_64":{"artifacts":{"metal":{"release":"42.1","formats":{"raw.xz":{"disk":{"location":%q,"sha256":"%x"}}}}}}}}`, loc, xsum)
+	e.publishFlatcarFile(t, rel+"flatcar_production_image.bin.bz2", e.flatcarBz2, image, sig)
+	for _, name := range []string{"flatcar_production_pxe.vmlinuz", "flatcar_production_pxe_image.cpio.gz"} {
+		e.publishFlatcarFile(t, rel+name, pxeFiles[name], pxeFiles[name], e.sign(t, e.gnupg, pxeFiles[name]))
+	}
+	builds := e.srv.URL + "/prod/streams/stable/builds/42.1/x86_64/"
+	file := func(name string, data []byte) string {
+		e.srv.set(strings.TrimPrefix(builds+name, e.srv.URL), data)
+		return fmt.Sprintf(`{"location":%q,"sha256":"%x"}`, builds+name, sha256.Sum256(data))
+	}
+	stream := fmt.Sprintf(`{"stream":"stable","architectures":{"x86_64":{"artifacts":{"metal":{"release":"42.1","formats":{"raw.xz":{"disk":%s},"pxe":{"kernel":%s,"initramfs":%s,"rootfs":%s}}}}}}}`,
+		file("fedora-coreos-42.1-metal.x86_64.raw.xz", e.fcosXZ),
+		file("fedora-coreos-42.1-live-kernel.x86_64", pxeFiles["fedora-coreos-42.1-live-kernel.x86_64"]),
+		file("fedora-coreos-42.1-live-initramfs.x86_64.img", pxeFiles["fedora-coreos-42.1-live-initramfs.x86_64.img"]),
+		file("fedora-coreos-42.1-live-rootfs.x86_64.img", pxeFiles["fedora-coreos-42.1-live-rootfs.x86_64.img"]))
 	e.srv.set("/streams/stable.json", []byte(stream))
-	e.srv.set(strings.TrimPrefix(loc, e.srv.URL), e.fcosXZ)
+}
+
+// publishFlatcarFile serves served at path, with a .DIGESTS holding the
+// SHA-512 of truth and the signature sig (none if nil).
+func (e *env) publishFlatcarFile(t *testing.T, path string, truth, served, sig []byte) {
+	name := filepath.Base(path)
+	e.srv.set(path, served)
+	e.srv.set(path+".DIGESTS", []byte(fmt.Sprintf("# MD5 HASH\n0123  %s\n# SHA512 HASH\n%x  %s\n", name, sha512.Sum512(truth), name)))
+	e.srv.mu.Lock()
+	delete(e.srv.files, path+".sig")
+	e.srv.mu.Unlock()
+	if sig != nil {
+		e.srv.set(path+".sig", sig)
+	}
 }
 
 // newCluster makes a cluster with its downloads pinned from local files.
-func newCluster(t *testing.T, dir, osName string, artifacts ...string) string {
+func newCluster(t testing.TB, dir, osName string, artifacts ...string) string {
 	cdir := filepath.Join(dir, "cluster-"+osName)
 	kilnOK(t, nil, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", cdir, "--os", osName)
 	art := filepath.Join(dir, "artifact")
@@ -197,7 +229,7 @@ type result struct {
 	stdout, stderr string
 }
 
-func kilnRun(t *testing.T, env []string, args ...string) result {
+func kilnRun(t testing.TB, env []string, args ...string) result {
 	t.Helper()
 	cmd := exec.Command(filepath.Join(repo, "bin", "kiln"), args...)
 	cmd.Env = append(os.Environ(), env...)
@@ -213,7 +245,7 @@ func kilnRun(t *testing.T, env []string, args ...string) result {
 	return result{code, out.String(), errb.String()}
 }
 
-func kilnOK(t *testing.T, env []string, args ...string) string {
+func kilnOK(t testing.TB, env []string, args ...string) string {
 	t.Helper()
 	r := kilnRun(t, env, args...)
 	if r.code != 0 {
@@ -343,11 +375,6 @@ func TestBadDownloadsRefused(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			e.publish(t, c.image, c.sig)
-			if c.sig == nil {
-				e.srv.mu.Lock()
-				delete(e.srv.files, "/stable/amd64-usr/"+flatcarVersion+"/flatcar_production_image.bin.bz2.sig")
-				e.srv.mu.Unlock()
-			}
 			cache, dest := t.TempDir(), t.TempDir()
 			_, r := e.build(t, e.flCluster, append(e.flatcarArgs(cache), "--role", "worker", "--dest", dest)...)
 			if r.code != 5 || !strings.Contains(r.stderr, c.want) {

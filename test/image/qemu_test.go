@@ -139,7 +139,7 @@ func bootAndRead(t *testing.T, g guest, reads []readBack) {
 		}
 	}
 	initrd := filepath.Join(t.TempDir(), "initrd.cpio")
-	writeInitramfs(t, initrd, kdir, initScript(reads, disks))
+	writeInitramfs(t, initrd, kdir, initScript(reads, disks), guestModules)
 	args := append([]string{"-accel", "tcg", "-m", "512", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
 		"-kernel", filepath.Join(kdir, "vmlinuz"), "-initrd", initrd,
 		"-append", "console=" + g.console + " panic=-1 loglevel=4"}, g.args...)
@@ -247,9 +247,10 @@ echo 1 >/proc/sys/kernel/printk
 	return s.String()
 }
 
-// writeInitramfs writes a newc cpio: busybox, /init and the modules in
-// load order (numbered, so the shell's glob keeps the order).
-func writeInitramfs(t *testing.T, path, kdir, init string) {
+// writeInitramfs writes a newc cpio: busybox, /init and the modules with
+// their dependencies in load order (numbered, so the shell's glob keeps
+// the order).
+func writeInitramfs(t *testing.T, path, kdir, init string, modules []string) {
 	t.Helper()
 	busybox, err := os.ReadFile(filepath.Join(kdir, "busybox"))
 	if err != nil {
@@ -262,7 +263,7 @@ func writeInitramfs(t *testing.T, path, kdir, init string) {
 	}
 	c.File("bin/busybox", 0o755, busybox)
 	c.File("init", 0o755, []byte(init))
-	for i, ko := range moduleOrder(t, filepath.Join(kdir, "modules"), guestModules) {
+	for i, ko := range moduleOrder(t, filepath.Join(kdir, "modules"), modules) {
 		data, err := os.ReadFile(ko)
 		if err != nil {
 			t.Fatal(err)
