@@ -135,25 +135,24 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	if err != nil {
 		return err
 	}
-	if t.PXE == nil {
-		return fault.Wrap(fault.Unsupported, fmt.Errorf("--profile %s cannot boot from the network: use a generic flatcar or fcos profile (kiln profiles)", t.Name))
+	opts := pxe.Options{
+		Cluster: c, Secrets: s, Target: t, ServerURL: o.serverURL, Modes: modes, Disk: o.disk,
+		KernelArgs: o.kernelArgs, MatchboxURL: o.matchboxURL, Output: o.output, Force: o.force, Progress: g.stderr,
 	}
-	agent, err := agentbin.Gzipped(t.Arch)
+	if err := opts.Check(); err != nil {
+		return err
+	}
+	if opts.Agent, err = agentbin.Gzipped(t.Arch); err != nil {
+		return err
+	}
+	if opts.Assets, opts.OSVersion, err = o.assets(ctx, g, t, c); err != nil {
+		return err
+	}
+	res, err := pxe.Build(ctx, opts)
 	if err != nil {
 		return err
 	}
-	assets, version, err := o.assets(ctx, g, t, c)
-	if err != nil {
-		return err
-	}
-	res, err := pxe.Build(ctx, pxe.Options{
-		Cluster: c, Secrets: s, Target: t, Agent: agent, OSVersion: version, Assets: assets,
-		ServerURL: o.serverURL, Modes: modes, Disk: o.disk, KernelArgs: o.kernelArgs,
-		MatchboxURL: o.matchboxURL, Output: o.output, Force: o.force, Progress: g.stderr,
-	})
-	if err != nil {
-		return err
-	}
+	version := opts.OSVersion
 	lines := []string{fmt.Sprintf("wrote %s: %d nodes booting %s %s from %s in %.1fs", res.Dir, len(res.Nodes), t.Name, version, res.Server, res.Seconds)}
 	for _, n := range res.Nodes {
 		who := n.MAC

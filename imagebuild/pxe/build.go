@@ -95,14 +95,12 @@ func DefaultMode(r nodeconfig.Role) string {
 	return ModeInstall
 }
 
-func (o *Options) check() error {
+// Check reports bad options before anything is downloaded or written.
+func (o *Options) Check() error {
 	var errs []error
 	u, err := url.Parse(o.ServerURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" || strings.Trim(u.Path, "/") != "" {
 		errs = append(errs, fmt.Errorf("--server-url %q: give the URL nodes reach kiln serve at, such as http://10.0.0.5:8080", o.ServerURL))
-	}
-	if o.Target.PXE == nil {
-		errs = append(errs, fault.Wrap(fault.Unsupported, fmt.Errorf("--profile %s cannot boot from the network: use a generic flatcar or fcos profile (kiln profiles)", o.Target.Name)))
 	}
 	for role, m := range o.Modes {
 		if m != ModeLive && m != ModeInstall {
@@ -114,7 +112,25 @@ func (o *Options) check() error {
 			errs = append(errs, fmt.Errorf("--kernel-arg %q: one argument without spaces; kiln sets ignition.config.url itself", a))
 		}
 	}
-	return fault.Wrap(fault.Input, errors.Join(errs...))
+	if o.Disk != "" {
+		if err := render.CheckDisk(o.Disk); err != nil {
+			errs = append(errs, fmt.Errorf("--disk: %w", err))
+		}
+	}
+	names := map[string]bool{}
+	for _, a := range o.Assets {
+		if names[a.Name] {
+			errs = append(errs, fmt.Errorf("two boot files are named %s: give the kernel, initramfs and rootfs files distinct names", a.Name))
+		}
+		names[a.Name] = true
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fault.Wrap(fault.Input, err)
+	}
+	if o.Target.PXE == nil {
+		return fault.Wrap(fault.Unsupported, fmt.Errorf("--profile %s cannot boot from the network: use a generic flatcar or fcos profile (kiln profiles)", o.Target.Name))
+	}
+	return nil
 }
 
 // entries lists the bundle's nodes: the inventory, then a role default
@@ -197,7 +213,7 @@ func randomHex() (string, error) {
 // bundle it replaces is kept).
 func Build(ctx context.Context, o Options) (*Result, error) {
 	start := time.Now()
-	if err := o.check(); err != nil {
+	if err := o.Check(); err != nil {
 		return nil, err
 	}
 	if o.Disk == "" {

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func TestPxe(t *testing.T) {
+	dir, cf := newCluster(t)
+	art := filepath.Join(dir, "stand-in")
+	if err := os.WriteFile(art, []byte("stand-in"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	kiln(t, "-c", cf, "pin", "--arch", "amd64", "--file", "kubernetes-sysext="+art).expect(t, exitOK)
+	out := filepath.Join(dir, "pxe")
+	initrd := filepath.Join(dir, "initrd.img")
+	os.WriteFile(initrd, []byte("stand-in initrd"), 0o644)
+	local := []string{"--kernel", art, "--initramfs", initrd}
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"--server-url", "http://10.0.0.5:8080"}, exitInput, "--output and --server-url are required"},
+		{[]string{"--output", out, "--server-url", "10.0.0.5:8080"}, exitInput, "--server-url"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--profile", "flatcar-rpi4"}, exitUnsupported, "cannot boot from the network"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--profile", "fcos-x86_64"}, exitInput, "os.name flatcar"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--mode", "boss=live"}, exitInput, "--mode boss=live"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--mode", "worker=ram"}, exitInput, "use live or install"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--disk", "/dev/sda;reboot"}, exitInput, "--disk"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--kernel", art, "--initramfs", art}, exitInput, "distinct names"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--kernel", art}, exitInput, "give all of --kernel, --initramfs"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--kernel", art, "--initramfs", initrd, "--rootfs", art}, exitInput, "--rootfs"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--kernel", art, "--initramfs", filepath.Join(dir, "missing")}, exitInput, "--initramfs"},
+	} {
+		kiln(t, append([]string{"-c", cf, "pxe"}, c.args...)...).expect(t, c.code, c.want)
+		if _, err := os.Stat(out); err == nil {
+			t.Fatalf("%v: a refused pxe wrote %s", c.args, out)
+		}
+	}
+	r := kiln(t, append([]string{"-c", cf, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--format", "json"}, local...)...)
+	r.expect(t, exitOK)
+	var res struct {
+		Dir   string
+		Nodes []struct{ Name, Mode string }
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Dir != out || len(res.Nodes) != 3 {
+		t.Fatalf("pxe --format json: %v\n%s", err, r.stdout)
+	}
+	for _, n := range res.Nodes {
+		if want := map[string]string{"default-init": "install", "default-control-plane": "install", "default-worker": "live"}[n.Name]; n.Mode != want {
+			t.Errorf("%s: mode %s, want %s", n.Name, n.Mode, want)
+		}
+	}
+	kiln(t, append([]string{"-c", cf, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080"}, local...)...).expect(t, exitInput, "--force")
+}
