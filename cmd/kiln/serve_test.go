@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
 	"net"
 	"net/http"
@@ -9,7 +8,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,24 +17,6 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/serve"
 	"github.com/kilnproject/kiln/imagebuild/serve/servetest"
 )
-
-// lockedBuffer is written by a running command while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
 
 func pxeBundle(t *testing.T) (string, *pxe.Manifest) {
 	return servetest.NewBundle(t,
@@ -51,7 +31,7 @@ func pxeBundle(t *testing.T) (string, *pxe.Manifest) {
 func TestServe(t *testing.T) {
 	dir, m := pxeBundle(t)
 	accessLog := filepath.Join(t.TempDir(), "access.log")
-	var out, errOut lockedBuffer
+	var out, errOut servetest.Buffer
 	exit := make(chan int, 1)
 	go func() {
 		exit <- run([]string{"serve", "--bundle", dir, "--listen", "127.0.0.1:0", "--access-log", accessLog, "--pool", "worker"}, &out, &errOut)

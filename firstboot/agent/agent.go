@@ -77,7 +77,7 @@ type run struct {
 	join         *kubeadm.Config
 	init         *kubeadm.Config // role init only
 	state        *State
-	status       Status
+	status       nodeconfig.Status
 	statusWarned bool
 	reporter     Reporter
 	prober       Prober

@@ -13,9 +13,9 @@ import (
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 )
 
-func (n *node) status() Status {
+func (n *node) status() nodeconfig.Status {
 	n.t.Helper()
-	var s Status
+	var s nodeconfig.Status
 	if err := json.Unmarshal([]byte(n.fs.read(StatusFile)), &s); err != nil {
 		n.t.Fatalf("status file: %v", err)
 	}

@@ -334,20 +334,6 @@ func (s *Server) serveFile(w http.ResponseWriter, r *http.Request, path, content
 	http.ServeContent(w, r, "", fi.ModTime(), f)
 }
 
-// agentStatus is what agents (firstboot/agent.Status) and the kiln
-// installer POST; unknown fields are ignored.
-type agentStatus struct {
-	Node      string    `json:"node,omitempty"`
-	Role      string    `json:"role,omitempty"`
-	Cluster   string    `json:"cluster,omitempty"`
-	Phase     string    `json:"phase"`
-	State     string    `json:"state"`
-	Attempt   int       `json:"attempt,omitempty"`
-	LastError string    `json:"lastError,omitempty"`
-	Permanent bool      `json:"permanent,omitempty"`
-	Updated   time.Time `json:"updated,omitzero"`
-}
-
 // report records a node's status.
 func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
 	n, ok := s.m.Node(name)
@@ -362,7 +348,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
 		http.Error(w, fmt.Sprintf("kiln: report larger than %d bytes", maxReport), http.StatusRequestEntityTooLarge)
 		return
 	}
-	var st agentStatus
+	var st nodeconfig.Status
 	if err == nil {
 		err = json.Unmarshal(body, &st)
 	}

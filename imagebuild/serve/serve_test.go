@@ -13,7 +13,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -53,23 +52,6 @@ func defaults(t *testing.T) string {
 	return dir
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // env is a running server on a bundle.
 type env struct {
 	t           *testing.T
@@ -77,7 +59,7 @@ type env struct {
 	m           *pxe.Manifest
 	srv         *serve.Server
 	ts          *httptest.Server
-	log, access *syncBuffer
+	log, access *servetest.Buffer
 	// from is the loopback address requests come from (default
 	// 127.0.0.1): machines are told apart by address.
 	from string
@@ -85,7 +67,7 @@ type env struct {
 
 func start(t *testing.T, dir string, pool ...nodeconfig.Role) *env {
 	t.Helper()
-	e := &env{t: t, dir: dir, log: &syncBuffer{}, access: &syncBuffer{}}
+	e := &env{t: t, dir: dir, log: &servetest.Buffer{}, access: &servetest.Buffer{}}
 	var err error
 	e.srv, err = serve.New(serve.Options{Dir: dir, Pool: pool, Log: e.log, AccessLog: e.access})
 	if err != nil {

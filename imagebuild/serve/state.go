@@ -57,8 +57,8 @@ type record struct {
 	Received time.Time `json:"received"`
 	// Retired is set once the machine reported installed or done: a
 	// control plane's config is not served to it again.
-	Retired bool        `json:"retired,omitempty"`
-	Status  agentStatus `json:"status"`
+	Retired bool              `json:"retired,omitempty"`
+	Status  nodeconfig.Status `json:"status"`
 }
 
 type reportsJSON struct {
@@ -221,7 +221,7 @@ func retired(rs []*record) bool {
 }
 
 // record keeps a report and schedules writing it.
-func (s *Server) record(n *pxe.Node, st agentStatus, from string, now time.Time) {
+func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from string, now time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	k := reportKey(n, st.Node, from)

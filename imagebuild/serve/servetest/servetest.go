@@ -4,10 +4,12 @@
 package servetest
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/kilnproject/kiln/imagebuild/pxe"
@@ -81,4 +83,22 @@ func NewBundle(t testing.TB, nodes ...pxe.Node) (string, *pxe.Manifest) {
 		t.Fatal(err)
 	}
 	return dir, read
+}
+
+// Buffer is a bytes.Buffer a running server writes while a test reads it.
+type Buffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
