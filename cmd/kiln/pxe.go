@@ -54,8 +54,12 @@ one folder, all or nothing, for kiln serve (or any web server, or matchbox):
   ipxe/       per node with a MAC, the iPXE script kiln serve hands it
   offline/    per node, boot.ipxe and config.img: the config as an extra
               initramfs (gzip newc cpio), for booting with no config server
-  matchbox/   the same nodes as matchbox profiles, groups and configs
+  matchbox/   with --matchbox-url: the same nodes as matchbox profiles,
+              groups and configs
   bundle.json the index kiln serve reads (mode 0600: it holds tokens)
+
+configs/, ipxe/, offline/ and bundle.json carry tokens and cluster secrets
+(mode 0600): never publish the bundle folder as it is.
 
 Nodes are the cluster file's inventory (name, role, MAC) plus a role default
 per role for machines it does not list (default-worker, default-control-plane,
@@ -94,7 +98,7 @@ keeps every token and kiln serve's state.`,
 	f.StringVar(&o.initramfs, "initramfs", "", "use this PXE initramfs instead of downloading")
 	f.StringVar(&o.rootfs, "rootfs", "", "use this live rootfs instead of downloading (Fedora CoreOS)")
 	f.StringArrayVar(&o.kernelArgs, "kernel-arg", nil, "extra kernel argument for every node (repeatable), such as console=ttyS0,115200n8")
-	f.StringVar(&o.matchboxURL, "matchbox-url", "", "matchbox endpoint for the export (default: --server-url)")
+	f.StringVar(&o.matchboxURL, "matchbox-url", "", "also write a matchbox export (matchbox/) for the matchbox at this URL, such as http://10.0.0.6:8080")
 	o.download.addFlags(f, "PXE files")
 	f.BoolVar(&o.force, "force", false, "rebuild an existing bundle (keeps its tokens and kiln serve's state)")
 	o.format = "text"
@@ -148,6 +152,10 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	if opts.Assets, opts.OSVersion, err = o.assets(ctx, g, t, c); err != nil {
 		return err
 	}
+	if o.kernel == "" {
+		// Installers write the release whose PXE files were verified.
+		opts.InstallVersion = opts.OSVersion
+	}
 	res, err := pxe.Build(ctx, opts)
 	if err != nil {
 		return err
@@ -166,7 +174,10 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	}
 	lines = append(lines,
 		"next: kiln serve --bundle "+res.Dir+", and point DHCP's boot file (iPXE) at "+res.Server+pxe.EntryPath,
-		"offline: serve the bundle with any web server and chain offline/NODE/boot.ipxe; matchbox: see "+filepath.Join(res.Dir, pxe.MatchboxDir, "README"))
+		"offline: boot offline/NODE/boot.ipxe beside ../../assets/ (from a USB stick or a web server on the provisioning network only: config.img holds the node's secrets)")
+	if o.matchboxURL != "" {
+		lines = append(lines, "matchbox: see "+filepath.Join(res.Dir, pxe.MatchboxDir, "README"))
+	}
 	return emit(g.stdout, o.format, res, lines...)
 }
 

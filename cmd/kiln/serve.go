@@ -50,16 +50,21 @@ Machines the inventory does not name are refused, unless --pool gives them
 an entry: the next inventory node without a MAC of a pool role (in the
 cluster file's order), else the role default of the first pool role that has
 one (default-init at most once). Assignments and reports are kept in the
-bundle's state/ folder: they survive restarts and rebuilds.
+bundle's state/ folder: they survive restarts and kiln pxe --force (stop
+kiln serve while rebuilding, then start it again: it reads the bundle once).
+A pool of init or control-plane hands cluster keys to whichever unknown
+machine asks first: use it only on a closed provisioning network.
 
 Each request is logged (tokens and keys redacted) to --access-log. serve
 runs until SIGINT or SIGTERM, then lets running requests finish for a few
-seconds and saves its state. It speaks plain HTTP (iPXE's usual); configs
-are guarded by tokens, so keep the boot network private.`,
+seconds and saves its state. It speaks plain HTTP (iPXE's usual). A token
+only proves that a request came through the script served for that MAC,
+and a MAC can be claimed by any machine on the network: run kiln serve on a
+provisioning network that workloads (pods) cannot reach.`,
 		Example: `  kiln serve --bundle pxe/
   kiln serve --bundle pxe/ --listen 10.0.0.5:8080 --access-log /var/log/kiln-access.log
-  kiln serve --bundle pxe/ --pool init,control-plane
-  kiln serve --bundle pxe/ --pool worker`,
+  kiln serve --bundle pxe/ --pool worker
+  kiln serve --bundle pxe/ --pool control-plane,worker`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -122,7 +127,7 @@ func checkServerURL(serverURL string, addr net.Addr) string {
 		return ""
 	}
 	if u.Scheme != "http" {
-		return fmt.Sprintf("the bundle's server URL %s is not http://, but kiln serve speaks plain HTTP: put a TLS proxy in front of it, or rebuild the bundle with kiln pxe --server-url http://...", serverURL)
+		return fmt.Sprintf("the bundle's server URL %s is not http://, but kiln serve speaks plain HTTP: put a TLS proxy in front of it (role-default machines are then told apart by the proxy's address only), or rebuild the bundle with kiln pxe --server-url http://...", serverURL)
 	}
 	port := u.Port()
 	if port == "" {

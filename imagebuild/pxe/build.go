@@ -55,9 +55,13 @@ type Options struct {
 	// and control-plane, live for workers).
 	Modes map[nodeconfig.Role]string
 	// Disk is the install target.
-	Disk       string
-	KernelArgs []string
-	// MatchboxURL is the matchbox endpoint the export points nodes at.
+	Disk string
+	// InstallVersion is the OS release install-mode nodes write to their
+	// disk (empty: the cluster's os.version).
+	InstallVersion string
+	KernelArgs     []string
+	// MatchboxURL, if set, is the matchbox endpoint the export in
+	// matchbox/ points nodes at.
 	MatchboxURL string
 	Output      string
 	Force       bool
@@ -108,8 +112,8 @@ func (o *Options) Check() error {
 		}
 	}
 	for _, a := range o.KernelArgs {
-		if strings.ContainsAny(a, " \t\n") || strings.HasPrefix(a, "ignition.config.url=") {
-			errs = append(errs, fmt.Errorf("--kernel-arg %q: one argument without spaces; kiln sets ignition.config.url itself", a))
+		if a == "" || strings.ContainsAny(a, " \t\n") || strings.Contains(a, "${") || strings.HasPrefix(a, "ignition.config.url=") {
+			errs = append(errs, fmt.Errorf("--kernel-arg %q: one argument without spaces or ${ (iPXE would expand it); kiln sets ignition.config.url itself", a))
 		}
 	}
 	if o.Disk != "" {
@@ -126,6 +130,12 @@ func (o *Options) Check() error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fault.Wrap(fault.Input, err)
+	}
+	if _, err := o.previous(); err != nil {
+		return err
+	}
+	if _, err := o.entries(nil); err != nil {
+		return err
 	}
 	if o.Target.PXE == nil {
 		return fault.Wrap(fault.Unsupported, fmt.Errorf("--profile %s cannot boot from the network: use a generic flatcar or fcos profile (kiln profiles)", o.Target.Name))
@@ -193,6 +203,22 @@ func (o *Options) entries(prev *Manifest) ([]Node, error) {
 	return out, nil
 }
 
+// previous is the bundle a rebuild replaces (nil if there is none); an
+// existing output needs Force and must be a bundle.
+func (o *Options) previous() (*Manifest, error) {
+	if _, err := os.Stat(o.Output); err != nil {
+		return nil, nil
+	}
+	if !o.Force {
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to rebuild it (tokens and kiln serve's state are kept; stop kiln serve first)", o.Output))
+	}
+	prev, err := ReadManifest(o.Output)
+	if err != nil {
+		return nil, fmt.Errorf("%s exists but is not a bundle kiln can rebuild (%w): remove it or pick another --output", o.Output, err)
+	}
+	return prev, nil
+}
+
 func (m *Manifest) lookup(name string) (*Node, bool) {
 	if m == nil {
 		return nil, false
@@ -222,14 +248,9 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if o.Progress == nil {
 		o.Progress = io.Discard
 	}
-	var prev *Manifest
-	if _, err := os.Stat(o.Output); err == nil {
-		if !o.Force {
-			return nil, fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to rebuild it (tokens and kiln serve's state are kept)", o.Output))
-		}
-		if prev, err = ReadManifest(o.Output); err != nil {
-			return nil, fmt.Errorf("%s exists but is not a bundle kiln can rebuild (%w): remove it or pick another --output", o.Output, err)
-		}
+	prev, err := o.previous()
+	if err != nil {
+		return nil, err
 	}
 	osp, err := profiles.LookupOS(o.Cluster.OS.Name)
 	if err != nil {
@@ -296,8 +317,10 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		}
 		fmt.Fprintf(o.Progress, "node %s (%s, %s): %s\n", n.Name, n.Role, what, nr.Config)
 	}
-	if err := o.matchbox(w, m); err != nil {
-		return nil, err
+	if o.MatchboxURL != "" {
+		if err := o.matchbox(w, m); err != nil {
+			return nil, err
+		}
 	}
 	data, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
@@ -334,7 +357,7 @@ func (o *Options) node(w *writer, m *Manifest, n *Node, osp *profiles.OS) (NodeR
 		return NodeResult{}, err
 	}
 	if n.Mode == ModeInstall {
-		if config, err = render.Installer(render.InstallInput{Cluster: o.Cluster, Config: config, Disk: n.Disk, DoneURL: m.ReportURL(n)}); err != nil {
+		if config, err = render.Installer(render.InstallInput{Cluster: o.Cluster, Config: config, Disk: n.Disk, Version: o.InstallVersion, DoneURL: m.ReportURL(n)}); err != nil {
 			return NodeResult{}, err
 		}
 	}

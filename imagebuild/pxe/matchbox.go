@@ -43,17 +43,16 @@ Nodes with a MAC in the cluster file get a group selecting that MAC. The
 worker role default is matchbox's catch-all group (no selector): every
 other machine boots as a worker. Matchbox hands configs out by MAC alone,
 with no per-node token: keep its port on the provisioning network only.
-The configs still name kiln serve as their report URL; without it the
-agents' reports are dropped and nothing else changes.
+Matchbox does not know when a node has installed: install-mode nodes must
+boot from their disk first (network second), or they install again on
+every boot. The configs still name kiln serve as their report URL; without
+it the agents' reports are dropped and nothing else changes.
 `
 
 // matchbox writes the export: a profile and Ignition config per entry,
 // a group per MAC, and the worker default as the catch-all group.
 func (o *Options) matchbox(w *writer, m *Manifest) error {
 	base := strings.TrimSuffix(o.MatchboxURL, "/")
-	if base == "" {
-		base = m.ServerURL
-	}
 	assetURL := func(a Asset) string { return "/assets/" + a.File }
 	configArg := "ignition.config.url=" + base + "/ignition?uuid=${uuid}&mac=${mac:hexhyp}"
 	for i := range m.Nodes {

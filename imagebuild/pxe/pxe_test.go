@@ -82,6 +82,7 @@ func fixture(t *testing.T, osName, profile string) Options {
 func TestBuildBundle(t *testing.T) {
 	o := fixture(t, "flatcar", "flatcar-amd64")
 	o.KernelArgs = []string{"console=ttyS0"}
+	o.MatchboxURL = "http://matchbox.test:8080/"
 	res, err := Build(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
@@ -160,19 +161,24 @@ func TestBuildBundle(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(o.Output, "matchbox", "groups", "rack-cp-3.json")); err == nil {
 		t.Error("a pool slot got a matchbox group")
 	}
+	profile, _ := os.ReadFile(filepath.Join(o.Output, "matchbox", "profiles", "rack-w-1.json"))
+	if !strings.Contains(string(profile), `"ignition.config.url=http://matchbox.test:8080/ignition?uuid=${uuid}&mac=${mac:hexhyp}"`) {
+		t.Errorf("matchbox profile does not point at matchbox:\n%s", profile)
+	}
 }
 
 func TestInstallerCarriesNodeConfig(t *testing.T) {
 	o := fixture(t, "flatcar", "flatcar-amd64")
 	o.Modes = map[nodeconfig.Role]string{nodeconfig.RoleWorker: ModeInstall}
 	o.Disk = "/dev/nvme0n1"
+	o.InstallVersion = "4593.2.3"
 	if _, err := Build(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}
 	m, _ := ReadManifest(o.Output)
 	w, _ := m.Node("w-1")
 	cfg, _ := os.ReadFile(filepath.Join(o.Output, w.Config))
-	for _, want := range []string{"flatcar-install -d /dev/nvme0n1 -C stable -V current -i /var/lib/kiln-install/config.ign", "/report/w-1?key=" + w.ReportKey} {
+	for _, want := range []string{"flatcar-install -d /dev/nvme0n1 -C stable -V 4593.2.3 -i /var/lib/kiln-install/config.ign", "/report/w-1?key=" + w.ReportKey} {
 		if !bytes.Contains(cfg, []byte(want)) {
 			t.Errorf("w-1's installer lacks %q", want)
 		}
@@ -183,6 +189,9 @@ func TestFCOSBundle(t *testing.T) {
 	o := fixture(t, "fcos", "fcos-x86_64")
 	if _, err := Build(context.Background(), o); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(o.Output, MatchboxDir)); err == nil {
+		t.Error("a matchbox export was written without --matchbox-url")
 	}
 	m, _ := ReadManifest(o.Output)
 	w, _ := m.Node("w-1")
@@ -227,6 +236,7 @@ func TestBadInputWritesNothing(t *testing.T) {
 		"server query": func(o *Options) { o.ServerURL = "http://10.0.0.5/?a=b" },
 		"mode":         func(o *Options) { o.Modes = map[nodeconfig.Role]string{nodeconfig.RoleWorker: "ram"} },
 		"kernel arg":   func(o *Options) { o.KernelArgs = []string{"ignition.config.url=http://x"} },
+		"ipxe syntax":  func(o *Options) { o.KernelArgs = []string{"x=${net0/ip}"} },
 		"disk":         func(o *Options) { o.Disk = "sda" },
 		"asset":        func(o *Options) { o.Assets[1].Path = "/nonexistent" },
 		"rpi4":         func(o *Options) { o.Target, _ = profiles.LookupTarget("flatcar-rpi4") },

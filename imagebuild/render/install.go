@@ -27,6 +27,9 @@ type InstallInput struct {
 	// Disk is the device the OS is written to (/dev/sda,
 	// /dev/disk/by-id/...).
 	Disk string
+	// Version is the OS release to install (empty: the cluster's
+	// os.version).
+	Version string
 	// DoneURL, if set, receives a status POST once the OS is on the disk
 	// (kiln serve then sends the node to its disk on the next boot).
 	DoneURL string
@@ -61,7 +64,11 @@ func Installer(in InstallInput) ([]byte, error) {
 	doc.Storage.Directories = []butaneDir{{Path: "/var/lib/kiln-install", Mode: 0o700}}
 	doc.Storage.Files = []butaneFile{{Path: InstallConfigPath, Mode: 0o600, Contents: butaneContents{Inline: string(in.Config)}}}
 	cmd := make([]string, len(osp.PXE.Install))
-	r := strings.NewReplacer("{disk}", in.Disk, "{config}", InstallConfigPath, "{channel}", c.OS.Channel, "{version}", c.OS.Version)
+	version := in.Version
+	if version == "" {
+		version = c.OS.Version
+	}
+	r := strings.NewReplacer("{disk}", in.Disk, "{config}", InstallConfigPath, "{channel}", c.OS.Channel, "{version}", version)
 	for i, a := range osp.PXE.Install {
 		cmd[i] = r.Replace(a)
 	}

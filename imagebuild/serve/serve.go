@@ -109,6 +109,9 @@ func New(o Options) (*Server, error) {
 			s.pool = append(s.pool, r)
 		}
 	}
+	if slices.ContainsFunc(s.pool, nodeconfig.Role.IsControlPlane) {
+		s.log.Printf("warning: --pool %v hands control-plane configs (cluster keys) to unknown machines: keep this network closed", s.pool)
+	}
 	if err := s.load(); err != nil {
 		return nil, err
 	}
@@ -138,7 +141,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		ErrorLog:       s.log,
 	}
 	done := make(chan error, 1)
-	go func() { done <- hs.Serve(ln) }()
+	go func() { done <- hs.Serve(limitListener(ln, MaxConns)) }()
 	var err error
 	select {
 	case err = <-done:
@@ -235,7 +238,7 @@ func (s *Server) script(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Lock()
 	n, a, err := s.nodeFor(mac)
-	installed := n != nil && n.Mode == pxe.ModeInstall && len(s.reportsOf(n, a)) > 0
+	installed := n != nil && n.Mode == pxe.ModeInstall && retired(s.reportsOf(n, a))
 	s.mu.Unlock()
 	switch {
 	case err != nil:
@@ -386,4 +389,50 @@ func host(remoteAddr string) string {
 		return remoteAddr
 	}
 	return h
+}
+
+// MaxConns bounds open connections: each holds a file descriptor, and a
+// download may be kept open for hours by a slow reader.
+const MaxConns = 4096
+
+// limitListener accepts at most max connections at a time; the next
+// Accept waits until one closes.
+func limitListener(ln net.Listener, max int) net.Listener {
+	return &limited{Listener: ln, slots: make(chan struct{}, max)}
+}
+
+type limited struct {
+	net.Listener
+	slots chan struct{}
+}
+
+func (l *limited) Accept() (net.Conn, error) {
+	l.slots <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.slots
+		return nil, err
+	}
+	return &limitedConn{Conn: c, release: func() { <-l.slots }}, nil
+}
+
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
+
+// ReadFrom keeps the kernel's file-to-socket copy (sendfile) that net/http
+// finds on the connection.
+func (c *limitedConn) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.Conn.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{c.Conn}, r)
 }

@@ -100,6 +100,14 @@ func (s *Server) readState(name string, v any) error {
 	return nil
 }
 
+// Caps on what unauthenticated machines can make the server remember: an
+// assignment per unknown MAC (with --pool), a record per reporting host of
+// a role default.
+const (
+	MaxAssignments = 4096
+	MaxReports     = 8192
+)
+
 // load reads the state, keeping what still fits the manifest: a rebuilt
 // bundle may have renamed nodes or given them MACs.
 func (s *Server) load() error {
@@ -146,6 +154,9 @@ func (s *Server) nodeFor(mac string) (*pxe.Node, *assignment, error) {
 	n := s.free()
 	if n == nil {
 		return nil, nil, nil
+	}
+	if len(s.assigned) >= MaxAssignments {
+		return nil, nil, fmt.Errorf("%d machines are assigned already, the most kiln serve keeps: is something inventing MACs? Give real machines MACs in the cluster file", MaxAssignments)
 	}
 	a := &assignment{Node: n.Name, Role: n.Role, Assigned: time.Now().UTC()}
 	s.assigned[mac] = a
@@ -226,6 +237,10 @@ func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from string, now time
 	defer s.mu.Unlock()
 	k := reportKey(n, st.Node, from)
 	r, ok := s.reports[k]
+	if !ok && len(s.reports) >= MaxReports {
+		s.log.Printf("dropped a report for %s: %d machines have reported already, the most kiln serve keeps", n.Name, MaxReports)
+		return
+	}
 	if !ok {
 		r = &record{Node: n.Name}
 		// The first report naming a host from where the installer

@@ -110,8 +110,9 @@ func (r loadResult) String() string {
 		float64(r.bytes)/(1<<30), r.wall.Seconds(), r.throughput()/(1<<30), r.p99(r.script)*1000, r.p99(r.initramfs))
 }
 
-// load runs the clients at once, each on its own connection: GET a script
-// (checked byte for byte), then GET the initramfs (length checked).
+// load runs the clients at once (one connection pool, as many connections
+// as clients): each GETs a script (checked byte for byte), then the
+// initramfs (length checked).
 func load(b *testing.B, clients int, scripts []target, initramfsURL string, size int64) loadResult {
 	b.Helper()
 	tr := &http.Transport{MaxIdleConnsPerHost: clients, DisableCompression: true}
