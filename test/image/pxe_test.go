@@ -21,11 +21,13 @@ import (
 )
 
 // The network-boot oracle: QEMU's iPXE ROM (Debian's ipxe-qemu) is a real
-// PXE client. It gets slirp's DHCP offer naming kiln serve's entry script
-// on the host's loopback (10.0.2.2 inside the VM), chain-loads its own
-// script by MAC, and boots the kernel and initramfs kiln serve hands it:
-// Debian's cloud kernel with a busybox initramfs that prints a marker and
-// its kernel command line, then fetches the config URL it was given.
+// PXE client, under SeaBIOS and under UEFI (Debian's OVMF). It gets
+// slirp's DHCP offer naming kiln serve's entry script on the host's
+// loopback (10.0.2.2 inside the VM), chain-loads its own script by MAC, and
+// boots the kernel and initramfs kiln serve hands it: Debian's cloud kernel
+// with a busybox initramfs that prints a marker and its kernel command
+// line, then fetches the config URL it was given. Under UEFI the kernel's
+// EFI stub finds the initramfs only through the script's initrd= name.
 
 const (
 	knownMAC   = "52:54:00:12:34:56"
@@ -63,8 +65,10 @@ func TestRealPXEClient(t *testing.T) {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		t.Fatal("qemu-system-x86_64 not found: install Debian's qemu-system-x86 and ipxe-qemu (.ci/install-deps)")
 	}
-	if _, err := os.Stat("/usr/lib/ipxe/qemu/efi-virtio.rom"); err != nil {
-		t.Fatal("iPXE ROM missing: install Debian's ipxe-qemu (.ci/install-deps)")
+	for _, f := range []string{"/usr/lib/ipxe/qemu/efi-virtio.rom", ovmf} {
+		if _, err := os.Stat(f); err != nil {
+			t.Fatalf("%s missing: install Debian's ipxe-qemu and ovmf (.ci/install-deps)", f)
+		}
 	}
 	if out, err := exec.Command(filepath.Join(repo, "test", "tools", "qemu-kernels.sh"), "amd64").CombinedOutput(); err != nil {
 		t.Fatalf("test/tools/qemu-kernels.sh: %v\n%s", err, out)
@@ -88,41 +92,59 @@ func TestRealPXEClient(t *testing.T) {
 	w1, _ := m.Node("w-1")
 	config, _ := os.ReadFile(filepath.Join(bundle, w1.Config))
 	accessLog := startServe(t, bundle, port)
-
-	start := time.Now()
-	console := pxeBoot(t, port, knownMAC, "KILN-DONE")
-	t.Logf("PXE boot of %s: %s", knownMAC, time.Since(start).Round(100*time.Millisecond))
-	wantCmdline := "initrd=marker.cpio flatcar.first_boot=1 console=ttyS0 panic=-1 loglevel=4 ignition.config.url=" + m.ConfigURL(w1, knownMAC)
-	for _, want := range []string{"KILN-PXE-MARKER", "KILN-CMDLINE " + wantCmdline + "\n", fmt.Sprintf("KILN-CONFIG-SHA256 %x\n", sha256.Sum256(config)), "KILN-DONE"} {
-		if !strings.Contains(console, want) {
-			t.Errorf("console lacks %q; console:\n%s", want, console)
-		}
-	}
-	if strings.Contains(console, "KILN-FAILED") {
-		t.Errorf("the guest reported a failure; console:\n%s", console)
-	}
 	kernel, _ := m.Asset(pxe.AssetKernel)
 	initramfs, _ := m.Asset(pxe.AssetInitramfs)
-	expectRequests(t, accessLog, 0, []string{
-		"GET /boot.ipxe 200",
-		"GET /ipxe?mac=52-54-00-12-34-56 200",
-		"GET /assets/" + kernel.File + " 200",
-		"GET /assets/" + initramfs.File + " 200",
-		"GET /config/w-1?mac=52-54-00-12-34-56&token=REDACTED 200",
-	})
+	cmdline := "initrd=marker.cpio flatcar.first_boot=1 console=ttyS0 panic=-1 loglevel=4 ignition.config.url=" + m.ConfigURL(w1, knownMAC)
+	for _, fw := range []struct {
+		name string
+		args []string
+		// want: the command line as the kernel sees it (iPXE's EFI
+		// loader puts the image's name first), and what the firmware's
+		// kernel says.
+		cmdline, says string
+	}{
+		{"bios", nil, cmdline, "Probing EDD"},
+		{"efi", []string{"-bios", ovmf}, "vmlinuz " + cmdline, "EFI stub: Loaded initrd from command line option"},
+	} {
+		t.Run(fw.name, func(t *testing.T) {
+			seen := len(readLines(t, accessLog))
+			start := time.Now()
+			console := pxeBoot(t, port, knownMAC, "KILN-DONE", fw.args...)
+			t.Logf("%s PXE boot of %s: %s", fw.name, knownMAC, time.Since(start).Round(100*time.Millisecond))
+			for _, want := range []string{fw.says, "KILN-PXE-MARKER", "KILN-CMDLINE " + fw.cmdline + "\n", fmt.Sprintf("KILN-CONFIG-SHA256 %x\n", sha256.Sum256(config)), "KILN-DONE"} {
+				if !strings.Contains(console, want) {
+					t.Errorf("console lacks %q; console:\n%s", want, console)
+				}
+			}
+			if strings.Contains(console, "KILN-FAILED") {
+				t.Errorf("the guest reported a failure; console:\n%s", console)
+			}
+			expectRequests(t, accessLog, seen, []string{
+				"GET /boot.ipxe 200",
+				"GET /ipxe?mac=52-54-00-12-34-56 200",
+				"GET /assets/" + kernel.File + " 200",
+				"GET /assets/" + initramfs.File + " 200",
+				"GET /config/w-1?mac=52-54-00-12-34-56&token=REDACTED 200",
+			})
 
-	seen := len(readLines(t, accessLog))
-	console = pxeBoot(t, port, unknownMAC, "Could not boot")
-	if strings.Contains(console, "KILN-PXE-MARKER") || !strings.Contains(console, "not in the cluster's inventory") {
-		t.Errorf("a VM with an unknown MAC was not refused; console:\n%s", console)
+			seen = len(readLines(t, accessLog))
+			console = pxeBoot(t, port, unknownMAC, "Could not boot", fw.args...)
+			if strings.Contains(console, "KILN-PXE-MARKER") || !strings.Contains(console, "not in the cluster's inventory") {
+				t.Errorf("a VM with an unknown MAC was not refused; console:\n%s", console)
+			}
+			expectRequests(t, accessLog, seen, []string{"GET /boot.ipxe 200", "GET /ipxe?mac=52-54-00-99-99-99 404"})
+		})
 	}
-	expectRequests(t, accessLog, seen, []string{"GET /boot.ipxe 200", "GET /ipxe?mac=52-54-00-99-99-99 404"})
 }
 
-// pxeBoot network-boots a BIOS q35 VM with a virtio NIC of the given MAC
-// from kiln serve on the host's port, and returns its serial console once
-// QEMU exits or a line contains stop (QEMU is then killed).
-func pxeBoot(t *testing.T, port int, mac, stop string) string {
+// ovmf is Debian's UEFI firmware for QEMU (package ovmf).
+const ovmf = "/usr/share/ovmf/OVMF.fd"
+
+// pxeBoot network-boots a q35 VM (SeaBIOS, or the firmware in args) with a
+// virtio NIC of the given MAC from kiln serve on the host's port, and
+// returns its serial console once QEMU exits or a line contains stop (QEMU
+// is then killed).
+func pxeBoot(t *testing.T, port int, mac, stop string, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), pxeTimeout)
 	defer cancel()
@@ -132,6 +154,7 @@ func pxeBoot(t *testing.T, port int, mac, stop string) string {
 		"-boot", "order=n,reboot-timeout=0",
 		"-netdev", fmt.Sprintf("user,id=n0,bootfile=http://10.0.2.2:%d%s", port, pxe.EntryPath),
 		"-device", "virtio-net-pci,netdev=n0,mac="+mac)
+	cmd.Args = append(cmd.Args, args...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -238,7 +261,10 @@ func readLines(t testing.TB, p string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return strings.Split(strings.TrimSpace(string(data)), "\n")
+	if len(data) == 0 {
+		return nil
+	}
+	return strings.Split(strings.TrimSuffix(string(data), "\n"), "\n")
 }
 
 func freePort(t testing.TB) int {
