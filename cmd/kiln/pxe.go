@@ -72,6 +72,9 @@ OS and the node's config to --disk and reboots into it (the default for
 init and control-plane nodes, whose etcd must survive a reboot). Set them
 with --mode ROLE=MODE.
 
+Flatcar's PXE system runs from RAM and needs at least 3 GB of it (live
+workers keep it; installers need it until they reboot).
+
 --server-url is where the nodes reach kiln serve; it is written into the
 scripts and configs (config and status report URLs). Rebuilding with --force
 keeps every token and kiln serve's state.`,
