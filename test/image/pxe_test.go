@@ -8,14 +8,19 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/coreos/ignition/v2/config/v3_4"
 
 	"github.com/kilnproject/kiln/imagebuild/pxe"
 )
@@ -80,9 +85,10 @@ func TestRealPXEClient(t *testing.T) {
 
 	cf := newCluster(t, dir, "flatcar", "kubernetes-sysext")
 	appendFile(t, cf, "nodes:\n  - {name: cp-1, role: init, mac: \"52:54:00:00:00:01\"}\n  - {name: w-1, role: worker, mac: \""+knownMAC+"\"}\n")
-	port := freePort(t)
+	port, mbPort := freePort(t), freePort(t)
 	bundle := filepath.Join(dir, "bundle")
 	kilnOK(t, nil, "-c", cf, "pxe", "--output", bundle, "--server-url", fmt.Sprintf("http://10.0.2.2:%d", port),
+		"--matchbox-url", fmt.Sprintf("http://10.0.2.2:%d", mbPort),
 		"--kernel", filepath.Join(kdir, "vmlinuz"), "--initramfs", initrd,
 		"--kernel-arg", "console=ttyS0", "--kernel-arg", "panic=-1", "--kernel-arg", "loglevel=4")
 	m, err := pxe.ReadManifest(bundle)
@@ -134,6 +140,87 @@ func TestRealPXEClient(t *testing.T) {
 			}
 			expectRequests(t, accessLog, seen, []string{"GET /boot.ipxe 200", "GET /ipxe?mac=52-54-00-99-99-99 404"})
 		})
+	}
+
+	// The matchbox export, served by the real matchbox: the known MAC
+	// boots with w-1's config, any other MAC with the worker default's
+	// (the catch-all group). Matchbox re-encodes configs, so the guest's
+	// bytes are compared with what matchbox serves the host, and that with
+	// the bundle's config as Ignition reads it.
+	t.Run("matchbox", func(t *testing.T) {
+		startMatchbox(t, bundle, mbPort)
+		for mac, node := range map[string]string{knownMAC: "w-1", unknownMAC: "default-worker"} {
+			n, _ := m.Node(node)
+			hyp := strings.ReplaceAll(mac, ":", "-")
+			console := pxeBoot(t, mbPort, mac, "KILN-DONE")
+			served := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/ignition?mac=%s", mbPort, hyp))
+			want, err := os.ReadFile(filepath.Join(bundle, n.Config))
+			if err != nil {
+				t.Fatal(err)
+			}
+			sameIgnition(t, served, want)
+			for _, want := range []string{
+				"KILN-CMDLINE initrd=marker.cpio flatcar.first_boot=1 console=ttyS0 panic=-1 loglevel=4 ignition.config.url=http://10.0.2.2:" + fmt.Sprint(mbPort) + "/ignition?uuid=",
+				"&mac=" + hyp + "\n",
+				fmt.Sprintf("KILN-CONFIG-SHA256 %x\n", sha256.Sum256(served)),
+			} {
+				if !strings.Contains(console, want) {
+					t.Errorf("%s via matchbox: console lacks %q; console:\n%s", mac, want, console)
+				}
+			}
+		}
+	})
+}
+
+// startMatchbox runs the real matchbox (test/tools/build.sh matchbox) on
+// the bundle's export and assets until the test ends.
+func startMatchbox(t *testing.T, bundle string, port int) {
+	t.Helper()
+	bin := filepath.Join(filepath.Dir(toolsDir()), "bin", "matchbox")
+	cmd := exec.Command(bin, "-address", fmt.Sprintf("127.0.0.1:%d", port),
+		"-data-path", filepath.Join(bundle, pxe.MatchboxDir), "-assets-path", filepath.Join(bundle, "assets"))
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("%v: build it with test/tools/build.sh matchbox (make oracle does)", err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for i := 0; ; i++ {
+		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+			c.Close()
+			return
+		}
+		if i > 200 {
+			t.Fatalf("matchbox is not listening after 10 s:\n%s", out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func httpGet(t *testing.T, url string) []byte {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s %v", url, resp.Status, err)
+	}
+	return body
+}
+
+// sameIgnition: both parse as Ignition 3.4 configs, and they are equal.
+func sameIgnition(t *testing.T, got, want []byte) {
+	t.Helper()
+	g, rg, err1 := v3_4.Parse(got)
+	w, rw, err2 := v3_4.Parse(want)
+	if err1 != nil || err2 != nil || len(rg.Entries)+len(rw.Entries) > 0 {
+		t.Fatalf("parse: %v %v %s %s", err1, err2, rg, rw)
+	}
+	if !reflect.DeepEqual(g, w) {
+		t.Errorf("matchbox serves a config that differs from the bundle's (%d vs %d bytes)", len(got), len(want))
 	}
 }
 

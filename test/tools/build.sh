@@ -3,19 +3,21 @@
 # independent checkers, from their upstream Go modules (via the Go module
 # proxy). See test/tools/README.md.
 #
-# Usage: test/tools/build.sh [ignition] [kubeadm-v1.X.Y ...] [rehearsal-v1.X.Y ...]
-#   No arguments builds ignition and kubeadm for every KUBEADM_VERSIONS entry.
+# Usage: test/tools/build.sh [ignition] [matchbox] [kubeadm-v1.X.Y ...] [rehearsal-v1.X.Y ...]
+#   No arguments builds ignition, matchbox and kubeadm for every
+#   KUBEADM_VERSIONS entry.
 #   rehearsal-v1.X.Y builds kubeadm, kube-apiserver, kube-controller-manager,
 #   kube-scheduler (all from k8s.io/kubernetes@v1.X.Y) and the etcd that
 #   kubeadm of that minor deploys (go.etcd.io/etcd/server/v3); also single
 #   targets kube-apiserver-v1.X.Y ..., etcd-v3.X.Y.
 #
-# Output: ${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}/bin/{ignition,kubeadm-vX.Y.Z,kube-*-vX.Y.Z,etcd-vX.Y.Z}
+# Output: ${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}/bin/{ignition,matchbox,kubeadm-vX.Y.Z,kube-*-vX.Y.Z,etcd-vX.Y.Z}
 # A tool whose stamp matches its recipe is not rebuilt. Binaries are built to
 # a temporary name and renamed into place, so bin/ never holds a partial file.
 set -euo pipefail
 
 IGNITION_VERSION=v2.24.0
+MATCHBOX_VERSION=v0.11.0
 KUBEADM_VERSIONS=(v1.33.13 v1.34.4 v1.37.2)
 # Newer Go toolchain that the go command may fetch from the module proxy; used
 # only when an upstream go.mod needs a newer Go than the local one.
@@ -32,10 +34,10 @@ log() { printf '[kiln-tools] %s\n' "$*" >&2; }
 die() { printf '[kiln-tools] ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-	echo "usage: $0 [ignition] $(printf '[kubeadm-%s] ' "${KUBEADM_VERSIONS[@]}")" >&2
+	echo "usage: $0 [ignition] [matchbox] $(printf '[kubeadm-%s] ' "${KUBEADM_VERSIONS[@]}")" >&2
 	echo "       [kube-apiserver-v1.X.Y] [kube-controller-manager-v1.X.Y] [kube-scheduler-v1.X.Y]" >&2
 	echo "       [etcd-v3.X.Y] [rehearsal-v1.X.Y (kubeadm, control plane and etcd of a release)]" >&2
-	echo "  no arguments builds ignition and the kubeadms; output goes to $BIN_DIR" >&2
+	echo "  no arguments builds ignition, matchbox and the kubeadms; output goes to $BIN_DIR" >&2
 }
 
 command -v go >/dev/null || die "go not found in PATH"
@@ -313,6 +315,28 @@ build_etcd() {
 	log "$name: built $BIN_DIR/$name in $((SECONDS - start))s"
 }
 
+# ---------------------------------------------------------------- matchbox
+# build_matchbox : the matchbox network-boot server (github.com/poseidon/
+# matchbox), which reads kiln pxe's matchbox export in the oracle tests.
+build_matchbox() {
+	local name=matchbox mod=github.com/poseidon/matchbox ver=$MATCHBOX_VERSION
+	local ldflags="-s -w"
+	local key="matchbox $ver recipe=$RECIPE_REV ldflags=$ldflags"
+	if already_built "$name" "$key"; then
+		log "$name $ver: up to date ($BIN_DIR/$name)"
+		return 0
+	fi
+	local start=$SECONDS logfile=$LOG_DIR/$name.log
+	log "$name $ver: building (log: $logfile)"
+	: >"$logfile"
+	fetch_module "$mod" "$ver"
+	build_single "$name" "$mod" "$ver" "$mod/cmd/matchbox" 0 "$ldflags" "$logfile"
+	local tmp=$BUILT
+	"$tmp" -help >>"$logfile" 2>&1 || die "$name $ver: built binary does not run (see $logfile)"
+	install_binary "$name" "$tmp" "$key"
+	log "$name $ver: built $BIN_DIR/$name in $((SECONDS - start))s"
+}
+
 # etcd_for VER : the etcd release that kubeadm of Kubernetes VER deploys.
 etcd_for() {
 	case "$1" in
@@ -326,13 +350,13 @@ etcd_for() {
 # ---------------------------------------------------------------- main
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-	targets=(ignition)
+	targets=(ignition matchbox)
 	for v in "${KUBEADM_VERSIONS[@]}"; do targets+=("kubeadm-$v"); done
 fi
 for t in "${targets[@]}"; do
 	case "$t" in
 	-h | --help) usage; exit 0 ;;
-	ignition) ;;
+	ignition | matchbox) ;;
 	kubeadm-v1.* | kubectl-v1.* | kube-apiserver-v1.* | kube-controller-manager-v1.* | kube-scheduler-v1.*) ;;
 	rehearsal-v1.*) ;; # kubeadm, the three control-plane components and etcd of that release
 	etcd-v3.*) ;;
@@ -351,6 +375,7 @@ fi
 for t in "${targets[@]}"; do
 	case "$t" in
 	ignition) build_ignition ;;
+	matchbox) build_matchbox ;;
 	kubeadm-* | kubectl-* | kube-apiserver-* | kube-controller-manager-* | kube-scheduler-*)
 		build_k8s "v${t##*-v}" "${t%-v*}" ;;
 	rehearsal-*)
