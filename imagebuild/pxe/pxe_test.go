@@ -14,6 +14,7 @@ import (
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/internal/golden"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
 	"github.com/kilnproject/kiln/profiles"
 )
@@ -270,4 +271,22 @@ func TestNormalizeMAC(t *testing.T) {
 			t.Errorf("NormalizeMAC(%q) accepted", bad)
 		}
 	}
+}
+
+// TestScriptGolden pins the iPXE scripts kiln writes and serves, for
+// Flatcar and Fedora CoreOS, online and offline, and the entry and local
+// boot scripts (go test ./imagebuild/pxe -update refreshes them).
+func TestScriptGolden(t *testing.T) {
+	n := &Node{Name: "cp-2", Role: nodeconfig.RoleControlPlane, MAC: "52:54:00:00:00:02", Mode: ModeInstall, Disk: "/dev/sda", Token: strings.Repeat("7", 64)}
+	for _, m := range []*Manifest{
+		{Cluster: "rack", OS: "flatcar", ServerURL: "http://10.0.0.5:8080", KernelArgs: []string{"flatcar.first_boot=1", "console=ttyS0"},
+			Assets: []Asset{{Kind: AssetKernel, File: "flatcar-amd64-4593.2.3/flatcar_production_pxe.vmlinuz"}, {Kind: AssetInitramfs, File: "flatcar-amd64-4593.2.3/flatcar_production_pxe_image.cpio.gz"}}},
+		{Cluster: "rack", OS: "fcos", ServerURL: "http://10.0.0.5:8080", KernelArgs: []string{"ignition.firstboot", "ignition.platform.id=metal"}, RootfsArg: "coreos.live.rootfs_url",
+			Assets: []Asset{{Kind: AssetKernel, File: "fcos-amd64-42.1/kernel"}, {Kind: AssetInitramfs, File: "fcos-amd64-42.1/initramfs.img"}, {Kind: AssetRootfs, File: "fcos-amd64-42.1/rootfs.img"}}},
+	} {
+		golden.Check(t, m.OS+".ipxe", []byte(m.Script(n, n.MAC)))
+		golden.Check(t, m.OS+"-offline.ipxe", []byte(m.OfflineScript(n, OfflineConfig)))
+	}
+	golden.Check(t, "entry.ipxe", []byte(EntryScript()))
+	golden.Check(t, "local-boot.ipxe", []byte(LocalBootScript(n)))
 }

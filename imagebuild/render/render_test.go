@@ -3,7 +3,6 @@ package render
 import (
 	"bytes"
 	"compress/gzip"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -16,10 +15,9 @@ import (
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/internal/golden"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
 )
-
-var update = flag.Bool("update", false, "rewrite golden files")
 
 // fakeAgent stands in for the real agent binary so goldens do not change
 // with every agent build.
@@ -92,27 +90,6 @@ func combos() []combo {
 
 func (c combo) name() string { return fmt.Sprintf("%s-%s-%s", c.os, c.arch, c.role) }
 
-func golden(t *testing.T, name string, got []byte) {
-	t.Helper()
-	p := filepath.Join("testdata", "golden", name)
-	if *update {
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(p, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatalf("%v (run go test ./imagebuild/render -update to create it)", err)
-	}
-	if !bytes.Equal(got, want) {
-		t.Errorf("%s differs from the golden file; if the change is intended, run go test ./imagebuild/render -update and review the diff\n--- got ---\n%s", p, got)
-	}
-}
-
 // TestGolden renders every role x OS x arch in every format and compares
 // with the golden files.
 func TestGolden(t *testing.T) {
@@ -128,24 +105,24 @@ func TestGolden(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			golden(t, cb.name()+".node.yaml", node)
+			golden.Check(t, cb.name()+".node.yaml", node)
 			files, err := Kubeadm(in)
 			if err != nil {
 				t.Fatal(err)
 			}
 			for _, p := range files.Paths() {
-				golden(t, cb.name()+"."+filepath.Base(p), files[p])
+				golden.Check(t, cb.name()+"."+filepath.Base(p), files[p])
 			}
 			bu, err := Butane(in)
 			if err != nil {
 				t.Fatal(err)
 			}
-			golden(t, cb.name()+".bu", bu)
+			golden.Check(t, cb.name()+".bu", bu)
 			ign, err := Ignition(in)
 			if err != nil {
 				t.Fatal(err)
 			}
-			golden(t, cb.name()+".ign", ign)
+			golden.Check(t, cb.name()+".ign", ign)
 		})
 	}
 }
