@@ -3,19 +3,20 @@ package agent_test
 import (
 	"crypto/rand"
 	"encoding/json"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/pxe"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/imagebuild/serve"
+	"github.com/kilnproject/kiln/imagebuild/serve/servetest"
 	"github.com/kilnproject/kiln/test/agent/sim"
 )
 
@@ -30,20 +31,22 @@ func status(t *testing.T, n *simNode) map[string]any {
 
 func TestInitThenWorker(t *testing.T) {
 	c := newCluster(t, clusterOptions{uploadWindow: "2s"})
-	var mu sync.Mutex
-	var reports []string
-	rs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		b, _ := io.ReadAll(r.Body)
-		mu.Lock()
-		reports = append(reports, string(b))
-		mu.Unlock()
-	}))
+	// The agent reports to a real kiln serve (its handler, on a bundle
+	// that lists cp-1), as a network-booted node does.
+	bundle, m := servetest.NewBundle(t, pxe.Node{Name: "cp-1", Role: nodeconfig.RoleInit, MAC: "52:54:00:00:00:01"})
+	srv, err := serve.New(serve.Options{Dir: bundle})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := httptest.NewServer(srv)
 	defer rs.Close()
+	entry, _ := m.Node("cp-1")
 	if err := c.sim.StartLB(); err != nil {
 		t.Fatal(err)
 	}
 	cp1, w1 := c.node("cp-1", nodeconfig.RoleInit), c.node("w-1", nodeconfig.RoleWorker)
-	cp1.nc.ReportURL, cp1.nc.Manifests = rs.URL, []string{"/etc/kiln/manifests/cni.yaml"}
+	cp1.nc.ReportURL = rs.URL + pxe.ReportPath + "cp-1?key=" + entry.ReportKey
+	cp1.nc.Manifests = []string{"/etc/kiln/manifests/cni.yaml"}
 	data, _ := cp1.nc.Encode()
 	cp1.write(nodeconfig.DefaultPath, data, 0o600)
 	cp1.write("/etc/kiln/manifests/cni.yaml", []byte("kind: List\n"), 0o644)
@@ -74,11 +77,12 @@ func TestInitThenWorker(t *testing.T) {
 	if fi, err := os.Stat(filepath.Join(cp1.root, "etc/kubernetes/pki/ca.key")); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("ca.key: %v %v", fi, err)
 	}
-	mu.Lock()
-	if len(reports) == 0 || !strings.Contains(reports[len(reports)-1], `"state": "done"`) {
-		t.Errorf("reports: %d, last %q", len(reports), reports[max(len(reports)-1, 0):])
-	}
-	mu.Unlock()
+	// The agent's reports are queued: wait until kiln serve shows the last.
+	waitFor(t, 10*time.Second, func() bool {
+		st := serveStatus(t, rs.URL, m.StatusToken)
+		rep := st.Nodes[0].Reports
+		return len(rep) == 1 && rep[0].Phase == "done" && rep[0].State == "done" && rep[0].Host == "cp-1" && rep[0].ConfigRetired
+	})
 	c.checkNoSecrets(cp1, w1)
 
 	// A reboot is a no-op.
@@ -231,4 +235,21 @@ func waitFor(t *testing.T, d time.Duration, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// serveStatus reads kiln serve's status as kiln status does.
+func serveStatus(t *testing.T, url, token string) serve.Status {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, url+pxe.StatusPath, nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st serve.Status
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("status: %s %v", resp.Status, err)
+	}
+	return st
 }
