@@ -127,7 +127,7 @@ func checkServerURL(serverURL string, addr net.Addr) string {
 		return ""
 	}
 	if u.Scheme != "http" {
-		return fmt.Sprintf("the bundle's server URL %s is not http://, but kiln serve speaks plain HTTP: put a TLS proxy in front of it (role-default machines are then told apart by the proxy's address only), or rebuild the bundle with kiln pxe --server-url http://...", serverURL)
+		return fmt.Sprintf("the bundle's server URL %s is not http://, but kiln serve speaks plain HTTP: put a TLS proxy in front of it, or rebuild the bundle with kiln pxe --server-url http://...", serverURL)
 	}
 	port := u.Port()
 	if port == "" {

@@ -179,7 +179,7 @@ func TestInstallerCarriesNodeConfig(t *testing.T) {
 	m, _ := ReadManifest(o.Output)
 	w, _ := m.Node("w-1")
 	cfg, _ := os.ReadFile(filepath.Join(o.Output, w.Config))
-	for _, want := range []string{"flatcar-install -d /dev/nvme0n1 -C stable -V 4593.2.3 -i /var/lib/kiln-install/config.ign", "/report/w-1?key=" + w.ReportKey} {
+	for _, want := range []string{"flatcar-install -d /dev/nvme0n1 -C stable -V 4593.2.3 -i /var/lib/kiln-install/config.ign", "ExecStart=-/var/lib/kiln-install/report"} {
 		if !bytes.Contains(cfg, []byte(want)) {
 			t.Errorf("w-1's installer lacks %q", want)
 		}

@@ -19,6 +19,20 @@ const InstallConfigPath = "/var/lib/kiln-install/config.ign"
 // InstallUnit runs the install.
 const InstallUnit = "kiln-install.service"
 
+// InstallReportPath is the installer's script that tells kiln serve the
+// machine is installed.
+const InstallReportPath = "/var/lib/kiln-install/report"
+
+// installReport POSTs "installed" to the done URL (%s), naming the MAC the
+// machine booted with: it is in the config URL on the kernel command line
+// (the first argument replaces /proc/cmdline), absent when booted offline.
+const installReport = `#!/bin/sh
+# kiln: tell kiln serve this machine is installed.
+mac=$(sed -n 's/.*ignition\.config\.url=[^ ]*[?&]mac=\([0-9A-Fa-f:-]*\).*/\1/p' "${1:-/proc/cmdline}")
+exec curl -fsS --retry 5 --max-time 10 -H 'Content-Type: application/json' \
+	--data '{"phase":"installed","state":"done"}' "%s${mac:+&mac=$mac}"
+`
+
 // InstallInput is what an installer config needs.
 type InstallInput struct {
 	Cluster *cluster.Cluster
@@ -82,9 +96,12 @@ Type=oneshot
 ExecStart=%s
 `, osp.Description, in.Disk, strings.Join(cmd, " "))
 	if in.DoneURL != "" {
+		if strings.ContainsAny(in.DoneURL, "\"$`\\ \n") {
+			return nil, fmt.Errorf("install done URL %q: must not need shell quoting", in.DoneURL)
+		}
+		doc.Storage.Files = append(doc.Storage.Files, butaneFile{Path: InstallReportPath, Mode: 0o700, Contents: butaneContents{Inline: fmt.Sprintf(installReport, in.DoneURL)}})
 		// A failed report only costs the operator a boot-order change.
-		unit += fmt.Sprintf("ExecStart=-/usr/bin/curl -fsS --retry 5 --max-time 10 -H 'Content-Type: application/json' --data '{\"phase\":\"installed\",\"state\":\"done\"}' %s\n",
-			strings.ReplaceAll(in.DoneURL, "%", "%%"))
+		unit += "ExecStart=-" + InstallReportPath + "\n"
 	}
 	unit += "ExecStart=/usr/bin/systemctl --no-block reboot\n\n[Install]\nWantedBy=multi-user.target\n"
 	doc.Systemd.Units = []butaneUnit{{Name: InstallUnit, Enabled: true, Contents: unit}}

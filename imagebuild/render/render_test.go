@@ -5,7 +5,10 @@ import (
 	"compress/gzip"
 	"fmt"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -448,15 +451,55 @@ func TestInstaller(t *testing.T) {
 			t.Fatalf("%s: installer units: %+v", osName, cfg.Systemd.Units)
 		}
 		unit := *cfg.Systemd.Units[0].Contents
-		for _, want := range []string{wantCmd, "http://boot.test/report/w-1?key=k\n", "ExecStart=/usr/bin/systemctl --no-block reboot\n"} {
+		for _, want := range []string{wantCmd, "ExecStart=-" + InstallReportPath + "\n", "ExecStart=/usr/bin/systemctl --no-block reboot\n"} {
 			if !strings.Contains(unit, want) {
 				t.Errorf("%s: installer unit lacks %q:\n%s", osName, want, unit)
 			}
+		}
+		if modes[InstallReportPath] != 0o700 || !bytes.Contains(files[InstallReportPath], []byte(`"http://boot.test/report/w-1?key=k${mac:+&mac=$mac}"`)) {
+			t.Errorf("%s: report script (mode %o):\n%s", osName, modes[InstallReportPath], files[InstallReportPath])
 		}
 		for _, bad := range []string{"sda", "/dev/sda; rm -rf /", "/dev/sd%a"} {
 			if _, err := Installer(InstallInput{Cluster: c, Config: node, Disk: bad}); err == nil {
 				t.Errorf("disk %q accepted", bad)
 			}
+		}
+	}
+}
+
+// TestInstallReportScript runs the installer's report script with sh, sed
+// and curl against a local server: it POSTs "installed" with the MAC from
+// the config URL on the command line, and without one when booted offline.
+func TestInstallReportScript(t *testing.T) {
+	type post struct{ query, body string }
+	got := make(chan post, 2)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		got <- post{r.URL.RawQuery, string(b)}
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	defer srv.Close()
+	c := loadCluster(t, "flatcar")
+	inst, err := Installer(InstallInput{Cluster: c, Config: []byte("{}"), Disk: "/dev/sda", DoneURL: srv.URL + "/report/w-1?key=k"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, _ := decodedFiles(t, inst)
+	dir := t.TempDir()
+	script := filepath.Join(dir, "report")
+	os.WriteFile(script, files[InstallReportPath], 0o700)
+	for cmdline, want := range map[string]string{
+		"initrd=x.img flatcar.first_boot=1 ignition.config.url=http://b/config/w-1?mac=52-54-00-ab-cd-ef&token=t console=ttyS0\n": "key=k&mac=52-54-00-ab-cd-ef",
+		"initrd=x.img initrd=config.img flatcar.first_boot=1\n":                                                                   "key=k",
+	} {
+		f := filepath.Join(dir, "cmdline")
+		os.WriteFile(f, []byte(cmdline), 0o644)
+		if out, err := exec.Command("sh", script, f).CombinedOutput(); err != nil {
+			t.Fatalf("report script: %v\n%s", err, out)
+		}
+		p := <-got
+		if p.query != want || p.body != `{"phase":"installed","state":"done"}` {
+			t.Errorf("command line %q: POST ?%s %s, want ?%s", cmdline, p.query, p.body, want)
 		}
 	}
 }

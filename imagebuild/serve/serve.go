@@ -238,7 +238,7 @@ func (s *Server) script(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Lock()
 	n, a, err := s.nodeFor(mac)
-	installed := n != nil && n.Mode == pxe.ModeInstall && retired(s.reportsOf(n, a))
+	installed := n != nil && n.Mode == pxe.ModeInstall && retired(s.reportsOf(n, mac, a))
 	s.mu.Unlock()
 	switch {
 	case err != nil:
@@ -285,7 +285,7 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 		refuse(fmt.Sprintf("MAC %s is not %s's", mac, n.Name))
 		return
 	}
-	if n.Role.IsControlPlane() && retired(s.reportsOf(n, a)) {
+	if n.Role.IsControlPlane() && retired(s.reportsOf(n, mac, a)) {
 		s.mu.Unlock()
 		s.log.Printf("refused config %s to %s (%s): it is installed or in the cluster", n.Name, mac, r.RemoteAddr)
 		http.Error(w, "kiln: this node already reported installed or done; its config holds cluster keys and is not served again (to rebuild the machine, delete its report from the bundle's state/reports.json and restart kiln serve)", http.StatusGone)
@@ -359,7 +359,21 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
 		http.Error(w, "kiln: report: "+err.Error()+": send the agent's status as JSON", http.StatusBadRequest)
 		return
 	}
-	s.record(n, st, host(r.RemoteAddr), time.Now())
+	// The installer names the MAC it booted with (?mac=): that tells a
+	// role default's machines apart even behind one address.
+	mac := ""
+	if v := r.URL.Query().Get("mac"); v != "" {
+		if mac, err = pxe.NormalizeMAC(v); err != nil {
+			http.Error(w, "kiln: report ?mac=: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		if !s.boundTo(n, mac) {
+			s.log.Printf("refused report for %s from %s: MAC %s is not %s's", n.Name, r.RemoteAddr, mac, n.Name)
+			http.Error(w, "kiln: report refused", http.StatusForbidden)
+			return
+		}
+	}
+	s.record(n, st, host(r.RemoteAddr), mac, time.Now())
 	w.WriteHeader(http.StatusNoContent)
 }
 

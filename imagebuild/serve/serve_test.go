@@ -548,3 +548,41 @@ func TestServeShutdown(t *testing.T) {
 		t.Fatalf("reports after shutdown: %v\n%s", err, data)
 	}
 }
+
+// Behind one address (a NAT or proxy), a role default's machines are told
+// apart by the MAC their installer names.
+func TestDefaultMachinesBehindOneAddress(t *testing.T) {
+	e := start(t, defaults(t), nodeconfig.RoleControlPlane)
+	n := e.node("default-control-plane")
+	a, b := "52:54:00:00:50:01", "52:54:00:00:50:02"
+	for _, mac := range []string{a, b} {
+		e.script(mac, n.Name)
+		if code, _ := e.get(configPath(n, mac, n.Token)); code != http.StatusOK {
+			t.Fatalf("config for %s: %d", mac, code)
+		}
+	}
+	installed := []byte(`{"phase":"installed","state":"done"}`)
+	if code, body, _ := e.do(http.MethodPost, pxe.ReportPath+n.Name+"?key="+n.ReportKey+"&mac=52-54-00-00-50-01", installed); code != http.StatusNoContent {
+		t.Fatalf("installer report: %d %s", code, body)
+	}
+	if _, body := e.get(pxe.ScriptPath + "?mac=" + a); body != pxe.LocalBootScript(n) {
+		t.Errorf("installed machine %s is not sent to its disk:\n%s", a, body)
+	}
+	if code, _ := e.get(configPath(n, a, n.Token)); code != http.StatusGone {
+		t.Errorf("installed machine's config: %d, want 410", code)
+	}
+	e.script(b, n.Name)
+	if code, _ := e.get(configPath(n, b, n.Token)); code != http.StatusOK {
+		t.Errorf("the other machine at the same address lost its config: %d", code)
+	}
+	// A report naming a MAC that is not the entry's is refused.
+	if code, _, _ := e.do(http.MethodPost, pxe.ReportPath+n.Name+"?key="+n.ReportKey+"&mac=52-54-00-00-50-99", installed); code != http.StatusForbidden {
+		t.Errorf("report naming a foreign MAC: %d, want 403", code)
+	}
+	if code, _ := e.get(configPath(n, b, n.Token)); code != http.StatusOK {
+		t.Errorf("a report naming a foreign MAC retired %s: %d", b, code)
+	}
+	if !strings.Contains(e.log.String(), "MAC 52:54:00:00:50:99 is not default-control-plane's") {
+		t.Errorf("the foreign MAC was not logged:\n%s", e.log.String())
+	}
+}

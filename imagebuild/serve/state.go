@@ -35,9 +35,9 @@ type assignment struct {
 	Role     nodeconfig.Role `json:"role"`
 	Assigned time.Time       `json:"assigned"`
 	// ConfigFrom and ConfigAt are the address and time of the machine's
-	// last config download, for role defaults: the installer's report
-	// names no machine, so a report from that address after that time is
-	// taken to be this machine's.
+	// last config download, for role defaults: a report that names no
+	// MAC (an offline-booted installer's) from that address after that
+	// time is taken to be this machine's.
 	ConfigFrom string    `json:"configFrom,omitempty"`
 	ConfigAt   time.Time `json:"configAt,omitzero"`
 }
@@ -52,8 +52,10 @@ type record struct {
 	Node string `json:"node"`
 	// Host is the hostname the agent reported, From the address the
 	// report came from.
-	Host     string    `json:"host,omitempty"`
-	From     string    `json:"from"`
+	Host string `json:"host,omitempty"`
+	From string `json:"from"`
+	// MAC is the machine's, when its installer named it.
+	MAC      string    `json:"mac,omitempty"`
 	Received time.Time `json:"received"`
 	// Retired is set once the machine reported installed or done: a
 	// control plane's config is not served to it again.
@@ -67,14 +69,16 @@ type reportsJSON struct {
 }
 
 // reportKey tells machines apart: an inventory entry is one machine; a
-// role default's machines by the hostname they report, or their address
-// while they report none (the installer).
-func reportKey(n *pxe.Node, host, from string) string {
+// role default's machines by the hostname their agent reports, else the
+// MAC their installer names, else their address.
+func reportKey(n *pxe.Node, host, mac, from string) string {
 	switch {
 	case !n.Default:
 		return n.Name
 	case host != "":
 		return n.Name + " host " + host
+	case mac != "":
+		return n.Name + " mac " + mac
 	default:
 		return n.Name + " from " + from
 	}
@@ -135,7 +139,7 @@ func (s *Server) load() error {
 			s.log.Printf("forgetting the reports of %s: the bundle no longer has it", r.Node)
 			continue
 		}
-		s.reports[reportKey(n, r.Host, r.From)] = r
+		s.reports[reportKey(n, r.Host, r.MAC, r.From)] = r
 	}
 	return nil
 }
@@ -209,9 +213,10 @@ func (s *Server) configFetched(a *assignment, from string, now time.Time) error 
 	return s.saveAssignments()
 }
 
-// reportsOf returns the reports of the machine behind an entry (a is its
+// reportsOf returns the reports of the machine with the MAC behind an
+// entry (a is its
 // assignment, nil for inventory MACs). s.mu is held.
-func (s *Server) reportsOf(n *pxe.Node, a *assignment) []*record {
+func (s *Server) reportsOf(n *pxe.Node, mac string, a *assignment) []*record {
 	if !n.Default {
 		if r, ok := s.reports[n.Name]; ok {
 			return []*record{r}
@@ -220,7 +225,8 @@ func (s *Server) reportsOf(n *pxe.Node, a *assignment) []*record {
 	}
 	var out []*record
 	for _, r := range s.reports {
-		if r.Node == n.Name && a != nil && a.ConfigFrom != "" && r.From == a.ConfigFrom && r.Received.After(a.ConfigAt) {
+		byAddress := r.MAC == "" && a != nil && a.ConfigFrom != "" && r.From == a.ConfigFrom && r.Received.After(a.ConfigAt)
+		if r.Node == n.Name && (r.MAC != "" && r.MAC == mac || byAddress) {
 			out = append(out, r)
 		}
 	}
@@ -231,24 +237,37 @@ func retired(rs []*record) bool {
 	return slices.ContainsFunc(rs, func(r *record) bool { return r.Retired })
 }
 
-// record keeps a report and schedules writing it.
-func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from string, now time.Time) {
+// boundTo reports whether a machine's MAC belongs to an entry: its own, or
+// assigned to it.
+func (s *Server) boundTo(n *pxe.Node, mac string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	k := reportKey(n, st.Node, from)
+	a := s.assigned[mac]
+	return n.MAC == mac || a != nil && a.Node == n.Name
+}
+
+// record keeps a report and schedules writing it. mac is the MAC the
+// report names (bound to n), if any.
+func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := reportKey(n, st.Node, mac, from)
 	r, ok := s.reports[k]
 	if !ok && len(s.reports) >= MaxReports {
 		s.log.Printf("dropped a report for %s: %d machines have reported already, the most kiln serve keeps", n.Name, MaxReports)
 		return
 	}
 	if !ok {
-		r = &record{Node: n.Name}
-		// The first report naming a host from where the installer
-		// reported continues that machine's record.
-		if old := reportKey(n, "", from); old != k {
-			if prev, ok := s.reports[old]; ok {
-				r.Retired = prev.Retired
-				delete(s.reports, old)
+		r = &record{Node: n.Name, MAC: mac}
+		// The agent's first report, from where the installer reported,
+		// continues that machine's record.
+		if st.Node != "" {
+			for old, prev := range s.reports {
+				if prev.Node == n.Name && prev.Host == "" && prev.From == from {
+					r.Retired, r.MAC = prev.Retired, prev.MAC
+					delete(s.reports, old)
+					break
+				}
 			}
 		}
 		s.reports[k] = r

@@ -40,8 +40,10 @@ type Assignment struct {
 type Report struct {
 	// Host is the hostname the agent reported; From the address it
 	// reported from.
-	Host      string `json:"host,omitempty"`
-	From      string `json:"from"`
+	Host string `json:"host,omitempty"`
+	From string `json:"from"`
+	// MAC is the machine's, when its installer named it.
+	MAC       string `json:"mac,omitempty"`
 	Phase     string `json:"phase"`
 	State     string `json:"state"`
 	Attempt   int    `json:"attempt,omitempty"`
@@ -68,6 +70,7 @@ func (s *Server) snapshot(now time.Time) Status {
 		reports[r.Node] = append(reports[r.Node], Report{
 			Host:               r.Host,
 			From:               r.From,
+			MAC:                r.MAC,
 			Phase:              r.Status.Phase,
 			State:              r.Status.State,
 			Attempt:            r.Status.Attempt,

@@ -68,8 +68,12 @@ func TestPXEBundleConfigs(t *testing.T) {
 				nodeRoot := root
 				if n.Mode == pxe.ModeInstall {
 					unit := string(mustRead(t, filepath.Join(root, "etc/systemd/system/kiln-install.service")))
-					if !strings.Contains(unit, "ExecStart="+c.installer+"\n") || !strings.Contains(unit, m.ReportURL(&n)) {
+					if !strings.Contains(unit, "ExecStart="+c.installer+"\n") || !strings.Contains(unit, "ExecStart=-/var/lib/kiln-install/report\n") {
 						t.Errorf("%s: installer unit:\n%s", n.Name, unit)
+					}
+					report := filepath.Join(root, "var/lib/kiln-install/report")
+					if fi, err := os.Stat(report); err != nil || fi.Mode().Perm() != 0o700 || !strings.Contains(string(mustRead(t, report)), m.ReportURL(&n)) {
+						t.Errorf("%s: installer report script: %v", n.Name, err)
 					}
 					inner := filepath.Join(root, "var/lib/kiln-install/config.ign")
 					if fi, err := os.Stat(inner); err != nil || fi.Mode().Perm() != 0o600 {
