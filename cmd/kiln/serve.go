@@ -50,8 +50,9 @@ Machines the inventory does not name are refused, unless --pool gives them
 an entry: the next inventory node without a MAC of a pool role (in the
 cluster file's order), else the role default of the first pool role that has
 one (default-init at most once). Assignments and reports are kept in the
-bundle's state/ folder: they survive restarts and kiln pxe --force (stop
-kiln serve while rebuilding, then start it again: it reads the bundle once).
+bundle's state/ folder: they survive restarts and kiln pxe --force, which
+refuses to rebuild while kiln serve runs (it reads the bundle once: stop it,
+rebuild, start it again).
 A pool of init or control-plane hands cluster keys to whichever unknown
 machine asks first: use it only on a closed provisioning network.
 

@@ -252,6 +252,13 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	if prev != nil {
+		unlock, err := LockState(o.Output)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+	}
 	osp, err := profiles.LookupOS(o.Cluster.OS.Name)
 	if err != nil {
 		return nil, err

@@ -219,6 +219,15 @@ func TestRebuildKeepsTokensAndState(t *testing.T) {
 		t.Fatalf("rebuild without --force: %v", err)
 	}
 	o.Force = true
+	// Not while kiln serve holds the bundle.
+	unlock, err := LockState(o.Output)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Build(context.Background(), o); err == nil || !strings.Contains(err.Error(), "in use by a running kiln serve") {
+		t.Errorf("rebuild under a running server: %v", err)
+	}
+	unlock()
 	if _, err := Build(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}

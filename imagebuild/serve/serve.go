@@ -83,6 +83,7 @@ type Server struct {
 	dirty      bool                   // reports changed since written
 	flushTimer *time.Timer
 	flushMu    sync.Mutex // one writer of reports.json at a time
+	unlock     func()     // releases the bundle's state lock
 }
 
 // New reads the bundle's manifest and the server's state.
@@ -112,7 +113,11 @@ func New(o Options) (*Server, error) {
 	if slices.ContainsFunc(s.pool, nodeconfig.Role.IsControlPlane) {
 		s.log.Printf("warning: --pool %v hands control-plane configs (cluster keys) to unknown machines: keep this network closed", s.pool)
 	}
+	if s.unlock, err = pxe.LockState(o.Dir); err != nil {
+		return nil, err
+	}
 	if err := s.load(); err != nil {
+		s.unlock()
 		return nil, err
 	}
 	return s, nil

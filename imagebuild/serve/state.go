@@ -323,7 +323,9 @@ func (s *Server) Flush() error {
 // Close writes what is not yet written. A Server used as a handler
 // without Serve must be closed.
 func (s *Server) Close() error {
-	return s.Flush()
+	err := s.Flush()
+	s.unlock()
+	return err
 }
 
 func compareRecords(a, b *record) int {
