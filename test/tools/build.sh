@@ -151,35 +151,48 @@ build_single() {
 	) || die "$name $ver: build failed (full log: $logfile)"
 }
 
-build_ignition() {
-	local name=ignition mod=github.com/coreos/ignition/v2 ver=$IGNITION_VERSION
-	local pkg=$mod/internal # the `ignition` main package (upstream ./build uses it too)
-	local ldflags="-X $mod/internal/distro.selinuxRelabel=false -X $mod/internal/version.Raw=$ver"
-	local key="ignition $ver recipe=$RECIPE_REV ldflags=$ldflags"
-
+# build_go_tool NAME KEY MOD VER PKG CGO LDFLAGS VERIFY [PREPARE]: build
+# package PKG of MOD@VER into bin/NAME unless its stamp already says KEY.
+# PREPARE runs once the module is fetched (UP_DIR holds it), VERIFY on the
+# built binary; both get the binary or nothing, then the log file.
+build_go_tool() {
+	local name=$1 key=$2 mod=$3 ver=$4 pkg=$5 cgo=$6 ldflags=$7 verify=$8 prepare=${9:-}
 	if already_built "$name" "$key"; then
 		log "$name $ver: up to date ($BIN_DIR/$name)"
 		return 0
 	fi
-
-	command -v gcc >/dev/null || die "$name needs cgo: gcc not found (run .ci/install-deps)"
-	echo '#include <blkid/blkid.h>' | gcc -E -x c - >/dev/null 2>&1 ||
-		die "$name needs <blkid/blkid.h> (Debian: libblkid-dev; run .ci/install-deps)"
-
 	local start=$SECONDS logfile=$LOG_DIR/$name.log
 	log "$name $ver: building (log: $logfile)"
 	: >"$logfile"
 	fetch_module "$mod" "$ver"
-	# The variables we set must exist, or -X would silently do nothing.
-	grep -Eq '^[[:space:]]*selinuxRelabel[[:space:]]*=' "$UP_DIR/internal/distro/distro.go" ||
-		die "$mod@$ver: internal/distro has no selinuxRelabel variable; update the ldflags in $0"
-	grep -Eq '^[[:space:]]*Raw[[:space:]]*=' "$UP_DIR/internal/version/version.go" ||
-		die "$mod@$ver: internal/version has no Raw variable; update the ldflags in $0"
-	build_single "$name" "$mod" "$ver" "$pkg" 1 "$ldflags" "$logfile"
-	local tmp=$BUILT
-	"$tmp" -version >>"$logfile" 2>&1 || die "$name $ver: built binary does not run (see $logfile)"
-	install_binary "$name" "$tmp" "$key"
+	[[ -z "$prepare" ]] || "$prepare" "$logfile"
+	build_single "$name" "$mod" "$ver" "$pkg" "$cgo" "$ldflags" "$logfile"
+	"$verify" "$BUILT" "$logfile"
+	install_binary "$name" "$BUILT" "$key"
 	log "$name $ver: built $BIN_DIR/$name in $((SECONDS - start))s"
+}
+
+build_ignition() {
+	local mod=github.com/coreos/ignition/v2 ver=$IGNITION_VERSION
+	local ldflags="-X $mod/internal/distro.selinuxRelabel=false -X $mod/internal/version.Raw=$ver"
+	# $mod/internal is the `ignition` main package (upstream ./build uses it too).
+	build_go_tool ignition "ignition $ver recipe=$RECIPE_REV ldflags=$ldflags" "$mod" "$ver" "$mod/internal" 1 "$ldflags" \
+		verify_ignition prepare_ignition
+}
+
+prepare_ignition() {
+	command -v gcc >/dev/null || die "ignition needs cgo: gcc not found (run .ci/install-deps)"
+	echo '#include <blkid/blkid.h>' | gcc -E -x c - >/dev/null 2>&1 ||
+		die "ignition needs <blkid/blkid.h> (Debian: libblkid-dev; run .ci/install-deps)"
+	# The variables the ldflags set must exist, or -X would silently do nothing.
+	grep -Eq '^[[:space:]]*selinuxRelabel[[:space:]]*=' "$UP_DIR/internal/distro/distro.go" ||
+		die "ignition $IGNITION_VERSION: internal/distro has no selinuxRelabel variable; update the ldflags in $0"
+	grep -Eq '^[[:space:]]*Raw[[:space:]]*=' "$UP_DIR/internal/version/version.go" ||
+		die "ignition $IGNITION_VERSION: internal/version has no Raw variable; update the ldflags in $0"
+}
+
+verify_ignition() {
+	"$1" -version >>"$2" 2>&1 || die "ignition: built binary does not run (see $2)"
 }
 
 # ---------------------------------------------------------------- kubernetes
@@ -294,47 +307,27 @@ build_k8s() {
 # build_etcd VER : go.etcd.io/etcd/server/v3 (its main package is the module
 # root) at VER into bin/etcd-VER.
 build_etcd() {
-	local ver=$1 name=etcd-$1 mod=go.etcd.io/etcd/server/v3
+	local ver=$1 mod=go.etcd.io/etcd/server/v3
 	[[ "$ver" =~ ^v3\.[0-9]+\.[0-9]+$ ]] || die "bad etcd version '$ver' (want v3.MINOR.PATCH)"
-	local ldflags="-s -w"
-	local key="etcd $ver recipe=$RECIPE_REV ldflags=$ldflags"
-	if already_built "$name" "$key"; then
-		log "$name: up to date ($BIN_DIR/$name)"
-		return 0
-	fi
-	local start=$SECONDS logfile=$LOG_DIR/$name.log
-	log "$name: building (log: $logfile)"
-	: >"$logfile"
-	fetch_module "$mod" "$ver"
-	build_single "$name" "$mod" "$ver" "$mod" 0 "$ldflags" "$logfile"
-	local tmp=$BUILT
+	ETCD_WANT=$ver build_go_tool "etcd-$ver" "etcd $ver recipe=$RECIPE_REV ldflags=-s -w" "$mod" "$ver" "$mod" 0 "-s -w" verify_etcd
+}
+
+verify_etcd() {
 	local got
-	got=$("$tmp" --version 2>>"$logfile" | awk '/^etcd Version:/ { print "v" $3 }') || true
-	[[ "$got" == "$ver" ]] || die "$name: 'etcd --version' reports '$got', want '$ver'"
-	install_binary "$name" "$tmp" "$key"
-	log "$name: built $BIN_DIR/$name in $((SECONDS - start))s"
+	got=$("$1" --version 2>>"$2" | awk '/^etcd Version:/ { print "v" $3 }') || true
+	[[ "$got" == "$ETCD_WANT" ]] || die "etcd: 'etcd --version' reports '$got', want '$ETCD_WANT'"
 }
 
 # ---------------------------------------------------------------- matchbox
 # build_matchbox : the matchbox network-boot server (github.com/poseidon/
 # matchbox), which reads kiln pxe's matchbox export in the oracle tests.
 build_matchbox() {
-	local name=matchbox mod=github.com/poseidon/matchbox ver=$MATCHBOX_VERSION
-	local ldflags="-s -w"
-	local key="matchbox $ver recipe=$RECIPE_REV ldflags=$ldflags"
-	if already_built "$name" "$key"; then
-		log "$name $ver: up to date ($BIN_DIR/$name)"
-		return 0
-	fi
-	local start=$SECONDS logfile=$LOG_DIR/$name.log
-	log "$name $ver: building (log: $logfile)"
-	: >"$logfile"
-	fetch_module "$mod" "$ver"
-	build_single "$name" "$mod" "$ver" "$mod/cmd/matchbox" 0 "$ldflags" "$logfile"
-	local tmp=$BUILT
-	"$tmp" -help >>"$logfile" 2>&1 || die "$name $ver: built binary does not run (see $logfile)"
-	install_binary "$name" "$tmp" "$key"
-	log "$name $ver: built $BIN_DIR/$name in $((SECONDS - start))s"
+	local mod=github.com/poseidon/matchbox ver=$MATCHBOX_VERSION
+	build_go_tool matchbox "matchbox $ver recipe=$RECIPE_REV ldflags=-s -w" "$mod" "$ver" "$mod/cmd/matchbox" 0 "-s -w" verify_matchbox
+}
+
+verify_matchbox() {
+	"$1" -help >>"$2" 2>&1 || die "matchbox: built binary does not run (see $2)"
 }
 
 # etcd_for VER : the etcd release that kubeadm of Kubernetes VER deploys.
