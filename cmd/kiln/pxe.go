@@ -43,7 +43,8 @@ func newPxeCmd(g *globals) *cobra.Command {
 		Use:   "pxe --output DIR --server-url URL",
 		Short: "Build a network-boot bundle for every node, served by kiln serve",
 		Long: `pxe writes everything a rack of machines needs to boot from the network into
-one folder, all or nothing, for kiln serve (or any web server, or matchbox):
+one folder, all or nothing, for kiln serve (or matchbox, or no server at all
+for the offline variant):
 
   assets/     the OS's PXE kernel and initramfs (Fedora CoreOS: and rootfs),
               downloaded, verified (Flatcar: SHA-512 and OpenPGP signature;
