@@ -93,6 +93,10 @@ type Timing struct {
 	// or the load balancer is up. Name resolution failures do not count
 	// towards it.
 	Settle time.Duration
+	// EtcdQuorum is how long a control plane keeps trying to remove its
+	// own etcd member from a cluster without quorum before it resets (see
+	// forgetEtcdMember).
+	EtcdQuorum time.Duration
 }
 
 // DefaultTiming is the timing on a real node.
@@ -106,6 +110,7 @@ func DefaultTiming() Timing {
 		CommandTimeout:  20 * time.Minute,
 		CertificatesTTL: 2 * time.Hour,
 		Settle:          time.Minute,
+		EtcdQuorum:      5 * time.Minute,
 	}
 }
 
@@ -121,6 +126,7 @@ func (t Timing) Scaled(f float64) Timing {
 		CommandTimeout:  s(t.CommandTimeout),
 		CertificatesTTL: s(t.CertificatesTTL),
 		Settle:          s(t.Settle),
+		EtcdQuorum:      s(t.EtcdQuorum),
 	}
 }
 

@@ -46,8 +46,16 @@ type EtcdMembers interface {
 // killed-join) showed exactly that.
 //
 // The node's etcd manifest names its own peer URL and the other members;
-// the certificates kubeadm left beside it can talk to them. Failures are
-// logged, not fatal: kubeadm reset and the next join still run.
+// the certificates kubeadm left beside it can talk to them.
+//
+// Removing a member needs a quorum. When the cut came after the member was
+// promoted to a voter, the cluster lost its quorum with this node (two
+// voters, one down): removal fails with "unhealthy cluster" until the
+// kubelet restarts this member from its manifest and data. So the removal
+// is retried for Timing.EtcdQuorum before kubeadm reset wipes that data,
+// which would leave the quorum lost for good (the rehearsal's killed-join
+// scenario showed that too). Failures are then logged, not fatal: kubeadm
+// reset and the next join still run.
 func (r *run) forgetEtcdMember(ctx context.Context) {
 	if !r.nc.Role.IsControlPlane() {
 		return
@@ -80,12 +88,24 @@ func (r *run) forgetEtcdMember(ctx context.Context) {
 			return
 		}
 	}
-	removed, err := r.Etcd.RemoveMember(ctx, c, self)
-	switch {
-	case err != nil:
-		r.log.printf("remove this node's etcd member %s: %v (continuing)", self, err)
-	case removed:
-		r.log.printf("removed this node's etcd member %s, left by an unfinished join", self)
+	deadline := r.Clock.Now().Add(r.Timing.EtcdQuorum)
+	for try := 1; ; try++ {
+		removed, err := r.Etcd.RemoveMember(ctx, c, self)
+		switch {
+		case err == nil && removed:
+			r.log.printf("removed this node's etcd member %s, left by an unfinished join", self)
+			return
+		case err == nil:
+			return
+		case !r.Clock.Now().Before(deadline):
+			r.log.printf("remove this node's etcd member %s: %v (gave up after %d tries; continuing)", self, err, try)
+			return
+		case try == 1:
+			r.log.printf("remove this node's etcd member %s: %v; retrying for up to %s while the kubelet restarts the member from its data", self, err, r.Timing.EtcdQuorum)
+		}
+		if r.Clock.Sleep(ctx, r.Timing.Poll) != nil {
+			return
+		}
 	}
 }
 

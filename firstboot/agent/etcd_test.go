@@ -2,7 +2,9 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
@@ -14,10 +16,15 @@ type fakeEtcd struct {
 	runner  *fakeRunner
 	clients []EtcdClient
 	removed bool
+	// unhealthy fails this many removals as a cluster without quorum.
+	unhealthy int
 }
 
 func (f *fakeEtcd) RemoveMember(_ context.Context, c EtcdClient, peerURL string) (bool, error) {
 	f.clients = append(f.clients, c)
+	if len(f.clients) <= f.unhealthy {
+		return false, errors.New("503 Service Unavailable: etcdserver: unhealthy cluster")
+	}
 	f.runner.calls = append(f.runner.calls, "etcd remove-member "+peerURL)
 	return f.removed, nil
 }
@@ -95,5 +102,45 @@ func TestResumedJoinWithoutEtcdManifestLeavesEtcdAlone(t *testing.T) {
 			t.Fatalf("%s: exit %d", role, code)
 		}
 		n.wantCalls(append(hostCalls, "kubeadm reset -f", "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
+	}
+}
+
+// A cluster that lost its quorum with this node's member: the removal is
+// retried (the kubelet brings the member back) instead of letting kubeadm
+// reset wipe the data the quorum needs; a cluster that never recovers is
+// given up on after Timing.EtcdQuorum.
+func TestEtcdMemberRemovalWaitsForQuorum(t *testing.T) {
+	for _, c := range []struct {
+		unhealthy int
+		removed   bool
+		log       string
+	}{
+		{unhealthy: 3, removed: true, log: "removed this node's etcd member"},
+		{unhealthy: 1 << 30, log: "gave up after"},
+	} {
+		n := newNode(t, nodeconfig.RoleControlPlane)
+		etcd := &fakeEtcd{runner: n.runner, removed: c.removed, unhealthy: c.unhealthy}
+		n.agent.Etcd = etcd
+		n.fs.put(StateFile, `{"steps":{"join":{"started":"2030-01-01T00:00:00Z"}}}`, 0o600)
+		n.fs.put(etcdManifest, joiningEtcdManifest, 0o600)
+		for _, f := range []string{etcdCACert, etcdClientCert, etcdClientKey} {
+			n.fs.put(f, "PEM "+f, 0o600)
+		}
+		start := n.clock.now
+		if code := n.run(); code != ExitOK {
+			t.Fatalf("exit %d", code)
+		}
+		waited := n.clock.now.Sub(start)
+		if c.removed {
+			n.wantCalls(append(hostCalls, "etcd remove-member https://10.0.0.13:2380", "kubeadm reset -f", "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
+			if len(etcd.clients) != 4 {
+				t.Errorf("%d removal attempts, want 4", len(etcd.clients))
+			}
+		} else if waited < n.agent.Timing.EtcdQuorum {
+			t.Errorf("gave up after %s, before the %s quorum wait", waited, n.agent.Timing.EtcdQuorum)
+		}
+		if !strings.Contains(n.log.String(), c.log) || !strings.Contains(n.log.String(), "retrying for up to") {
+			t.Errorf("log lacks %q:\n%s", c.log, n.log.String())
+		}
 	}
 }
