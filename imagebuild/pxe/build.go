@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -121,6 +122,11 @@ func (o *Options) Check() error {
 			errs = append(errs, fmt.Errorf("--disk: %w", err))
 		}
 	}
+	for i, n := range o.Cluster.Nodes {
+		if isDefaultName(n.Name) {
+			errs = append(errs, fmt.Errorf("nodes[%d].name %q is the name of kiln's role default for %s: rename the node", i, n.Name, n.Role))
+		}
+	}
 	names := map[string]bool{}
 	for _, a := range o.Assets {
 		if names[a.Name] {
@@ -131,11 +137,13 @@ func (o *Options) Check() error {
 	if err := errors.Join(errs...); err != nil {
 		return fault.Wrap(fault.Input, err)
 	}
-	if _, err := o.previous(); err != nil {
-		return err
-	}
-	if _, err := o.entries(nil); err != nil {
-		return err
+	if _, err := os.Stat(o.Output); err == nil {
+		if !o.Force {
+			return fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to rebuild it (tokens and kiln serve's state are kept; stop kiln serve first)", o.Output))
+		}
+		if _, err := os.Stat(filepath.Join(o.Output, ManifestFile)); err != nil {
+			return fault.Wrap(fault.Input, fmt.Errorf("%s exists but is not a bundle (no %s): remove it or pick another --output", o.Output, ManifestFile))
+		}
 	}
 	if o.Target.PXE == nil {
 		return fault.Wrap(fault.Unsupported, fmt.Errorf("--profile %s cannot boot from the network: use a generic flatcar or fcos profile (kiln profiles)", o.Target.Name))
@@ -143,17 +151,22 @@ func (o *Options) Check() error {
 	return nil
 }
 
+// roles are the roles that get a role default, in the bundle's order.
+var roles = []nodeconfig.Role{nodeconfig.RoleInit, nodeconfig.RoleControlPlane, nodeconfig.RoleWorker}
+
+func defaultName(r nodeconfig.Role) string { return "default-" + string(r) }
+
+// isDefaultName reports whether name is reserved for a role default.
+func isDefaultName(name string) bool {
+	return slices.ContainsFunc(roles, func(r nodeconfig.Role) bool { return defaultName(r) == name })
+}
+
 // entries lists the bundle's nodes: the inventory, then a role default
 // for each role (init only when the inventory names no init node).
 func (o *Options) entries(prev *Manifest) ([]Node, error) {
 	var out []Node
-	names := map[string]bool{}
 	hasInit := false
 	add := func(n Node) error {
-		if names[n.Name] {
-			return fault.Wrap(fault.Input, fmt.Errorf("nodes: %q is both an inventory node and kiln's role default name: rename the inventory node", n.Name))
-		}
-		names[n.Name] = true
 		n.Mode = o.Modes[n.Role]
 		if n.Mode == "" {
 			n.Mode = DefaultMode(n.Role)
@@ -192,25 +205,22 @@ func (o *Options) entries(prev *Manifest) ([]Node, error) {
 			return nil, err
 		}
 	}
-	for _, r := range []nodeconfig.Role{nodeconfig.RoleInit, nodeconfig.RoleControlPlane, nodeconfig.RoleWorker} {
+	for _, r := range roles {
 		if r == nodeconfig.RoleInit && hasInit {
 			continue
 		}
-		if err := add(Node{Name: "default-" + string(r), Role: r, Default: true}); err != nil {
+		if err := add(Node{Name: defaultName(r), Role: r, Default: true}); err != nil {
 			return nil, err
 		}
 	}
 	return out, nil
 }
 
-// previous is the bundle a rebuild replaces (nil if there is none); an
-// existing output needs Force and must be a bundle.
+// previous is the bundle a rebuild replaces (nil if there is none; Check
+// has made sure an existing output may be replaced).
 func (o *Options) previous() (*Manifest, error) {
 	if _, err := os.Stat(o.Output); err != nil {
 		return nil, nil
-	}
-	if !o.Force {
-		return nil, fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to rebuild it (tokens and kiln serve's state are kept; stop kiln serve first)", o.Output))
 	}
 	prev, err := ReadManifest(o.Output)
 	if err != nil {

@@ -248,6 +248,7 @@ func TestBadInputWritesNothing(t *testing.T) {
 		"kernel arg":   func(o *Options) { o.KernelArgs = []string{"ignition.config.url=http://x"} },
 		"ipxe syntax":  func(o *Options) { o.KernelArgs = []string{"x=${net0/ip}"} },
 		"disk":         func(o *Options) { o.Disk = "sda" },
+		"default name": func(o *Options) { o.Cluster.Nodes[3].Name = "default-worker" },
 		"asset":        func(o *Options) { o.Assets[1].Path = "/nonexistent" },
 		"rpi4":         func(o *Options) { o.Target, _ = profiles.LookupTarget("flatcar-rpi4") },
 	} {
