@@ -243,7 +243,7 @@ func (s *Server) script(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Lock()
 	n, a, err := s.nodeFor(mac)
-	installed := n != nil && n.Mode == pxe.ModeInstall && retired(s.reportsOf(n, mac, a))
+	installed := n != nil && n.Mode == pxe.ModeInstall && s.retired(n, mac, a)
 	s.mu.Unlock()
 	switch {
 	case err != nil:
@@ -290,7 +290,7 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 		refuse(fmt.Sprintf("MAC %s is not %s's", mac, n.Name))
 		return
 	}
-	if n.Role.IsControlPlane() && retired(s.reportsOf(n, mac, a)) {
+	if n.Role.IsControlPlane() && s.retired(n, mac, a) {
 		s.mu.Unlock()
 		s.log.Printf("refused config %s to %s (%s): it is installed or in the cluster", n.Name, mac, r.RemoteAddr)
 		http.Error(w, "kiln: this node already reported installed or done; its config holds cluster keys and is not served again (to rebuild the machine, delete its report from the bundle's state/reports.json and restart kiln serve)", http.StatusGone)

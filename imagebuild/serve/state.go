@@ -213,28 +213,22 @@ func (s *Server) configFetched(a *assignment, from string, now time.Time) error 
 	return s.saveAssignments()
 }
 
-// reportsOf returns the reports of the machine with the MAC behind an
-// entry (a is its
-// assignment, nil for inventory MACs). s.mu is held.
-func (s *Server) reportsOf(n *pxe.Node, mac string, a *assignment) []*record {
+// retired reports whether the machine with this MAC behind an entry (a is
+// its assignment, nil for inventory MACs) reported installed or done. A
+// role default's machine is found by the MAC its installer named, else by
+// the address it fetched its config from. s.mu is held.
+func (s *Server) retired(n *pxe.Node, mac string, a *assignment) bool {
 	if !n.Default {
-		if r, ok := s.reports[n.Name]; ok {
-			return []*record{r}
-		}
-		return nil
+		r, ok := s.reports[n.Name]
+		return ok && r.Retired
 	}
-	var out []*record
 	for _, r := range s.reports {
 		byAddress := r.MAC == "" && a != nil && a.ConfigFrom != "" && r.From == a.ConfigFrom && r.Received.After(a.ConfigAt)
-		if r.Node == n.Name && (r.MAC != "" && r.MAC == mac || byAddress) {
-			out = append(out, r)
+		if r.Retired && r.Node == n.Name && (r.MAC != "" && r.MAC == mac || byAddress) {
+			return true
 		}
 	}
-	return out
-}
-
-func retired(rs []*record) bool {
-	return slices.ContainsFunc(rs, func(r *record) bool { return r.Retired })
+	return false
 }
 
 // boundTo reports whether a machine's MAC belongs to an entry: its own, or
