@@ -55,19 +55,38 @@ func (o *downloadOptions) source(t *profiles.Target, c *cluster.Cluster) (baseim
 	return src, nil
 }
 
-// loadForTarget loads the cluster and secrets and checks that the target
-// profile is for the cluster's OS.
+// loadForTarget loads the cluster, its secrets and the target profile,
+// which must be for the cluster's OS; an empty profile names the OS's
+// generic amd64 profile.
 func (g *globals) loadForTarget(profile string) (*profiles.Target, *cluster.Cluster, *secrets.Secrets, error) {
-	t, err := lookupTarget(profile)
-	if err != nil {
-		return nil, nil, nil, err
+	var t *profiles.Target
+	var err error
+	if profile != "" {
+		if t, err = lookupTarget(profile); err != nil {
+			return nil, nil, nil, err
+		}
 	}
 	c, s, err := g.load()
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	if t == nil {
+		if t, err = lookupTarget(genericProfile(c.OS.Name)); err != nil {
+			return nil, nil, nil, err
+		}
+	}
 	if c.OS.Name != t.OS {
 		return nil, nil, nil, fault.Wrap(fault.Input, fmt.Errorf("--profile %s is for os %s, but the cluster file has os.name %s: pick a %s profile (kiln profiles) or change os.name", t.Name, t.OS, c.OS.Name, c.OS.Name))
 	}
 	return t, c, s, nil
+}
+
+// genericProfile is the generic amd64 target profile of an OS.
+func genericProfile(osName string) string {
+	for _, n := range profiles.TargetNames() {
+		if t, err := profiles.LookupTarget(n); err == nil && t.OS == osName && t.Arch == "amd64" && t.Board == "generic" {
+			return n
+		}
+	}
+	return ""
 }

@@ -110,16 +110,6 @@ keeps every token and kiln serve's state.`,
 	return cmd
 }
 
-// defaultPxeProfile is the amd64 generic profile of an OS.
-func defaultPxeProfile(osName string) string {
-	for _, n := range profiles.TargetNames() {
-		if t, err := profiles.LookupTarget(n); err == nil && t.OS == osName && t.Arch == "amd64" && t.PXE != nil {
-			return n
-		}
-	}
-	return ""
-}
-
 func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	if o.output == "" || o.serverURL == "" {
 		return fault.Wrap(fault.Input, errors.New("--output and --server-url are required, for example --output pxe/ --server-url http://10.0.0.5:8080"))
@@ -131,13 +121,6 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 			return fault.Wrap(fault.Input, fmt.Errorf("--mode %s=%s: %w", r, m, err))
 		}
 		modes[role] = m
-	}
-	if o.profile == "" {
-		c, _, err := g.load()
-		if err != nil {
-			return err
-		}
-		o.profile = defaultPxeProfile(c.OS.Name)
 	}
 	t, c, s, err := g.loadForTarget(o.profile)
 	if err != nil {
