@@ -88,8 +88,16 @@ type NodeConfig struct {
 	// the system clock reads later than this before any TLS. kiln uses the
 	// cluster CA's NotBefore, which is also when TLS starts to work.
 	NotBefore time.Time `yaml:"notBefore"`
-	// Manifests are Kubernetes manifests the init node applies after init.
+	// Manifests are Kubernetes manifests the init node applies after init,
+	// in order: the pod network first, then the add-ons.
 	Manifests []string `yaml:"manifests,omitempty"`
+	// PodNetwork is the cluster file's network.cni: flannel, or none when
+	// the add-ons (or the user, later) bring the pod network.
+	PodNetwork string `yaml:"podNetwork,omitempty"`
+	// LoadBalancer, on control planes of a cluster whose endpoint is a
+	// virtual IP that the control planes hold, names the static pods that
+	// hold it.
+	LoadBalancer *LoadBalancer `yaml:"loadBalancer,omitempty"`
 	// ReportURL, if set, receives the agent's status as JSON POSTs.
 	ReportURL string `yaml:"reportURL,omitempty"`
 }
@@ -113,6 +121,28 @@ type Cluster struct {
 	// CertificateUploadWindow is how long the init node keeps the
 	// kubeadm-certs Secret alive for late control planes.
 	CertificateUploadWindow Duration `yaml:"certificateUploadWindow"`
+}
+
+// InterfaceToken stands for the network interface that holds the virtual
+// IP in load-balancer files rendered without loadBalancer.interface; the
+// agent replaces it with the interface whose network contains the VIP.
+const InterfaceToken = "${KILN_VIP_INTERFACE}"
+
+// LoadBalancer is the control-plane endpoint's static pods on this node.
+type LoadBalancer struct {
+	// Type is keepalived-haproxy or kube-vip.
+	Type string `yaml:"type"`
+	// Address is the virtual IP (controlPlaneEndpoint's host).
+	Address string `yaml:"address"`
+	// Interface holds the VIP; empty: the agent finds it.
+	Interface string `yaml:"interface,omitempty"`
+	// Configs are files the static pods mount; the agent fills in the
+	// interface where InterfaceToken stands.
+	Configs []string `yaml:"configs,omitempty"`
+	// StaticPods are manifests the agent fills in likewise and places in
+	// kubeadm's static pod folder before kubeadm runs (and again after
+	// every kubeadm reset, which empties that folder).
+	StaticPods []string `yaml:"staticPods"`
 }
 
 // Hostname decides the node's name: Name if set, otherwise Template.
@@ -273,6 +303,25 @@ func (nc *NodeConfig) Validate() error {
 		if nc.PKIDir != "" {
 			add("pkiDir", "only the init role carries the cluster PKI; remove it")
 		}
+	}
+	if lb := nc.LoadBalancer; lb != nil {
+		if lb.Type != "keepalived-haproxy" && lb.Type != "kube-vip" {
+			add("loadBalancer.type", "%q: use keepalived-haproxy or kube-vip", lb.Type)
+		}
+		if net.ParseIP(lb.Address) == nil {
+			add("loadBalancer.address", "%q is not an IP address", lb.Address)
+		}
+		if len(lb.StaticPods) == 0 {
+			add("loadBalancer.staticPods", "required")
+		}
+		if !nc.Role.IsControlPlane() {
+			add("loadBalancer", "only control planes hold the virtual IP; remove it")
+		}
+	}
+	switch nc.PodNetwork {
+	case "", "flannel", "none":
+	default:
+		add("podNetwork", "%q: use flannel or none", nc.PodNetwork)
 	}
 	if nc.NotBefore.IsZero() {
 		add("notBefore", "required (the earliest sane clock time)")

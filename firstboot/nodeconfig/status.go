@@ -15,7 +15,9 @@ type Status struct {
 	// State is running, waiting, retrying, done or failed.
 	State string `json:"state"`
 	// Attempt counts kubeadm attempts in the current step.
-	Attempt   int    `json:"attempt,omitempty"`
+	Attempt int `json:"attempt,omitempty"`
+	// Waiting says what the current step waits for, when it waits.
+	Waiting   string `json:"waiting,omitempty"`
 	LastError string `json:"lastError,omitempty"`
 	// Permanent marks a failure retrying cannot fix.
 	Permanent bool `json:"permanent,omitempty"`

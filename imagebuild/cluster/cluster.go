@@ -5,8 +5,12 @@ package cluster
 import (
 	"bytes"
 	"fmt"
+	"hash/crc32"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -32,6 +36,8 @@ const (
 	DefaultUploadWindow      = 6 * time.Hour
 	DefaultOS                = "flatcar"
 	DefaultHostnameTemplate  = "{cluster}-{role}-{mac}"
+	// DefaultAPIServerPort is kubeadm's default localAPIEndpoint.bindPort.
+	DefaultAPIServerPort = 6443
 )
 
 // Supported Kubernetes minors: what a real kubeadm built from the module
@@ -54,6 +60,16 @@ type Cluster struct {
 	OS                   OS         `yaml:"os"`
 	SSH                  SSH        `yaml:"ssh,omitempty"`
 	Hostname             Hostname   `yaml:"hostname,omitempty"`
+	// Network is the pod network kiln installs.
+	Network Network `yaml:"network"`
+	// LoadBalancer is what serves controlPlaneEndpoint.
+	LoadBalancer LoadBalancer `yaml:"loadBalancer"`
+	// Addons are manifests the init node applies after the pod network,
+	// in order.
+	Addons []Addon `yaml:"addons,omitempty"`
+	// Images re-pins images of kiln's manifests by name (see `kiln
+	// images`): REFERENCE@sha256:DIGEST.
+	Images map[string]string `yaml:"images,omitempty"`
 	// Nodes is an optional inventory of known machines.
 	Nodes []Node `yaml:"nodes,omitempty"`
 	// Butane lists Butane files (paths relative to the cluster file)
@@ -64,6 +80,59 @@ type Cluster struct {
 
 	// Snippets holds the contents of the Butane files, read by Load.
 	Snippets []Snippet `yaml:"-"`
+}
+
+// Pod networks (network.cni).
+const (
+	CNIFlannel = "flannel"
+	CNINone    = "none"
+)
+
+// Network is the pod network.
+type Network struct {
+	// CNI is flannel (the default) or none (an add-on brings one).
+	CNI string `yaml:"cni"`
+}
+
+// Load balancer types (loadBalancer.type).
+const (
+	LBExternal          = "external"
+	LBKeepalivedHAProxy = "keepalived-haproxy"
+	LBKubeVIP           = "kube-vip"
+)
+
+// LoadBalancer is what serves controlPlaneEndpoint.
+type LoadBalancer struct {
+	// Type is external (a load balancer kiln does not run; the default),
+	// keepalived-haproxy or kube-vip (static pods on every control plane
+	// hold controlPlaneEndpoint's address as a virtual IP).
+	Type string `yaml:"type"`
+	// Interface holds the virtual IP; empty: on each node, the interface
+	// whose network contains it.
+	Interface string `yaml:"interface,omitempty"`
+	// APIServerPort is the port every API server binds (kubeadm's
+	// localAPIEndpoint.bindPort; default 6443). keepalived-haproxy:
+	// HAProxy takes the endpoint's port, so this must differ (default 6444
+	// when the endpoint's port is 6443). kube-vip: the endpoint's port.
+	APIServerPort int `yaml:"apiServerPort,omitempty"`
+	// VirtualRouterID is keepalived's VRRP router ID, 1-255, unique on the
+	// LAN (default: derived from the cluster name).
+	VirtualRouterID int `yaml:"virtualRouterID,omitempty"`
+	// AdvertInterval is keepalived's VRRP advertisement interval in
+	// seconds (default 1): a backup takes over about 3 intervals after
+	// the holder goes silent.
+	AdvertInterval int `yaml:"advertInterval,omitempty"`
+}
+
+// Addon is one manifest file the init node applies: a local file (Path,
+// relative to the cluster file) or a URL that Ignition downloads and checks
+// against SHA256.
+type Addon struct {
+	Path   string `yaml:"path,omitempty"`
+	URL    string `yaml:"url,omitempty"`
+	SHA256 string `yaml:"sha256,omitempty"`
+	// Data is the content of a local file, read by Load.
+	Data []byte `yaml:"-"`
 }
 
 // Kubernetes settings.
@@ -172,6 +241,30 @@ func (c *Cluster) SetDefaults() {
 	if c.Hostname.Template == "" {
 		c.Hostname.Template = DefaultHostnameTemplate
 	}
+	if c.Network.CNI == "" {
+		c.Network.CNI = CNIFlannel
+	}
+	lb := &c.LoadBalancer
+	if lb.Type == "" {
+		lb.Type = LBExternal
+	}
+	_, port := c.endpointHostPort()
+	if lb.APIServerPort == 0 {
+		switch {
+		case lb.Type == LBKubeVIP:
+			lb.APIServerPort = port
+		case lb.Type == LBKeepalivedHAProxy && port == 6443:
+			lb.APIServerPort = 6444
+		default:
+			lb.APIServerPort = DefaultAPIServerPort
+		}
+	}
+	if lb.VirtualRouterID == 0 {
+		lb.VirtualRouterID = 1 + int(crc32.ChecksumIEEE([]byte(c.Name))%255)
+	}
+	if lb.AdvertInterval == 0 {
+		lb.AdvertInterval = 1
+	}
 	for i := range c.KubeadmPatches {
 		if c.KubeadmPatches[i].Type == "" {
 			c.KubeadmPatches[i].Type = "strategic"
@@ -231,6 +324,19 @@ func Load(path string) (*Cluster, error) {
 		}
 		c.Snippets = append(c.Snippets, Snippet{Path: p, Data: b})
 	}
+	for i := range c.Addons {
+		a := &c.Addons[i]
+		if a.Path == "" {
+			continue
+		}
+		full := a.Path
+		if !filepath.IsAbs(full) {
+			full = filepath.Join(dir, full)
+		}
+		if a.Data, err = os.ReadFile(full); err != nil {
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("%s: addons[%d].path: %w", path, i, err))
+		}
+	}
 	return c, nil
 }
 
@@ -263,4 +369,30 @@ func (c *Cluster) InventoryNode(name string) (Node, bool) {
 		}
 	}
 	return Node{}, false
+}
+
+// endpointHostPort splits controlPlaneEndpoint; the port is 0 when the
+// endpoint is not host:port with a numeric port.
+func (c *Cluster) endpointHostPort() (string, int) {
+	host, port, err := net.SplitHostPort(c.ControlPlaneEndpoint)
+	if err != nil {
+		return "", 0
+	}
+	p, _ := strconv.Atoi(port)
+	return host, p
+}
+
+// VIP returns the virtual IP of a keepalived-haproxy or kube-vip cluster:
+// controlPlaneEndpoint's address (the cluster file must have passed
+// Validate).
+func (c *Cluster) VIP() netip.Addr {
+	host, _ := c.endpointHostPort()
+	a, _ := netip.ParseAddr(host)
+	return a
+}
+
+// EndpointPort is controlPlaneEndpoint's port.
+func (c *Cluster) EndpointPort() int {
+	_, p := c.endpointHostPort()
+	return p
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"gopkg.in/yaml.v3"
+
 	"github.com/kilnproject/kiln/imagebuild/fault"
 )
 
@@ -26,6 +28,9 @@ func TestDefaults(t *testing.T) {
 		k.DNSDomain != DefaultDNSDomain || k.ControlPlanes != 3 || k.TokenTTL.Duration != DefaultTokenTTL ||
 		c.OS.Name != "flatcar" || c.OS.Channel != "stable" || c.OS.Version != "current" || c.Hostname.Template != DefaultHostnameTemplate {
 		t.Errorf("defaults not applied: %+v", c)
+	}
+	if c.Network.CNI != CNIFlannel || c.LoadBalancer.Type != LBExternal || c.LoadBalancer.APIServerPort != 6443 {
+		t.Errorf("network and load balancer defaults not applied: %+v %+v", c.Network, c.LoadBalancer)
 	}
 	if c.Minor() != 37 {
 		t.Errorf("Minor() = %d", c.Minor())
@@ -78,6 +83,27 @@ func TestValidation(t *testing.T) {
 		{"dup mac", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: init, mac: '52:54:00:00:00:01'}\n  - {name: b, role: worker, mac: '52-54-00-00-00-01'}\n", []string{"nodes[1].mac: 52:54:00:00:00:01 is already used by nodes[0]"}},
 		{"bad mac", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, mac: '52:54:00'}\n", []string{"nodes[0].mac"}},
 		{"dup name", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker}\n  - {name: a, role: worker}\n", []string{"nodes[1].name: \"a\" is already used by nodes[0]"}},
+		{"bad cni", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnetwork:\n  cni: calico\n", []string{"network.cni: \"calico\": use flannel", "none"}},
+		{"cni none ok", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnetwork:\n  cni: none\n", nil},
+		{"bad lb type", "name: lab\ncontrolPlaneEndpoint: lb:6443\nloadBalancer:\n  type: metallb\n", []string{"loadBalancer.type: \"metallb\""}},
+		{"vip is a name", "name: lab\ncontrolPlaneEndpoint: lb:6443\nloadBalancer:\n  type: kube-vip\n", []string{"controlPlaneEndpoint", "must be an IP address, not a name"}},
+		{"vip is a node", "name: lab\ncontrolPlaneEndpoint: 10.0.0.11:6443\nloadBalancer:\n  type: kube-vip\nnodes:\n  - {name: c1, role: init, ip: 10.0.0.11}\n", []string{"nodes[0].ip: 10.0.0.11 is controlPlaneEndpoint's virtual IP"}},
+		{"vip in pods", "name: lab\ncontrolPlaneEndpoint: 10.244.0.5:6443\nloadBalancer:\n  type: kube-vip\n", []string{"virtual IP 10.244.0.5 lies inside kubernetes.podSubnet"}},
+		{"vip in services", "name: lab\ncontrolPlaneEndpoint: 10.96.0.5:6443\nloadBalancer:\n  type: kube-vip\n", []string{"lies inside kubernetes.serviceSubnet"}},
+		{"kube-vip ok", "name: lab\ncontrolPlaneEndpoint: 192.168.1.50:6443\nloadBalancer:\n  type: kube-vip\n", nil},
+		{"kube-vip port", "name: lab\ncontrolPlaneEndpoint: 192.168.1.50:6443\nloadBalancer:\n  type: kube-vip\n  apiServerPort: 6444\n", []string{"loadBalancer.apiServerPort: 6444: kube-vip only moves the address"}},
+		{"bad interface", "name: lab\ncontrolPlaneEndpoint: 192.168.1.50:6443\nloadBalancer:\n  type: kube-vip\n  interface: 'eth0/1'\n", []string{"loadBalancer.interface"}},
+		{"keepalived ok", "name: lab\ncontrolPlaneEndpoint: 10.0.0.50:6443\nloadBalancer:\n  type: keepalived-haproxy\nimages:\n  keepalived: r.test/keepalived:1@sha256:0000000000000000000000000000000000000000000000000000000000000000\nnodes:\n  - {name: c1, role: init, ip: 10.0.0.11}\n  - {name: c2, role: control-plane, ip: 10.0.0.12}\n  - {name: c3, role: control-plane, ip: 10.0.0.13}\n", nil},
+		{"keepalived unpinned", "name: lab\ncontrolPlaneEndpoint: 10.0.0.50:6443\nloadBalancer:\n  type: keepalived-haproxy\nnodes:\n  - {name: c1, role: init, ip: 10.0.0.11}\n  - {name: c2, role: control-plane, ip: 10.0.0.12}\n  - {name: c3, role: control-plane, ip: 10.0.0.13}\n", []string{"images.keepalived: kiln has no default digest"}},
+		{"keepalived backends", "name: lab\ncontrolPlaneEndpoint: 10.0.0.50:6443\nloadBalancer:\n  type: keepalived-haproxy\nimages:\n  keepalived: r.test/keepalived:1@sha256:0000000000000000000000000000000000000000000000000000000000000000\n", []string{"nodes: loadBalancer.type keepalived-haproxy balances over every control plane's address", "found 0"}},
+		{"keepalived port clash", "name: lab\ncontrolPlaneEndpoint: 10.0.0.50:6443\nloadBalancer:\n  type: keepalived-haproxy\n  apiServerPort: 6443\nimages:\n  keepalived: r.test/keepalived:1@sha256:0000000000000000000000000000000000000000000000000000000000000000\nnodes:\n  - {name: c1, role: init, ip: 10.0.0.11}\n  - {name: c2, role: control-plane, ip: 10.0.0.12}\n  - {name: c3, role: control-plane, ip: 10.0.0.13}\n", []string{"loadBalancer.apiServerPort: 6443 is the endpoint's port"}},
+		{"keepalived router id", "name: lab\ncontrolPlaneEndpoint: 10.0.0.50:6443\nloadBalancer:\n  type: keepalived-haproxy\n  virtualRouterID: 300\nimages:\n  keepalived: r.test/keepalived:1@sha256:0000000000000000000000000000000000000000000000000000000000000000\nnodes:\n  - {name: c1, role: init, ip: 10.0.0.11}\n  - {name: c2, role: control-plane, ip: 10.0.0.12}\n  - {name: c3, role: control-plane, ip: 10.0.0.13}\n", []string{"loadBalancer.virtualRouterID: 300"}},
+		{"addon both", "name: lab\ncontrolPlaneEndpoint: lb:6443\naddons:\n  - {path: a.yaml, url: 'https://x/a.yaml'}\n", []string{"addons[0]: set exactly one of path"}},
+		{"addon url no sha", "name: lab\ncontrolPlaneEndpoint: lb:6443\naddons:\n  - {url: 'https://x/a.yaml'}\n", []string{"addons[0].sha256: required with url"}},
+		{"addon url scheme", "name: lab\ncontrolPlaneEndpoint: lb:6443\naddons:\n  - {url: 'ftp://x/a.yaml', sha256: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'}\n", []string{"addons[0].url"}},
+		{"addon path sha", "name: lab\ncontrolPlaneEndpoint: lb:6443\naddons:\n  - {path: a.yaml, sha256: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'}\n", []string{"addons[0].sha256: only for url"}},
+		{"image unknown", "name: lab\ncontrolPlaneEndpoint: lb:6443\nimages:\n  calico: x@sha256:0000000000000000000000000000000000000000000000000000000000000000\n", []string{"images.calico: kiln runs no image of that name"}},
+		{"image unpinned", "name: lab\ncontrolPlaneEndpoint: lb:6443\nimages:\n  flannel: ghcr.io/flannel-io/flannel:v0.28.4\n", []string{"images.flannel", "not pinned by digest"}},
 		{"dup ip", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, ip: 10.0.0.1}\n  - {name: b, role: worker, ip: 10.0.0.1}\n", []string{"nodes[1].ip"}},
 		{"two inits", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: init}\n  - {name: b, role: init}\n", []string{"nodes: 2 nodes have role init"}},
 		{"too many cps", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  controlPlanes: 1\nnodes:\n  - {name: a, role: init}\n  - {name: b, role: control-plane}\n", []string{"nodes: 2 control-plane nodes listed but kubernetes.controlPlanes is 1"}},
@@ -176,5 +202,29 @@ func TestEncodeRoundTrip(t *testing.T) {
 	out2, _ := c2.Encode()
 	if string(out) != string(out2) {
 		t.Errorf("round trip differs:\n%s\n%s", out, out2)
+	}
+}
+
+// TestAPIServerPortDefault: HAProxy on the control planes takes the
+// endpoint's port, so the API servers move to 6444 only then.
+func TestAPIServerPortDefault(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		want int
+	}{
+		{"controlPlaneEndpoint: 10.0.0.50:6443\nloadBalancer: {type: kube-vip}\n", 6443},
+		{"controlPlaneEndpoint: 10.0.0.50:443\nloadBalancer: {type: kube-vip}\n", 443},
+		{"controlPlaneEndpoint: lb:443\n", 6443},
+		{"controlPlaneEndpoint: 10.0.0.50:6443\nloadBalancer: {type: keepalived-haproxy}\n", 6444},
+		{"controlPlaneEndpoint: 10.0.0.50:8443\nloadBalancer: {type: keepalived-haproxy}\n", 6443},
+	} {
+		var c Cluster
+		if err := yaml.Unmarshal([]byte("name: lab\n"+tc.body), &c); err != nil {
+			t.Fatal(err)
+		}
+		c.SetDefaults()
+		if c.LoadBalancer.APIServerPort != tc.want {
+			t.Errorf("%q: apiServerPort %d, want %d", tc.body, c.LoadBalancer.APIServerPort, tc.want)
+		}
 	}
 }

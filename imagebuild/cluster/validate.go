@@ -15,6 +15,7 @@ import (
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/manifests"
 	"github.com/kilnproject/kiln/profiles"
 )
 
@@ -44,6 +45,8 @@ var (
 	versionRe    = regexp.MustCompile(`^v(\d+)\.(\d+)\.(\d+)$`)
 	clusterRe    = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
 	sha512Re     = regexp.MustCompile(`^[0-9a-f]{128}$`)
+	sha256Re     = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	ifaceRe      = regexp.MustCompile(`^[A-Za-z0-9][-A-Za-z0-9_.@]{0,14}$`)
 	patchTargets = []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubeletconfiguration", "corednsdeployment"}
 	patchTypes   = []string{"strategic", "merge", "json"}
 	sshKeyTypes  = []string{"ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"}
@@ -135,6 +138,9 @@ func (c *Cluster) Validate() error {
 		}
 	}
 	c.validatePatches(&errs)
+	c.validateNetwork(&errs, pods, svcs)
+	c.validateAddons(&errs)
+	c.validateImages(&errs)
 
 	if len(errs) == 0 {
 		return nil
@@ -300,4 +306,118 @@ func (c *Cluster) Pinned(name, arch string) (Download, bool) {
 		}
 	}
 	return Download{}, false
+}
+
+// validateNetwork checks network and loadBalancer against the rest of the
+// file.
+func (c *Cluster) validateNetwork(errs *[]error, pods, svcs []netip.Prefix) {
+	add := func(field, format string, a ...any) {
+		*errs = append(*errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, a...)))
+	}
+	switch c.Network.CNI {
+	case CNIFlannel, CNINone:
+	default:
+		add("network.cni", "%q: use flannel (kiln installs it) or none (bring a pod network as an add-on)", c.Network.CNI)
+	}
+	lb := c.LoadBalancer
+	switch lb.Type {
+	case LBExternal:
+		return
+	case LBKeepalivedHAProxy, LBKubeVIP:
+	default:
+		add("loadBalancer.type", "%q: use external (your own load balancer), keepalived-haproxy or kube-vip", lb.Type)
+		return
+	}
+	host, port := c.endpointHostPort()
+	vip, err := netip.ParseAddr(host)
+	if err != nil {
+		if host != "" {
+			add("controlPlaneEndpoint", "%q: loadBalancer.type %s holds a virtual IP, so the endpoint's host must be an IP address, not a name: use the free address on the nodes' LAN that the API will answer on, as 192.168.1.50:%d", c.ControlPlaneEndpoint, lb.Type, port)
+		}
+		return
+	}
+	for i, n := range c.Nodes {
+		if ip, err := netip.ParseAddr(n.IP); err == nil && ip == vip {
+			add(fmt.Sprintf("nodes[%d].ip", i), "%s is controlPlaneEndpoint's virtual IP: the VIP must be an address no machine owns", ip)
+		}
+	}
+	for _, set := range []struct {
+		field string
+		p     []netip.Prefix
+	}{{"kubernetes.podSubnet", pods}, {"kubernetes.serviceSubnet", svcs}} {
+		for _, p := range set.p {
+			if p.Contains(vip) {
+				add("controlPlaneEndpoint", "virtual IP %s lies inside %s %s: use an address of the nodes' LAN", vip, set.field, p)
+			}
+		}
+	}
+	if lb.Interface != "" && !ifaceRe.MatchString(lb.Interface) {
+		add("loadBalancer.interface", "%q is not a network interface name (at most 15 characters, no '/' or spaces); leave it empty to use the interface whose network holds the VIP", lb.Interface)
+	}
+	if lb.APIServerPort < 1 || lb.APIServerPort > 65535 {
+		add("loadBalancer.apiServerPort", "%d: use a port from 1 to 65535", lb.APIServerPort)
+	}
+	if lb.Type == LBKubeVIP {
+		if lb.APIServerPort != port {
+			add("loadBalancer.apiServerPort", "%d: kube-vip only moves the address, so the API servers must listen on the endpoint's port %d: remove apiServerPort", lb.APIServerPort, port)
+		}
+		return
+	}
+	if lb.APIServerPort == port {
+		add("loadBalancer.apiServerPort", "%d is the endpoint's port, which HAProxy listens on: give the API servers another port (remove the field for 6444)", port)
+	}
+	if lb.VirtualRouterID < 1 || lb.VirtualRouterID > 255 {
+		add("loadBalancer.virtualRouterID", "%d: VRRP router IDs are 1 to 255; every cluster on the LAN needs its own", lb.VirtualRouterID)
+	}
+	if lb.AdvertInterval < 1 || lb.AdvertInterval > 255 {
+		add("loadBalancer.advertInterval", "%d: use 1 to 255 seconds", lb.AdvertInterval)
+	}
+	var withIP []string
+	for _, n := range c.Nodes {
+		if n.Role.IsControlPlane() && n.IP != "" {
+			withIP = append(withIP, n.Name)
+		}
+	}
+	if len(withIP) != c.Kubernetes.ControlPlanes {
+		add("nodes", "loadBalancer.type keepalived-haproxy balances over every control plane's address: list all %d control planes (kubernetes.controlPlanes) with role init or control-plane and their ip (found %d with an ip)", c.Kubernetes.ControlPlanes, len(withIP))
+	}
+	if _, err := manifests.Resolve("keepalived", c.Images); err != nil {
+		add("loadBalancer.type", "keepalived-haproxy: %v", err)
+	}
+}
+
+func (c *Cluster) validateAddons(errs *[]error) {
+	for i, a := range c.Addons {
+		field := fmt.Sprintf("addons[%d]", i)
+		switch {
+		case (a.Path == "") == (a.URL == ""):
+			*errs = append(*errs, fmt.Errorf("%s: set exactly one of path (a file next to the cluster file) or url (with sha256)", field))
+		case a.URL != "":
+			if !strings.HasPrefix(a.URL, "https://") && !strings.HasPrefix(a.URL, "http://") {
+				*errs = append(*errs, fmt.Errorf("%s.url: %q must be an http(s) URL that the init node can reach", field, a.URL))
+			}
+			if !sha256Re.MatchString(a.SHA256) {
+				*errs = append(*errs, fmt.Errorf("%s.sha256: required with url, 64 lowercase hex digits (sha256sum FILE)", field))
+			}
+		case a.SHA256 != "":
+			*errs = append(*errs, fmt.Errorf("%s.sha256: only for url; a local file is embedded as it is", field))
+		}
+	}
+}
+
+func (c *Cluster) validateImages(errs *[]error) {
+	names := make([]string, 0, len(c.Images))
+	for name := range c.Images {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		if !slices.Contains(manifests.ImageNames(), name) {
+			*errs = append(*errs, fmt.Errorf("images.%s: kiln runs no image of that name: use one of %s", name, strings.Join(manifests.ImageNames(), ", ")))
+			continue
+		}
+		if _, err := manifests.ParsePinned(c.Images[name]); err != nil {
+			*errs = append(*errs, fmt.Errorf("images.%s: %v", name, err))
+		}
+	}
 }

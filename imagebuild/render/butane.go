@@ -12,6 +12,7 @@ import (
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/manifests"
 	"github.com/kilnproject/kiln/profiles"
 )
 
@@ -145,6 +146,30 @@ func butaneFor(in Input) (*butaneDoc, error) {
 		st.Directories = append(st.Directories, butaneDir{Path: PKIPath, Mode: 0o700}, butaneDir{Path: PKIPath + "/etcd", Mode: 0o700})
 		for _, name := range secrets.PKIFiles {
 			secret(path.Join(PKIPath, name), in.Secrets.PKI[name])
+		}
+	}
+	if nc.Role == nodeconfig.RoleInit {
+		ms, err := Manifests(c)
+		if err != nil {
+			return nil, err
+		}
+		if len(ms) > 0 {
+			st.Directories = append(st.Directories, butaneDir{Path: ManifestsPath, Mode: 0o700})
+		}
+		for _, m := range ms {
+			f := butaneFile{Path: m.Path, Mode: 0o600, Contents: butaneContents{Inline: string(m.Data)}}
+			if m.URL != "" {
+				f.Contents = butaneContents{Source: m.URL, Verification: &butaneVerification{Hash: "sha256-" + m.SHA256}}
+			}
+			st.Files = append(st.Files, f)
+		}
+	}
+	if _, lbFiles, err := loadBalancer(c, in.Role); err != nil {
+		return nil, err
+	} else if len(lbFiles) > 0 {
+		st.Directories = append(st.Directories, butaneDir{Path: manifests.ConfigDir, Mode: 0o700})
+		for _, f := range lbFiles {
+			st.Files = append(st.Files, butaneFile{Path: path.Join(manifests.ConfigDir, f.Name), Mode: 0o600, Contents: butaneContents{Inline: string(f.Data)}})
 		}
 	}
 	if nc.Hostname.Name != "" {

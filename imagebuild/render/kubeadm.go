@@ -49,10 +49,14 @@ type (
 		Usages []string `yaml:"usages"`
 		Groups []string `yaml:"groups"`
 	}
+	apiEndpoint struct {
+		BindPort int `yaml:"bindPort"`
+	}
 	initConfiguration struct {
 		typeMeta         `yaml:",inline"`
 		BootstrapTokens  []bootstrapToken `yaml:"bootstrapTokens"`
 		CertificateKey   string           `yaml:"certificateKey"`
+		LocalAPIEndpoint *apiEndpoint     `yaml:"localAPIEndpoint,omitempty"`
 		NodeRegistration nodeRegistration `yaml:"nodeRegistration"`
 		Patches          *patches         `yaml:"patches,omitempty"`
 	}
@@ -93,7 +97,8 @@ type (
 		CACertHashes      []string `yaml:"caCertHashes"`
 	}
 	joinControlPlane struct {
-		CertificateKey string `yaml:"certificateKey"`
+		CertificateKey   string       `yaml:"certificateKey"`
+		LocalAPIEndpoint *apiEndpoint `yaml:"localAPIEndpoint,omitempty"`
 	}
 )
 
@@ -140,8 +145,12 @@ func Kubeadm(in Input) (KubeadmFiles, error) {
 		NodeRegistration: reg,
 		Patches:          patch,
 	}
+	var bind *apiEndpoint
+	if p := c.LoadBalancer.APIServerPort; p != cluster.DefaultAPIServerPort {
+		bind = &apiEndpoint{BindPort: p}
+	}
 	if in.Role.IsControlPlane() {
-		join.ControlPlane = &joinControlPlane{CertificateKey: s.CertificateKey}
+		join.ControlPlane = &joinControlPlane{CertificateKey: s.CertificateKey, LocalAPIEndpoint: bind}
 	}
 	if out[JoinConfigPath], err = encodeDocs(join); err != nil {
 		return nil, err
@@ -159,6 +168,7 @@ func Kubeadm(in Input) (KubeadmFiles, error) {
 			Groups: []string{"system:bootstrappers:kubeadm:default-node-token"},
 		}},
 		CertificateKey:   s.CertificateKey,
+		LocalAPIEndpoint: bind,
 		NodeRegistration: reg,
 		Patches:          patch,
 	}

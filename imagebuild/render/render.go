@@ -85,15 +85,28 @@ func NodeConfig(in Input) (*nodeconfig.NodeConfig, error) {
 			JoinConfig:      JoinConfigPath,
 			CertificatesDir: CertificatesDir,
 		},
-		NotBefore: s.CA().NotBefore,
-		ReportURL: in.ReportURL,
+		NotBefore:  s.CA().NotBefore,
+		ReportURL:  in.ReportURL,
+		PodNetwork: c.Network.CNI,
 	}
+	lb, _, err := loadBalancer(c, in.Role)
+	if err != nil {
+		return nil, err
+	}
+	nc.LoadBalancer = lb
 	if in.NodeName == "" {
 		nc.Hostname.Template = c.Hostname.Template
 	}
 	if in.Role == nodeconfig.RoleInit {
 		nc.Kubeadm.InitConfig = InitConfigPath
 		nc.PKIDir = PKIPath
+		ms, err := Manifests(c)
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range ms {
+			nc.Manifests = append(nc.Manifests, m.Path)
+		}
 	}
 	if err := nc.Validate(); err != nil {
 		return nil, fmt.Errorf("render node metadata: %w", err)

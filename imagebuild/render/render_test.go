@@ -116,6 +116,26 @@ func TestGolden(t *testing.T) {
 			for _, p := range files.Paths() {
 				golden.Check(t, cb.name()+"."+filepath.Base(p), files[p])
 			}
+			if cb.role == nodeconfig.RoleInit && cb.arch == "amd64" {
+				ms, err := Manifests(in.Cluster)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, m := range ms {
+					if m.Data != nil {
+						golden.Check(t, cb.os+".manifest."+filepath.Base(m.Path), m.Data)
+					}
+				}
+			}
+			if cb.arch == "amd64" {
+				_, lbFiles, err := loadBalancer(in.Cluster, cb.role)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, f := range lbFiles {
+					golden.Check(t, cb.name()+".lb."+f.Name, f.Data)
+				}
+			}
 			bu, err := Butane(in)
 			if err != nil {
 				t.Fatal(err)
