@@ -83,6 +83,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 			DialSocket:  root.DialSocket,
 			Etcd:        system.Etcd{Timeout: probeTimeout},
 			FirstMAC:    system.FirstMAC,
+			Interfaces:  system.Interfaces,
 			Jitter:      agent.RandomJitter,
 			Timing:      timing,
 		},

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -8,6 +9,7 @@ import (
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/agentbin"
 	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/render"
 )
@@ -21,7 +23,7 @@ type renderOptions struct {
 	force  bool
 }
 
-var renderFormats = []string{"node", "kubeadm", "kubeadm-join", "butane", "ignition"}
+var renderFormats = []string{"node", "kubeadm", "kubeadm-join", "butane", "ignition", "manifests"}
 
 func newRenderCmd(g *globals) *cobra.Command {
 	o := &renderOptions{}
@@ -38,6 +40,10 @@ func newRenderCmd(g *globals) *cobra.Command {
   butane        kiln's Butane config for the role
   ignition      the Ignition 3.4.0 config: Butane translated, the cluster's
                 Butane snippets merged, validated (default)
+  manifests     everything the init node applies after kubeadm init, in
+                order: the pod network (network.cni), then the add-ons
+                (an add-on given by URL is named, not fetched: Ignition
+                downloads and checks it on the node)
 
 Roles: init (the first control plane, runs kubeadm init and carries the
 cluster CAs), control-plane, worker (carries no private key at all).
@@ -45,7 +51,8 @@ Output that holds secrets is written with mode 0600 when --dest is used.`,
 		Example: `  kiln render --role init --format ignition --dest init.ign
   kiln render --role worker --arch arm64 --format butane
   kiln render --role control-plane --format kubeadm
-  kiln render --node cp-2 --dest cp-2.ign`,
+  kiln render --node cp-2 --dest cp-2.ign
+  kiln render --format manifests | kubectl diff --server-side -f -`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runRender(g, o) },
 	}
@@ -53,7 +60,7 @@ Output that holds secrets is written with mode 0600 when --dest is used.`,
 	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (default with --node: the node's role)")
 	f.StringVar(&o.arch, "arch", "amd64", "node architecture: amd64 or arm64")
 	f.StringVar(&o.node, "node", "", "render for this inventory node (sets its hostname)")
-	f.StringVar(&o.format, "format", "ignition", "node, kubeadm, kubeadm-join, butane or ignition")
+	f.StringVar(&o.format, "format", "ignition", "node, kubeadm, kubeadm-join, butane, ignition or manifests")
 	f.StringVar(&o.dest, "dest", "", "write to this file (mode 0600) instead of standard output")
 	f.BoolVar(&o.force, "force", false, "replace --dest if it exists")
 	return cmd
@@ -70,6 +77,13 @@ func runRender(g *globals, o *renderOptions) error {
 			return fault.Wrap(fault.Input, fmt.Errorf("--node %q is not in the cluster file's nodes list", o.node))
 		}
 		o.role = string(n.Role)
+	}
+	if o.format == "manifests" {
+		out, err := renderManifests(c)
+		if err != nil {
+			return err
+		}
+		return g.emit(o.dest, o.force, out, "the init node's manifests")
 	}
 	if o.role == "" {
 		return fault.Wrap(fault.Input, fmt.Errorf("--role is required: init, control-plane or worker (or --node NAME of an inventory node)"))
@@ -114,13 +128,45 @@ func runRender(g *globals, o *renderOptions) error {
 	default:
 		return fault.Wrap(fault.Input, fmt.Errorf("--format %q: use one of %v", o.format, renderFormats))
 	}
-	if o.dest == "" {
+	return g.emit(o.dest, o.force, out, fmt.Sprintf("%s %s for %s", o.format, role, o.arch))
+}
+
+// emit writes a result to stdout, or to dest (mode 0600) saying so on
+// stderr.
+func (g *globals) emit(dest string, force bool, out []byte, what string) error {
+	if dest == "" {
 		_, err := g.stdout.Write(out)
 		return err
 	}
-	if err := atomicfile.Write(o.dest, out, 0o600, o.force); err != nil {
+	if err := atomicfile.Write(dest, out, 0o600, force); err != nil {
 		return err
 	}
-	fmt.Fprintf(g.stderr, "wrote %s (%d bytes, %s %s for %s)\n", o.dest, len(out), o.format, role, o.arch)
+	fmt.Fprintf(g.stderr, "wrote %s (%d bytes, %s)\n", dest, len(out), what)
 	return nil
+}
+
+// renderManifests joins the init node's manifests into one multi-document
+// YAML stream, each headed by where it lands on the node.
+func renderManifests(c *cluster.Cluster) ([]byte, error) {
+	ms, err := render.Manifests(c)
+	if err != nil {
+		return nil, err
+	}
+	var b bytes.Buffer
+	for _, m := range ms {
+		b.WriteString("---\n")
+		if m.URL != "" {
+			fmt.Fprintf(&b, "# %s: downloaded by Ignition on the init node from %s (sha256 %s)\n", m.Path, m.URL, m.SHA256)
+			continue
+		}
+		fmt.Fprintf(&b, "# %s\n", m.Path)
+		b.Write(bytes.TrimPrefix(m.Data, []byte("---\n")))
+		if !bytes.HasSuffix(m.Data, []byte("\n")) {
+			b.WriteString("\n")
+		}
+	}
+	if b.Len() == 0 {
+		b.WriteString("# nothing: network.cni is none and the cluster file lists no add-on\n")
+	}
+	return b.Bytes(), nil
 }

@@ -145,10 +145,15 @@ func (r *run) steps() []step {
 		{"hostname", false, r.setHostname},
 		{"container-runtime", false, r.waitRuntime},
 	}
+	if r.nc.LoadBalancer != nil {
+		host = append(host, step{"load-balancer", false, r.placeLoadBalancer})
+	}
 	switch r.nc.Role {
 	case nodeconfig.RoleInit:
 		return append(host,
 			step{"bootstrap", true, r.bootstrap},
+			// kube-vip switches from super-admin.conf to admin.conf.
+			step{"load-balancer-kubeconfig", false, r.placeLoadBalancer},
 			step{"manifests", true, r.applyManifests},
 			step{"certificate-upload", true, r.keepCertificates},
 		)

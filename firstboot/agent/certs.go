@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -32,20 +33,35 @@ func (r *run) kubectl(ctx context.Context, args ...string) (string, error) {
 	}
 }
 
-// applyManifests applies the metadata's manifests (CNI, add-ons) once the
-// cluster exists. The init role that joined an existing cluster skips it.
+// applyManifests applies the metadata's manifests (the pod network, then
+// the add-ons) once the cluster exists, in order, with server-side apply
+// under kiln's field manager: applying again changes nothing. The init
+// role that joined an existing cluster skips it.
 func (r *run) applyManifests(ctx context.Context) error {
-	if r.state.Bootstrap != "init" || len(r.nc.Manifests) == 0 {
-		r.log.printf("no manifests to apply")
+	if r.state.Bootstrap != "init" {
+		r.log.printf("this node joined an existing cluster; the node that created it applied the manifests")
 		return nil
 	}
-	args := []string{"apply"}
-	for _, m := range r.nc.Manifests {
-		args = append(args, "-f", m)
+	if len(r.nc.Manifests) == 0 {
+		if r.nc.PodNetwork == "none" {
+			r.log.printf("network.cni is none and the cluster file lists no add-on: every Node stays NotReady (NetworkPluginNotReady) until a pod network is applied, e.g. kubectl apply -f YOUR-CNI.yaml")
+		} else {
+			r.log.printf("no manifests to apply")
+		}
+		return nil
 	}
-	_, err := r.kubectl(ctx, args...)
-	return err
+	for _, m := range r.nc.Manifests {
+		if _, err := r.kubectl(ctx, "apply", "--server-side", "--field-manager", FieldManager, "--force-conflicts", "--filename", m); err != nil {
+			return fmt.Errorf("apply %s: %w", m, err)
+		}
+		r.log.printf("applied %s", m)
+	}
+	return nil
 }
+
+// FieldManager is the server-side apply field manager of what kiln
+// applies.
+const FieldManager = "kiln"
 
 // keepCertificates keeps the kubeadm-certs Secret alive for control planes
 // that boot late: kubeadm deletes it 2 hours after an upload, so the init
@@ -75,7 +91,17 @@ func (r *run) keepCertificates(ctx context.Context) error {
 		return r.state.UploadedAt.Add(r.Timing.UploadEvery)
 	}
 	for {
-		ready, err := r.readyControlPlanes(ctx)
+		ready, waiting, err := r.readyControlPlanes(ctx)
+		if err == nil && ready < want {
+			w := fmt.Sprintf("%d of %d control planes Ready", ready, want)
+			if waiting != "" {
+				w += "; " + waiting
+			}
+			if w != r.status.Waiting {
+				r.log.printf("waiting for the control planes: %s", w)
+				r.status.Waiting = w
+			}
+		}
 		switch {
 		case err != nil:
 			r.log.printf("count Ready control planes: %v", err)
@@ -133,34 +159,68 @@ func (r *run) deleteCertificates(ctx context.Context) error {
 // nodeList is the part of kubectl's NodeList JSON the agent reads.
 type nodeList struct {
 	Items []struct {
+		Metadata struct {
+			Name string `json:"name"`
+		} `json:"metadata"`
 		Status struct {
 			Conditions []struct {
-				Type   string `json:"type"`
-				Status string `json:"status"`
+				Type    string `json:"type"`
+				Status  string `json:"status"`
+				Reason  string `json:"reason"`
+				Message string `json:"message"`
 			} `json:"conditions"`
 		} `json:"status"`
 	} `json:"items"`
 }
 
 // readyControlPlanes counts control-plane nodes whose Ready condition is
-// True.
-func (r *run) readyControlPlanes(ctx context.Context) (int, error) {
+// True, and says what the others wait for.
+func (r *run) readyControlPlanes(ctx context.Context) (int, string, error) {
 	out, err := r.command(ctx, "kubectl", "--kubeconfig", AdminKubeconfig, "get", "nodes",
 		"--selector", "node-role.kubernetes.io/control-plane", "--output", "json")
 	if err != nil {
-		return 0, err
+		return 0, "", err
 	}
 	var list nodeList
 	if err := json.Unmarshal([]byte(out), &list); err != nil {
-		return 0, fmt.Errorf("read kubectl get nodes output: %w", err)
+		return 0, "", fmt.Errorf("read kubectl get nodes output: %w", err)
 	}
 	ready := 0
+	var waiting []string
 	for _, n := range list.Items {
+		why := "no Ready condition yet"
 		for _, c := range n.Status.Conditions {
-			if c.Type == "Ready" && c.Status == "True" {
+			if c.Type != "Ready" {
+				continue
+			}
+			why = ""
+			if c.Status == "True" {
 				ready++
+			} else {
+				why = r.notReadyReason(c.Reason, c.Message)
 			}
 		}
+		if why != "" {
+			waiting = append(waiting, n.Metadata.Name+": "+why)
+		}
 	}
-	return ready, nil
+	return ready, strings.Join(waiting, "; "), nil
+}
+
+// notReadyReason turns a Node's Ready condition into what the node waits
+// for. The kubelet reports a missing pod network as NetworkPluginNotReady
+// ("cni plugin not initialized") until a CNI config and its plugins exist.
+func (r *run) notReadyReason(reason, message string) string {
+	if strings.Contains(message, "NetworkPluginNotReady") || strings.Contains(message, "cni plugin not initialized") || strings.Contains(message, "network plugin is not ready") {
+		switch r.nc.PodNetwork {
+		case "none":
+			return "no network plugin (network.cni is none: apply a pod network)"
+		default:
+			return "network plugin not ready yet (its pods must run on this node)"
+		}
+	}
+	if message == "" {
+		return "NotReady (" + reason + ")"
+	}
+	return "NotReady: " + message
 }

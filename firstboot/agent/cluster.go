@@ -243,8 +243,12 @@ func (r *run) gaveUp(class kubeadm.Class, repeats int) bool {
 // reset undoes a half-done kubeadm init or join.
 func (r *run) reset(ctx context.Context) error {
 	r.forgetEtcdMember(ctx)
-	_, err := r.command(ctx, "kubeadm", "reset", "-f")
-	return err
+	if _, err := r.command(ctx, "kubeadm", "reset", "-f"); err != nil {
+		return err
+	}
+	// kubeadm reset empties the static pod folder: the load balancer's
+	// pods go back before the next attempt needs the endpoint.
+	return r.placeLoadBalancer(ctx)
 }
 
 // placePKI copies the pre-made cluster PKI into kubeadm's certificates

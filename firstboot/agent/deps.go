@@ -67,6 +67,9 @@ type Deps struct {
 	Etcd EtcdMembers
 	// FirstMAC returns the MAC address hostname templates use.
 	FirstMAC func() (string, error)
+	// Interfaces lists the node's network interfaces with their address
+	// prefixes (the virtual IP's interface is found among them).
+	Interfaces func() ([]Interface, error)
 	// Jitter returns a random duration in [0, max).
 	Jitter func(max time.Duration) time.Duration
 	Timing Timing

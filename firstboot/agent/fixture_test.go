@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io/fs"
 	"math/big"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -144,8 +145,11 @@ cgroupDriver: systemd
 			NewReporter: func(string) Reporter { return n.reporter },
 			DialSocket:  n.dialSocket,
 			FirstMAC:    func() (string, error) { return "525400000001", nil },
-			Jitter:      func(d time.Duration) time.Duration { return d / 2 },
-			Timing:      DefaultTiming(),
+			Interfaces: func() ([]Interface, error) {
+				return []Interface{{Name: "eth0", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.0.0.11/24")}}}, nil
+			},
+			Jitter: func(d time.Duration) time.Duration { return d / 2 },
+			Timing: DefaultTiming(),
 		},
 	}
 	return n

@@ -16,7 +16,7 @@ const (
 	initCmd   = "kubeadm init --config /etc/kiln/kubeadm-init.yaml --upload-certs --skip-token-print --skip-certificate-key-print"
 	uploadCmd = "kubeadm init phase upload-certs --upload-certs --config /etc/kiln/kubeadm-init.yaml --skip-certificate-key-print"
 	getNodes  = "kubectl --kubeconfig /etc/kubernetes/admin.conf get nodes --selector node-role.kubernetes.io/control-plane --output json"
-	applyCmd  = "kubectl --kubeconfig /etc/kubernetes/admin.conf apply -f /etc/kiln/manifests/cni.yaml"
+	applyCmd  = "kubectl --kubeconfig /etc/kubernetes/admin.conf apply --server-side --field-manager kiln --force-conflicts --filename /etc/kiln/manifests/cni.yaml"
 	deleteCmd = "kubectl --kubeconfig /etc/kubernetes/admin.conf --namespace kube-system delete secret kubeadm-certs --ignore-not-found"
 )
 

@@ -16,6 +16,7 @@ import (
 	"io/fs"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -142,6 +143,33 @@ func FirstMAC() (string, error) {
 		return "", fmt.Errorf("list network interfaces: %w", err)
 	}
 	return PickMAC(ifs, hasDevice)
+}
+
+// Interfaces lists the network interfaces that are up, with the prefixes of
+// their addresses.
+func Interfaces() ([]agent.Interface, error) {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return nil, err
+	}
+	var out []agent.Interface
+	for _, i := range ifs {
+		if i.Flags&net.FlagUp == 0 || i.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		addrs, err := i.Addrs()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", i.Name, err)
+		}
+		ai := agent.Interface{Name: i.Name}
+		for _, a := range addrs {
+			if p, err := netip.ParsePrefix(a.String()); err == nil {
+				ai.Prefixes = append(ai.Prefixes, p)
+			}
+		}
+		out = append(out, ai)
+	}
+	return out, nil
 }
 
 // hasDevice reports whether a network interface is a device (it has
