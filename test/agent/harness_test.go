@@ -185,6 +185,15 @@ func (c *testCluster) nodeIn(dir, name string, role nodeconfig.Role) *simNode {
 	for p, body := range files {
 		n.write(p, body, 0o600)
 	}
+	if role == nodeconfig.RoleInit {
+		ms, err := render.Manifests(c.cluster)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range ms {
+			n.write(m.Path, m.Data, 0o600)
+		}
+	}
 	if nc.PKIDir != "" {
 		for _, f := range secrets.PKIFiles {
 			n.write(filepath.Join(nc.PKIDir, f), c.secrets.PKI[f], 0o600)

@@ -544,7 +544,8 @@ func validate(cfg *config, seen map[string]bool) error {
 	return nil
 }
 
-// kubectl supports what the agent runs: apply -f, get nodes, delete secret.
+// kubectl supports what the agent runs: apply --server-side -f, get nodes,
+// delete secret.
 func kubectl(args []string) error {
 	fs := flag.NewFlagSet("kubectl", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -552,6 +553,10 @@ func kubectl(args []string) error {
 	namespace := fs.String("namespace", "default", "")
 	var files multi
 	fs.Var(&files, "f", "")
+	fs.Var(&files, "filename", "")
+	serverSide := fs.Bool("server-side", false, "")
+	fieldManager := fs.String("field-manager", "", "")
+	fs.Bool("force-conflicts", false, "")
 	selector := fs.String("selector", "", "")
 	output := fs.String("output", "", "")
 	ignore := fs.Bool("ignore-not-found", false, "")
@@ -577,6 +582,9 @@ func kubectl(args []string) error {
 	case "apply":
 		if len(files) == 0 {
 			return errors.New("error: must specify one of -f and -k")
+		}
+		if !*serverSide || *fieldManager == "" {
+			return errors.New("kubectl stub: kiln applies server-side under its own field manager (--server-side --field-manager)")
 		}
 		for _, f := range files {
 			if _, err := os.Stat(node(f)); err != nil {
