@@ -105,7 +105,7 @@ func Resolve(name string, overrides map[string]string) (string, error) {
 			continue
 		}
 		if im.Digest == "" {
-			return "", fmt.Errorf("images.%s: kiln has no default digest for %s (%s): pin one in the cluster file, as images: {%s: REFERENCE@sha256:...}", name, name, im.Source, name)
+			return "", fmt.Errorf("images.%s: kiln has no default digest for %s (%s): pin one in the cluster file, as images: {%s: REFERENCE@sha256:...} (kiln init: --image %s=REFERENCE@sha256:...)", name, name, im.Source, name, name)
 		}
 		return im.Pinned(), nil
 	}

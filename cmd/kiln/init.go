@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/atomicfile"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
@@ -26,6 +27,9 @@ type initOptions struct {
 	osVersion     string
 	controlPlanes int
 	sshKeys       []string
+	loadBalancer  string
+	nodes         []string // --control-plane NAME=IP
+	images        []string // --image NAME=REFERENCE@sha256:DIGEST
 	dir           string
 	force         bool
 	output        outputFormat
@@ -41,6 +45,9 @@ var flagFor = map[string]string{
 	"os.name":                  "--os",
 	"os.channel":               "--channel",
 	"os.version":               "--os-version",
+	"loadBalancer.type":        "--load-balancer",
+	"nodes":                    "--control-plane",
+	"images":                   "--image",
 }
 
 func newInitCmd(g *globals) *cobra.Command {
@@ -55,11 +62,21 @@ the CA certificate hash every joining node pins, never a private key.
 
 The endpoint is the load balancer (or virtual IP) in front of the control
 planes: a DNS name, an IPv4 address or a bracketed IPv6 address, with port.
+With --load-balancer external (the default) you run that balancer. With
+keepalived-haproxy or kube-vip the control planes hold the endpoint's
+address themselves (it must then be an IP no node has): keepalived-haproxy
+needs every control plane's address (--control-plane, the first one is the
+init node) and a keepalived image pinned by digest (--image), since no
+upstream image exists.
 Existing secrets are never replaced unless you pass --force: nodes built
 from the old secrets would no longer join.`,
 		Example: `  kiln init demo --endpoint 192.168.1.50:6443
   kiln init lab --endpoint k8s.lab.example:6443 --os fcos --control-planes 3 --ssh-key ~/.ssh/id_ed25519.pub
-  kiln init edge --endpoint [2001:db8::10]:6443 --kubernetes-version v1.34.4 --dir clusters/edge`,
+  kiln init edge --endpoint [2001:db8::10]:6443 --kubernetes-version v1.34.4 --dir clusters/edge
+  kiln init pis --endpoint 192.168.1.50:6443 --load-balancer kube-vip
+  kiln init rack --endpoint 10.0.0.50:6443 --load-balancer keepalived-haproxy \
+    --control-plane cp-1=10.0.0.11 --control-plane cp-2=10.0.0.12 --control-plane cp-3=10.0.0.13 \
+    --image keepalived=registry.example/keepalived:2.3@sha256:<64 hex digits>`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) != 1 {
 				return fault.Wrap(fault.Input, errors.New("init takes the cluster NAME: kiln init NAME --endpoint HOST:PORT"))
@@ -76,6 +93,9 @@ from the old secrets would no longer join.`,
 	f.StringVar(&o.osVersion, "os-version", "current", "OS version, or current")
 	f.IntVar(&o.controlPlanes, "control-planes", cluster.DefaultControlPlanes, "expected number of control-plane nodes (odd)")
 	f.StringArrayVar(&o.sshKeys, "ssh-key", nil, "SSH public key file for the core user (repeatable)")
+	f.StringVar(&o.loadBalancer, "load-balancer", cluster.LBExternal, "what serves the endpoint: external, keepalived-haproxy or kube-vip")
+	f.StringArrayVar(&o.nodes, "control-plane", nil, "inventory control plane NAME=IP, the first one the init node (repeatable)")
+	f.StringArrayVar(&o.images, "image", nil, "pin an image of kiln's manifests NAME=REFERENCE@sha256:DIGEST (repeatable; see kiln render --format manifests)")
 	f.StringVar(&o.dir, "dir", ".", "folder for cluster.yaml and secrets/")
 	f.BoolVar(&o.force, "force", false, "replace an existing cluster file and secrets")
 	addOutputFlag(cmd, &o.output)
@@ -97,6 +117,28 @@ func runInit(g *globals, o *initOptions, name string) error {
 		ControlPlaneEndpoint: o.endpoint,
 		Kubernetes:           cluster.Kubernetes{Version: o.version, ControlPlanes: o.controlPlanes},
 		OS:                   cluster.OS{Name: o.osName, Channel: o.channel, Version: o.osVersion},
+		LoadBalancer:         cluster.LoadBalancer{Type: o.loadBalancer},
+	}
+	for i, v := range o.nodes {
+		name, ip, ok := strings.Cut(v, "=")
+		if !ok || name == "" || ip == "" {
+			return fault.Wrap(fault.Input, fmt.Errorf("--control-plane %q: want NAME=IP, e.g. cp-1=10.0.0.11", v))
+		}
+		role := nodeconfig.RoleControlPlane
+		if i == 0 {
+			role = nodeconfig.RoleInit
+		}
+		c.Nodes = append(c.Nodes, cluster.Node{Name: name, Role: role, IP: ip})
+	}
+	for _, v := range o.images {
+		name, ref, ok := strings.Cut(v, "=")
+		if !ok || name == "" || ref == "" {
+			return fault.Wrap(fault.Input, fmt.Errorf("--image %q: want NAME=REFERENCE@sha256:DIGEST, e.g. keepalived=registry.example/keepalived:2.3@sha256:<64 hex digits>", v))
+		}
+		if c.Images == nil {
+			c.Images = map[string]string{}
+		}
+		c.Images[name] = ref
 	}
 	for _, p := range o.sshKeys {
 		data, err := os.ReadFile(p)

@@ -17,6 +17,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
 )
 
@@ -86,6 +87,24 @@ func TestInit(t *testing.T) {
 	}
 }
 
+// TestInitLoadBalancer: the flags make a cluster whose control planes
+// hold the endpoint, which kiln validate accepts as written.
+func TestInitLoadBalancer(t *testing.T) {
+	pin := "keepalived=registry.example/keepalived:2.2@sha256:" + strings.Repeat("ab", 32)
+	dir := t.TempDir()
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--dir", dir,
+		"--control-plane", "cp-1=10.0.0.11", "--control-plane", "cp-2=10.0.0.12", "--control-plane", "cp-3=10.0.0.13", "--image", pin).expect(t, 0)
+	c, err := cluster.Load(filepath.Join(dir, "cluster.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb := c.LoadBalancer
+	if lb.Type != cluster.LBKeepalivedHAProxy || lb.APIServerPort != 6444 || len(c.Nodes) != 3 || c.Nodes[0].Role != "init" || c.Nodes[2].IP != "10.0.0.13" {
+		t.Errorf("cluster file: %+v %+v", lb, c.Nodes)
+	}
+	kiln(t, "-c", filepath.Join(dir, "cluster.yaml"), "validate").expect(t, 0)
+}
+
 func TestInitBadInput(t *testing.T) {
 	dir := t.TempDir()
 	kiln(t, "init", "lab", "--dir", dir).expect(t, exitInput, "--endpoint: required")
@@ -93,6 +112,11 @@ func TestInitBadInput(t *testing.T) {
 		expect(t, exitInput, "3 problems", "--endpoint:", "--kubernetes-version: v1.30.1 is not supported", "--os: unknown OS")
 	kiln(t, "init", "--endpoint", "lb:6443").expect(t, exitInput, "init takes the cluster NAME")
 	kiln(t, "init", "lab", "--endpoint", "lb:6443", "--ssh-key", filepath.Join(dir, "none.pub")).expect(t, exitInput, "--ssh-key")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-plane", "cp-1=10.0.0.11", "--dir", dir).
+		expect(t, exitInput, "--control-plane: loadBalancer.type keepalived-haproxy", "--image keepalived=")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--control-plane", "cp-1", "--dir", dir).expect(t, exitInput, "--control-plane \"cp-1\": want NAME=IP")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--image", "flannel", "--dir", dir).expect(t, exitInput, "--image \"flannel\": want NAME=")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "f5", "--dir", dir).expect(t, exitInput, "--load-balancer: ")
 	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
 		t.Errorf("failed init left files: %v", entries)
 	}

@@ -38,8 +38,9 @@ type staticPod struct {
 
 // podManager runs the node's static pods: one process per manifest (its
 // first container's command and args; command[0] found on PATH, where the
-// rehearsal puts the binaries built for the cluster's version), restarted
-// when it exits or the manifest changes, stopped when the manifest goes.
+// rehearsal puts the binaries built for the cluster's version and Debian
+// has keepalived and haproxy), restarted when it exits or the manifest
+// changes, stopped when the manifest goes.
 type podManager struct {
 	logDir string
 	mu     sync.Mutex
@@ -159,6 +160,13 @@ func (m *podManager) supervise(p *staticPod) {
 		<-p.stop
 		return
 	}
+	unbind, err := bindVolumes(p.pod)
+	if err != nil {
+		log.Printf("pods: %s: %v", p.file, err)
+		<-p.stop
+		return
+	}
+	defer unbind()
 	backoff := time.Second
 	for {
 		bin, err := exec.LookPath(argv[0])
@@ -236,4 +244,67 @@ func (m *podManager) supervise(p *staticPod) {
 			backoff = min(backoff*2, 10*time.Second)
 		}
 	}
+}
+
+// bindVolumes gives the pod's first container its hostPath volumes where
+// its volumeMounts put them, as the container runtime would: a bind mount
+// in the node's mount namespace, for each mount whose mountPath differs
+// from the host path (kubeadm's own pods mount every host path at the same
+// place). Mount points are made on the node's /etc overlay only, so nothing
+// lands on the test host; unbind removes the mounts.
+func bindVolumes(pod *corev1.Pod) (unbind func(), err error) {
+	hostPaths := map[string]string{}
+	for _, v := range pod.Spec.Volumes {
+		if v.HostPath != nil {
+			hostPaths[v.Name] = v.HostPath.Path
+		}
+	}
+	var mounted []string
+	unbind = func() {
+		for _, t := range mounted {
+			if err := syscall.Unmount(t, syscall.MNT_DETACH); err != nil {
+				log.Printf("pods: unmount %s: %v", t, err)
+			}
+		}
+	}
+	for _, vm := range pod.Spec.Containers[0].VolumeMounts {
+		src, ok := hostPaths[vm.Name]
+		if !ok || src == vm.MountPath {
+			continue
+		}
+		if !strings.HasPrefix(vm.MountPath, "/etc/") {
+			unbind()
+			return nil, fmt.Errorf("volume %s: mountPath %s: the emulator binds host paths into the node's /etc only", vm.Name, vm.MountPath)
+		}
+		fi, err := os.Stat(src)
+		if err != nil {
+			unbind()
+			return nil, fmt.Errorf("volume %s: %w", vm.Name, err)
+		}
+		if fi.IsDir() {
+			err = os.MkdirAll(vm.MountPath, 0o755)
+		} else if err = os.MkdirAll(filepath.Dir(vm.MountPath), 0o755); err == nil {
+			var f *os.File
+			if f, err = os.OpenFile(vm.MountPath, os.O_CREATE|os.O_RDONLY, 0o600); err == nil {
+				f.Close()
+			}
+		}
+		if err != nil {
+			unbind()
+			return nil, fmt.Errorf("volume %s: mount point: %w", vm.Name, err)
+		}
+		flags := uintptr(syscall.MS_BIND)
+		if err := syscall.Mount(src, vm.MountPath, "", flags, ""); err != nil {
+			unbind()
+			return nil, fmt.Errorf("volume %s: bind %s on %s: %w", vm.Name, src, vm.MountPath, err)
+		}
+		mounted = append(mounted, vm.MountPath)
+		if vm.ReadOnly {
+			if err := syscall.Mount("", vm.MountPath, "", flags|syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+				unbind()
+				return nil, fmt.Errorf("volume %s: read-only %s: %w", vm.Name, vm.MountPath, err)
+			}
+		}
+	}
+	return unbind, nil
 }
