@@ -45,6 +45,11 @@ type OS struct {
 	Arches map[string]string `yaml:"arches"`
 	// Downloads are the Kubernetes artifacts Ignition fetches.
 	Downloads []Download `yaml:"downloads"`
+	// ContainerdConfig, if set, is where kiln writes containerd's
+	// configuration (replacing the OS's): the runc cgroup driver matching
+	// the kubelet's cgroupDriver, and the CNI folders. Empty: the OS's own
+	// configuration already fits.
+	ContainerdConfig string `yaml:"containerdConfig,omitempty"`
 	// PXE says how the OS boots from the network.
 	PXE PXEBoot `yaml:"pxe"`
 
@@ -52,14 +57,22 @@ type OS struct {
 }
 
 // Download is one pinned artifact. URL and Path may use {version} (the
-// Kubernetes version, "v1.37.2") and {arch} (the OS's arch name).
+// artifact's Version, else the Kubernetes version, "v1.37.2") and {arch}
+// (the OS's arch name).
 type Download struct {
 	Name string `yaml:"name"`
-	URL  string `yaml:"url"`
-	Path string `yaml:"path"`
-	Mode int    `yaml:"mode"`
+	// Version, if set, is the artifact's own release (the CNI plugins
+	// follow their own), else it follows kubernetes.version.
+	Version string `yaml:"version,omitempty"`
+	URL     string `yaml:"url"`
+	Path    string `yaml:"path"`
+	Mode    int    `yaml:"mode"`
 	// Link, if set, is a symlink created to Path.
 	Link string `yaml:"link,omitempty"`
+	// ExtractTo, if set: the file at Path is a gzip'd tar archive that a
+	// unit unpacks into this folder on every boot, before containerd and
+	// the kubelet start.
+	ExtractTo string `yaml:"extractTo,omitempty"`
 }
 
 // PXEBoot is how the OS's live PXE system is started and installed.
@@ -85,9 +98,14 @@ type Link struct {
 	Target string `yaml:"target"`
 }
 
-// Expand fills {version} and {arch} in s.
-func Expand(s, version, arch string) string {
-	return strings.NewReplacer("{version}", version, "{arch}", arch).Replace(s)
+// Expand fills {version} (the download's Version, else
+// kubernetesVersion) and {arch} in s.
+func (d Download) Expand(s, kubernetesVersion, arch string) string {
+	v := d.Version
+	if v == "" {
+		v = kubernetesVersion
+	}
+	return strings.NewReplacer("{version}", v, "{arch}", arch).Replace(s)
 }
 
 // ValidVersion reports whether v is a pinned version of this OS or "current".

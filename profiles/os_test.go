@@ -23,8 +23,11 @@ func TestEmbeddedProfilesLoad(t *testing.T) {
 	if _, err := LookupOS("ubuntu"); err == nil || !strings.Contains(err.Error(), "fcos, flatcar") {
 		t.Errorf("unknown OS error: %v", err)
 	}
-	if got := Expand("k-{version}-{arch}.raw", "v1.37.2", "x86-64"); got != "k-v1.37.2-x86-64.raw" {
+	if got := (Download{}).Expand("k-{version}-{arch}.raw", "v1.37.2", "x86-64"); got != "k-v1.37.2-x86-64.raw" {
 		t.Errorf("Expand = %s", got)
+	}
+	if got := (Download{Version: "v1.9.1"}).Expand("cni-{version}-{arch}.tgz", "v1.37.2", "arm64"); got != "cni-v1.9.1-arm64.tgz" {
+		t.Errorf("Expand with its own version = %s", got)
 	}
 }
 

@@ -42,7 +42,7 @@ func Plan(c *cluster.Cluster, arches []string) ([]cluster.Download, error) {
 			out = append(out, cluster.Download{
 				Name: d.Name,
 				Arch: arch,
-				URL:  profiles.Expand(d.URL, c.Kubernetes.Version, osp.Arches[arch]),
+				URL:  d.Expand(d.URL, c.Kubernetes.Version, osp.Arches[arch]),
 			})
 		}
 	}

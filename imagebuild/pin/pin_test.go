@@ -35,11 +35,15 @@ func TestPlanKeepsPinsAndAddsMissing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(plan) != 3 || plan[0].URL != "https://mirror.lab/kubeadm" {
+	if len(plan) != 4 || plan[0].URL != "https://mirror.lab/kubeadm" {
 		t.Fatalf("plan = %+v", plan)
 	}
 	if plan[1].URL != "https://dl.k8s.io/release/v1.36.3/bin/linux/amd64/kubelet" || plan[1].SHA512 != "" {
 		t.Errorf("kubelet entry = %+v", plan[1])
+	}
+	// The CNI plugins follow their own release, not kubernetes.version.
+	if plan[3].Name != "cni-plugins" || plan[3].URL != "https://github.com/containernetworking/plugins/releases/download/v1.9.1/cni-plugins-linux-amd64-v1.9.1.tgz" {
+		t.Errorf("cni-plugins entry = %+v", plan[3])
 	}
 }
 

@@ -192,7 +192,7 @@ func butaneFor(in Input) (*butaneDoc, error) {
 				"kubernetes.downloads: %s for %s is not pinned: run `kiln pin --arch %s` (downloads it once to hash it), or `kiln pin --arch %s --file %s=PATH` with a local copy",
 				d.Name, in.Arch, in.Arch, in.Arch, d.Name))
 		}
-		p := profiles.Expand(d.Path, c.Kubernetes.Version, arch)
+		p := d.Expand(d.Path, c.Kubernetes.Version, arch)
 		st.Files = append(st.Files, butaneFile{Path: p, Mode: mode(d.Mode), Contents: butaneContents{
 			Source:       pin.URL,
 			Verification: &butaneVerification{Hash: "sha512-" + pin.SHA512},
@@ -200,6 +200,12 @@ func butaneFor(in Input) (*butaneDoc, error) {
 		if d.Link != "" {
 			st.Links = append(st.Links, butaneLink{Path: d.Link, Target: p})
 		}
+		if d.ExtractTo != "" {
+			doc.Systemd.Units = append(doc.Systemd.Units, butaneUnit{Name: "kiln-" + d.Name + ".service", Enabled: true, Contents: extractUnit(d.Name, p, d.ExtractTo)})
+		}
+	}
+	if osp.ContainerdConfig != "" {
+		st.Files = append(st.Files, butaneFile{Path: osp.ContainerdConfig, Mode: 0o644, Overwrite: true, Contents: butaneContents{Inline: containerdConfig}})
 	}
 
 	for _, l := range osp.Links {
@@ -265,6 +271,56 @@ RestartPreventExitStatus=2 3
 WantedBy=multi-user.target
 `, nodeconfig.DoneFile, osp.AgentPath, nodeYAML)
 }
+
+// extractUnit unpacks a downloaded archive (gzip'd tar) into dir on every
+// boot, before the runtime and the kubelet start: what Ignition verified
+// is what containerd runs.
+func extractUnit(name, archive, dir string) string {
+	return fmt.Sprintf(`[Unit]
+Description=kiln: unpack %s into %s
+Before=containerd.service kubelet.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/bin/mkdir -p %s
+ExecStart=/usr/bin/tar --extract --gzip --no-same-owner --file %s --directory %s
+
+[Install]
+WantedBy=multi-user.target
+`, name, dir, dir, archive, dir)
+}
+
+// KubeletCgroupDriver is the kubelet's cgroupDriver in every rendered
+// KubeletConfiguration (kubeadm's default since 1.22); containerd's runc
+// runtime must use the same driver.
+const KubeletCgroupDriver = "systemd"
+
+// CNIBinDir and CNIConfDir are where containerd's CRI plugin looks for
+// CNI plugins and network configs (containerd's defaults, and where
+// flannel's DaemonSet writes its plugin and config).
+const (
+	CNIBinDir  = "/opt/cni/bin"
+	CNIConfDir = "/etc/cni/net.d"
+)
+
+// containerdConfig is containerd's configuration for an OS whose own does
+// not fit the kubelet (Fedora CoreOS). Config version 2, which containerd
+// 1.7 reads and containerd 2.x migrates on load.
+var containerdConfig = fmt.Sprintf(`# Written by kiln: containerd for the kubelet.
+version = 2
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+# The kubelet's cgroupDriver is %s.
+SystemdCgroup = %t
+
+[plugins."io.containerd.grpc.v1.cri".cni]
+bin_dir = %q
+conf_dir = %q
+`, KubeletCgroupDriver, KubeletCgroupDriver == "systemd", CNIBinDir, CNIConfDir)
 
 // kubeletUnit is the kubelet service for an OS without one; the
 // environment variables are the ones kubeadm writes and expects.

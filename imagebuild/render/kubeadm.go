@@ -183,7 +183,7 @@ func Kubeadm(in Input) (KubeadmFiles, error) {
 	}
 	kubelet := kubeletConfiguration{
 		typeMeta:     typeMeta{"kubelet.config.k8s.io/v1beta1", "KubeletConfiguration"},
-		CgroupDriver: "systemd",
+		CgroupDriver: KubeletCgroupDriver,
 	}
 	if out[InitConfigPath], err = encodeDocs(initCfg, clusterCfg, kubelet); err != nil {
 		return nil, err

@@ -3,6 +3,7 @@
 package oracle
 
 import (
+	"archive/tar"
 	"bytes"
 	"compress/gzip"
 	"encoding/base64"
@@ -25,9 +26,27 @@ type artifactServer struct {
 	tamper atomic.Bool
 }
 
+// payload is what the server sends for a path: for the CNI plugins a
+// real gzip'd tar archive (the release's layout: ./NAME, mode 0755), for
+// anything else distinct bytes.
 func payload(path string) []byte {
+	if strings.HasSuffix(path, "/cni-plugins") {
+		var buf bytes.Buffer
+		zw := gzip.NewWriter(&buf)
+		tw := tar.NewWriter(zw)
+		for _, name := range cniPlugins {
+			body := []byte("plugin " + name + " for " + path + "\n")
+			tw.WriteHeader(&tar.Header{Name: "./" + name, Mode: 0o755, Size: int64(len(body)), Uid: 1001, Gid: 1001, Typeflag: tar.TypeReg})
+			tw.Write(body)
+		}
+		tw.Close()
+		zw.Close()
+		return buf.Bytes()
+	}
 	return bytes.Repeat([]byte("artifact "+path+"\n"), 5000)
 }
+
+var cniPlugins = []string{"bridge", "host-local", "loopback", "portmap"}
 
 func newArtifactServer(t *testing.T) *artifactServer {
 	s := &artifactServer{}
@@ -56,8 +75,9 @@ func pointDownloads(t *testing.T, clusterFile string, srv *artifactServer) {
 }
 
 // apply runs the real Ignition through the stages a first boot runs, on a
-// scratch root that has just enough of /etc for useradd.
-func apply(t *testing.T, config string) (root string, log []byte, err error) {
+// scratch root that has just enough of /etc for useradd, plus the seed
+// files (path: content) the OS would already have.
+func apply(t *testing.T, config string, seed map[string]string) (root string, log []byte, err error) {
 	t.Helper()
 	// Ignition writes the core user's ssh keys as that user: the scratch
 	// root must be reachable by others, like a real /.
@@ -71,6 +91,15 @@ func apply(t *testing.T, config string) (root string, log []byte, err error) {
 	}
 	for name, line := range map[string]string{"passwd": "root:x:0:0:root:/root:/bin/sh\n", "group": "root:x:0:\nusers:x:100:\n", "shadow": "root:*:19000:0:99999:7:::\n"} {
 		if err := os.WriteFile(filepath.Join(root, "etc", name), []byte(line), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for p, content := range seed {
+		full := filepath.Join(root, p)
+		if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(full, []byte(content), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -153,7 +182,7 @@ func TestIgnitionAppliesEveryRole(t *testing.T) {
 					r := []string{"-c", cf, "render", "--role", role, "--arch", arch}
 					config := filepath.Join(t.TempDir(), "config.ign")
 					kiln(t, append(r, "--dest", config)...)
-					root, log, err := apply(t, config)
+					root, log, err := apply(t, config, osSeed[osName])
 					if err != nil {
 						t.Fatalf("%v\n%s", err, log)
 					}
@@ -189,6 +218,7 @@ func TestIgnitionAppliesEveryRole(t *testing.T) {
 						for _, b := range []string{"kubeadm", "kubelet", "kubectl"} {
 							expectFile(t, root, "/usr/local/bin/"+b, payload("/"+arch+"/"+b), 0o755)
 						}
+						checkFCOSRuntime(t, root, arch)
 					}
 					for _, f := range []string{"ca.crt", "ca.key", "front-proxy-ca.crt", "front-proxy-ca.key", "etcd/ca.crt", "etcd/ca.key", "sa.key", "sa.pub"} {
 						want, _ := os.ReadFile(filepath.Join(secretsDir, f))
@@ -209,6 +239,60 @@ func TestIgnitionAppliesEveryRole(t *testing.T) {
 					}
 				})
 			}
+		}
+	}
+}
+
+// osSeed is what each OS already has where kiln writes. Fedora's
+// containerd package ships /etc/containerd/config.toml (stand-in content:
+// the real file is not read here); kiln's config must replace it.
+var osSeed = map[string]map[string]string{
+	"fcos": {"/etc/containerd/config.toml": "# stand-in for the file Fedora's containerd package ships\ndisabled_plugins = [\"cri\"]\n"},
+}
+
+// checkFCOSRuntime checks what Fedora CoreOS gets for the pod network:
+// containerd's config (the kubelet's systemd cgroup driver, the CNI
+// folders) over the OS's, the pinned CNI plugins archive, and the unit
+// that unpacks it, whose commands are then run (rooted in the scratch
+// root) with the host's tar to see the plugins land in /opt/cni/bin.
+func checkFCOSRuntime(t *testing.T, root, arch string) {
+	t.Helper()
+	conf := string(mustRead(t, filepath.Join(root, "etc/containerd/config.toml")))
+	for _, want := range []string{"version = 2", "SystemdCgroup = true", `bin_dir = "/opt/cni/bin"`, `conf_dir = "/etc/cni/net.d"`} {
+		if !strings.Contains(conf, want) {
+			t.Errorf("containerd config lacks %q:\n%s", want, conf)
+		}
+	}
+	if strings.Contains(conf, "disabled_plugins") {
+		t.Errorf("containerd config still has the OS's content:\n%s", conf)
+	}
+	archive := "/opt/kiln/cni-plugins-linux-" + arch + "-v1.9.1.tgz"
+	expectFile(t, root, archive, payload("/"+arch+"/cni-plugins"), 0o644)
+	unit := string(mustRead(t, filepath.Join(root, "etc/systemd/system/kiln-cni-plugins.service")))
+	preset := string(mustRead(t, filepath.Join(root, "etc/systemd/system-preset/20-ignition.preset")))
+	if !strings.Contains(preset, "enable kiln-cni-plugins.service") || !strings.Contains(unit, "Before=containerd.service kubelet.service") {
+		t.Errorf("CNI plugins unit not enabled or not ordered before containerd:\n%s\n%s", unit, preset)
+	}
+	for _, line := range strings.Split(unit, "\n") {
+		cmd, ok := strings.CutPrefix(line, "ExecStart=")
+		if !ok {
+			continue
+		}
+		args := strings.Fields(cmd)
+		for i, a := range args[1:] {
+			if strings.HasPrefix(a, "/opt/") {
+				args[i+1] = filepath.Join(root, a)
+			}
+		}
+		if out, err := run(t, args[0], args[1:]...); err != nil {
+			t.Fatalf("%s: %v\n%s", cmd, err, out)
+		}
+	}
+	for _, name := range cniPlugins {
+		p := filepath.Join(root, "opt/cni/bin", name)
+		fi, err := os.Stat(p)
+		if err != nil || fi.Mode().Perm() != 0o755 || string(mustRead(t, p)) != "plugin "+name+" for /"+arch+"/cni-plugins\n" {
+			t.Errorf("CNI plugin %s after the unit ran: %v %v", name, fi, err)
 		}
 	}
 }
@@ -269,7 +353,7 @@ func TestIgnitionRefusesTamperedDownload(t *testing.T) {
 	config := filepath.Join(t.TempDir(), "w.ign")
 	kiln(t, "-c", cf, "render", "--role", "worker", "--dest", config)
 	srv.tamper.Store(true)
-	root, log, err := apply(t, config)
+	root, log, err := apply(t, config, nil)
 	if err == nil {
 		t.Fatalf("Ignition accepted a tampered download:\n%s", log)
 	}

@@ -61,7 +61,7 @@ func TestPXEBundleConfigs(t *testing.T) {
 				config := mustRead(t, filepath.Join(bundle, n.Config))
 				checkOfflineInitramfs(t, filepath.Join(bundle, "offline", n.Name, pxe.OfflineConfig), c.initrdConfig, config)
 
-				root, log, err := apply(t, filepath.Join(bundle, n.Config))
+				root, log, err := apply(t, filepath.Join(bundle, n.Config), nil)
 				if err != nil {
 					t.Fatalf("%s: %v\n%s", n.Name, err, log)
 				}
@@ -79,7 +79,7 @@ func TestPXEBundleConfigs(t *testing.T) {
 					if fi, err := os.Stat(inner); err != nil || fi.Mode().Perm() != 0o600 {
 						t.Fatalf("%s: the installer did not write the node's config at 0600: %v", n.Name, err)
 					}
-					if nodeRoot, log, err = apply(t, inner); err != nil {
+					if nodeRoot, log, err = apply(t, inner, nil); err != nil {
 						t.Fatalf("%s: the config the installer carries: %v\n%s", n.Name, err, log)
 					}
 				}
