@@ -1,8 +1,9 @@
 // Command rehearsal is kiln's real-kubeadm rehearsal (issue 6): real
 // kubeadm, kube-apiserver, kube-controller-manager, kube-scheduler and etcd,
 // built from their Go modules at the cluster's Kubernetes version, brought up
-// by the real kiln-firstboot agent on nodes emulated as Linux namespaces
-// behind a real HAProxy. Only the container runtime and the kubelet are
+// by the real kiln-firstboot agent on nodes emulated as Linux namespaces,
+// reached through a virtual IP that the control planes' own keepalived and
+// HAProxy (Debian's) hold. Only the container runtime and the kubelet are
 // replaced (by the node emulator in node.go, pods.go and kubelet.go).
 //
 //	rehearsal run [flags] [scenario...]   orchestrate scenarios (as root)

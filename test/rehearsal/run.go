@@ -1,11 +1,17 @@
 package main
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -18,12 +24,16 @@ import (
 	"time"
 )
 
-// The rehearsal network: one bridge, HAProxy on the bridge's address (the
-// cluster's controlPlaneEndpoint), nodes as network namespaces.
+// The rehearsal network: one bridge with the test host on it, nodes as
+// network namespaces, and the cluster's controlPlaneEndpoint a virtual IP
+// that the control planes' own keepalived holds (loadBalancer.type
+// keepalived-haproxy).
 const (
 	bridgeName = "krh0"
 	netPrefix  = "10.213.77."
 	hostIP     = netPrefix + "1"
+	vip        = netPrefix + "10"
+	endpoint   = vip + ":6443"
 	nsPrefix   = "krh-"
 	cluster    = "rh"
 )
@@ -62,7 +72,7 @@ type env struct {
 	bin     string
 	cluster string // kiln cluster dir
 	mu      sync.Mutex
-	procs   map[string]*exec.Cmd // running node emulators by name; "haproxy"
+	procs   map[string]*exec.Cmd // running node emulators by name
 	specs   map[string]nodeSpec
 	start   time.Time
 	// full is the time to the full cluster, once reached.
@@ -79,6 +89,8 @@ var scenarios = []struct {
 	{"certs-deleted", "a control plane boots after the kubeadm-certs Secret was deleted", scenarioCertsDeleted},
 	{"killed-join", "a control plane is killed mid-join and boots again", scenarioKilledJoin},
 	{"foreign-ca", "a node whose metadata pins a foreign CA", scenarioForeignCA},
+	{"vip-failover", "the control plane holding the endpoint's virtual IP loses power", scenarioVIPFailover},
+	{"kube-vip-init", "a kube-vip cluster's init node switches kube-vip to admin.conf after kubeadm init", scenarioKubeVIPInit},
 }
 
 func runMain(args []string) error {
@@ -235,7 +247,7 @@ func (e *env) dirOrEmpty() string {
 }
 
 // newEnv prepares a scenario: a fresh kiln cluster, the tools on a PATH
-// directory, the bridge and HAProxy.
+// directory and the bridge.
 func newEnv(o runOptions, self, scenario string) (*env, error) {
 	e := &env{o: o, self: self, dir: filepath.Join(o.work, scenario), procs: map[string]*exec.Cmd{}, specs: map[string]nodeSpec{}}
 	if err := os.RemoveAll(e.dir); err != nil {
@@ -268,24 +280,100 @@ func newEnv(o runOptions, self, scenario string) (*env, error) {
 		}
 	}
 	e.cluster = filepath.Join(e.dir, "cluster")
-	if err := kilnInit(o, e.cluster); err != nil {
+	lb := "keepalived-haproxy"
+	if scenario == "kube-vip-init" {
+		lb = "kube-vip"
+	}
+	if err := kilnInit(o, e.cluster, lb); err != nil {
 		return e, err
 	}
 	if err := e.network(); err != nil {
 		return e, err
 	}
-	if err := e.haproxy([]string{netPrefix + "11", netPrefix + "12", netPrefix + "13"}); err != nil {
-		return e, err
-	}
 	return e, nil
 }
 
-func kilnInit(o runOptions, dir string) error {
-	out, err := exec.Command(o.kiln, "init", cluster, "--endpoint", hostIP+":6443", "--kubernetes-version", o.version, "--dir", dir).CombinedOutput()
+// keepalivedImage pins the keepalived image by the digest of the binary
+// that stands in for it: Debian's keepalived, which the node emulator runs
+// for the static pod (kiln knows no upstream keepalived image).
+func keepalivedImage() (string, error) {
+	bin, err := exec.LookPath("keepalived")
+	if err != nil {
+		return "", fmt.Errorf("keepalived: %w (.ci/install-deps installs it)", err)
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("rehearsal.invalid/debian-keepalived@sha256:%x", sha256.Sum256(data)), nil
+}
+
+// rehearsalAddon is the cluster's one add-on: applied by the init agent
+// after the pod network, and re-applied by the scenarios to show that a
+// second apply changes nothing. Its Namespace carries a label: a Namespace
+// applied with nothing but its name owns no field, so the API server
+// records its defaulted fields under the manager before-first-apply at the
+// second apply (a one-time write, observed on 1.34); with a field of its
+// own, kiln's manager is there from the start.
+const rehearsalAddon = `apiVersion: v1
+kind: Namespace
+metadata:
+  name: kiln-rehearsal
+  labels:
+    app.kubernetes.io/part-of: kiln-rehearsal
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: addon
+  namespace: kiln-rehearsal
+data:
+  applied-by: kiln-firstboot
+`
+
+// kilnInit makes a cluster whose control planes hold the endpoint's VIP
+// (loadBalancer.type lb: keepalived-haproxy, with cp1..3 in the
+// inventory, or kube-vip), with one local add-on.
+func kilnInit(o runOptions, dir, lb string) error {
+	args := []string{"init", cluster, "--endpoint", endpoint, "--kubernetes-version", o.version, "--dir", dir, "--load-balancer", lb}
+	if lb == "keepalived-haproxy" {
+		image, err := keepalivedImage()
+		if err != nil {
+			return err
+		}
+		args = append(args, "--image", "keepalived="+image)
+		for _, n := range []nodeSpec{cp1, cp2, cp3} {
+			args = append(args, "--control-plane", n.name+"="+n.ip())
+		}
+	}
+	out, err := exec.Command(o.kiln, args...).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("kiln init: %v: %s", err, out)
 	}
-	return nil
+	// The nodes never fetch the Kubernetes download (the emulator runs the
+	// binaries built for the version), but kiln renders Ignition only with
+	// it pinned: pin a stand-in file.
+	standIn := filepath.Join(dir, "kubernetes-sysext.stand-in")
+	if err := os.WriteFile(standIn, []byte("rehearsal: not a sysext image\n"), 0o644); err != nil {
+		return err
+	}
+	for _, arch := range []string{"amd64", "arm64"} {
+		if out, err := exec.Command(o.kiln, "-c", filepath.Join(dir, "cluster.yaml"), "pin", "--arch", arch, "--file", "kubernetes-sysext="+standIn).CombinedOutput(); err != nil {
+			return fmt.Errorf("kiln pin --arch %s: %v: %s", arch, err, out)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "addon.yaml"), []byte(rehearsalAddon), 0o644); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "cluster.yaml"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString("addons:\n  - path: addon.yaml\n")
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 func sh(args ...string) error {
@@ -307,20 +395,16 @@ func (e *env) network() error {
 }
 
 // addNode creates the node's network namespace: a veth to the bridge,
-// named eth0 inside with a fixed MAC (the hostname template uses it), its
-// own IP, a default route to the bridge, and ip_forward on (a fresh
-// namespace has it off; the agent sets it too).
+// named eth0 inside with a fixed MAC (the hostname template uses it), and
+// ip_forward on (a fresh namespace has it off; the agent sets it too).
 func (e *env) addNode(n nodeSpec) error {
 	ns, host := nsPrefix+n.name, nsPrefix+n.name
 	for _, c := range [][]string{
 		{"ip", "netns", "add", ns},
 		{"ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns},
-		{"ip", "link", "set", host, "master", bridgeName, "up"},
+		{"ip", "link", "set", host, "master", bridgeName},
 		{"ip", "-n", ns, "link", "set", "eth0", "address", n.mac()},
-		{"ip", "-n", ns, "addr", "add", n.ip() + "/24", "dev", "eth0"},
-		{"ip", "-n", ns, "link", "set", "eth0", "up"},
 		{"ip", "-n", ns, "link", "set", "lo", "up"},
-		{"ip", "-n", ns, "route", "add", "default", "via", hostIP},
 		{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"},
 	} {
 		if err := sh(c...); err != nil {
@@ -330,42 +414,30 @@ func (e *env) addNode(n nodeSpec) error {
 	return nil
 }
 
-func (e *env) haproxy(backends []string) error {
-	var b strings.Builder
-	fmt.Fprintf(&b, `global
-	maxconn 2000
-defaults
-	mode tcp
-	timeout connect 2s
-	timeout client 1h
-	timeout server 1h
-frontend kube-apiserver
-	bind %s:6443
-	default_backend control-planes
-backend control-planes
-	option httpchk GET /readyz
-	http-check expect status 200
-	default-server check check-ssl verify none inter 1s fall 2 rise 1
-`, hostIP)
-	for i, ip := range backends {
-		fmt.Fprintf(&b, "\tserver cp%d %s:6443\n", i+1, ip)
+// powerOn connects the node's cable and gives it its address and a default
+// route to the bridge.
+func (e *env) powerOn(n nodeSpec) error {
+	ns := nsPrefix + n.name
+	for _, c := range [][]string{
+		{"ip", "link", "set", ns, "up"},
+		{"ip", "-n", ns, "addr", "add", n.ip() + "/24", "dev", "eth0"},
+		{"ip", "-n", ns, "link", "set", "eth0", "up"},
+		{"ip", "-n", ns, "route", "add", "default", "via", hostIP},
+	} {
+		if err := sh(c...); err != nil {
+			return err
+		}
 	}
-	cfg := filepath.Join(e.dir, "haproxy.cfg")
-	if err := os.WriteFile(cfg, []byte(b.String()), 0o644); err != nil {
-		return err
-	}
-	logf, err := os.Create(filepath.Join(e.dir, "haproxy.log"))
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command("haproxy", "-f", cfg, "-db")
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("haproxy: %w", err)
-	}
-	e.track("haproxy", cmd)
 	return nil
+}
+
+// powerOff is the network half of a power cut: the cable goes dead and the
+// addresses go (a virtual IP the node held included), as a machine's memory
+// would.
+func (e *env) powerOff(name string) {
+	ns := nsPrefix + name
+	_ = sh("ip", "link", "set", ns, "down")
+	_ = sh("ip", "-n", ns, "addr", "flush", "dev", "eth0")
 }
 
 func (e *env) track(name string, cmd *exec.Cmd) {
@@ -388,62 +460,121 @@ func (e *env) recordPIDs() {
 	_ = os.WriteFile(filepath.Join(e.o.work, "pgids"), []byte(strings.Join(pids, "\n")+"\n"), 0o644)
 }
 
-// place writes a node's files where Ignition would: /etc/kiln 0700, every
-// file 0600; the init node also gets the cluster PKI in /etc/kiln/pki.
+// place writes the node's kiln files where Ignition would: every file and
+// directory under /etc/kiln of the role's Ignition config (`kiln render
+// --format ignition`), with its mode (0700 directories, 0600 files: the
+// metadata, kubeadm configs, the init role's cluster PKI, its manifests and
+// a control plane's load balancer). What else the config writes (kernel
+// modules, sysctls, the agent binary, the Kubernetes download) is the
+// emulator's or the host's business.
 func (e *env) place(n nodeSpec) error {
-	d := filepath.Join(e.dir, "nodes", n.name)
-	kiln := filepath.Join(d, "etc", "kiln")
-	if err := os.MkdirAll(kiln, 0o700); err != nil {
+	cmd := exec.Command(e.o.kiln, "-c", filepath.Join(n.source, "cluster.yaml"), "render", "--role", n.role, "--format", "ignition")
+	out, err := cmd.Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return fmt.Errorf("kiln render --role %s --format ignition: %v: %s", n.role, err, ee.Stderr)
+		}
 		return err
 	}
-	render := func(format string) ([]byte, error) {
-		cmd := exec.Command(e.o.kiln, "-c", filepath.Join(n.source, "cluster.yaml"), "render", "--role", n.role, "--format", format)
-		out, err := cmd.Output()
-		if err != nil {
-			var ee *exec.ExitError
-			if errors.As(err, &ee) {
-				return nil, fmt.Errorf("kiln render --role %s --format %s: %v: %s", n.role, format, err, ee.Stderr)
+	var ign struct {
+		Storage struct {
+			Directories []struct {
+				Path string `json:"path"`
+				Mode *int   `json:"mode"`
+			} `json:"directories"`
+			Files []struct {
+				Path     string `json:"path"`
+				Mode     *int   `json:"mode"`
+				Contents struct {
+					Source      string `json:"source"`
+					Compression string `json:"compression"`
+				} `json:"contents"`
+			} `json:"files"`
+		} `json:"storage"`
+	}
+	if err := json.Unmarshal(out, &ign); err != nil {
+		return fmt.Errorf("%s's Ignition config: %w", n.role, err)
+	}
+	root := filepath.Join(e.dir, "nodes", n.name)
+	const kilnDir = "/etc/kiln/"
+	for _, d := range ign.Storage.Directories {
+		if strings.HasPrefix(d.Path+"/", kilnDir) {
+			if err := os.MkdirAll(filepath.Join(root, d.Path), mode(d.Mode, 0o755)); err != nil {
+				return err
 			}
-			return nil, err
 		}
-		return out, nil
 	}
-	files := map[string]string{"node.yaml": "node", "kubeadm-join.yaml": "kubeadm-join"}
-	if n.role == "init" {
-		files["kubeadm-init.yaml"] = "kubeadm"
-	}
-	for name, format := range files {
-		data, err := render(format)
+	for _, f := range ign.Storage.Files {
+		if !strings.HasPrefix(f.Path, kilnDir) {
+			continue
+		}
+		data, err := dataURL(f.Contents.Source, f.Contents.Compression)
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: %w", f.Path, err)
 		}
-		if e.o.ignorePreflight != "" && format != "node" {
+		if e.o.ignorePreflight != "" && strings.HasPrefix(filepath.Base(f.Path), "kubeadm-") {
 			var list strings.Builder
 			for _, c := range strings.Split(e.o.ignorePreflight, ",") {
 				fmt.Fprintf(&list, "\n    - %s", strings.TrimSpace(c))
 			}
 			data = []byte(strings.ReplaceAll(string(data), "\nnodeRegistration:\n", "\nnodeRegistration:\n  ignorePreflightErrors:"+list.String()+"\n"))
 		}
-		if err := os.WriteFile(filepath.Join(kiln, name), data, 0o600); err != nil {
+		dst := filepath.Join(root, f.Path)
+		if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
+			return err
+		}
+		if err := os.WriteFile(dst, data, mode(f.Mode, 0o644)); err != nil {
 			return err
 		}
 	}
-	if n.role == "init" {
-		for _, f := range []string{"ca.crt", "ca.key", "front-proxy-ca.crt", "front-proxy-ca.key", "etcd/ca.crt", "etcd/ca.key", "sa.key", "sa.pub"} {
-			data, err := os.ReadFile(filepath.Join(n.source, "secrets", "pki", f))
-			if err != nil {
-				return err
-			}
-			dst := filepath.Join(kiln, "pki", f)
-			if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
-				return err
-			}
-			if err := os.WriteFile(dst, data, 0o600); err != nil {
-				return err
-			}
-		}
-	}
 	return nil
+}
+
+func mode(m *int, def os.FileMode) os.FileMode {
+	if m == nil {
+		return def
+	}
+	return os.FileMode(*m)
+}
+
+// dataURL decodes an Ignition file source of the data scheme (RFC 2397:
+// base64 or percent-encoded), gunzipping it for compression gzip. Other
+// schemes are fetched by Ignition on a real node; the rehearsal's cluster
+// has none under /etc/kiln.
+func dataURL(src, compression string) ([]byte, error) {
+	rest, ok := strings.CutPrefix(src, "data:")
+	if !ok {
+		return nil, fmt.Errorf("source %.40q: the rehearsal places data URLs only", src)
+	}
+	meta, payload, ok := strings.Cut(rest, ",")
+	if !ok {
+		return nil, errors.New("data URL without a comma")
+	}
+	var data []byte
+	var err error
+	if strings.HasSuffix(meta, ";base64") {
+		data, err = base64.StdEncoding.DecodeString(payload)
+	} else {
+		var text string
+		text, err = url.PathUnescape(payload)
+		data = []byte(text)
+	}
+	if err != nil {
+		return nil, err
+	}
+	switch compression {
+	case "":
+		return data, nil
+	case "gzip":
+		zr, err := gzip.NewReader(bytes.NewReader(data))
+		if err != nil {
+			return nil, err
+		}
+		return io.ReadAll(zr)
+	default:
+		return nil, fmt.Errorf("compression %q", compression)
+	}
 }
 
 // boot creates (first time) and starts a node: its files, its namespace,
@@ -465,6 +596,9 @@ func (e *env) boot(n nodeSpec, agentArgs ...string) error {
 			return err
 		}
 		e.specs[n.name] = n
+	}
+	if err := e.powerOn(e.specs[n.name]); err != nil {
+		return err
 	}
 	if err := os.RemoveAll(filepath.Join(d, "run")); err != nil {
 		return err
@@ -502,6 +636,9 @@ func (e *env) kill(name string) {
 	if cmd != nil && cmd.Process != nil {
 		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		waitGone(cmd.Process.Pid)
+	}
+	if _, ok := e.specs[name]; ok {
+		e.powerOff(name)
 	}
 	e.recordPIDs()
 }

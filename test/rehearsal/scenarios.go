@@ -4,10 +4,14 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -15,9 +19,11 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/grpclog"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
 
@@ -207,7 +213,7 @@ func scenarioKilledJoin(e *env) error {
 
 func scenarioForeignCA(e *env) error {
 	other := filepath.Join(e.dir, "other-cluster")
-	if err := kilnInit(e.o, other); err != nil {
+	if err := kilnInit(e.o, other, "keepalived-haproxy"); err != nil {
 		return err
 	}
 	foreign := nodeSpec{name: "foreign", role: "worker", octet: 31, source: other}
@@ -413,6 +419,14 @@ func (e *env) expectFullCluster(nodes []nodeSpec) error {
 	if !strings.Contains(e.agentLog("cp1"), "3 of 3 control planes are Ready") {
 		errs = append(errs, "cp1's agent never saw 3 of 3 control planes Ready")
 	}
+	if h := e.vipHolders(); len(h) != 1 {
+		errs = append(errs, fmt.Sprintf("the virtual IP %s is held by %v, want exactly one control plane", vip, h))
+	} else {
+		e.logf("the virtual IP %s is on %s", vip, h[0])
+	}
+	if err := e.checkManifests(); err != nil {
+		errs = append(errs, err.Error())
+	}
 	if len(errs) > 0 {
 		e.dumpLogs()
 		return fmt.Errorf("%s", strings.Join(errs, "; "))
@@ -455,4 +469,279 @@ func (e *env) dumpLogs() {
 		}
 		fmt.Printf("----- %s agent.log (last lines; all logs in %s)\n%s\n", name, e.nodePath(name), strings.Join(lines, "\n"))
 	}
+}
+
+// vipHolders lists the control planes whose eth0 has the virtual IP.
+func (e *env) vipHolders() []string {
+	var out []string
+	for _, n := range []nodeSpec{cp1, cp2, cp3} {
+		if _, ok := e.specs[n.name]; !ok {
+			continue
+		}
+		b, err := exec.Command("ip", "-n", nsPrefix+n.name, "-o", "addr", "show", "dev", "eth0").Output()
+		if err == nil && strings.Contains(string(b), " "+vip+"/") {
+			out = append(out, n.name)
+		}
+	}
+	return out
+}
+
+// checkManifests checks what the init agent applied: every object of
+// every file in cp1's /etc/kiln/manifests (flannel, then the add-on)
+// exists with kiln among its field managers (if it has any), and applying each file again
+// as the agent does leaves every object's resourceVersion as it was.
+func (e *env) checkManifests() error {
+	dir := e.nodePath("cp1", "etc", "kiln", "manifests")
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil || len(files) < 2 {
+		return fmt.Errorf("manifests on cp1: %v %v, want the pod network and the add-on", files, err)
+	}
+	if _, err := e.client(); err != nil { // writes admin.conf
+		return err
+	}
+	for _, f := range files {
+		name := filepath.Base(f)
+		before, err := e.objects(f)
+		if err != nil {
+			return fmt.Errorf("%s was not applied: %w", name, err)
+		}
+		if docs := strings.Count("\n"+string(mustRead(f)), "\nkind:"); len(before) != docs {
+			return fmt.Errorf("%s: %d objects in the cluster, %d in the file", name, len(before), docs)
+		}
+		for id, o := range before {
+			// An object that holds nothing but its name (flannel's
+			// ServiceAccount) has no managed fields at all.
+			if len(o.managers) > 0 && !slices.Contains(o.managers, "kiln") {
+				return fmt.Errorf("%s: %s is managed by %v, not by field manager kiln", name, id, o.managers)
+			}
+		}
+		if _, err := e.kubectl("apply", "--server-side", "--field-manager", "kiln", "--force-conflicts", "--filename", f); err != nil {
+			return err
+		}
+		after, err := e.objects(f)
+		if err != nil {
+			return err
+		}
+		for id, o := range before {
+			if after[id].resourceVersion != o.resourceVersion {
+				return fmt.Errorf("%s: applying it again changed %s (resourceVersion %s, then %s)", name, id, o.resourceVersion, after[id].resourceVersion)
+			}
+		}
+		e.logf("%s: %d objects applied by the init agent under field manager kiln; applying again changed no resourceVersion", name, len(before))
+	}
+	return nil
+}
+
+type object struct {
+	resourceVersion string
+	managers        []string
+}
+
+// objects reads the cluster's objects of a manifest file, by
+// kind/namespace/name.
+func (e *env) objects(file string) (map[string]object, error) {
+	out, err := e.kubectl("get", "--show-managed-fields", "--filename", file, "--output", "json")
+	if err != nil {
+		return nil, err
+	}
+	type item struct {
+		Kind     string `json:"kind"`
+		Metadata struct {
+			Name            string `json:"name"`
+			Namespace       string `json:"namespace"`
+			ResourceVersion string `json:"resourceVersion"`
+			ManagedFields   []struct {
+				Manager string `json:"manager"`
+			} `json:"managedFields"`
+		} `json:"metadata"`
+	}
+	var list struct {
+		item
+		Items []item `json:"items"`
+	}
+	if err := json.Unmarshal([]byte(out), &list); err != nil {
+		return nil, err
+	}
+	items := list.Items
+	if list.Kind != "List" { // kubectl prints one object as itself
+		items = []item{list.item}
+	}
+	objs := map[string]object{}
+	for _, it := range items {
+		o := object{resourceVersion: it.Metadata.ResourceVersion}
+		for _, m := range it.Metadata.ManagedFields {
+			o.managers = append(o.managers, m.Manager)
+		}
+		objs[it.Kind+"/"+it.Metadata.Namespace+"/"+it.Metadata.Name] = o
+	}
+	return objs, nil
+}
+
+func mustRead(p string) []byte {
+	b, _ := os.ReadFile(p)
+	return b
+}
+
+// kubectl runs the cluster's kubectl with the admin kubeconfig.
+func (e *env) kubectl(args ...string) (string, error) {
+	cmd := exec.Command(filepath.Join(e.bin, "kubectl"), append([]string{"--kubeconfig", filepath.Join(e.dir, "admin.conf")}, args...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("kubectl %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), nil
+}
+
+// failoverBound is what the vip-failover scenario allows from the power
+// cut to the first API answer through the moved virtual IP: keepalived
+// declares the holder dead after 3 advertisements (advertInterval 1 s)
+// plus its skew, HAProxy drops a dead backend after 2 failed 1 s checks.
+const failoverBound = 15 * time.Second
+
+func scenarioVIPFailover(e *env) error {
+	for _, n := range all {
+		if err := e.boot(n, uploadArgs...); err != nil {
+			return err
+		}
+	}
+	if err := e.expectFullCluster(all); err != nil {
+		return err
+	}
+	holders := e.vipHolders()
+	if len(holders) != 1 {
+		return fmt.Errorf("virtual IP held by %v", holders)
+	}
+	old := holders[0]
+	probe, err := e.readyzProbe()
+	if err != nil {
+		return err
+	}
+	if err := probe(); err != nil {
+		return fmt.Errorf("the API does not answer through %s before the failover: %w", endpoint, err)
+	}
+	cut := time.Now() // the kill's SIGKILL ends keepalived's advertisements
+	e.kill(old)
+	e.logf("power cut on %s, the virtual IP's holder (its processes were gone %s after the SIGKILL)", old, time.Since(cut).Round(100*time.Millisecond))
+	var moved, answered time.Duration
+	var newHolder string
+	failures := 0
+	for answered == 0 {
+		if time.Since(cut) > failoverBound {
+			return fmt.Errorf("no API answer through %s within %s of the power cut (virtual IP moved after %s, holders now %v)", endpoint, failoverBound, moved, e.vipHolders())
+		}
+		if moved == 0 {
+			if h := e.vipHolders(); len(h) == 1 {
+				moved, newHolder = time.Since(cut), h[0]
+			}
+		}
+		if err := probe(); err != nil {
+			failures++
+		} else if moved > 0 {
+			answered = time.Since(cut)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if newHolder == old {
+		return fmt.Errorf("the virtual IP is on %s, which lost power", old)
+	}
+	e.logf("VIP FAILOVER: %s lost power; the virtual IP moved to %s after %s; the API answered through %s after %s (%d probes failed in between)",
+		old, newHolder, moved.Round(100*time.Millisecond), endpoint, answered.Round(100*time.Millisecond), failures)
+	cs, err := e.client()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := e.deadline()
+	defer cancel()
+	if _, err := cs.CoreV1().ConfigMaps("kiln-rehearsal").Update(ctx, &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: "addon", Namespace: "kiln-rehearsal"},
+		Data:       map[string]string{"applied-by": "kiln-firstboot", "written-after-failover": "yes"},
+	}, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("write through the moved virtual IP: %w", err)
+	}
+	e.logf("a write through the moved virtual IP succeeded (etcd has 2 of 3 members)")
+	return nil
+}
+
+// readyzProbe returns a check of GET /readyz through the endpoint on a new
+// connection each time (as a fresh kubectl would make), 1 s at most.
+func (e *env) readyzProbe() (func() error, error) {
+	if _, err := e.client(); err != nil {
+		return nil, err
+	}
+	rc, err := clientcmd.BuildConfigFromFlags("", filepath.Join(e.dir, "admin.conf"))
+	if err != nil {
+		return nil, err
+	}
+	tlsConf, err := rest.TLSConfigFor(rc)
+	if err != nil {
+		return nil, err
+	}
+	hc := &http.Client{Timeout: time.Second, Transport: &http.Transport{TLSClientConfig: tlsConf, DisableKeepAlives: true}}
+	return func() error {
+		resp, err := hc.Get("https://" + endpoint + "/readyz")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("readyz: %s", resp.Status)
+		}
+		return nil
+	}, nil
+}
+
+// scenarioKubeVIPInit checks kube-vip's kubeconfig switch on a real init
+// node. kube-vip itself cannot run here (the module proxy does not serve
+// it), so the rehearsal puts the VIP on cp1 the way kube-vip's ARP mode
+// would; everything else is real: kubeadm init, the agent, the API server.
+func scenarioKubeVIPInit(e *env) error {
+	const manifest = "etc/kubernetes/manifests/kube-vip.yaml"
+	if err := e.boot(cp1, uploadArgs...); err != nil {
+		return err
+	}
+	ctx, cancel := e.deadline()
+	defer cancel()
+	var before string
+	if err := e.waitUntil(ctx, "cp1 to place kube-vip before kubeadm init", func(context.Context) (bool, string) {
+		b, err := os.ReadFile(e.nodePath("cp1", manifest))
+		before = string(b)
+		return err == nil, fmt.Sprint(err)
+	}); err != nil {
+		return err
+	}
+	if !strings.Contains(before, "path: /etc/kubernetes/super-admin.conf") || strings.Contains(before, "path: /etc/kubernetes/admin.conf") {
+		return fmt.Errorf("before kubeadm init, kube-vip.yaml should mount super-admin.conf:\n%s", before)
+	}
+	if err := sh("ip", "-n", nsPrefix+"cp1", "addr", "add", vip+"/32", "dev", "eth0"); err != nil {
+		return err
+	}
+	e.logf("kube-vip.yaml placed with super-admin.conf; %s put on cp1 in kube-vip's place", vip)
+	var after string
+	if err := e.waitUntil(ctx, "the agent to switch kube-vip to admin.conf", func(context.Context) (bool, string) {
+		b, _ := os.ReadFile(e.nodePath("cp1", manifest))
+		after = string(b)
+		st, _ := e.status("cp1")
+		return strings.Contains(after, "path: /etc/kubernetes/admin.conf"), fmt.Sprintf("cp1 %s/%s#%d", st.Phase, st.State, st.Attempt)
+	}); err != nil {
+		e.dumpLogs()
+		return err
+	}
+	if strings.Contains(after, "super-admin.conf") {
+		return fmt.Errorf("kube-vip.yaml still names super-admin.conf:\n%s", after)
+	}
+	// What kube-vip does with its kubeconfig: leader election on a Lease
+	// in kube-system, through the local API server. admin.conf must be
+	// allowed to, now that kubeadm init has bound its group.
+	adminConf := e.nodePath("cp1", "etc", "kubernetes", "admin.conf")
+	for _, verb := range []string{"get", "create", "update"} {
+		out, err := exec.Command(filepath.Join(e.bin, "kubectl"), "--kubeconfig", adminConf, "--server", "https://"+cp1.ip()+":6443",
+			"auth", "can-i", verb, "leases.coordination.k8s.io", "--namespace", "kube-system").CombinedOutput()
+		if err != nil || strings.TrimSpace(string(out)) != "yes" {
+			return fmt.Errorf("admin.conf may not %s Leases in kube-system: %v: %s", verb, err, out)
+		}
+	}
+	e.logf("after kubeadm init the agent switched kube-vip.yaml to admin.conf, which may get, create and update kube-system Leases (kube-vip's leader election)")
+	return nil
 }
