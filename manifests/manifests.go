@@ -223,6 +223,7 @@ func KeepalivedHAProxy(lb LoadBalancer) ([]File, error) {
 	data := map[string]any{
 		"VIP": lb.VIP, "VIPBits": lb.VIPBits, "Port": lb.Port, "Interface": lb.Interface,
 		"RouterID": lb.RouterID, "RouterName": lb.RouterName, "AdvertInterval": lb.AdvertInterval,
+		"IPv6": lb.VIP.Is6(),
 		// Enough to put a failing holder below every healthy node.
 		"CheckWeight": 50,
 		"Backends":    lb.Backends,

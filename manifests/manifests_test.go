@@ -179,3 +179,27 @@ func TestStaticPodsReadTheirConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestHAProxyListensOnTheVIPFamily: an IPv6 VIP gets an IPv6 listener
+// (the IPv4 one stays: keepalived checks HAProxy on 127.0.0.1).
+func TestHAProxyListensOnTheVIPFamily(t *testing.T) {
+	for vip, want := range map[string]bool{"10.0.0.50": false, "2001:db8::50": true} {
+		lb := LoadBalancer{
+			VIP: netip.MustParseAddr(vip), VIPBits: netip.MustParseAddr(vip).BitLen(), Port: 6443, Interface: "eth0", RouterID: 7, RouterName: "lab", AdvertInterval: 1,
+			Backends:  []Backend{{"cp-1", netip.MustParseAddrPort("[2001:db8::11]:6444")}},
+			Overrides: map[string]string{"keepalived": "registry.test/keepalived:1@sha256:" + strings.Repeat("ab", 32)},
+		}
+		files, err := KeepalivedHAProxy(lb)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range files {
+			if f.Name == "haproxy.cfg" {
+				cfg := string(f.Data)
+				if got := strings.Contains(cfg, "bind [::]:6443 v6only"); got != want || !strings.Contains(cfg, "bind :6443\n") {
+					t.Errorf("VIP %s: IPv6 listener %t, want %t:\n%s", vip, got, want, cfg)
+				}
+			}
+		}
+	}
+}

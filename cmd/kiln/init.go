@@ -17,6 +17,7 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/pin"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/manifests"
 )
 
 type initOptions struct {
@@ -26,13 +27,16 @@ type initOptions struct {
 	channel       string
 	osVersion     string
 	controlPlanes int
-	sshKeys       []string
-	loadBalancer  string
-	nodes         []string // --control-plane NAME=IP
-	images        []string // --image NAME=REFERENCE@sha256:DIGEST
-	dir           string
-	force         bool
-	output        outputFormat
+	// controlPlanesSet: --control-planes was given; else the number of
+	// --control-plane flags, if any, sets kubernetes.controlPlanes.
+	controlPlanesSet bool
+	sshKeys          []string
+	loadBalancer     string
+	nodes            []string // --control-plane NAME=IP
+	images           []string // --image NAME=REFERENCE@sha256:DIGEST
+	dir              string
+	force            bool
+	output           outputFormat
 }
 
 // flagFor maps cluster-file fields to the init flag that sets them, so
@@ -83,7 +87,10 @@ from the old secrets would no longer join.`,
 			}
 			return nil
 		},
-		RunE: func(cmd *cobra.Command, args []string) error { return runInit(g, o, args[0]) },
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o.controlPlanesSet = cmd.Flags().Changed("control-planes")
+			return runInit(g, o, args[0])
+		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.endpoint, "endpoint", "", "control-plane endpoint HOST:PORT (the load balancer); required")
@@ -94,8 +101,8 @@ from the old secrets would no longer join.`,
 	f.IntVar(&o.controlPlanes, "control-planes", cluster.DefaultControlPlanes, "expected number of control-plane nodes (odd)")
 	f.StringArrayVar(&o.sshKeys, "ssh-key", nil, "SSH public key file for the core user (repeatable)")
 	f.StringVar(&o.loadBalancer, "load-balancer", cluster.LBExternal, "what serves the endpoint: external, keepalived-haproxy or kube-vip")
-	f.StringArrayVar(&o.nodes, "control-plane", nil, "inventory control plane NAME=IP, the first one the init node (repeatable)")
-	f.StringArrayVar(&o.images, "image", nil, "pin an image of kiln's manifests NAME=REFERENCE@sha256:DIGEST (repeatable; see kiln render --format manifests)")
+	f.StringArrayVar(&o.nodes, "control-plane", nil, "inventory control plane NAME=IP, the first one the init node (repeatable; their number sets --control-planes)")
+	f.StringArrayVar(&o.images, "image", nil, "pin an image of kiln's manifests NAME=REFERENCE@sha256:DIGEST (repeatable; NAME one of "+strings.Join(manifests.ImageNames(), ", ")+")")
 	f.StringVar(&o.dir, "dir", ".", "folder for cluster.yaml and secrets/")
 	f.BoolVar(&o.force, "force", false, "replace an existing cluster file and secrets")
 	addOutputFlag(cmd, &o.output)
@@ -129,6 +136,9 @@ func runInit(g *globals, o *initOptions, name string) error {
 			role = nodeconfig.RoleInit
 		}
 		c.Nodes = append(c.Nodes, cluster.Node{Name: name, Role: role, IP: ip})
+	}
+	if len(o.nodes) > 0 && !o.controlPlanesSet {
+		c.Kubernetes.ControlPlanes = len(o.nodes)
 	}
 	for _, v := range o.images {
 		name, ref, ok := strings.Cut(v, "=")
@@ -218,7 +228,11 @@ func nameFlags(err error) error {
 	out := make([]error, len(inv.Problems))
 	for i, p := range inv.Problems {
 		field, msg, _ := strings.Cut(p.Error(), ": ")
-		if flag, ok := flagFor[field]; ok {
+		flag, ok := flagFor[field]
+		if !ok { // nodes[0].ip, images.keepalived: the flag that wrote them
+			flag, ok = flagFor[strings.FieldsFunc(field, func(r rune) bool { return r == '.' || r == '[' })[0]]
+		}
+		if ok {
 			out[i] = errors.New(flag + ": " + msg)
 		} else {
 			out[i] = p

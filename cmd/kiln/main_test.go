@@ -113,7 +113,10 @@ func TestInitBadInput(t *testing.T) {
 	kiln(t, "init", "--endpoint", "lb:6443").expect(t, exitInput, "init takes the cluster NAME")
 	kiln(t, "init", "lab", "--endpoint", "lb:6443", "--ssh-key", filepath.Join(dir, "none.pub")).expect(t, exitInput, "--ssh-key")
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-plane", "cp-1=10.0.0.11", "--dir", dir).
-		expect(t, exitInput, "--control-plane: loadBalancer.type keepalived-haproxy", "--image keepalived=")
+		expect(t, exitInput, "--image: kiln has no default digest for keepalived", "--image keepalived=")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-planes", "3", "--control-plane", "cp-1=10.0.0.11", "--dir", dir).
+		expect(t, exitInput, "--control-plane: loadBalancer.type keepalived-haproxy balances over every control plane's address: list all 3")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:443", "--load-balancer", "keepalived-haproxy", "--dir", dir).expect(t, exitInput, "--endpoint: port 443")
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--control-plane", "cp-1", "--dir", dir).expect(t, exitInput, "--control-plane \"cp-1\": want NAME=IP")
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--image", "flannel", "--dir", dir).expect(t, exitInput, "--image \"flannel\": want NAME=")
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "f5", "--dir", dir).expect(t, exitInput, "--load-balancer: ")
@@ -171,6 +174,7 @@ func TestPinAndRender(t *testing.T) {
 	os.WriteFile(cf, data, 0o644)
 
 	kiln(t, "-c", cf, "render", "--role", "worker").expect(t, exitInput, "kiln pin --arch amd64")
+	kiln(t, "-c", cf, "pin", "--arch", "amd64", "--file", "cni-plugins="+cf).expect(t, exitInput, "--file cni-plugins=...: flatcar nodes download no artifact of that name; use one of kubernetes-sysext")
 
 	r := kiln(t, "-c", cf, "pin", "-o", "json")
 	r.expect(t, 0)

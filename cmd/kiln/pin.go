@@ -33,7 +33,7 @@ func newPinCmd(g *globals) *cobra.Command {
 		Short: "Record the SHA-512 of every artifact nodes download",
 		Long: `pin completes kubernetes.downloads in the cluster file: for each artifact the
 OS needs (Flatcar: the Kubernetes sysext image; Fedora CoreOS: kubeadm,
-kubelet, kubectl) and each arch, the URL nodes fetch it from and its SHA-512,
+kubelet, kubectl and the CNI plugins archive) and each arch, the URL nodes fetch it from and its SHA-512,
 which Ignition verifies on the node. It downloads each unpinned artifact
 once to hash it, or hashes local copies given with --file (offline).
 Entries already pinned are kept; --refresh recomputes them all (after
@@ -89,6 +89,19 @@ func runPin(ctx context.Context, g *globals, o *pinOptions) error {
 	}
 	if len(o.files) > 0 && len(o.arches) > 1 {
 		return fault.Wrap(fault.Input, errors.New("--file hashes one arch's copy: also pass --arch amd64 or --arch arm64"))
+	}
+	if files, ok := src.(pin.Files); ok {
+		var known []string
+		for _, d := range plan {
+			if !slices.Contains(known, d.Name) {
+				known = append(known, d.Name)
+			}
+		}
+		for name := range files {
+			if !slices.Contains(known, name) {
+				return fault.Wrap(fault.Input, fmt.Errorf("--file %s=...: %s nodes download no artifact of that name; use one of %s", name, c.OS.Name, strings.Join(known, ", ")))
+			}
+		}
 	}
 	done, err := pin.Hash(ctx, plan, o.arches, src, g.stderr)
 	if err != nil {

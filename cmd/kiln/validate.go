@@ -59,6 +59,9 @@ each with its field path and the fix, then checks the secrets folder
 			if unpinned > 0 {
 				lines = append(lines, fmt.Sprintf("%d download(s) not pinned yet: run kiln pin before rendering Ignition", unpinned))
 			}
+			if c.Network.CNI == cluster.CNINone && len(c.Addons) == 0 {
+				lines = append(lines, "network.cni is none and there is no add-on: no pod network will be installed, and every node stays NotReady until you apply one")
+			}
 			return emit(g.stdout, out, res, lines...)
 		},
 	}

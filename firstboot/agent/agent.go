@@ -168,7 +168,7 @@ func (r *run) runStep(ctx context.Context, s step) error {
 		r.log.printf("step %s: finished before; skipping", s.name)
 		return nil
 	}
-	r.status.Phase, r.status.Attempt, r.status.LastError = s.name, 0, ""
+	r.status.Phase, r.status.Attempt, r.status.LastError, r.status.Waiting = s.name, 0, "", ""
 	r.publish(StateRunning)
 	r.log.printf("step %s: started", s.name)
 	r.resumed = s.record && r.state.interrupted(s.name)

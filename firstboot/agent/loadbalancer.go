@@ -58,7 +58,7 @@ func (r *run) placeLoadBalancer(context.Context) error {
 		if err != nil {
 			return fmt.Errorf("load balancer: %w", err)
 		}
-		if err := r.replaceIfChanged(p, fill(data)); err != nil {
+		if err := r.replaceIfChanged(p, fill(data), nodeconfig.LoadBalancerConfigMode); err != nil {
 			return err
 		}
 	}
@@ -76,20 +76,20 @@ func (r *run) placeLoadBalancer(context.Context) error {
 			// join, super-admin.conf never existed on this node.
 			data = bytes.ReplaceAll(data, []byte(superAdminConf), []byte(adminConf))
 		}
-		if err := r.replaceIfChanged(path.Join(StaticPodDir, path.Base(p)), data); err != nil {
+		if err := r.replaceIfChanged(path.Join(StaticPodDir, path.Base(p)), data, 0o600); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (r *run) replaceIfChanged(name string, data []byte) error {
+func (r *run) replaceIfChanged(name string, data []byte, mode fs.FileMode) error {
 	if have, err := r.FS.ReadFile(name); err == nil && bytes.Equal(have, data) {
 		return nil
 	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("load balancer: %w", err)
 	}
-	if err := r.FS.Replace(name, data, 0o600); err != nil {
+	if err := r.FS.Replace(name, data, mode); err != nil {
 		return fmt.Errorf("load balancer: %w", err)
 	}
 	r.log.printf("placed %s", name)

@@ -64,6 +64,10 @@ func TestLoadBalancerPlacedBeforeJoin(t *testing.T) {
 	if fi, err := n.fs.Stat(StaticPodDir + "/keepalived.yaml"); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("static pod: %v %v", fi, err)
 	}
+	// A container that reads it as a non-root user must be able to.
+	if fi, err := n.fs.Stat(lbDir + "/keepalived.conf"); err != nil || fi.Mode().Perm() != nodeconfig.LoadBalancerConfigMode {
+		t.Errorf("config: %v %v", fi, err)
+	}
 }
 
 func TestLoadBalancerNoInterface(t *testing.T) {

@@ -128,6 +128,13 @@ type Cluster struct {
 // agent replaces it with the interface whose network contains the VIP.
 const InterfaceToken = "${KILN_VIP_INTERFACE}"
 
+// LoadBalancerConfigMode is the mode of the load balancer's config files
+// (LoadBalancer.Configs): readable by all, because the containers that
+// mount them may read them as a non-root user (the haproxy image runs as
+// user haproxy). They hold addresses and ports only, no secret; the static
+// pods, and the folder they all live in, stay private to root.
+const LoadBalancerConfigMode = 0o644
+
 // LoadBalancer is the control-plane endpoint's static pods on this node.
 type LoadBalancer struct {
 	// Type is keepalived-haproxy or kube-vip.

@@ -4,6 +4,7 @@ package cluster
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"net"
@@ -259,11 +260,13 @@ func (c *Cluster) SetDefaults() {
 			lb.APIServerPort = DefaultAPIServerPort
 		}
 	}
-	if lb.VirtualRouterID == 0 {
-		lb.VirtualRouterID = 1 + int(crc32.ChecksumIEEE([]byte(c.Name))%255)
-	}
-	if lb.AdvertInterval == 0 {
-		lb.AdvertInterval = 1
+	if lb.Type == LBKeepalivedHAProxy { // VRRP's settings
+		if lb.VirtualRouterID == 0 {
+			lb.VirtualRouterID = 1 + int(crc32.ChecksumIEEE([]byte(c.Name))%255)
+		}
+		if lb.AdvertInterval == 0 {
+			lb.AdvertInterval = 1
+		}
 	}
 	for i := range c.KubeadmPatches {
 		if c.KubeadmPatches[i].Type == "" {
@@ -273,8 +276,20 @@ func (c *Cluster) SetDefaults() {
 }
 
 // Parse decodes a cluster file strictly, applies defaults and validates it.
-// It does not read Butane snippets (see Load).
+// It does not read Butane snippets or add-on files (see Load).
 func Parse(data []byte) (*Cluster, error) {
+	c, err := decode(data)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// decode decodes a cluster file strictly and applies defaults.
+func decode(data []byte) (*Cluster, error) {
 	var head struct {
 		APIVersion string `yaml:"apiVersion"`
 		Kind       string `yaml:"kind"`
@@ -293,9 +308,6 @@ func Parse(data []byte) (*Cluster, error) {
 		return nil, fault.Wrap(fault.Input, fmt.Errorf("parse cluster file: %w", err))
 	}
 	c.SetDefaults()
-	if err := c.Validate(); err != nil {
-		return nil, err
-	}
 	return &c, nil
 }
 
@@ -308,34 +320,44 @@ func Load(path string) (*Cluster, error) {
 		}
 		return nil, fault.Wrap(fault.IO, fmt.Errorf("read cluster file: %w", err))
 	}
-	c, err := Parse(data)
+	c, err := decode(data)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
+	// Files it names are read first, so that one report lists every
+	// problem: those files' and the validation's.
 	dir := filepath.Dir(path)
-	for i, p := range c.Butane {
+	var problems []error
+	read := func(field, p string) []byte {
 		full := p
 		if !filepath.IsAbs(p) {
 			full = filepath.Join(dir, p)
 		}
 		b, err := os.ReadFile(full)
 		if err != nil {
-			return nil, fault.Wrap(fault.Input, fmt.Errorf("%s: butane[%d]: %w", path, i, err))
+			problems = append(problems, fmt.Errorf("%s: %w", field, err))
 		}
-		c.Snippets = append(c.Snippets, Snippet{Path: p, Data: b})
+		return b
+	}
+	for i, p := range c.Butane {
+		if b := read(fmt.Sprintf("butane[%d]", i), p); b != nil {
+			c.Snippets = append(c.Snippets, Snippet{Path: p, Data: b})
+		}
 	}
 	for i := range c.Addons {
-		a := &c.Addons[i]
-		if a.Path == "" {
-			continue
+		if a := &c.Addons[i]; a.Path != "" {
+			a.Data = read(fmt.Sprintf("addons[%d].path", i), a.Path)
 		}
-		full := a.Path
-		if !filepath.IsAbs(full) {
-			full = filepath.Join(dir, full)
+	}
+	if err := c.Validate(); err != nil {
+		var inv *InvalidError
+		if !errors.As(err, &inv) {
+			return nil, fmt.Errorf("%s: %w", path, err)
 		}
-		if a.Data, err = os.ReadFile(full); err != nil {
-			return nil, fault.Wrap(fault.Input, fmt.Errorf("%s: addons[%d].path: %w", path, i, err))
-		}
+		problems = append(problems, inv.Problems...)
+	}
+	if len(problems) > 0 {
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("%s: %w", path, &InvalidError{Problems: problems}))
 	}
 	return c, nil
 }

@@ -186,6 +186,42 @@ func TestLoadSnippets(t *testing.T) {
 	}
 }
 
+// TestLoadAddons: one report names a missing add-on file, add-on files
+// kubectl could not apply, and the file's other problems; a manifest of
+// Kubernetes objects loads.
+func TestLoadAddons(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "cluster.yaml")
+	files := map[string]string{
+		"text.yaml":   "just some text\n",
+		"broken.yaml": "this: is: not: yaml\n",
+		"noname.yaml": "apiVersion: v1\nkind: Namespace\n",
+		"ok.yaml":     "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n---\n",
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	addons := "addons:\n  - path: missing.yaml\n  - path: text.yaml\n  - path: broken.yaml\n  - path: noname.yaml\n  - path: ok.yaml\n"
+	if err := os.WriteFile(path, []byte(strings.Replace(valid, "name: lab", "name: Lab", 1)+addons), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(path)
+	for _, want := range []string{"5 problems", "addons[0].path: open", "addons[1].path: text.yaml: document 1 is not a Kubernetes object", "addons[2].path: broken.yaml: document 1 is not YAML", "addons[3].path: noname.yaml: document 1 is not a Kubernetes object", "name: \"Lab\""} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("got %v, want %q", err, want)
+		}
+	}
+	if err := os.WriteFile(path, []byte(valid+"addons:\n  - path: ok.yaml\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path)
+	if err != nil || string(c.Addons[0].Data) != files["ok.yaml"] {
+		t.Fatalf("good add-on: %v", err)
+	}
+}
+
 func TestEncodeRoundTrip(t *testing.T) {
 	c, err := Parse([]byte(valid))
 	if err != nil {

@@ -1,9 +1,11 @@
 package cluster
 
 import (
+	"bytes"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"regexp"
@@ -366,6 +368,9 @@ func (c *Cluster) validateNetwork(errs *[]error, pods, svcs []netip.Prefix) {
 	if lb.APIServerPort == port {
 		add("loadBalancer.apiServerPort", "%d is the endpoint's port, which HAProxy listens on: give the API servers another port (remove the field for 6444)", port)
 	}
+	if port < 1024 {
+		add("controlPlaneEndpoint", "port %d: HAProxy's image runs as a user that cannot bind ports below 1024: use 6443 or another port from 1024", port)
+	}
 	if lb.VirtualRouterID < 1 || lb.VirtualRouterID > 255 {
 		add("loadBalancer.virtualRouterID", "%d: VRRP router IDs are 1 to 255; every cluster on the LAN needs its own", lb.VirtualRouterID)
 	}
@@ -382,7 +387,7 @@ func (c *Cluster) validateNetwork(errs *[]error, pods, svcs []netip.Prefix) {
 		add("nodes", "loadBalancer.type keepalived-haproxy balances over every control plane's address: list all %d control planes (kubernetes.controlPlanes) with role init or control-plane and their ip (found %d with an ip)", c.Kubernetes.ControlPlanes, len(withIP))
 	}
 	if _, err := manifests.Resolve("keepalived", c.Images); err != nil {
-		add("loadBalancer.type", "keepalived-haproxy: %v", err)
+		*errs = append(*errs, err) // it names images.keepalived
 	}
 }
 
@@ -402,7 +407,47 @@ func (c *Cluster) validateAddons(errs *[]error) {
 		case a.SHA256 != "":
 			*errs = append(*errs, fmt.Errorf("%s.sha256: only for url; a local file is embedded as it is", field))
 		}
+		if a.Data != nil {
+			if err := checkManifest(a.Data); err != nil {
+				*errs = append(*errs, fmt.Errorf("%s.path: %s: %v", field, a.Path, err))
+			}
+		}
 	}
+}
+
+// checkManifest checks that data is what kubectl apply takes: YAML
+// documents, each a Kubernetes object with apiVersion, kind and
+// metadata.name (empty documents are skipped), at least one.
+func checkManifest(data []byte) error {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	objects := 0
+	for doc := 1; ; doc++ {
+		var v any
+		err := dec.Decode(&v)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("document %d is not YAML: %v", doc, err)
+		}
+		if v == nil {
+			continue
+		}
+		obj, _ := v.(map[string]any)
+		meta, _ := obj["metadata"].(map[string]any)
+		name, _ := meta["name"].(string)
+		if v, _ := obj["apiVersion"].(string); v == "" || name == "" {
+			return fmt.Errorf("document %d is not a Kubernetes object (it needs apiVersion, kind and metadata.name)", doc)
+		}
+		if k, _ := obj["kind"].(string); k == "" {
+			return fmt.Errorf("document %d is not a Kubernetes object (it needs apiVersion, kind and metadata.name)", doc)
+		}
+		objects++
+	}
+	if objects == 0 {
+		return errors.New("holds no Kubernetes object")
+	}
+	return nil
 }
 
 func (c *Cluster) validateImages(errs *[]error) {

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"path"
+	"slices"
 	"strings"
 
 	"gopkg.in/yaml.v3"
@@ -164,12 +165,17 @@ func butaneFor(in Input) (*butaneDoc, error) {
 			st.Files = append(st.Files, f)
 		}
 	}
-	if _, lbFiles, err := loadBalancer(c, in.Role); err != nil {
+	if lb, lbFiles, err := loadBalancer(c, in.Role); err != nil {
 		return nil, err
 	} else if len(lbFiles) > 0 {
 		st.Directories = append(st.Directories, butaneDir{Path: manifests.ConfigDir, Mode: 0o700})
 		for _, f := range lbFiles {
-			st.Files = append(st.Files, butaneFile{Path: path.Join(manifests.ConfigDir, f.Name), Mode: 0o600, Contents: butaneContents{Inline: string(f.Data)}})
+			p := path.Join(manifests.ConfigDir, f.Name)
+			m := mode(0o600)
+			if slices.Contains(lb.Configs, p) {
+				m = nodeconfig.LoadBalancerConfigMode
+			}
+			st.Files = append(st.Files, butaneFile{Path: p, Mode: m, Contents: butaneContents{Inline: string(f.Data)}})
 		}
 	}
 	if nc.Hostname.Name != "" {

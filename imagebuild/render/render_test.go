@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,6 +21,7 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/internal/golden"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/manifests"
 )
 
 // fakeAgent stands in for the real agent binary so goldens do not change
@@ -247,16 +249,29 @@ func TestLeastSecrets(t *testing.T) {
 					t.Errorf("%s: %s content or mode %o wrong", cb.name(), p, modes[p])
 				}
 			}
+			// Every kiln file is 0600 but the load balancer's configs,
+			// which a non-root container reads (and which hold no secret,
+			// checked below with every file readable by others).
 			for p := range files {
-				if strings.HasPrefix(p, KilnDir) && modes[p] != 0o600 {
-					t.Errorf("%s: %s mode %o, want 0600", cb.name(), p, modes[p])
+				want := 0o600
+				if strings.HasPrefix(p, manifests.ConfigDir+"/") && path.Ext(p) != ".yaml" {
+					want = nodeconfig.LoadBalancerConfigMode
+				}
+				if strings.HasPrefix(p, KilnDir) && modes[p] != want {
+					t.Errorf("%s: %s mode %o, want %o", cb.name(), p, modes[p], want)
 				}
 			}
-			// The join config of every role holds the token, so only its
-			// public half may appear outside kiln's 0600 files.
+			// The join config of every role holds the token, so neither
+			// it, the certificate key nor any private key may appear in a
+			// file others can read.
 			for p, data := range files {
-				if !strings.HasPrefix(p, KilnDir) && bytes.Contains(data, []byte(s.Token)) {
-					t.Errorf("%s: token in %s", cb.name(), p)
+				if modes[p]&0o077 == 0 {
+					continue
+				}
+				for _, secret := range []string{s.Token, s.CertificateKey, "PRIVATE KEY"} {
+					if bytes.Contains(data, []byte(secret)) {
+						t.Errorf("%s: a secret (%.12s...) in %s, mode %o", cb.name(), secret, p, modes[p])
+					}
 				}
 			}
 		})

@@ -77,7 +77,7 @@ func setup(t *testing.T) *env {
 	e.wrongSigner = gpgHome(t, dir, "stranger")
 
 	e.flCluster = newCluster(t, dir, "flatcar", "kubernetes-sysext")
-	e.fcCluster = newCluster(t, dir, "fcos", "kubeadm", "kubelet", "kubectl")
+	e.fcCluster = newCluster(t, dir, "fcos", "kubeadm", "kubelet", "kubectl", "cni-plugins")
 	e.srv = newServer(t)
 	e.certFile = filepath.Join(dir, "ca.pem")
 	os.WriteFile(e.certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.srv.Certificate().Raw}), 0o644)

@@ -35,6 +35,8 @@ func main() {
 		err = runMain(os.Args[2:])
 	case "node":
 		err = nodeMain(os.Args[2:])
+	case podExecCommand:
+		err = podExec(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q: use run or node", os.Args[1])
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log"
 	"os"
@@ -39,8 +40,9 @@ type staticPod struct {
 // podManager runs the node's static pods: one process per manifest (its
 // first container's command and args; command[0] found on PATH, where the
 // rehearsal puts the binaries built for the cluster's version and Debian
-// has keepalived and haproxy), restarted when it exits or the manifest
-// changes, stopped when the manifest goes.
+// has keepalived and haproxy; volumes mounted elsewhere than their host
+// path in its own mount namespace, see podExec), restarted when it exits
+// or the manifest changes, stopped when the manifest goes.
 type podManager struct {
 	logDir string
 	mu     sync.Mutex
@@ -160,13 +162,18 @@ func (m *podManager) supervise(p *staticPod) {
 		<-p.stop
 		return
 	}
-	unbind, err := bindVolumes(p.pod)
+	binds, err := podBinds(p.pod)
 	if err != nil {
 		log.Printf("pods: %s: %v", p.file, err)
 		<-p.stop
 		return
 	}
-	defer unbind()
+	self, err := os.Executable()
+	if err != nil {
+		log.Printf("pods: %v", err)
+		<-p.stop
+		return
+	}
 	backoff := time.Second
 	for {
 		bin, err := exec.LookPath(argv[0])
@@ -187,6 +194,16 @@ func (m *podManager) supervise(p *staticPod) {
 		}
 		cmd := exec.Command(bin, argv[1:]...)
 		cmd.Args[0] = argv[0]
+		if len(binds) > 0 {
+			// The process gets its own mount namespace with its volumes,
+			// as in a container; the node's files stay as they are.
+			args := []string{podExecCommand}
+			for _, b := range binds {
+				args = append(args, "--bind", b)
+			}
+			cmd = exec.Command(self, append(append(args, "--", bin), argv...)...)
+			cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+		}
 		cmd.Stdout, cmd.Stderr = out, out
 		cmd.Dir = "/"
 		env := os.Environ()
@@ -246,65 +263,74 @@ func (m *podManager) supervise(p *staticPod) {
 	}
 }
 
-// bindVolumes gives the pod's first container its hostPath volumes where
-// its volumeMounts put them, as the container runtime would: a bind mount
-// in the node's mount namespace, for each mount whose mountPath differs
-// from the host path (kubeadm's own pods mount every host path at the same
-// place). Mount points are made on the node's /etc overlay only, so nothing
-// lands on the test host; unbind removes the mounts.
-func bindVolumes(pod *corev1.Pod) (unbind func(), err error) {
+// podBinds lists the pod's first container's hostPath volumes that its
+// volumeMounts put elsewhere than their host path (kubeadm's own pods mount
+// every host path in place), as HOSTPATH=MOUNTPATH. Mount paths must lie
+// under /etc, which the node's overlay keeps off the test host.
+func podBinds(pod *corev1.Pod) ([]string, error) {
 	hostPaths := map[string]string{}
 	for _, v := range pod.Spec.Volumes {
 		if v.HostPath != nil {
 			hostPaths[v.Name] = v.HostPath.Path
 		}
 	}
-	var mounted []string
-	unbind = func() {
-		for _, t := range mounted {
-			if err := syscall.Unmount(t, syscall.MNT_DETACH); err != nil {
-				log.Printf("pods: unmount %s: %v", t, err)
-			}
-		}
-	}
+	var out []string
 	for _, vm := range pod.Spec.Containers[0].VolumeMounts {
 		src, ok := hostPaths[vm.Name]
 		if !ok || src == vm.MountPath {
 			continue
 		}
-		if !strings.HasPrefix(vm.MountPath, "/etc/") {
-			unbind()
-			return nil, fmt.Errorf("volume %s: mountPath %s: the emulator binds host paths into the node's /etc only", vm.Name, vm.MountPath)
+		if !strings.HasPrefix(vm.MountPath, "/etc/") || !vm.ReadOnly {
+			return nil, fmt.Errorf("volume %s: the emulator mounts host paths read-only under /etc only, not %s", vm.Name, vm.MountPath)
 		}
-		fi, err := os.Stat(src)
-		if err != nil {
-			unbind()
-			return nil, fmt.Errorf("volume %s: %w", vm.Name, err)
-		}
-		if fi.IsDir() {
-			err = os.MkdirAll(vm.MountPath, 0o755)
-		} else if err = os.MkdirAll(filepath.Dir(vm.MountPath), 0o755); err == nil {
-			var f *os.File
-			if f, err = os.OpenFile(vm.MountPath, os.O_CREATE|os.O_RDONLY, 0o600); err == nil {
-				f.Close()
+		out = append(out, src+"="+vm.MountPath)
+	}
+	return out, nil
+}
+
+// podExecCommand is the hidden subcommand that starts a static pod's
+// process in its own mount namespace (the orchestrator's node emulator
+// starts it with CLONE_NEWNS).
+const podExecCommand = "pod-exec"
+
+// podExec: rehearsal pod-exec --bind HOST=MOUNT... -- BINARY ARGV0 ARGS...
+// Makes the new mount namespace private, gives each mount path's folder a
+// fresh tmpfs (a container sees its image there, not the node's files),
+// binds each host file read-only onto its mount path, and execs the
+// binary.
+func podExec(args []string) error {
+	var binds []string
+	for len(args) > 1 && args[0] == "--bind" {
+		binds, args = append(binds, args[1]), args[2:]
+	}
+	if len(args) < 3 || args[0] != "--" {
+		return errors.New("usage: pod-exec --bind HOST=MOUNT... -- BINARY ARGV0 ARGS...")
+	}
+	if err := syscall.Mount("", "/", "", syscall.MS_REC|syscall.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make mounts private: %w", err)
+	}
+	fresh := map[string]bool{}
+	for _, b := range binds {
+		src, dst, _ := strings.Cut(b, "=")
+		dir := filepath.Dir(dst)
+		if !fresh[dir] {
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				return err
 			}
-		}
-		if err != nil {
-			unbind()
-			return nil, fmt.Errorf("volume %s: mount point: %w", vm.Name, err)
-		}
-		flags := uintptr(syscall.MS_BIND)
-		if err := syscall.Mount(src, vm.MountPath, "", flags, ""); err != nil {
-			unbind()
-			return nil, fmt.Errorf("volume %s: bind %s on %s: %w", vm.Name, src, vm.MountPath, err)
-		}
-		mounted = append(mounted, vm.MountPath)
-		if vm.ReadOnly {
-			if err := syscall.Mount("", vm.MountPath, "", flags|syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
-				unbind()
-				return nil, fmt.Errorf("volume %s: read-only %s: %w", vm.Name, vm.MountPath, err)
+			if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "mode=0755"); err != nil {
+				return fmt.Errorf("tmpfs on %s: %w", dir, err)
 			}
+			fresh[dir] = true
+		}
+		if err := os.WriteFile(dst, nil, 0o600); err != nil {
+			return err
+		}
+		if err := syscall.Mount(src, dst, "", syscall.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind %s on %s: %w", src, dst, err)
+		}
+		if err := syscall.Mount("", dst, "", syscall.MS_BIND|syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+			return fmt.Errorf("read-only %s: %w", dst, err)
 		}
 	}
-	return unbind, nil
+	return syscall.Exec(args[1], args[2:], os.Environ())
 }
