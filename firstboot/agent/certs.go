@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 )
 
 // AdminKubeconfig is the kubeconfig kubeadm init writes for kubectl.
@@ -43,7 +45,7 @@ func (r *run) applyManifests(ctx context.Context) error {
 		return nil
 	}
 	if len(r.nc.Manifests) == 0 {
-		if r.nc.PodNetwork == "none" {
+		if r.nc.PodNetwork == nodeconfig.PodNetworkNone {
 			r.log.printf("network.cni is none and the cluster file lists no add-on: every Node stays NotReady (NetworkPluginNotReady) until a pod network is applied, e.g. kubectl apply -f YOUR-CNI.yaml")
 		} else {
 			r.log.printf("no manifests to apply")
@@ -213,7 +215,7 @@ func (r *run) readyControlPlanes(ctx context.Context) (int, string, error) {
 func (r *run) notReadyReason(reason, message string) string {
 	if strings.Contains(message, "NetworkPluginNotReady") || strings.Contains(message, "cni plugin not initialized") || strings.Contains(message, "network plugin is not ready") {
 		switch r.nc.PodNetwork {
-		case "none":
+		case nodeconfig.PodNetworkNone:
 			return "no network plugin (network.cni is none: apply a pod network)"
 		default:
 			return "network plugin not ready yet (its pods must run on this node)"

@@ -17,13 +17,10 @@ import (
 // in the configuration kubeadm writes).
 const StaticPodDir = "/etc/kubernetes/manifests"
 
-// kube-vip's kubeconfigs on the init node (see manifests.KubeVIP): the
-// rendered manifest names super-admin.conf, admin.conf is right once
-// kubeadm init has finished.
-const (
-	superAdminConf = "/etc/kubernetes/super-admin.conf"
-	adminConf      = "/etc/kubernetes/admin.conf"
-)
+// superAdminConf is the kubeconfig kube-vip's manifest names on the init
+// node (see manifests.KubeVIP); AdminKubeconfig is right once kubeadm init
+// has finished.
+const superAdminConf = "/etc/kubernetes/super-admin.conf"
 
 // Interface is a network interface and the prefixes of its addresses.
 type Interface struct {
@@ -74,7 +71,7 @@ func (r *run) placeLoadBalancer(context.Context) error {
 		if r.state.Bootstrap != "" {
 			// After kubeadm init, admin.conf carries the rights; after a
 			// join, super-admin.conf never existed on this node.
-			data = bytes.ReplaceAll(data, []byte(superAdminConf), []byte(adminConf))
+			data = bytes.ReplaceAll(data, []byte(superAdminConf), []byte(AdminKubeconfig))
 		}
 		if err := r.replaceIfChanged(path.Join(StaticPodDir, path.Base(p)), data, 0o600); err != nil {
 			return err

@@ -107,7 +107,7 @@ func TestKubeVIPSwitchesToAdminConf(t *testing.T) {
 		t.Fatalf("exit %d:\n%s", code, n.log.String())
 	}
 	got := n.fs.read(StaticPodDir + "/kube-vip.yaml")
-	if strings.Contains(got, superAdminConf) || !strings.Contains(got, adminConf) {
+	if strings.Contains(got, superAdminConf) || !strings.Contains(got, AdminKubeconfig) {
 		t.Errorf("after init kube-vip's manifest is:\n%s", got)
 	}
 	if src := n.fs.read(lbDir + "/kube-vip.yaml"); !strings.Contains(src, superAdminConf) {

@@ -123,6 +123,19 @@ type Cluster struct {
 	CertificateUploadWindow Duration `yaml:"certificateUploadWindow"`
 }
 
+// Pod networks (PodNetwork; the cluster file's network.cni).
+const (
+	PodNetworkFlannel = "flannel"
+	PodNetworkNone    = "none"
+)
+
+// Load balancers the control planes run (LoadBalancer.Type; the cluster
+// file's loadBalancer.type).
+const (
+	LoadBalancerKeepalivedHAProxy = "keepalived-haproxy"
+	LoadBalancerKubeVIP           = "kube-vip"
+)
+
 // InterfaceToken stands for the network interface that holds the virtual
 // IP in load-balancer files rendered without loadBalancer.interface; the
 // agent replaces it with the interface whose network contains the VIP.
@@ -312,7 +325,7 @@ func (nc *NodeConfig) Validate() error {
 		}
 	}
 	if lb := nc.LoadBalancer; lb != nil {
-		if lb.Type != "keepalived-haproxy" && lb.Type != "kube-vip" {
+		if lb.Type != LoadBalancerKeepalivedHAProxy && lb.Type != LoadBalancerKubeVIP {
 			add("loadBalancer.type", "%q: use keepalived-haproxy or kube-vip", lb.Type)
 		}
 		if net.ParseIP(lb.Address) == nil {
@@ -326,7 +339,7 @@ func (nc *NodeConfig) Validate() error {
 		}
 	}
 	switch nc.PodNetwork {
-	case "", "flannel", "none":
+	case "", PodNetworkFlannel, PodNetworkNone:
 	default:
 		add("podNetwork", "%q: use flannel or none", nc.PodNetwork)
 	}

@@ -85,8 +85,8 @@ type Cluster struct {
 
 // Pod networks (network.cni).
 const (
-	CNIFlannel = "flannel"
-	CNINone    = "none"
+	CNIFlannel = nodeconfig.PodNetworkFlannel
+	CNINone    = nodeconfig.PodNetworkNone
 )
 
 // Network is the pod network.
@@ -98,8 +98,8 @@ type Network struct {
 // Load balancer types (loadBalancer.type).
 const (
 	LBExternal          = "external"
-	LBKeepalivedHAProxy = "keepalived-haproxy"
-	LBKubeVIP           = "kube-vip"
+	LBKeepalivedHAProxy = nodeconfig.LoadBalancerKeepalivedHAProxy
+	LBKubeVIP           = nodeconfig.LoadBalancerKubeVIP
 )
 
 // LoadBalancer is what serves controlPlaneEndpoint.

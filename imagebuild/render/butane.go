@@ -106,10 +106,11 @@ func Butane(in Input) ([]byte, error) {
 }
 
 func butaneFor(in Input) (*butaneDoc, error) {
-	nc, err := NodeConfig(in)
+	n, err := renderNode(in)
 	if err != nil {
 		return nil, err
 	}
+	nc := n.nc
 	kubeadm, err := Kubeadm(in)
 	if err != nil {
 		return nil, err
@@ -149,34 +150,26 @@ func butaneFor(in Input) (*butaneDoc, error) {
 			secret(path.Join(PKIPath, name), in.Secrets.PKI[name])
 		}
 	}
-	if nc.Role == nodeconfig.RoleInit {
-		ms, err := Manifests(c)
-		if err != nil {
-			return nil, err
-		}
-		if len(ms) > 0 {
-			st.Directories = append(st.Directories, butaneDir{Path: ManifestsPath, Mode: 0o700})
-		}
-		for _, m := range ms {
-			f := butaneFile{Path: m.Path, Mode: 0o600, Contents: butaneContents{Inline: string(m.Data)}}
-			if m.URL != "" {
-				f.Contents = butaneContents{Source: m.URL, Verification: &butaneVerification{Hash: "sha256-" + m.SHA256}}
-			}
-			st.Files = append(st.Files, f)
-		}
+	if len(n.manifests) > 0 {
+		st.Directories = append(st.Directories, butaneDir{Path: ManifestsPath, Mode: 0o700})
 	}
-	if lb, lbFiles, err := loadBalancer(c, in.Role); err != nil {
-		return nil, err
-	} else if len(lbFiles) > 0 {
-		st.Directories = append(st.Directories, butaneDir{Path: manifests.ConfigDir, Mode: 0o700})
-		for _, f := range lbFiles {
-			p := path.Join(manifests.ConfigDir, f.Name)
-			m := mode(0o600)
-			if slices.Contains(lb.Configs, p) {
-				m = nodeconfig.LoadBalancerConfigMode
-			}
-			st.Files = append(st.Files, butaneFile{Path: p, Mode: m, Contents: butaneContents{Inline: string(f.Data)}})
+	for _, m := range n.manifests {
+		if m.URL == "" {
+			secret(m.Path, m.Data)
+			continue
 		}
+		st.Files = append(st.Files, butaneFile{Path: m.Path, Mode: 0o600, Contents: butaneContents{Source: m.URL, Verification: &butaneVerification{Hash: "sha256-" + m.SHA256}}})
+	}
+	if len(n.lbFiles) > 0 {
+		st.Directories = append(st.Directories, butaneDir{Path: manifests.ConfigDir, Mode: 0o700})
+	}
+	for _, f := range n.lbFiles {
+		p := path.Join(manifests.ConfigDir, f.Name)
+		if !slices.Contains(nc.LoadBalancer.Configs, p) {
+			secret(p, f.Data) // a static pod
+			continue
+		}
+		st.Files = append(st.Files, butaneFile{Path: p, Mode: nodeconfig.LoadBalancerConfigMode, Contents: butaneContents{Inline: string(f.Data)}})
 	}
 	if nc.Hostname.Name != "" {
 		// The OS may ship a default /etc/hostname; the node's name wins.

@@ -15,6 +15,7 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/manifests"
 )
 
 // Arches kiln renders for.
@@ -62,6 +63,22 @@ func (in Input) check() error {
 
 // NodeConfig renders the role metadata the agent reads.
 func NodeConfig(in Input) (*nodeconfig.NodeConfig, error) {
+	n, err := renderNode(in)
+	if err != nil {
+		return nil, err
+	}
+	return n.nc, nil
+}
+
+// node is a role's metadata with the files it names: the init node's
+// manifests and a control plane's load-balancer files.
+type node struct {
+	nc        *nodeconfig.NodeConfig
+	manifests []Manifest
+	lbFiles   []manifests.File
+}
+
+func renderNode(in Input) (*node, error) {
 	if err := in.check(); err != nil {
 		return nil, err
 	}
@@ -89,27 +106,26 @@ func NodeConfig(in Input) (*nodeconfig.NodeConfig, error) {
 		ReportURL:  in.ReportURL,
 		PodNetwork: c.Network.CNI,
 	}
-	lb, _, err := loadBalancer(c, in.Role)
-	if err != nil {
+	n := &node{nc: nc}
+	var err error
+	if nc.LoadBalancer, n.lbFiles, err = loadBalancer(c, in.Role); err != nil {
 		return nil, err
 	}
-	nc.LoadBalancer = lb
 	if in.NodeName == "" {
 		nc.Hostname.Template = c.Hostname.Template
 	}
 	if in.Role == nodeconfig.RoleInit {
 		nc.Kubeadm.InitConfig = InitConfigPath
 		nc.PKIDir = PKIPath
-		ms, err := Manifests(c)
-		if err != nil {
+		if n.manifests, err = Manifests(c); err != nil {
 			return nil, err
 		}
-		for _, m := range ms {
+		for _, m := range n.manifests {
 			nc.Manifests = append(nc.Manifests, m.Path)
 		}
 	}
 	if err := nc.Validate(); err != nil {
 		return nil, fmt.Errorf("render node metadata: %w", err)
 	}
-	return nc, nil
+	return n, nil
 }
