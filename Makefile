@@ -5,6 +5,8 @@ AGENT_DIR := imagebuild/agentbin/bin
 ARCHES    := amd64 arm64
 AGENTS    := $(foreach a,$(ARCHES),$(AGENT_DIR)/kiln-firstboot-linux-$(a).gz)
 GOFILES   := $(shell find . -name '*.go' -not -path './test/tools/*' -not -path './test/rehearsal/*' 2>/dev/null)
+# Data embedded with go:embed: a change must rebuild the binaries too.
+EMBEDDED  := $(shell find manifests profiles -type f -not -name '*.go' 2>/dev/null)
 
 .PHONY: build agents test test-arm64 oracle rehearsal bench-pxe lint check demo clean
 
@@ -12,14 +14,14 @@ build: $(BIN)/kiln
 
 # The agent is static (no cgo), stripped, and gzip'd reproducibly (-n):
 # kiln embeds it into every node's Ignition config.
-$(AGENT_DIR)/kiln-firstboot-linux-%.gz: $(GOFILES) go.mod go.sum
+$(AGENT_DIR)/kiln-firstboot-linux-%.gz: $(GOFILES) $(EMBEDDED) go.mod go.sum
 	@mkdir -p $(BIN)
 	CGO_ENABLED=0 GOOS=linux GOARCH=$* $(GO) build -trimpath -ldflags '-s -w' -o $(BIN)/kiln-firstboot-linux-$* ./cmd/kiln-firstboot
 	gzip -n -9 -c $(BIN)/kiln-firstboot-linux-$* > $@.tmp && mv $@.tmp $@
 
 agents: $(AGENTS)
 
-$(BIN)/kiln: $(AGENTS) $(GOFILES) go.mod go.sum
+$(BIN)/kiln: $(AGENTS) $(GOFILES) $(EMBEDDED) go.mod go.sum
 	$(GO) build -trimpath -o $@ ./cmd/kiln
 
 # Fast tests: unit, golden and black-box tests of the built binaries.

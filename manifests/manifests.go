@@ -22,7 +22,7 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
-//go:embed images.yaml flannel.yaml load-balancer/*
+//go:embed images.yaml kubeadm-images.yaml flannel.yaml load-balancer/*
 var files embed.FS
 
 // Image is one container image kiln's manifests run.
@@ -43,8 +43,9 @@ type Image struct {
 func (i Image) Pinned() string { return i.Reference + "@" + i.Digest }
 
 var (
-	digestRe = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
-	images   = mustLoadImages()
+	digestRe      = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
+	images        = mustLoadImages()
+	kubeadmImages = mustLoadKubeadmImages()
 )
 
 func mustLoadImages() []Image {
@@ -66,6 +67,71 @@ func mustLoadImages() []Image {
 		}
 	}
 	return doc.Images
+}
+
+// KubeadmRelease is one row of kubeadm-images.yaml: the tags of the images
+// kubeadm deploys for one Kubernetes minor.
+type KubeadmRelease struct {
+	Minor int `yaml:"minor"`
+	// Kubeadm is the kubeadm release the tags were read from.
+	Kubeadm string `yaml:"kubeadm"`
+	Etcd    string `yaml:"etcd"`
+	CoreDNS string `yaml:"coredns"`
+	Pause   string `yaml:"pause"`
+}
+
+type kubeadmImageList struct {
+	Repository string           `yaml:"repository"`
+	Minors     []KubeadmRelease `yaml:"minors"`
+}
+
+// KubeadmImageNames are the names of the images kubeadm deploys, in the
+// order `kubeadm config images list` prints them.
+var KubeadmImageNames = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "coredns", "pause", "etcd"}
+
+func mustLoadKubeadmImages() kubeadmImageList {
+	data, err := files.ReadFile("kubeadm-images.yaml")
+	if err != nil {
+		panic(err)
+	}
+	var l kubeadmImageList
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&l); err != nil || l.Repository == "" {
+		panic(fmt.Sprintf("manifests/kubeadm-images.yaml: %v", err))
+	}
+	return l
+}
+
+// KubeadmImages returns the images kubeadm of version's minor deploys
+// (registry.k8s.io/...), in KubeadmImageNames' order, with no digests (see
+// kubeadm-images.yaml). version is vMAJOR.MINOR.PATCH.
+func KubeadmImages(version string) ([]Image, error) {
+	var minor int
+	if _, err := fmt.Sscanf(version, "v1.%d.", &minor); err != nil {
+		return nil, fmt.Errorf("kubernetes version %q is not v1.MINOR.PATCH", version)
+	}
+	for _, r := range kubeadmImages.Minors {
+		if r.Minor != minor {
+			continue
+		}
+		repo := kubeadmImages.Repository
+		tags := map[string]string{"coredns": r.CoreDNS, "pause": r.Pause, "etcd": r.Etcd}
+		out := make([]Image, 0, len(KubeadmImageNames))
+		for _, name := range KubeadmImageNames {
+			tag, ok := tags[name]
+			if !ok {
+				tag = version
+			}
+			path := name
+			if name == "coredns" {
+				path = "coredns/coredns"
+			}
+			out = append(out, Image{Name: name, Reference: repo + "/" + path + ":" + tag, Source: "kubeadm " + r.Kubeadm + " (tags), digest not known to kiln"})
+		}
+		return out, nil
+	}
+	return nil, fmt.Errorf("kiln knows no images for Kubernetes %s (minor %d)", version, minor)
 }
 
 // Images returns kiln's default image pins, in the file's order.

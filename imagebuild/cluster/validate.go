@@ -451,18 +451,34 @@ func checkManifest(data []byte) error {
 }
 
 func (c *Cluster) validateImages(errs *[]error) {
+	kubeadm := map[string]string{} // name: the reference kubeadm runs
+	if list, err := manifests.KubeadmImages(c.Kubernetes.Version); err == nil {
+		for _, im := range list {
+			kubeadm[im.Name] = im.Reference
+		}
+	}
 	names := make([]string, 0, len(c.Images))
 	for name := range c.Images {
 		names = append(names, name)
 	}
 	slices.Sort(names)
+	known := append(manifests.ImageNames(), manifests.KubeadmImageNames...)
 	for _, name := range names {
-		if !slices.Contains(manifests.ImageNames(), name) {
-			*errs = append(*errs, fmt.Errorf("images.%s: kiln runs no image of that name: use one of %s", name, strings.Join(manifests.ImageNames(), ", ")))
+		field := "images." + name
+		p, err := manifests.ParsePinned(c.Images[name])
+		if err != nil {
+			*errs = append(*errs, fmt.Errorf("%s: %v", field, err))
 			continue
 		}
-		if _, err := manifests.ParsePinned(c.Images[name]); err != nil {
-			*errs = append(*errs, fmt.Errorf("images.%s: %v", name, err))
+		switch want, isKubeadm := kubeadm[name]; {
+		case isKubeadm && p.Reference != want:
+			*errs = append(*errs, fmt.Errorf("%s: kubeadm %s runs %s, not %s: a mirrored or rebuilt image keeps kubeadm's name (after changing kubernetes.version, run `kiln images pin` again)", field, c.Kubernetes.Version, want, p.Reference))
+		case isKubeadm || slices.Contains(known, name):
+		case strings.ContainsAny(name, "/:"):
+			// An add-on's image, by the reference its manifest writes
+			// (kiln images checks that an add-on runs it).
+		default:
+			*errs = append(*errs, fmt.Errorf("%s: kiln runs no image of that name: use one of %s, or an add-on's image reference", field, strings.Join(known, ", ")))
 		}
 	}
 }

@@ -134,6 +134,13 @@ func hashOne(ctx context.Context, d cluster.Download, src Source, progress io.Wr
 // Rewrite replaces kubernetes.downloads in a cluster file's YAML, keeping
 // the rest of the file (comments included) as it was.
 func Rewrite(file []byte, downloads []cluster.Download) ([]byte, error) {
+	return SetField(file, downloads, "kubernetes", "downloads")
+}
+
+// SetField replaces (or adds) the field at path (mapping keys from the top)
+// in a cluster file's YAML with value, keeping the rest of the file
+// (comments included) as it was.
+func SetField(file []byte, value any, path ...string) ([]byte, error) {
 	var doc yaml.Node
 	if err := yaml.Unmarshal(file, &doc); err != nil {
 		return nil, fault.Wrap(fault.Input, fmt.Errorf("parse cluster file: %w", err))
@@ -141,19 +148,24 @@ func Rewrite(file []byte, downloads []cluster.Download) ([]byte, error) {
 	if len(doc.Content) != 1 || doc.Content[0].Kind != yaml.MappingNode {
 		return nil, fault.Wrap(fault.Input, fmt.Errorf("cluster file is not a YAML mapping"))
 	}
-	kube := mappingValue(doc.Content[0], "kubernetes")
-	if kube == nil {
-		kube = &yaml.Node{Kind: yaml.MappingNode}
-		doc.Content[0].Content = append(doc.Content[0].Content, &yaml.Node{Kind: yaml.ScalarNode, Value: "kubernetes"}, kube)
+	m := doc.Content[0]
+	for _, key := range path[:len(path)-1] {
+		next := mappingValue(m, key)
+		if next == nil {
+			next = &yaml.Node{Kind: yaml.MappingNode}
+			m.Content = append(m.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: key}, next)
+		}
+		m = next
 	}
-	var list yaml.Node
-	if err := list.Encode(downloads); err != nil {
+	var v yaml.Node
+	if err := v.Encode(value); err != nil {
 		return nil, err
 	}
-	if v := mappingValue(kube, "downloads"); v != nil {
-		*v = list
+	last := path[len(path)-1]
+	if old := mappingValue(m, last); old != nil {
+		*old = v
 	} else {
-		kube.Content = append(kube.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: "downloads"}, &list)
+		m.Content = append(m.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: last}, &v)
 	}
 	var buf bytes.Buffer
 	enc := yaml.NewEncoder(&buf)

@@ -5,19 +5,22 @@ package oracle
 import (
 	"bytes"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	"gopkg.in/yaml.v3"
 )
 
-// Real kubeadm versions the oracle runs: the oldest and newest supported
-// minors (the newest patches the module proxy serves) and v1.34.4, the
-// version of the rehearsal recipe in DESIGN.md.
-var kubeadmVersions = []string{"v1.33.13", "v1.34.4", "v1.37.2"}
+// Real kubeadm versions the oracle runs: every supported minor, each at the
+// newest patch the module proxy serves (v1.34.4 is also the version of the
+// rehearsal recipe in DESIGN.md).
+var kubeadmVersions = []string{"v1.33.13", "v1.34.4", "v1.35.4", "v1.36.3", "v1.37.2"}
 
 // TestKubeadmValidatesEveryConfig: a real kubeadm of the cluster's minor
 // accepts every kubeadm configuration kiln renders, and rejects a broken
@@ -50,6 +53,41 @@ func TestKubeadmValidatesEveryConfig(t *testing.T) {
 			os.WriteFile(f, bytes.Replace(cfg, []byte("discovery:"), []byte("discovry:"), 1), 0o600)
 			if out, err := run(t, kubeadm, "config", "validate", "--config", f); err == nil {
 				t.Fatalf("kubeadm accepted a misspelled field:\n%s", out)
+			}
+		})
+	}
+}
+
+// TestKubeadmImagesMatch: for every supported minor, the images a real
+// kubeadm deploys for kiln's rendered init configuration (`kubeadm config
+// images list --config`) are exactly kubeadm's images in `kiln images`.
+func TestKubeadmImagesMatch(t *testing.T) {
+	for _, v := range kubeadmVersions {
+		t.Run(v, func(t *testing.T) {
+			cf := newCluster(t, "--kubernetes-version", v)
+			f := filepath.Join(t.TempDir(), "init.yaml")
+			os.WriteFile(f, kiln(t, "-c", cf, "render", "--role", "init", "--format", "kubeadm"), 0o600)
+			cmd := exec.Command(tool(t, "kubeadm-"+v), "config", "images", "list", "--config", f)
+			out, err := cmd.Output()
+			if err != nil {
+				t.Fatalf("kubeadm config images list: %v\n%s", err, out)
+			}
+			want := strings.Fields(string(out))
+			var list []struct{ Name, Reference string }
+			if err := json.Unmarshal(kiln(t, "-c", cf, "images", "-o", "json"), &list); err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, e := range list {
+				if !strings.HasPrefix(e.Reference, "registry.k8s.io/") {
+					continue // the pod network's images
+				}
+				got = append(got, e.Reference)
+			}
+			slices.Sort(got)
+			slices.Sort(want)
+			if !slices.Equal(got, want) {
+				t.Fatalf("kubeadm %s deploys\n  %s\nkiln images lists\n  %s", v, strings.Join(want, "\n  "), strings.Join(got, "\n  "))
 			}
 		})
 	}

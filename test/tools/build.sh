@@ -18,7 +18,7 @@ set -euo pipefail
 
 IGNITION_VERSION=v2.24.0
 MATCHBOX_VERSION=v0.11.0
-KUBEADM_VERSIONS=(v1.33.13 v1.34.4 v1.37.2)
+KUBEADM_VERSIONS=(v1.33.13 v1.34.4 v1.35.4 v1.36.3 v1.37.2)
 # Newer Go toolchain that the go command may fetch from the module proxy; used
 # only when an upstream go.mod needs a newer Go than the local one.
 FALLBACK_TOOLCHAIN=go1.27.3
