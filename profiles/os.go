@@ -52,6 +52,9 @@ type OS struct {
 	ContainerdConfig string `yaml:"containerdConfig,omitempty"`
 	// PXE says how the OS boots from the network.
 	PXE PXEBoot `yaml:"pxe"`
+	// Payload, if set, is where an air-gapped node's disk image carries
+	// its downloads and container images; nil: the OS cannot carry them.
+	Payload *Payload `yaml:"payload,omitempty"`
 
 	versionRe *regexp.Regexp
 }
@@ -74,6 +77,18 @@ type Download struct {
 	// the kubelet start.
 	ExtractTo string `yaml:"extractTo,omitempty"`
 }
+
+// Payload places an air-gapped node's files in the partition that kiln
+// writes the Ignition config to (the target's inject partition).
+type Payload struct {
+	// Dir is the folder in that partition.
+	Dir string `yaml:"dir"`
+	// Mount is where the running node mounts that partition.
+	Mount string `yaml:"mount"`
+}
+
+// NodePath is where the node sees the payload file name.
+func (p *Payload) NodePath(name string) string { return path.Join(p.Mount, p.Dir, name) }
 
 // PXEBoot is how the OS's live PXE system is started and installed.
 type PXEBoot struct {

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -14,8 +16,11 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/agentbin"
 	"github.com/kilnproject/kiln/imagebuild/bake"
 	"github.com/kilnproject/kiln/imagebuild/baseimage"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/images"
 	"github.com/kilnproject/kiln/imagebuild/render"
+	"github.com/kilnproject/kiln/profiles"
 )
 
 type buildImageOptions struct {
@@ -27,6 +32,8 @@ type buildImageOptions struct {
 	dest      string
 	compress  string
 	download  downloadOptions
+	airgap    bool
+	files     []string
 	force     bool
 	output    outputFormat
 }
@@ -55,6 +62,15 @@ devices, mounts or root:
      bmaptool copy), IMAGE.sha256 and with --compress IMAGE.img.zst or .xz
      are written to --dest, all or nothing.
 
+Air-gapped (--airgap, or airgap: true in the cluster file): the image also
+carries everything the node would download, so it needs no registry and no
+download site. Flatcar: the Kubernetes sysext (from the download cache, or
+--file kubernetes-sysext=PATH, checked against its pin) and the role's
+container images (an OCI archive written from the image cache: run kiln
+images pin and kiln images pull first) go to kiln/ on the OEM filesystem;
+a worker's archive holds no etcd or API server. The OEM partition must hold
+them (1 GiB from Flatcar 4593 on); Fedora CoreOS cannot carry them yet.
+
 Needs e2fsprogs, plus btrfs-progs for Flatcar and mtools and dosfstools for
 Raspberry Pi profiles. The partition table, USR partitions, kernels and boot
 loaders are never changed. Progress goes to stderr; -o json prints the result.`,
@@ -62,7 +78,8 @@ loaders are never changed. Progress goes to stderr; -o json prints the result.`,
   kiln build-image --role worker --profile fcos-x86_64 --compress zst --dest out/
   kiln build-image --role control-plane --node cp-2 --profile flatcar-arm64
   kiln build-image --role worker --profile flatcar-rpi4 --firmware RPi4_UEFI_Firmware_v1.50.zip
-  kiln build-image --role worker --profile flatcar-amd64 --base-image flatcar_production_image.bin.bz2 -o json`,
+  kiln build-image --role worker --profile flatcar-amd64 --base-image flatcar_production_image.bin.bz2 -o json
+  kiln build-image --role worker --profile flatcar-amd64 --airgap --file kubernetes-sysext=kubernetes-v1.37.2-x86-64.raw`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -79,6 +96,8 @@ loaders are never changed. Progress goes to stderr; -o json prints the result.`,
 	f.StringVar(&o.dest, "dest", ".", "folder for the image and its .bmap and .sha256")
 	f.StringVar(&o.compress, "compress", "", "also write a compressed image: zst or xz (multi-threaded)")
 	o.download.addFlags(f, "base image")
+	f.BoolVar(&o.airgap, "airgap", false, "carry the Kubernetes binaries and every container image on the image (as airgap: true in the cluster file)")
+	f.StringArrayVar(&o.files, "file", nil, "NAME=PATH: a local copy of download NAME for an air-gapped image, checked against its pin (repeatable)")
 	f.BoolVar(&o.force, "force", false, "replace existing outputs")
 	addOutputFlag(cmd, &o.output)
 	return cmd
@@ -95,6 +114,15 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 	t, c, s, err := g.loadForTarget(o.profile)
 	if err != nil {
 		return err
+	}
+	if o.airgap && !c.Airgap {
+		c.Airgap = true
+		if err := c.Validate(); err != nil {
+			return fmt.Errorf("--airgap: %w", err)
+		}
+	}
+	if len(o.files) > 0 && !c.Airgap {
+		return fault.Wrap(fault.Input, fmt.Errorf("--file is for air-gapped images: add --airgap (or airgap: true in the cluster file)"))
 	}
 	in := render.Input{Cluster: c, Secrets: s, Role: role, Arch: t.Arch, NodeName: o.node}
 	if in.Agent, err = agentbin.Gzipped(t.Arch); err != nil {
@@ -136,11 +164,20 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 	if o.node != "" {
 		who = o.node
 	}
+	var payload []bake.PayloadFile
+	if c.Airgap {
+		var cleanup func()
+		if payload, cleanup, err = airgapPayload(ctx, g, o, c, role, t.Arch, cache); err != nil {
+			return err
+		}
+		defer cleanup()
+	}
 	res, err := bake.Bake(ctx, bake.Options{
 		Target:   t,
 		Base:     base,
 		Config:   config,
 		Firmware: firmware,
+		Payload:  payload,
 		Output:   filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, who, t.Name)),
 		Compress: o.compress,
 		Force:    o.force,
@@ -160,4 +197,80 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 		lines = append(lines, "  compressed: "+res.Compressed)
 	}
 	return emit(g.stdout, o.output, res, lines...)
+}
+
+// airgapPayload gathers what an air-gapped node of role and arch carries:
+// each download its OS needs (a --file copy or the download cache, checked
+// against its pin) and the role's image archive, written from the image
+// cache into a temporary file in --dest that cleanup removes.
+func airgapPayload(ctx context.Context, g *globals, o *buildImageOptions, c *cluster.Cluster, role nodeconfig.Role, arch string, cache *baseimage.Cache) ([]bake.PayloadFile, func(), error) {
+	nothing := func() {}
+	local := map[string]string{}
+	for _, spec := range o.files {
+		name, p, ok := strings.Cut(spec, "=")
+		if !ok || name == "" || p == "" {
+			return nil, nothing, fault.Wrap(fault.Input, fmt.Errorf("--file %q: use NAME=PATH, for example kubernetes-sysext=./kubernetes.raw", spec))
+		}
+		local[name] = p
+	}
+	files, err := render.Payload(c, arch)
+	if err != nil {
+		return nil, nothing, err
+	}
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil, nothing, fault.Wrap(fault.Input, err)
+	}
+	var out []bake.PayloadFile
+	for _, f := range files {
+		if f.Download == nil {
+			continue
+		}
+		d := f.Download
+		digest := baseimage.Digest{Algo: "sha512", Hex: d.SHA512}
+		var src string
+		if p, ok := local[d.Name]; ok {
+			src, err = baseimage.CheckLocal(p, digest)
+			delete(local, d.Name)
+		} else {
+			src, err = cache.FetchFile(ctx, d.URL, digest)
+		}
+		if err != nil {
+			return nil, nothing, fmt.Errorf("airgap: %s: %w", d.Name, err)
+		}
+		out = append(out, bake.PayloadFile{Path: path.Join(osp.Payload.Dir, f.Name), Source: src})
+	}
+	for name := range local {
+		return nil, nothing, fault.Wrap(fault.Input, fmt.Errorf("--file %s=...: %s nodes carry no download of that name", name, c.OS.Name))
+	}
+
+	list, err := images.List(c)
+	if err != nil {
+		return nil, nothing, err
+	}
+	if err := os.MkdirAll(o.dest, 0o755); err != nil {
+		return nil, nothing, fault.Wrap(fault.IO, err)
+	}
+	tmp, err := os.CreateTemp(o.dest, ".kiln-images-*.tar")
+	if err != nil {
+		return nil, nothing, fault.Wrap(fault.IO, err)
+	}
+	cleanup := func() { os.Remove(tmp.Name()) }
+	st := &images.Store{Dir: filepath.Join(cache.Dir, "images")}
+	written, err := st.WriteArchive(ctx, tmp, images.ForRole(list, role), arch)
+	if err == nil {
+		err = tmp.Close()
+	} else {
+		tmp.Close()
+	}
+	if err != nil {
+		cleanup()
+		return nil, nothing, fmt.Errorf("airgap: %w", err)
+	}
+	var size int64
+	for _, im := range written {
+		size += im.Bytes
+	}
+	fmt.Fprintf(g.stderr, "airgap: %d images for %s %s (%.1f MiB)\n", len(written), role, arch, mib(size))
+	return append(out, bake.PayloadFile{Path: path.Join(osp.Payload.Dir, render.ImagesArchive), Source: tmp.Name()}), cleanup, nil
 }

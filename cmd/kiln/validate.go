@@ -6,6 +6,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/images"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
 )
 
@@ -58,6 +59,20 @@ each with its field path and the fix, then checks the secrets folder
 			}
 			if unpinned > 0 {
 				lines = append(lines, fmt.Sprintf("%d download(s) not pinned yet: run kiln pin before rendering Ignition", unpinned))
+			}
+			list, err := images.List(c)
+			if err != nil {
+				return err
+			}
+			unpinnedImages := 0
+			for _, e := range list {
+				if e.Digest == "" {
+					unpinnedImages++
+				}
+			}
+			res["unpinnedImages"] = unpinnedImages
+			if c.Airgap && unpinnedImages > 0 {
+				lines = append(lines, fmt.Sprintf("airgap: %d image(s) without a digest: run kiln images pin, then kiln images pull, before build-image", unpinnedImages))
 			}
 			if c.Network.CNI == cluster.CNINone && len(c.Addons) == 0 {
 				lines = append(lines, "network.cni is none and there is no add-on: no pod network will be installed, and every node stays NotReady until you apply one")

@@ -145,6 +145,9 @@ func (r *run) steps() []step {
 		{"hostname", false, r.setHostname},
 		{"container-runtime", false, r.waitRuntime},
 	}
+	if r.nc.Images != nil {
+		host = append(host, step{"images", false, r.importImages})
+	}
 	if r.nc.LoadBalancer != nil {
 		host = append(host, step{"load-balancer", false, r.placeLoadBalancer})
 	}

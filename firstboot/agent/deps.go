@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"io"
 	"io/fs"
 	"math/rand/v2"
 	"time"
@@ -20,6 +21,8 @@ type Runner interface {
 // relocate them under a directory.
 type FS interface {
 	ReadFile(name string) ([]byte, error)
+	// Open opens a file for streaming (large files).
+	Open(name string) (io.ReadCloser, error)
 	// WriteFile overwrites an existing file in place, as /proc/sys files
 	// are written; it never creates one.
 	WriteFile(name string, data []byte) error

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"io"
 	"io/fs"
 	"strings"
 	"sync"
@@ -19,8 +20,9 @@ func newFakeFS() *fakeFS { return &fakeFS{m: fstest.MapFS{}} }
 
 func rel(name string) string { return strings.TrimPrefix(name, "/") }
 
-func (f *fakeFS) ReadFile(name string) ([]byte, error)  { return f.m.ReadFile(rel(name)) }
-func (f *fakeFS) Stat(name string) (fs.FileInfo, error) { return f.m.Stat(rel(name)) }
+func (f *fakeFS) ReadFile(name string) ([]byte, error)    { return f.m.ReadFile(rel(name)) }
+func (f *fakeFS) Open(name string) (io.ReadCloser, error) { return f.m.Open(rel(name)) }
+func (f *fakeFS) Stat(name string) (fs.FileInfo, error)   { return f.m.Stat(rel(name)) }
 func (f *fakeFS) ReadDir(name string) ([]fs.DirEntry, error) {
 	return f.m.ReadDir(rel(name))
 }

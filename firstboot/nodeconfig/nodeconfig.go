@@ -98,6 +98,9 @@ type NodeConfig struct {
 	// virtual IP that the control planes hold, names the static pods that
 	// hold it.
 	LoadBalancer *LoadBalancer `yaml:"loadBalancer,omitempty"`
+	// Images, on an air-gapped node, is the container image archive its
+	// disk image carries, imported before kubeadm runs.
+	Images *Images `yaml:"images,omitempty"`
 	// ReportURL, if set, receives the agent's status as JSON POSTs.
 	ReportURL string `yaml:"reportURL,omitempty"`
 }
@@ -163,6 +166,16 @@ type LoadBalancer struct {
 	// kubeadm's static pod folder before kubeadm runs (and again after
 	// every kubeadm reset, which empties that folder).
 	StaticPods []string `yaml:"staticPods"`
+}
+
+// Images is an air-gapped node's container image archive.
+type Images struct {
+	// Archive is a tar of an OCI image layout on the node (kiln images).
+	Archive string `yaml:"archive"`
+	// References are the images it holds, each NAME@sha256:DIGEST, NAME
+	// as containerd names it (the io.containerd.image.name annotation of
+	// the archive's index.json) and DIGEST the pinned one.
+	References []string `yaml:"references"`
 }
 
 // Hostname decides the node's name: Name if set, otherwise Template.
@@ -253,6 +266,8 @@ var (
 	hashRe     = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 	templateRe = regexp.MustCompile(`\{[^}]*\}`)
 	dnsLabelRe = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+	// imageDigestRe: an OCI sha256 digest (the images' pins).
+	imageDigestRe = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 )
 
 // Validate reports every problem, each with its field path.
@@ -342,6 +357,19 @@ func (nc *NodeConfig) Validate() error {
 	case "", PodNetworkFlannel, PodNetworkNone:
 	default:
 		add("podNetwork", "%q: use flannel or none", nc.PodNetwork)
+	}
+	if im := nc.Images; im != nil {
+		if !strings.HasPrefix(im.Archive, "/") {
+			add("images.archive", "%q must be an absolute path", im.Archive)
+		}
+		if len(im.References) == 0 {
+			add("images.references", "required")
+		}
+		for i, r := range im.References {
+			if _, d, ok := strings.Cut(r, "@"); !ok || !imageDigestRe.MatchString(d) {
+				add(fmt.Sprintf("images.references[%d]", i), "%q is not NAME@sha256:<64 hex digits>", r)
+			}
+		}
 	}
 	if nc.NotBefore.IsZero() {
 		add("notBefore", "required (the earliest sane clock time)")

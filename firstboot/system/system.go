@@ -48,6 +48,9 @@ func (r Root) path(name string) string { return filepath.Join(string(r), name) }
 // ReadFile reads a file.
 func (r Root) ReadFile(name string) ([]byte, error) { return os.ReadFile(r.path(name)) }
 
+// Open opens name for reading.
+func (r Root) Open(name string) (io.ReadCloser, error) { return os.Open(r.path(name)) }
+
 // WriteFile overwrites an existing file in place, as /proc/sys files must
 // be written; it never creates one.
 func (r Root) WriteFile(name string, data []byte) error {

@@ -40,12 +40,23 @@ type Options struct {
 	Firmware string
 	// Output is the image's path; the other files go beside it.
 	Output string
+	// Payload are large files an air-gapped node's image carries beside
+	// its Ignition config (Flatcar: in the OEM filesystem).
+	Payload []PayloadFile
 	// Compress is "", "zst" or "xz".
 	Compress string
 	// Force replaces existing outputs.
 	Force    bool
 	Runner   Runner
 	Progress io.Writer
+}
+
+// PayloadFile is one file of Options.Payload.
+type PayloadFile struct {
+	// Path is where it goes, relative to the filesystem's root.
+	Path string
+	// Source is the host file to copy.
+	Source string
 }
 
 // Result says what a bake produced.
@@ -119,20 +130,30 @@ func Bake(ctx context.Context, o Options) (*Result, error) {
 
 	res := &Result{Image: o.Output, Compressed: compressed, Bmap: bmapPath, SHA256File: sumPath, Reflinked: reflinked}
 	config := file{path: "config.ign", data: o.Config, mode: 0o600}
+	payload := []file{config}
+	for _, p := range o.Payload {
+		payload = append(payload, file{path: p.Path, src: p.Source, mode: 0o644})
+	}
 	switch t.Inject.Method {
 	case profiles.InjectFlatcarOEM:
 		err = withPartition(ctx, img, layout, t.Inject.Partition, work, func(part string, fsys disk.FS) (string, error) {
 			switch fsys.Kind {
 			case disk.FSBtrfs:
 				out := part + ".new"
-				return out, rebuildBtrfs(ctx, o.Runner, part, out, work, fsys, []file{config})
+				return out, rebuildBtrfs(ctx, o.Runner, part, out, work, fsys, payload)
 			case disk.FSExt4:
+				if len(o.Payload) > 0 {
+					return "", fault.Wrap(fault.Unsupported, errors.New("this Flatcar release's OEM partition is ext4 (before 2983) and too small for an air-gapped payload: use a release from 4593 on"))
+				}
 				return part, writeExt4(ctx, o.Runner, part, work, nil, []file{config})
 			default:
 				return "", fault.Wrap(fault.Unsupported, fmt.Errorf("the OEM partition holds %s, not btrfs or ext4: is this a Flatcar image?", fsys.Kind))
 			}
 		})
 	case profiles.InjectFCOSBoot:
+		if len(o.Payload) > 0 {
+			return nil, fault.Wrap(fault.Unsupported, errors.New("Fedora CoreOS images cannot carry an air-gapped payload yet"))
+		}
 		err = withPartition(ctx, img, layout, t.Inject.Partition, work, func(part string, fsys disk.FS) (string, error) {
 			if fsys.Kind != disk.FSExt4 {
 				return "", fault.Wrap(fault.Unsupported, fmt.Errorf("the boot partition holds %s, not ext4: is this a Fedora CoreOS metal image?", fsys.Kind))

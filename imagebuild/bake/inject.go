@@ -3,7 +3,9 @@ package bake
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path"
@@ -20,6 +22,9 @@ import (
 type file struct {
 	path string // relative to the filesystem root, "/"-separated
 	data []byte
+	// src, if set, is a host file whose content is copied instead of data
+	// (large files: an air-gapped node's payload).
+	src  string
 	mode fs.FileMode
 	// keep leaves an existing file as it is (Fedora CoreOS's
 	// ignition.firstboot may carry GRUB settings).
@@ -123,7 +128,10 @@ func rebuildBtrfs(ctx context.Context, r Runner, part, out, work string, fsys di
 	}
 	for _, f := range files {
 		p := filepath.Join(tree, filepath.FromSlash(f.path))
-		if err := os.WriteFile(p, f.data, f.mode); err != nil {
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+		if err := f.writeTo(p); err != nil {
 			return fault.Wrap(fault.IO, err)
 		}
 		if err := os.Chmod(p, f.mode); err != nil {
@@ -133,6 +141,9 @@ func rebuildBtrfs(ctx context.Context, r Runner, part, out, work string, fsys di
 	fi, err := os.Stat(part)
 	if err != nil {
 		return fault.Wrap(fault.IO, err)
+	}
+	if err := checkFits(tree, fi.Size()); err != nil {
+		return err
 	}
 	nf, err := os.Create(out)
 	if err == nil {
@@ -156,10 +167,84 @@ func rebuildBtrfs(ctx context.Context, r Runner, part, out, work string, fsys di
 		return fault.Wrap(fault.IO, fmt.Errorf("read back the OEM btrfs: %w", err))
 	}
 	for _, f := range files {
-		got, err := os.ReadFile(filepath.Join(back, filepath.FromSlash(f.path)))
-		if err != nil || !bytes.Equal(got, f.data) {
+		same, err := f.sameAs(filepath.Join(back, filepath.FromSlash(f.path)))
+		if err != nil || !same {
 			return fault.Wrap(fault.IO, fmt.Errorf("read back %s from the new OEM btrfs: content differs (%v)", f.path, err))
 		}
+	}
+	return nil
+}
+
+// writeTo writes the file's content (data, or a copy of src) to p.
+func (f file) writeTo(p string) error {
+	if f.src == "" {
+		return os.WriteFile(p, f.data, f.mode)
+	}
+	in, err := os.Open(f.src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, f.mode)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// sameAs reports whether the file at p holds the file's content.
+func (f file) sameAs(p string) (bool, error) {
+	if f.src == "" {
+		got, err := os.ReadFile(p)
+		return err == nil && bytes.Equal(got, f.data), err
+	}
+	a, err := fileSHA256(f.src)
+	if err != nil {
+		return false, err
+	}
+	b, err := fileSHA256(p)
+	return err == nil && bytes.Equal(a, b), err
+}
+
+func fileSHA256(p string) ([]byte, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return nil, err
+	}
+	return h.Sum(nil), nil
+}
+
+// checkFits refuses a tree that a new btrfs of size bytes cannot hold,
+// before mkfs.btrfs runs out of space midway: the files plus a tenth for
+// btrfs's metadata and 32 MiB of reserve.
+func checkFits(tree string, size int64) error {
+	var used int64
+	err := filepath.WalkDir(tree, func(_ string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		fi, err := d.Info()
+		if err == nil {
+			used += fi.Size()
+		}
+		return err
+	})
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	need := used + used/10 + 32<<20
+	if need > size {
+		return fault.Wrap(fault.Input, fmt.Errorf("the OEM partition (%d MiB) cannot hold its files and the payload (%d MiB, about %d MiB with btrfs's overhead): Flatcar releases from 4593 on have a 1 GiB OEM partition (os.version), or build without airgap",
+			size>>20, used>>20, need>>20))
 	}
 	return nil
 }

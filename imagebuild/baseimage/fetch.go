@@ -168,11 +168,11 @@ func contentRange(h string) (start, size int64, ok bool) {
 // verify checks the downloaded file's digest and, for signed sources,
 // its detached OpenPGP signature.
 func (c *Cache) verify(ctx context.Context, part string, rel *Release, keyring openpgp.EntityList) error {
-	h := map[string]func() hash.Hash{"sha512": sha512.New, "sha256": sha256.New}[rel.Digest.Algo]
-	if h == nil {
-		return fault.Wrap(fault.Download, fmt.Errorf("unsupported digest %s", rel.Digest.Algo))
+	h, err := newHash(rel.Digest.Algo)
+	if err != nil {
+		return fault.Wrap(fault.Download, err)
 	}
-	got, err := fileDigest(part, h())
+	got, err := fileDigest(part, h)
 	if err != nil {
 		return err
 	}
@@ -201,6 +201,17 @@ func (c *Cache) verify(ctx context.Context, part string, rel *Release, keyring o
 	}
 	fmt.Fprintf(c.Progress, "verified %s (%s, OpenPGP signature good)\n", filepath.Base(rel.URL), rel.Digest.Algo)
 	return nil
+}
+
+// newHash returns the hash of a digest algorithm: sha512 or sha256.
+func newHash(algo string) (hash.Hash, error) {
+	switch algo {
+	case "sha512":
+		return sha512.New(), nil
+	case "sha256":
+		return sha256.New(), nil
+	}
+	return nil, fmt.Errorf("unsupported digest %s", algo)
 }
 
 func fileDigest(p string, h hash.Hash) (string, error) {
@@ -322,6 +333,23 @@ func (c *Cache) Local(p string) (string, error) {
 // needed.
 func (c *Cache) FetchFile(ctx context.Context, url string, d Digest) (string, error) {
 	return c.FetchVerified(ctx, &Release{URL: url, Digest: d}, nil)
+}
+
+// CheckLocal verifies a local copy of a pinned file (such as --file
+// NAME=PATH) against its digest and returns its path.
+func CheckLocal(p string, d Digest) (string, error) {
+	h, err := newHash(d.Algo)
+	if err != nil {
+		return "", fault.Wrap(fault.Input, err)
+	}
+	got, err := fileDigest(p, h)
+	if err != nil {
+		return "", fault.Wrap(fault.Input, err)
+	}
+	if got != d.Hex {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s is not the pinned file: its %s is %s, the cluster file pins %s", p, d.Algo, got, d.Hex))
+	}
+	return p, nil
 }
 
 // FetchVerified returns the cached copy of a release file (kept as it was

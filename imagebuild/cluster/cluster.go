@@ -68,9 +68,14 @@ type Cluster struct {
 	// Addons are manifests the init node applies after the pod network,
 	// in order.
 	Addons []Addon `yaml:"addons,omitempty"`
-	// Images re-pins images of kiln's manifests by name (see `kiln
-	// images`): REFERENCE@sha256:DIGEST.
+	// Images pins images by name (see `kiln images`):
+	// REFERENCE@sha256:DIGEST.
 	Images map[string]string `yaml:"images,omitempty"`
+	// Airgap: nodes reach no registry and no download site. Their disk
+	// images carry the Kubernetes binaries and every container image
+	// (kiln images pull first); kiln build-image --airgap does the same
+	// for one build.
+	Airgap bool `yaml:"airgap,omitempty"`
 	// Nodes is an optional inventory of known machines.
 	Nodes []Node `yaml:"nodes,omitempty"`
 	// Butane lists Butane files (paths relative to the cluster file)

@@ -122,6 +122,9 @@ func (c *Cluster) Validate() error {
 			add("os.version", "%q is not a %s version (pattern %s) or \"current\"", c.OS.Version, osp.Name, osp.VersionPattern)
 		}
 		c.validateDownloads(&errs, osp)
+		if c.Airgap && osp.Payload == nil {
+			add("airgap", "%s nodes cannot carry their payload yet (no partition of its disk image has room for it): use os.name flatcar, or leave airgap off", osp.Name)
+		}
 	}
 
 	for i, key := range c.SSH.AuthorizedKeys {
@@ -397,6 +400,8 @@ func (c *Cluster) validateAddons(errs *[]error) {
 		switch {
 		case (a.Path == "") == (a.URL == ""):
 			*errs = append(*errs, fmt.Errorf("%s: set exactly one of path (a file next to the cluster file) or url (with sha256)", field))
+		case a.URL != "" && c.Airgap:
+			*errs = append(*errs, fmt.Errorf("%s.url: an air-gapped node cannot download it: save the file next to the cluster file and name it with path", field))
 		case a.URL != "":
 			if !strings.HasPrefix(a.URL, "https://") && !strings.HasPrefix(a.URL, "http://") {
 				*errs = append(*errs, fmt.Errorf("%s.url: %q must be an http(s) URL that the init node can reach", field, a.URL))

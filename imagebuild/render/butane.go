@@ -185,19 +185,29 @@ func butaneFor(in Input) (*butaneDoc, error) {
 	)
 	arch := osp.Arches[in.Arch]
 	for _, d := range osp.Downloads {
-		pin, ok := c.Pinned(d.Name, in.Arch)
-		if !ok || pin.SHA512 == "" {
-			return nil, fault.Wrap(fault.Input, fmt.Errorf(
-				"kubernetes.downloads: %s for %s is not pinned: run `kiln pin --arch %s` (downloads it once to hash it), or `kiln pin --arch %s --file %s=PATH` with a local copy",
-				d.Name, in.Arch, in.Arch, in.Arch, d.Name))
+		pin, err := pinned(c, d.Name, in.Arch)
+		if err != nil {
+			return nil, err
 		}
 		p := d.Expand(d.Path, c.Kubernetes.Version, arch)
-		st.Files = append(st.Files, butaneFile{Path: p, Mode: mode(d.Mode), Contents: butaneContents{
-			Source:       pin.URL,
-			Verification: &butaneVerification{Hash: "sha512-" + pin.SHA512},
-		}})
-		if d.Link != "" {
-			st.Links = append(st.Links, butaneLink{Path: d.Link, Target: p})
+		switch {
+		case c.Airgap:
+			// The disk image carries the file (Payload): link to it
+			// where it lies instead of downloading it.
+			carried := osp.Payload.NodePath(path.Base(p))
+			if d.Link != "" {
+				st.Links = append(st.Links, butaneLink{Path: d.Link, Target: carried})
+			} else {
+				st.Links = append(st.Links, butaneLink{Path: p, Target: carried})
+			}
+		default:
+			st.Files = append(st.Files, butaneFile{Path: p, Mode: mode(d.Mode), Contents: butaneContents{
+				Source:       pin.URL,
+				Verification: &butaneVerification{Hash: "sha512-" + pin.SHA512},
+			}})
+			if d.Link != "" {
+				st.Links = append(st.Links, butaneLink{Path: d.Link, Target: p})
+			}
 		}
 		if d.ExtractTo != "" {
 			doc.Systemd.Units = append(doc.Systemd.Units, butaneUnit{Name: "kiln-" + d.Name + ".service", Enabled: true, Contents: extractUnit(d.Name, p, d.ExtractTo)})

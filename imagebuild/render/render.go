@@ -10,12 +10,15 @@ package render
 import (
 	"errors"
 	"fmt"
+	"path"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/images"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
 	"github.com/kilnproject/kiln/manifests"
+	"github.com/kilnproject/kiln/profiles"
 )
 
 // Arches kiln renders for.
@@ -124,8 +127,85 @@ func renderNode(in Input) (*node, error) {
 			nc.Manifests = append(nc.Manifests, m.Path)
 		}
 	}
+	if c.Airgap {
+		if nc.Images, err = airgapImages(c, in.Role); err != nil {
+			return nil, err
+		}
+	}
 	if err := nc.Validate(); err != nil {
 		return nil, fmt.Errorf("render node metadata: %w", err)
 	}
 	return n, nil
+}
+
+// ImagesArchive is the name of the container image archive in an
+// air-gapped node's payload folder.
+const ImagesArchive = "images.tar"
+
+// PayloadFile is one file an air-gapped node's disk image carries in its
+// OS's payload folder (profiles.Payload).
+type PayloadFile struct {
+	// Name is the file's name in the payload folder.
+	Name string
+	// Download is the pinned download the file is; nil for the container
+	// image archive (ImagesArchive).
+	Download *cluster.Download
+}
+
+// Payload lists the files an air-gapped node of arch carries: every
+// download its OS needs, then the image archive. Every download must be
+// pinned.
+func Payload(c *cluster.Cluster, arch string) ([]PayloadFile, error) {
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil, fault.Wrap(fault.Input, err)
+	}
+	if osp.Payload == nil {
+		return nil, fault.Wrap(fault.Unsupported, fmt.Errorf("%s nodes cannot be air-gapped yet", osp.Name))
+	}
+	var out []PayloadFile
+	for _, d := range osp.Downloads {
+		pin, err := pinned(c, d.Name, arch)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, PayloadFile{Name: path.Base(d.Expand(d.Path, c.Kubernetes.Version, osp.Arches[arch])), Download: &pin})
+	}
+	return append(out, PayloadFile{Name: ImagesArchive}), nil
+}
+
+// pinned returns the download's pin for arch, or an error naming the fix.
+func pinned(c *cluster.Cluster, name, arch string) (cluster.Download, error) {
+	pin, ok := c.Pinned(name, arch)
+	if !ok || pin.SHA512 == "" {
+		return pin, fault.Wrap(fault.Input, fmt.Errorf(
+			"kubernetes.downloads: %s for %s is not pinned: run `kiln pin --arch %s` (downloads it once to hash it), or `kiln pin --arch %s --file %s=PATH` with a local copy",
+			name, arch, arch, arch, name))
+	}
+	return pin, nil
+}
+
+// airgapImages is the image archive of an air-gapped node of role: every
+// image the role runs, pinned.
+func airgapImages(c *cluster.Cluster, role nodeconfig.Role) (*nodeconfig.Images, error) {
+	list, err := images.List(c)
+	if err != nil {
+		return nil, err
+	}
+	list = images.ForRole(list, role)
+	if err := images.RequirePinned(list); err != nil {
+		return nil, fmt.Errorf("airgap: %w", err)
+	}
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil, fault.Wrap(fault.Input, err)
+	}
+	if osp.Payload == nil {
+		return nil, fault.Wrap(fault.Unsupported, fmt.Errorf("%s nodes cannot be air-gapped yet", osp.Name))
+	}
+	im := &nodeconfig.Images{Archive: osp.Payload.NodePath(ImagesArchive)}
+	for _, e := range list {
+		im.References = append(im.References, e.NodeName()+"@"+e.Digest)
+	}
+	return im, nil
 }

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -19,6 +20,7 @@ import (
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/images"
 	"github.com/kilnproject/kiln/imagebuild/internal/golden"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
 	"github.com/kilnproject/kiln/manifests"
@@ -535,6 +537,89 @@ func TestInstallReportScript(t *testing.T) {
 		p := <-got
 		if p.query != want || p.body != `{"phase":"installed","state":"done"}` {
 			t.Errorf("command line %q: POST ?%s %s, want ?%s", cmdline, p.query, p.body, want)
+		}
+	}
+}
+
+var (
+	urlRe         = regexp.MustCompile(`[a-z]+://[^\s"'\\]+`)
+	loopbackURLRe = regexp.MustCompile(`^(unix://|https?://(127\.0\.0\.1|\[::1\]|localhost)[:/])`)
+)
+
+// TestAirgap: an air-gapped node's config downloads nothing (no URL in it
+// at all), links the sysext to the copy its image carries, and names the
+// role's images; unpinned images are refused with the commands to run.
+func TestAirgap(t *testing.T) {
+	s := loadSecrets(t)
+	c := loadCluster(t, "flatcar")
+	c.Airgap = true
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "an air-gapped node cannot download it") {
+		t.Fatalf("an add-on by URL on an air-gapped cluster: got %v, want refused", err)
+	}
+	var local []cluster.Addon
+	for _, a := range c.Addons {
+		if a.URL == "" {
+			local = append(local, a)
+		}
+	}
+	c.Addons = local
+	c.Images = map[string]string{}
+	in := Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleWorker, Arch: "amd64", Agent: fakeAgent(t, "amd64")}
+	if _, err := Ignition(in); err == nil || !strings.Contains(err.Error(), "kiln images pin") {
+		t.Fatalf("unpinned images: got %v, want the pin command", err)
+	}
+	list, err := images.List(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, e := range list {
+		if e.Digest == "" {
+			c.Images[e.Name] = fmt.Sprintf("%s@sha256:%064x", e.Reference, i)
+		}
+	}
+	for _, role := range nodeconfig.Roles {
+		in.Role = role
+		ign, err := Ignition(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		contents, _ := decodedFiles(t, ign)
+		contents["config.ign"] = ign
+		for p, data := range contents {
+			for _, m := range urlRe.FindAll(data, -1) {
+				if !loopbackURLRe.Match(m) {
+					t.Errorf("%s: %s names a URL off the node: %s", role, p, m)
+				}
+			}
+		}
+		cfg, _, err := v3_4.Parse(ign)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range cfg.Storage.Files {
+			if src := f.Contents.Source; src != nil && !strings.HasPrefix(*src, "data:") {
+				t.Errorf("%s: %s is fetched from %s", role, f.Path, *src)
+			}
+		}
+		linked := false
+		for _, l := range cfg.Storage.Links {
+			linked = linked || (l.Path == "/etc/extensions/kubernetes.raw" && *l.Target == "/oem/kiln/kubernetes-v1.37.2-x86-64.raw")
+		}
+		if !linked {
+			t.Errorf("%s: the sysext is not linked to /oem/kiln", role)
+		}
+		nc, err := NodeConfig(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := len(images.ForRole(list, role))
+		if nc.Images == nil || nc.Images.Archive != "/oem/kiln/images.tar" || len(nc.Images.References) != want {
+			t.Fatalf("%s: node images %+v, want %d references in /oem/kiln/images.tar", role, nc.Images, want)
+		}
+		for _, r := range nc.Images.References {
+			if strings.Contains(r, "etcd") && role == nodeconfig.RoleWorker {
+				t.Errorf("a worker carries %s", r)
+			}
 		}
 	}
 }

@@ -106,12 +106,15 @@ type readBack struct {
 }
 
 // toolsDir is where test/tools/qemu-kernels.sh puts kernels and busybox.
-func toolsDir() string {
+func toolsDir() string { return filepath.Join(kilnToolsDir(), "qemu") }
+
+// kilnToolsDir is where test/tools keeps what it builds and fetches.
+func kilnToolsDir() string {
 	if d := os.Getenv("KILN_TOOLS_DIR"); d != "" {
-		return filepath.Join(d, "qemu")
+		return d
 	}
 	home, _ := os.UserHomeDir()
-	return filepath.Join(home, ".cache", "kiln-tools", "qemu")
+	return filepath.Join(home, ".cache", "kiln-tools")
 }
 
 // bootAndRead boots the guest's kernel with the images as read-only

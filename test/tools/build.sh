@@ -3,9 +3,9 @@
 # independent checkers, from their upstream Go modules (via the Go module
 # proxy). See test/tools/README.md.
 #
-# Usage: test/tools/build.sh [ignition] [matchbox] [kubeadm-v1.X.Y ...] [rehearsal-v1.X.Y ...]
-#   No arguments builds ignition, matchbox and kubeadm for every
-#   KUBEADM_VERSIONS entry.
+# Usage: test/tools/build.sh [ignition] [matchbox] [containerd-v2.X.Y] [kubeadm-v1.X.Y ...] [rehearsal-v1.X.Y ...]
+#   No arguments builds ignition, matchbox, containerd (CONTAINERD_VERSION)
+#   and kubeadm for every KUBEADM_VERSIONS entry.
 #   rehearsal-v1.X.Y builds kubeadm, kube-apiserver, kube-controller-manager,
 #   kube-scheduler (all from k8s.io/kubernetes@v1.X.Y) and the etcd that
 #   kubeadm of that minor deploys (go.etcd.io/etcd/server/v3); also single
@@ -18,6 +18,7 @@ set -euo pipefail
 
 IGNITION_VERSION=v2.24.0
 MATCHBOX_VERSION=v0.11.0
+CONTAINERD_VERSION=v2.2.9
 KUBEADM_VERSIONS=(v1.33.13 v1.34.4 v1.35.4 v1.36.3 v1.37.2)
 # Newer Go toolchain that the go command may fetch from the module proxy; used
 # only when an upstream go.mod needs a newer Go than the local one.
@@ -37,7 +38,8 @@ usage() {
 	echo "usage: $0 [ignition] [matchbox] $(printf '[kubeadm-%s] ' "${KUBEADM_VERSIONS[@]}")" >&2
 	echo "       [kube-apiserver-v1.X.Y] [kube-controller-manager-v1.X.Y] [kube-scheduler-v1.X.Y]" >&2
 	echo "       [etcd-v3.X.Y] [rehearsal-v1.X.Y (kubeadm, control plane and etcd of a release)]" >&2
-	echo "  no arguments builds ignition, matchbox and the kubeadms; output goes to $BIN_DIR" >&2
+	echo "       [containerd-v2.X.Y (containerd, ctr, containerd-shim-runc-v2)]" >&2
+	echo "  no arguments builds ignition, matchbox, containerd-$CONTAINERD_VERSION and the kubeadms; output goes to $BIN_DIR" >&2
 }
 
 command -v go >/dev/null || die "go not found in PATH"
@@ -318,6 +320,24 @@ verify_etcd() {
 	[[ "$got" == "$ETCD_WANT" ]] || die "etcd: 'etcd --version' reports '$got', want '$ETCD_WANT'"
 }
 
+# ---------------------------------------------------------------- containerd
+# build_containerd VER : containerd, ctr and containerd-shim-runc-v2 of
+# github.com/containerd/containerd/v2@VER into bin/NAME-VER (static, no cgo,
+# as the oracle's image-import test and the rehearsal's nodes run them).
+build_containerd() {
+	local ver=$1 mod=github.com/containerd/containerd/v2 cmd
+	[[ "$ver" =~ ^v2\.[0-9]+\.[0-9]+$ ]] || die "bad containerd version '$ver' (want v2.MINOR.PATCH)"
+	for cmd in containerd ctr containerd-shim-runc-v2; do
+		CONTAINERD_WANT=${ver#v} build_go_tool "$cmd-$ver" "$cmd $ver recipe=$RECIPE_REV ldflags=-s -w" "$mod" "$ver" "$mod/cmd/$cmd" 0 "-s -w" verify_containerd
+	done
+}
+
+verify_containerd() {
+	local flag=--version
+	[[ $1 != *containerd-shim* ]] || flag=-v # the shim has Go's flag package
+	"$1" $flag 2>>"$2" | grep -q "$CONTAINERD_WANT" || die "containerd: $1 $flag does not report $CONTAINERD_WANT (see $2)"
+}
+
 # ---------------------------------------------------------------- matchbox
 # build_matchbox : the matchbox network-boot server (github.com/poseidon/
 # matchbox), which reads kiln pxe's matchbox export in the oracle tests.
@@ -343,7 +363,7 @@ etcd_for() {
 # ---------------------------------------------------------------- main
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-	targets=(ignition matchbox)
+	targets=(ignition matchbox "containerd-$CONTAINERD_VERSION")
 	for v in "${KUBEADM_VERSIONS[@]}"; do targets+=("kubeadm-$v"); done
 fi
 for t in "${targets[@]}"; do
@@ -352,7 +372,7 @@ for t in "${targets[@]}"; do
 	ignition | matchbox) ;;
 	kubeadm-v1.* | kubectl-v1.* | kube-apiserver-v1.* | kube-controller-manager-v1.* | kube-scheduler-v1.*) ;;
 	rehearsal-v1.*) ;; # kubeadm, the three control-plane components and etcd of that release
-	etcd-v3.*) ;;
+	etcd-v3.* | containerd-v2.*) ;;
 	*) usage; die "unknown tool '$t'" ;;
 	esac
 done
@@ -377,6 +397,7 @@ for t in "${targets[@]}"; do
 		build_etcd "$(etcd_for "$v")"
 		;;
 	etcd-*) build_etcd "${t#etcd-}" ;;
+	containerd-*) build_containerd "${t#containerd-}" ;;
 	esac
 done
 log "done: $BIN_DIR"

@@ -1,0 +1,219 @@
+//go:build oracle
+
+package image
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"gopkg.in/yaml.v3"
+)
+
+// containerdVersion is the containerd test/tools/build.sh builds
+// (CONTAINERD_VERSION there).
+const containerdVersion = "v2.2.9"
+
+// imageEntry mirrors kiln images -o json.
+type imageEntry struct {
+	Name, Reference, Digest string
+	Roles                   []string
+}
+
+// siteLayout writes an OCI image layout holding a two-arch image (random
+// layers, built here) for every image the cluster's nodes run, named by
+// its reference as a site's own mirror would be.
+func siteLayout(t *testing.T, cluster string) string {
+	t.Helper()
+	var list []imageEntry
+	if err := json.Unmarshal([]byte(kilnOK(t, nil, "-c", cluster, "images", "-o", "json")), &list); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "site-images")
+	p, err := layout.Write(dir, empty.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range list {
+		idx := v1.ImageIndex(empty.Index)
+		for _, arch := range []string{"amd64", "arm64"} {
+			img, err := random.Image(32<<10, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			idx = mutate.AppendManifests(idx, mutate.IndexAddendum{Add: img, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: arch}}})
+		}
+		idx = mutate.IndexMediaType(idx, types.OCIImageIndex)
+		if err := p.AppendIndex(idx, layout.WithAnnotations(map[string]string{"io.containerd.image.name": e.Reference})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// airgapCluster is a copy of the Flatcar cluster with airgap: true, its
+// images pinned from a site layout and pulled into cache.
+func airgapCluster(t *testing.T, e *env, cache string) (string, string) {
+	t.Helper()
+	dir := t.TempDir()
+	data, err := os.ReadFile(e.flCluster)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf := filepath.Join(dir, "cluster.yaml")
+	os.WriteFile(cf, append(data, []byte("airgap: true\n")...), 0o644)
+	os.Symlink(filepath.Join(filepath.Dir(e.flCluster), "secrets"), filepath.Join(dir, "secrets"))
+	site := siteLayout(t, cf)
+	kilnOK(t, nil, "-c", cf, "images", "pin", "--from", site)
+	kilnOK(t, nil, "-c", cf, "images", "pull", "--from", site, "--cache-dir", cache, "--arch", "amd64")
+	return cf, site
+}
+
+// TestAirgapImageCarriesEverything: an air-gapped Flatcar image carries
+// the sysext (linked from where it lies, never downloaded) and its role's
+// image archive on the OEM btrfs; the image passes the same checks as any
+// other; a real containerd imports the archive and lists every image with
+// its pinned digest, the worker's without etcd or the API server.
+func TestAirgapImageCarriesEverything(t *testing.T) {
+	e := setup(t)
+	cache := t.TempDir()
+	cf, _ := airgapCluster(t, e, cache)
+	artifact := filepath.Join(e.dir, "artifact") // what newCluster pinned the sysext to
+	var all []imageEntry
+	json.Unmarshal([]byte(kilnOK(t, nil, "-c", cf, "images", "-o", "json")), &all)
+
+	for _, role := range []string{"init", "worker"} {
+		t.Run(role, func(t *testing.T) {
+			dest := t.TempDir()
+			br := e.bake(t, cf, "--profile", "flatcar-amd64", "--role", role, "--base-image", e.flatcar.path,
+				"--cache-dir", cache, "--dest", dest, "--file", "kubernetes-sysext="+artifact)
+			checkImage(t, e, br, e.flatcar, role, "amd64")
+			config := render(t, cf, role, "amd64")
+			for _, leak := range []string{"https://", "http://"} {
+				if bytes.Contains(config, []byte(leak)) {
+					t.Errorf("the air-gapped %s config names a URL (%s…)", role, leak)
+				}
+			}
+			if !bytes.Contains(config, []byte(`"/oem/kiln/kubernetes-v1.37.2-x86-64.raw"`)) {
+				t.Errorf("the config does not link the sysext to /oem/kiln")
+			}
+			oem := extract(t, br.Image, "OEM")
+			must(t, "btrfs", "check", "--readonly", oem)
+			tree := t.TempDir()
+			must(t, "btrfs", "restore", oem, tree)
+			sysext, _ := os.ReadFile(artifact)
+			files := map[string][]byte{"config.ign": config, "kiln/kubernetes-v1.37.2-x86-64.raw": sysext}
+			archive, err := os.ReadFile(filepath.Join(tree, "kiln", "images.tar"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			files["kiln/images.tar"] = archive
+			mountAndCompare(t, br.Image, "OEM", "btrfs", files)
+			if leftovers, _ := filepath.Glob(filepath.Join(dest, ".kiln-*")); len(leftovers) > 0 {
+				t.Errorf("bake left %v in --dest", leftovers)
+			}
+
+			listed := containerdImport(t, filepath.Join(tree, "kiln", "images.tar"))
+			for _, im := range all {
+				carried := strings.Contains(strings.Join(im.Roles, ","), role)
+				got, ok := listed[im.Reference]
+				switch {
+				case carried && got != im.Digest:
+					t.Errorf("containerd lists %s as %q, want the pinned %s", im.Reference, got, im.Digest)
+				case !carried && ok:
+					t.Errorf("a %s carries %s", role, im.Reference)
+				}
+			}
+		})
+	}
+}
+
+// containerdImport runs a real containerd on a scratch root, imports the
+// archive into the k8s.io namespace with the command the agent runs, and
+// returns what `ctr images ls` lists: reference -> digest.
+func containerdImport(t *testing.T, archive string) map[string]string {
+	t.Helper()
+	bin := filepath.Join(kilnToolsDir(), "bin")
+	root := t.TempDir()
+	sock := filepath.Join(root, "containerd.sock")
+	conf := filepath.Join(root, "config.toml")
+	os.WriteFile(conf, []byte(fmt.Sprintf("version = 3\nroot = %q\nstate = %q\n[grpc]\n  address = %q\n", filepath.Join(root, "root"), filepath.Join(root, "state"), sock)), 0o644)
+	ctx, cancel := context.WithCancel(context.Background())
+	daemon := exec.CommandContext(ctx, filepath.Join(bin, "containerd-"+containerdVersion), "--config", conf)
+	var log bytes.Buffer
+	daemon.Stdout, daemon.Stderr = &log, &log
+	if err := daemon.Start(); err != nil {
+		t.Fatalf("containerd (test/tools/build.sh builds it): %v", err)
+	}
+	t.Cleanup(func() { cancel(); daemon.Wait() })
+	ctr := func(args ...string) []byte {
+		cmd := exec.Command(filepath.Join(bin, "ctr-"+containerdVersion), append([]string{"--address", sock, "--namespace", "k8s.io"}, args...)...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("ctr %s: %v\n%s\ncontainerd:\n%s", strings.Join(args, " "), err, out, log.String())
+		}
+		return out
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("containerd did not start:\n%s", log.String())
+		}
+	}
+	ctr("images", "import", archive)
+	listed := map[string]string{}
+	for i, line := range strings.Split(string(ctr("images", "ls")), "\n") {
+		if f := strings.Fields(line); i > 0 && len(f) >= 3 {
+			listed[f[0]] = f[2]
+		}
+	}
+	if len(listed) == 0 {
+		t.Fatal("containerd lists no image after the import")
+	}
+	return listed
+}
+
+// TestAirgapPayloadMustFit: a payload larger than the OEM partition is
+// refused before anything is written, naming the sizes and the fix.
+func TestAirgapPayloadMustFit(t *testing.T) {
+	e := setup(t)
+	cache := t.TempDir()
+	cf, _ := airgapCluster(t, e, cache)
+	big := filepath.Join(t.TempDir(), "big.raw")
+	if err := os.WriteFile(big, bytes.Repeat([]byte("sysext!\n"), 20<<20), 0o644); err != nil { // 160 MiB > the fixture's 128 MiB OEM
+		t.Fatal(err)
+	}
+	var m map[string]any
+	data, _ := os.ReadFile(cf)
+	yaml.Unmarshal(data, &m)
+	kube := m["kubernetes"].(map[string]any)
+	kube["downloads"] = nil
+	out, _ := yaml.Marshal(m)
+	os.WriteFile(cf, out, 0o644)
+	for _, arch := range []string{"amd64", "arm64"} {
+		kilnOK(t, nil, "-c", cf, "pin", "--arch", arch, "--file", "kubernetes-sysext="+big)
+	}
+	dest := t.TempDir()
+	_, r := e.build(t, cf, "--profile", "flatcar-amd64", "--role", "worker", "--base-image", e.flatcar.path, "--cache-dir", cache, "--dest", dest, "--file", "kubernetes-sysext="+big)
+	if r.code != 2 || !strings.Contains(r.stderr, "cannot hold") || !strings.Contains(r.stderr, "4593") {
+		t.Fatalf("oversized payload: exit %d, want 2 naming the sizes and the fix:\n%s", r.code, r.stderr)
+	}
+	if left, _ := os.ReadDir(dest); len(left) > 0 {
+		t.Errorf("a refused bake left %d files in --dest", len(left))
+	}
+}
