@@ -7,7 +7,6 @@ import (
 	"os/signal"
 	"path"
 	"path/filepath"
-	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -16,9 +15,7 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/agentbin"
 	"github.com/kilnproject/kiln/imagebuild/bake"
 	"github.com/kilnproject/kiln/imagebuild/baseimage"
-	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
-	"github.com/kilnproject/kiln/imagebuild/images"
 	"github.com/kilnproject/kiln/imagebuild/render"
 	"github.com/kilnproject/kiln/profiles"
 )
@@ -166,11 +163,21 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 	}
 	var payload []bake.PayloadFile
 	if c.Airgap {
-		var cleanup func()
-		if payload, cleanup, err = airgapPayload(ctx, g, o, c, role, t.Arch, cache); err != nil {
+		if err := os.MkdirAll(o.dest, 0o755); err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+		files, cleanup, err := airgapFiles(ctx, g, c, []nodeconfig.Role{role}, t.Arch, cache, o.files, o.dest)
+		defer cleanup()
+		if err != nil {
 			return err
 		}
-		defer cleanup()
+		osp, err := profiles.LookupOS(c.OS.Name)
+		if err != nil {
+			return fault.Wrap(fault.Input, err)
+		}
+		for _, f := range files {
+			payload = append(payload, bake.PayloadFile{Path: path.Join(osp.Payload.Dir, f.Name), Source: f.Path})
+		}
 	}
 	res, err := bake.Bake(ctx, bake.Options{
 		Target:   t,
@@ -197,80 +204,4 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 		lines = append(lines, "  compressed: "+res.Compressed)
 	}
 	return emit(g.stdout, o.output, res, lines...)
-}
-
-// airgapPayload gathers what an air-gapped node of role and arch carries:
-// each download its OS needs (a --file copy or the download cache, checked
-// against its pin) and the role's image archive, written from the image
-// cache into a temporary file in --dest that cleanup removes.
-func airgapPayload(ctx context.Context, g *globals, o *buildImageOptions, c *cluster.Cluster, role nodeconfig.Role, arch string, cache *baseimage.Cache) ([]bake.PayloadFile, func(), error) {
-	nothing := func() {}
-	local := map[string]string{}
-	for _, spec := range o.files {
-		name, p, ok := strings.Cut(spec, "=")
-		if !ok || name == "" || p == "" {
-			return nil, nothing, fault.Wrap(fault.Input, fmt.Errorf("--file %q: use NAME=PATH, for example kubernetes-sysext=./kubernetes.raw", spec))
-		}
-		local[name] = p
-	}
-	files, err := render.Payload(c, arch)
-	if err != nil {
-		return nil, nothing, err
-	}
-	osp, err := profiles.LookupOS(c.OS.Name)
-	if err != nil {
-		return nil, nothing, fault.Wrap(fault.Input, err)
-	}
-	var out []bake.PayloadFile
-	for _, f := range files {
-		if f.Download == nil {
-			continue
-		}
-		d := f.Download
-		digest := baseimage.Digest{Algo: "sha512", Hex: d.SHA512}
-		var src string
-		if p, ok := local[d.Name]; ok {
-			src, err = baseimage.CheckLocal(p, digest)
-			delete(local, d.Name)
-		} else {
-			src, err = cache.FetchFile(ctx, d.URL, digest)
-		}
-		if err != nil {
-			return nil, nothing, fmt.Errorf("airgap: %s: %w", d.Name, err)
-		}
-		out = append(out, bake.PayloadFile{Path: path.Join(osp.Payload.Dir, f.Name), Source: src})
-	}
-	for name := range local {
-		return nil, nothing, fault.Wrap(fault.Input, fmt.Errorf("--file %s=...: %s nodes carry no download of that name", name, c.OS.Name))
-	}
-
-	list, err := images.List(c)
-	if err != nil {
-		return nil, nothing, err
-	}
-	if err := os.MkdirAll(o.dest, 0o755); err != nil {
-		return nil, nothing, fault.Wrap(fault.IO, err)
-	}
-	tmp, err := os.CreateTemp(o.dest, ".kiln-images-*.tar")
-	if err != nil {
-		return nil, nothing, fault.Wrap(fault.IO, err)
-	}
-	cleanup := func() { os.Remove(tmp.Name()) }
-	st := &images.Store{Dir: filepath.Join(cache.Dir, "images")}
-	written, err := st.WriteArchive(ctx, tmp, images.ForRole(list, role), arch)
-	if err == nil {
-		err = tmp.Close()
-	} else {
-		tmp.Close()
-	}
-	if err != nil {
-		cleanup()
-		return nil, nothing, fmt.Errorf("airgap: %w", err)
-	}
-	var size int64
-	for _, im := range written {
-		size += im.Bytes
-	}
-	fmt.Fprintf(g.stderr, "airgap: %d images for %s %s (%.1f MiB)\n", len(written), role, arch, mib(size))
-	return append(out, bake.PayloadFile{Path: path.Join(osp.Payload.Dir, render.ImagesArchive), Source: tmp.Name()}), cleanup, nil
 }

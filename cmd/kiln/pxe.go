@@ -33,6 +33,7 @@ type pxeOptions struct {
 	kernelArgs  []string
 	matchboxURL string
 	download    downloadOptions
+	files       []string
 	force       bool
 	format      outputFormat
 }
@@ -104,6 +105,7 @@ keeps every token and kiln serve's state.`,
 	f.StringArrayVar(&o.kernelArgs, "kernel-arg", nil, "extra kernel argument for every node (repeatable), such as console=ttyS0,115200n8")
 	f.StringVar(&o.matchboxURL, "matchbox-url", "", "also write a matchbox export (matchbox/) for the matchbox at this URL, such as http://10.0.0.6:8080")
 	o.download.addFlags(f, "PXE files")
+	f.StringArrayVar(&o.files, "file", nil, "NAME=PATH: a local copy of download NAME for an air-gapped cluster's payload, checked against its pin (repeatable)")
 	f.BoolVar(&o.force, "force", false, "rebuild an existing bundle (keeps its tokens and kiln serve's state)")
 	o.format = "text"
 	f.Var(&o.format, "format", "result format: text or json")
@@ -142,6 +144,27 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	if o.kernel == "" {
 		// Installers write the release whose PXE files were verified.
 		opts.InstallVersion = opts.OSVersion
+	}
+	if len(o.files) > 0 && !c.Airgap {
+		return fault.Wrap(fault.Input, errors.New("--file is for air-gapped clusters (airgap: true in the cluster file)"))
+	}
+	if c.Airgap {
+		cache, err := o.download.cache(g)
+		if err != nil {
+			return err
+		}
+		scratch := filepath.Dir(filepath.Clean(o.output))
+		if err := os.MkdirAll(scratch, 0o755); err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+		files, cleanup, err := airgapFiles(ctx, g, c, nodeconfig.Roles, t.Arch, cache, o.files, scratch)
+		defer cleanup()
+		if err != nil {
+			return err
+		}
+		for _, f := range files {
+			opts.Payload = append(opts.Payload, pxe.AssetFile{Kind: pxe.AssetPayload, Path: f.Path, Name: f.Name})
+		}
 	}
 	res, err := pxe.Build(ctx, opts)
 	if err != nil {

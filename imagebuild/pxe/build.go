@@ -50,6 +50,10 @@ type Options struct {
 	Agent     []byte
 	OSVersion string
 	Assets    []AssetFile
+	// Payload, for an air-gapped cluster, are the files its nodes fetch
+	// from kiln serve (Kind AssetPayload; Name as render.Payload names
+	// them): the Kubernetes downloads and each role's image archive.
+	Payload []AssetFile
 	// ServerURL is where nodes reach kiln serve.
 	ServerURL string
 	// Modes maps a role to live or install (missing: install for init
@@ -304,18 +308,29 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	w := &writer{dir: tmp}
 
 	setDir := fmt.Sprintf("%s-%s-%s", o.Target.OS, o.Target.Arch, o.OSVersion)
-	for _, a := range o.Assets {
+	payloadSums := map[string]string{}
+	for _, a := range append(slices.Clone(o.Assets), o.Payload...) {
 		rel := filepath.Join(setDir, a.Name)
+		if a.Kind == AssetPayload {
+			rel = filepath.Join(setDir, PayloadDir, a.Name)
+		}
 		sum, size, err := w.asset(filepath.Join("assets", rel), a.Path)
 		if err != nil {
 			return nil, err
 		}
 		m.Assets = append(m.Assets, Asset{Kind: a.Kind, File: filepath.ToSlash(rel), SHA256: sum, Size: size})
+		if a.Kind == AssetPayload {
+			payloadSums[a.Name] = sum
+		}
 		fmt.Fprintf(o.Progress, "asset %s: %s (%.1f MiB)\n", a.Kind, rel, float64(size)/(1<<20))
 	}
 	if _, ok := m.Asset(AssetKernel); !ok {
 		return nil, fault.Wrap(fault.Input, errors.New("no kernel: give --kernel and --initramfs, or let kiln download them"))
 	}
+	if o.Cluster.Airgap && len(o.Payload) == 0 {
+		return nil, fault.Wrap(fault.Input, errors.New("the cluster is air-gapped but no payload was given"))
+	}
+	payloadURL := m.ServerURL + AssetPath + setDir + "/" + PayloadDir
 
 	res := &Result{Dir: o.Output, Profile: o.Target.Name, Server: m.ServerURL, Assets: m.Assets}
 	for i := range m.Nodes {
@@ -323,7 +338,15 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 			return nil, err
 		}
 		n := &m.Nodes[i]
-		nr, err := o.node(w, m, n, osp)
+		var served *render.ServedPayload
+		if o.Cluster.Airgap {
+			sum, ok := payloadSums[render.ImagesArchive(n.Role)]
+			if !ok {
+				return nil, fault.Wrap(fault.Input, fmt.Errorf("%s: the payload has no %s", n.Name, render.ImagesArchive(n.Role)))
+			}
+			served = &render.ServedPayload{URL: payloadURL, ArchiveSHA256: sum}
+		}
+		nr, err := o.node(w, m, n, osp, served)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", n.Name, err)
 		}
@@ -364,8 +387,8 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 
 // node renders one entry: its config (the node's own, or an installer
 // holding it), its iPXE script when it has a MAC, and its offline variant.
-func (o *Options) node(w *writer, m *Manifest, n *Node, osp *profiles.OS) (NodeResult, error) {
-	in := render.Input{Cluster: o.Cluster, Secrets: o.Secrets, Role: n.Role, Arch: o.Target.Arch, Agent: o.Agent, ReportURL: m.ReportURL(n)}
+func (o *Options) node(w *writer, m *Manifest, n *Node, osp *profiles.OS, served *render.ServedPayload) (NodeResult, error) {
+	in := render.Input{Cluster: o.Cluster, Secrets: o.Secrets, Role: n.Role, Arch: o.Target.Arch, Agent: o.Agent, ReportURL: m.ReportURL(n), Served: served}
 	if !n.Default {
 		in.NodeName = n.Name
 	}

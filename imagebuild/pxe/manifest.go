@@ -79,6 +79,9 @@ const (
 	AssetInitramfs = "initramfs"
 	// AssetRootfs is Fedora CoreOS's live root filesystem.
 	AssetRootfs = "rootfs"
+	// AssetPayload is a file an air-gapped node fetches (the Kubernetes
+	// binaries, its role's image archive), under PayloadDir.
+	AssetPayload = "payload"
 )
 
 // Asset is a file every node boots: kernel, initramfs, rootfs.
@@ -113,6 +116,10 @@ type Node struct {
 	// (install).
 	Config string `json:"config"`
 }
+
+// PayloadDir is the folder of the bundle's asset set that holds an
+// air-gapped cluster's payload (AssetPayload).
+const PayloadDir = "payload"
 
 // Asset returns the asset of a kind, if the bundle has it.
 func (m *Manifest) Asset(kind string) (Asset, bool) {

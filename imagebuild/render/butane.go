@@ -191,18 +191,22 @@ func butaneFor(in Input) (*butaneDoc, error) {
 		}
 		p := d.Expand(d.Path, c.Kubernetes.Version, arch)
 		switch {
-		case c.Airgap:
+		case c.Airgap && in.Served == nil:
 			// The disk image carries the file (Payload): link to it
 			// where it lies instead of downloading it.
-			carried := osp.Payload.NodePath(path.Base(p))
+			carried := payloadPath(osp, in, payloadName(osp, d, c, in.Arch))
 			if d.Link != "" {
 				st.Links = append(st.Links, butaneLink{Path: d.Link, Target: carried})
 			} else {
 				st.Links = append(st.Links, butaneLink{Path: p, Target: carried})
 			}
 		default:
+			url := pin.URL
+			if c.Airgap { // from kiln serve, same pin
+				url = in.Served.URL + "/" + payloadName(osp, d, c, in.Arch)
+			}
 			st.Files = append(st.Files, butaneFile{Path: p, Mode: mode(d.Mode), Contents: butaneContents{
-				Source:       pin.URL,
+				Source:       url,
 				Verification: &butaneVerification{Hash: "sha512-" + pin.SHA512},
 			}})
 			if d.Link != "" {
@@ -212,6 +216,14 @@ func butaneFor(in Input) (*butaneDoc, error) {
 		if d.ExtractTo != "" {
 			doc.Systemd.Units = append(doc.Systemd.Units, butaneUnit{Name: "kiln-" + d.Name + ".service", Enabled: true, Contents: extractUnit(d.Name, p, d.ExtractTo)})
 		}
+	}
+	if c.Airgap && in.Served != nil {
+		name := ImagesArchive(in.Role)
+		st.Directories = append(st.Directories, butaneDir{Path: FetchedPayloadDir, Mode: 0o755})
+		st.Files = append(st.Files, butaneFile{Path: payloadPath(osp, in, name), Mode: 0o644, Contents: butaneContents{
+			Source:       in.Served.URL + "/" + name,
+			Verification: &butaneVerification{Hash: "sha256-" + in.Served.ArchiveSHA256},
+		}})
 	}
 	if osp.ContainerdConfig != "" {
 		st.Files = append(st.Files, butaneFile{Path: osp.ContainerdConfig, Mode: 0o644, Overwrite: true, Contents: butaneContents{Inline: containerdConfig}})

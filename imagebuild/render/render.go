@@ -39,6 +39,9 @@ type Input struct {
 	Agent []byte
 	// ReportURL, if set, receives the agent's status (kiln serve).
 	ReportURL string
+	// Served, for an air-gapped cluster's network-booted node, is where
+	// Ignition fetches its payload; nil: its disk image carries it.
+	Served *ServedPayload
 }
 
 func (in Input) check() error {
@@ -128,7 +131,7 @@ func renderNode(in Input) (*node, error) {
 		}
 	}
 	if c.Airgap {
-		if nc.Images, err = airgapImages(c, in.Role); err != nil {
+		if nc.Images, err = airgapImages(in); err != nil {
 			return nil, err
 		}
 	}
@@ -138,30 +141,43 @@ func renderNode(in Input) (*node, error) {
 	return n, nil
 }
 
-// ImagesArchive is the name of the container image archive in an
-// air-gapped node's payload folder.
-const ImagesArchive = "images.tar"
+// ImagesArchive is the file name of role's container image archive in an
+// air-gapped node's payload.
+func ImagesArchive(role nodeconfig.Role) string { return "images-" + string(role) + ".tar" }
 
-// PayloadFile is one file an air-gapped node's disk image carries in its
-// OS's payload folder (profiles.Payload).
+// FetchedPayloadDir is where a network-booted air-gapped node keeps the
+// payload files Ignition fetched from kiln serve (Input.Served).
+const FetchedPayloadDir = "/var/lib/kiln/payload"
+
+// ServedPayload says where a network-booted air-gapped node fetches its
+// payload: every file of Payload, by name, under URL (kiln serve), each
+// checked by Ignition against its hash.
+type ServedPayload struct {
+	// URL is the folder the payload files are served from, without a
+	// trailing slash.
+	URL string
+	// ArchiveSHA256 is the hex sha256 of the role's image archive.
+	ArchiveSHA256 string
+}
+
+// PayloadFile is one file an air-gapped node carries (disk images: in
+// its OS's payload folder, profiles.Payload) or fetches (network boot:
+// ServedPayload).
 type PayloadFile struct {
-	// Name is the file's name in the payload folder.
+	// Name is the file's name in the payload.
 	Name string
-	// Download is the pinned download the file is; nil for the container
-	// image archive (ImagesArchive).
+	// Download is the pinned download the file is; nil for the role's
+	// container image archive (ImagesArchive).
 	Download *cluster.Download
 }
 
-// Payload lists the files an air-gapped node of arch carries: every
-// download its OS needs, then the image archive. Every download must be
-// pinned.
-func Payload(c *cluster.Cluster, arch string) ([]PayloadFile, error) {
-	osp, err := profiles.LookupOS(c.OS.Name)
+// Payload lists the files an air-gapped node of role and arch needs:
+// every download its OS needs, then the role's image archive. Every
+// download must be pinned.
+func Payload(c *cluster.Cluster, role nodeconfig.Role, arch string) ([]PayloadFile, error) {
+	osp, err := payloadOS(c)
 	if err != nil {
-		return nil, fault.Wrap(fault.Input, err)
-	}
-	if osp.Payload == nil {
-		return nil, fault.Wrap(fault.Unsupported, fmt.Errorf("%s nodes cannot be air-gapped yet", osp.Name))
+		return nil, err
 	}
 	var out []PayloadFile
 	for _, d := range osp.Downloads {
@@ -169,9 +185,33 @@ func Payload(c *cluster.Cluster, arch string) ([]PayloadFile, error) {
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, PayloadFile{Name: path.Base(d.Expand(d.Path, c.Kubernetes.Version, osp.Arches[arch])), Download: &pin})
+		out = append(out, PayloadFile{Name: payloadName(osp, d, c, arch), Download: &pin})
 	}
-	return append(out, PayloadFile{Name: ImagesArchive}), nil
+	return append(out, PayloadFile{Name: ImagesArchive(role)}), nil
+}
+
+// payloadName is a download's file name in the payload.
+func payloadName(osp *profiles.OS, d profiles.Download, c *cluster.Cluster, arch string) string {
+	return path.Base(d.Expand(d.Path, c.Kubernetes.Version, osp.Arches[arch]))
+}
+
+// payloadPath is where the node finds payload file name.
+func payloadPath(osp *profiles.OS, in Input, name string) string {
+	if in.Served != nil {
+		return path.Join(FetchedPayloadDir, name)
+	}
+	return osp.Payload.NodePath(name)
+}
+
+func payloadOS(c *cluster.Cluster) (*profiles.OS, error) {
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil, fault.Wrap(fault.Input, err)
+	}
+	if osp.Payload == nil {
+		return nil, fault.Wrap(fault.Unsupported, fmt.Errorf("%s nodes cannot be air-gapped yet", osp.Name))
+	}
+	return osp, nil
 }
 
 // pinned returns the download's pin for arch, or an error naming the fix.
@@ -185,25 +225,23 @@ func pinned(c *cluster.Cluster, name, arch string) (cluster.Download, error) {
 	return pin, nil
 }
 
-// airgapImages is the image archive of an air-gapped node of role: every
-// image the role runs, pinned.
-func airgapImages(c *cluster.Cluster, role nodeconfig.Role) (*nodeconfig.Images, error) {
+// airgapImages is the image archive of an air-gapped node: every image
+// its role runs, pinned.
+func airgapImages(in Input) (*nodeconfig.Images, error) {
+	c := in.Cluster
 	list, err := images.List(c)
 	if err != nil {
 		return nil, err
 	}
-	list = images.ForRole(list, role)
+	list = images.ForRole(list, in.Role)
 	if err := images.RequirePinned(list); err != nil {
 		return nil, fmt.Errorf("airgap: %w", err)
 	}
-	osp, err := profiles.LookupOS(c.OS.Name)
+	osp, err := payloadOS(c)
 	if err != nil {
-		return nil, fault.Wrap(fault.Input, err)
+		return nil, err
 	}
-	if osp.Payload == nil {
-		return nil, fault.Wrap(fault.Unsupported, fmt.Errorf("%s nodes cannot be air-gapped yet", osp.Name))
-	}
-	im := &nodeconfig.Images{Archive: osp.Payload.NodePath(ImagesArchive)}
+	im := &nodeconfig.Images{Archive: payloadPath(osp, in, ImagesArchive(in.Role))}
 	for _, e := range list {
 		im.References = append(im.References, e.NodeName()+"@"+e.Digest)
 	}

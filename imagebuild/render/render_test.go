@@ -613,8 +613,8 @@ func TestAirgap(t *testing.T) {
 			t.Fatal(err)
 		}
 		want := len(images.ForRole(list, role))
-		if nc.Images == nil || nc.Images.Archive != "/oem/kiln/images.tar" || len(nc.Images.References) != want {
-			t.Fatalf("%s: node images %+v, want %d references in /oem/kiln/images.tar", role, nc.Images, want)
+		if nc.Images == nil || nc.Images.Archive != "/oem/kiln/"+ImagesArchive(role) || len(nc.Images.References) != want {
+			t.Fatalf("%s: node images %+v, want %d references in /oem/kiln/%s", role, nc.Images, want, ImagesArchive(role))
 		}
 		for _, r := range nc.Images.References {
 			if strings.Contains(r, "etcd") && role == nodeconfig.RoleWorker {

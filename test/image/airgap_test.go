@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -21,6 +22,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"gopkg.in/yaml.v3"
+
+	"github.com/kilnproject/kiln/imagebuild/pxe"
 )
 
 // containerdVersion is the containerd test/tools/build.sh builds
@@ -116,17 +119,18 @@ func TestAirgapImageCarriesEverything(t *testing.T) {
 			must(t, "btrfs", "restore", oem, tree)
 			sysext, _ := os.ReadFile(artifact)
 			files := map[string][]byte{"config.ign": config, "kiln/kubernetes-v1.37.2-x86-64.raw": sysext}
-			archive, err := os.ReadFile(filepath.Join(tree, "kiln", "images.tar"))
+			archivePath := filepath.Join(tree, "kiln", "images-"+role+".tar")
+			archive, err := os.ReadFile(archivePath)
 			if err != nil {
 				t.Fatal(err)
 			}
-			files["kiln/images.tar"] = archive
+			files["kiln/images-"+role+".tar"] = archive
 			mountAndCompare(t, br.Image, "OEM", "btrfs", files)
 			if leftovers, _ := filepath.Glob(filepath.Join(dest, ".kiln-*")); len(leftovers) > 0 {
 				t.Errorf("bake left %v in --dest", leftovers)
 			}
 
-			listed := containerdImport(t, filepath.Join(tree, "kiln", "images.tar"))
+			listed := containerdImport(t, archivePath)
 			for _, im := range all {
 				carried := strings.Contains(strings.Join(im.Roles, ","), role)
 				got, ok := listed[im.Reference]
@@ -215,5 +219,103 @@ func TestAirgapPayloadMustFit(t *testing.T) {
 	}
 	if left, _ := os.ReadDir(dest); len(left) > 0 {
 		t.Errorf("a refused bake left %d files in --dest", len(left))
+	}
+}
+
+// payloadInit is the air-gapped PXE guest's /init: markerInit's network
+// and config fetch, then every http(s) source the config names is fetched
+// as Ignition would, printing its sha256 and URL.
+const payloadInit = `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+echo 1 >/proc/sys/kernel/printk
+for m in /lib/modules/*.ko; do insmod "$m" || echo "KILN-FAILED insmod $m"; done
+set -f
+for i in $(seq 100); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+ip link set lo up; ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
+for a in $(cat /proc/cmdline); do case "$a" in ignition.config.url=*) url="${a#ignition.config.url=}";; esac; done
+wget -q -O /config.ign "$url" || echo "KILN-FAILED wget $url"
+for src in $(grep -o '"source": *"http[^"]*"' /config.ign | sed 's/^"source": *"//; s/"$//'); do
+	if wget -q -O /payload "$src"; then
+		echo "KILN-PAYLOAD $(sha256sum /payload | cut -d' ' -f1) $src"
+	else
+		echo "KILN-FAILED wget $src"
+	fi
+done
+echo KILN-DONE
+poweroff -f
+`
+
+// TestAirgapPXE: a network-booted worker of an air-gapped cluster (QEMU's
+// iPXE ROM, as in TestRealPXEClient) gets a config whose every download
+// is kiln serve's (the sysext, pinned by SHA-512 as before, and the
+// worker's image archive by sha256), and fetches each of them from kiln
+// serve with the bytes the bundle holds.
+func TestAirgapPXE(t *testing.T) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Fatal("qemu-system-x86_64 not found: install Debian's qemu-system-x86 and ipxe-qemu (.ci/install-deps)")
+	}
+	if out, err := exec.Command(filepath.Join(repo, "test", "tools", "qemu-kernels.sh"), "amd64").CombinedOutput(); err != nil {
+		t.Fatalf("test/tools/qemu-kernels.sh: %v\n%s", err, out)
+	}
+	e := setup(t)
+	cache := t.TempDir()
+	cf, _ := airgapCluster(t, e, cache)
+	appendFile(t, cf, "nodes:\n  - {name: w-1, role: worker, mac: \""+knownMAC+"\"}\n")
+	kdir := filepath.Join(toolsDir(), "amd64")
+	dir := t.TempDir()
+	initrd := filepath.Join(dir, "payload.cpio")
+	writeInitramfs(t, initrd, kdir, payloadInit, []string{"virtio_pci", "virtio_net"})
+	port := freePort(t)
+	server := fmt.Sprintf("http://10.0.2.2:%d", port)
+	bundle := filepath.Join(dir, "bundle")
+	kilnOK(t, nil, "-c", cf, "pxe", "--output", bundle, "--server-url", server, "--cache-dir", cache,
+		"--file", "kubernetes-sysext="+filepath.Join(e.dir, "artifact"),
+		"--kernel", filepath.Join(kdir, "vmlinuz"), "--initramfs", initrd, "--kernel-arg", "console=ttyS0", "--kernel-arg", "panic=-1")
+	m, err := pxe.ReadManifest(bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload := map[string]string{} // URL -> sha256 of the bundle's file
+	for _, a := range m.Assets {
+		if a.Kind == pxe.AssetPayload {
+			payload[server+pxe.AssetPath+a.File] = a.SHA256
+		}
+	}
+	if len(payload) != 4 { // the sysext and three archives
+		t.Fatalf("the bundle's payload: %v, want the sysext and an archive per role", payload)
+	}
+	accessLog := startServe(t, bundle, port)
+	console := pxeBoot(t, port, knownMAC, "KILN-DONE")
+	if strings.Contains(console, "KILN-FAILED") {
+		t.Fatalf("the guest failed a fetch; console:\n%s", console)
+	}
+	fetched := map[string]bool{}
+	for _, line := range strings.Split(console, "\n") {
+		f := strings.Fields(strings.TrimSpace(line))
+		if len(f) != 3 || f[0] != "KILN-PAYLOAD" {
+			continue
+		}
+		want, ok := payload[f[2]]
+		switch {
+		case !ok:
+			t.Errorf("the worker fetched %s, which is not kiln serve's payload", f[2])
+		case f[1] != want:
+			t.Errorf("%s: the worker got sha256 %s, the bundle holds %s", f[2], f[1], want)
+		}
+		fetched[path.Base(f[2])] = true
+	}
+	if !fetched["kubernetes-v1.37.2-x86-64.raw"] || !fetched["images-worker.tar"] || len(fetched) != 2 {
+		t.Fatalf("the worker fetched %v, want the sysext and images-worker.tar only; console:\n%s", fetched, console)
+	}
+	var sawPayload int
+	for _, line := range readLines(t, accessLog) {
+		if strings.Contains(line, "/"+pxe.PayloadDir+"/") && strings.Contains(line, " 200") {
+			sawPayload++
+		}
+	}
+	if sawPayload != 2 {
+		t.Errorf("kiln serve's log shows %d payload downloads, want 2", sawPayload)
 	}
 }
