@@ -105,6 +105,11 @@ type PXEBoot struct {
 	// Install is the command that writes the OS and a config to a disk.
 	// It may use {disk}, {config}, {channel} and {version}.
 	Install []string `yaml:"install"`
+	// InstallFrom, if set, are arguments added to Install to take the OS
+	// image from a mirror at {baseurl} (kiln serve) instead of the
+	// vendor's servers; the mirror serves {baseurl}/{version}/IMAGE and
+	// IMAGE.sig, IMAGE the release's image file.
+	InstallFrom []string `yaml:"installFrom,omitempty"`
 }
 
 // Link is a symbolic link at Path pointing to Target.

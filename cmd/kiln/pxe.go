@@ -148,6 +148,9 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	if len(o.files) > 0 && !c.Airgap {
 		return fault.Wrap(fault.Input, errors.New("--file is for air-gapped clusters (airgap: true in the cluster file)"))
 	}
+	if c.Airgap && o.kernel != "" && installs(modes) {
+		return fault.Wrap(fault.Input, pxe.ErrNoInstallImage)
+	}
 	if c.Airgap {
 		cache, err := o.download.cache(g)
 		if err != nil {
@@ -164,6 +167,24 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 		}
 		for _, f := range files {
 			opts.Payload = append(opts.Payload, pxe.AssetFile{Kind: pxe.AssetPayload, Path: f.Path, Name: f.Name})
+		}
+		if o.kernel == "" && installs(modes) {
+			src, err := o.download.source(t, c)
+			if err != nil {
+				return err
+			}
+			rel, image, sig, err := cache.FetchInstallImage(ctx, src)
+			if err != nil {
+				return err
+			}
+			if rel.Version != opts.InstallVersion {
+				return fault.Wrap(fault.Download, fmt.Errorf("the OS image is release %s but the PXE files are %s: run kiln pxe again", rel.Version, opts.InstallVersion))
+			}
+			name := path.Base(strings.SplitN(rel.URL, "?", 2)[0])
+			opts.InstallImage = []pxe.AssetFile{
+				{Kind: pxe.AssetInstallImage, Path: image, Name: name},
+				{Kind: pxe.AssetInstallSignature, Path: sig, Name: name + ".sig"},
+			}
 		}
 	}
 	res, err := pxe.Build(ctx, opts)
@@ -242,4 +263,18 @@ func (o *pxeOptions) assets(ctx context.Context, g *globals, t *profiles.Target,
 		out = append(out, pxe.AssetFile{Kind: f.Kind, Path: paths[i], Name: path.Base(strings.SplitN(f.URL, "?", 2)[0])})
 	}
 	return out, version, nil
+}
+
+// installs reports whether any role boots in install mode.
+func installs(modes map[nodeconfig.Role]string) bool {
+	for _, r := range nodeconfig.Roles {
+		m, ok := modes[r]
+		if !ok {
+			m = pxe.DefaultMode(r)
+		}
+		if m == pxe.ModeInstall {
+			return true
+		}
+	}
+	return false
 }

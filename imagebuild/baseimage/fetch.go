@@ -23,6 +23,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
 
+	"github.com/kilnproject/kiln/imagebuild/atomicfile"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/progress"
 	"github.com/kilnproject/kiln/imagebuild/sparse"
@@ -182,13 +183,23 @@ func (c *Cache) verify(ctx context.Context, part string, rel *Release, keyring o
 	if rel.SignatureURL == "" {
 		return nil
 	}
+	if _, err := c.fetchSignature(ctx, part, rel, keyring); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.Progress, "verified %s (%s, OpenPGP signature good)\n", filepath.Base(rel.URL), rel.Digest.Algo)
+	return nil
+}
+
+// fetchSignature downloads rel's detached signature and checks that it
+// signs the file p with a key of keyring.
+func (c *Cache) fetchSignature(ctx context.Context, p string, rel *Release, keyring openpgp.EntityList) ([]byte, error) {
 	sig, err := getSmall(ctx, c.Client, rel.SignatureURL)
 	if err != nil {
-		return fault.Wrap(fault.Download, fmt.Errorf("%s is unsigned or its signature cannot be fetched: %w", rel.URL, err))
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("%s is unsigned or its signature cannot be fetched: %w", rel.URL, err))
 	}
-	f, err := os.Open(part)
+	f, err := os.Open(p)
 	if err != nil {
-		return fault.Wrap(fault.IO, err)
+		return nil, fault.Wrap(fault.IO, err)
 	}
 	defer f.Close()
 	if bytes.HasPrefix(sig, []byte("-----BEGIN")) {
@@ -197,10 +208,41 @@ func (c *Cache) verify(ctx context.Context, part string, rel *Release, keyring o
 		_, err = openpgp.CheckDetachedSignature(keyring, f, bytes.NewReader(sig), nil)
 	}
 	if err != nil {
-		return fault.Wrap(fault.Download, fmt.Errorf("%s: the OpenPGP signature does not verify against the signing key: %w; the download was deleted", rel.URL, err))
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("%s: the OpenPGP signature does not verify against the signing key: %w; the download was deleted", rel.URL, err))
 	}
-	fmt.Fprintf(c.Progress, "verified %s (%s, OpenPGP signature good)\n", filepath.Base(rel.URL), rel.Digest.Algo)
-	return nil
+	return sig, nil
+}
+
+// FetchInstallImage returns the cached, verified compressed OS image of
+// s's release and its detached signature beside it (IMAGE.sig): what an
+// installer such as flatcar-install downloads and checks itself, for a
+// network-boot bundle to serve. Flatcar only (its releases are signed).
+func (c *Cache) FetchInstallImage(ctx context.Context, s Source) (rel *Release, image, sig string, err error) {
+	if rel, err = Resolve(ctx, c.Client, s); err != nil {
+		return nil, "", "", err
+	}
+	if rel.SignatureURL == "" {
+		return nil, "", "", fault.Wrap(fault.Unsupported, fmt.Errorf("%s releases are not signed: kiln cannot serve their installer image", s.Target.OS))
+	}
+	keyring, err := s.keyring()
+	if err != nil {
+		return nil, "", "", err
+	}
+	if image, err = c.FetchVerified(ctx, rel, keyring); err != nil {
+		return nil, "", "", err
+	}
+	sig = image + ".sig"
+	if _, err := os.Stat(sig); err == nil {
+		return rel, image, sig, nil
+	}
+	data, err := c.fetchSignature(ctx, image, rel, keyring)
+	if err != nil {
+		return nil, "", "", err
+	}
+	if err := atomicfile.Write(sig, data, 0o644, true); err != nil {
+		return nil, "", "", err
+	}
+	return rel, image, sig, nil
 }
 
 // newHash returns the hash of a digest algorithm: sha512 or sha256.

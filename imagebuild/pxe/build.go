@@ -54,6 +54,11 @@ type Options struct {
 	// from kiln serve (Kind AssetPayload; Name as render.Payload names
 	// them): the Kubernetes downloads and each role's image archive.
 	Payload []AssetFile
+	// InstallImage, for an air-gapped cluster with install-mode nodes,
+	// are the OS image of InstallVersion and its signature (Kinds
+	// AssetInstallImage, AssetInstallSignature), which installers fetch
+	// from kiln serve instead of the vendor's servers.
+	InstallImage []AssetFile
 	// ServerURL is where nodes reach kiln serve.
 	ServerURL string
 	// Modes maps a role to live or install (missing: install for init
@@ -309,10 +314,13 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 
 	setDir := fmt.Sprintf("%s-%s-%s", o.Target.OS, o.Target.Arch, o.OSVersion)
 	payloadSums := map[string]string{}
-	for _, a := range append(slices.Clone(o.Assets), o.Payload...) {
+	for _, a := range slices.Concat(o.Assets, o.Payload, o.InstallImage) {
 		rel := filepath.Join(setDir, a.Name)
-		if a.Kind == AssetPayload {
+		switch a.Kind {
+		case AssetPayload:
 			rel = filepath.Join(setDir, PayloadDir, a.Name)
+		case AssetInstallImage, AssetInstallSignature:
+			rel = filepath.Join(setDir, InstallDir, o.InstallVersion, a.Name)
 		}
 		sum, size, err := w.asset(filepath.Join("assets", rel), a.Path)
 		if err != nil {
@@ -331,6 +339,9 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		return nil, fault.Wrap(fault.Input, errors.New("the cluster is air-gapped but no payload was given"))
 	}
 	payloadURL := m.ServerURL + AssetPath + setDir + "/" + PayloadDir
+	if o.Cluster.Airgap && len(o.InstallImage) == 0 && slices.ContainsFunc(m.Nodes, func(n Node) bool { return n.Mode == ModeInstall }) {
+		return nil, fault.Wrap(fault.Input, ErrNoInstallImage)
+	}
 
 	res := &Result{Dir: o.Output, Profile: o.Target.Name, Server: m.ServerURL, Assets: m.Assets}
 	for i := range m.Nodes {
@@ -346,7 +357,7 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 			}
 			served = &render.ServedPayload{URL: payloadURL, ArchiveSHA256: sum}
 		}
-		nr, err := o.node(w, m, n, osp, served)
+		nr, err := o.node(w, m, n, osp, served, m.ServerURL+AssetPath+setDir+"/"+InstallDir)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", n.Name, err)
 		}
@@ -387,7 +398,9 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 
 // node renders one entry: its config (the node's own, or an installer
 // holding it), its iPXE script when it has a MAC, and its offline variant.
-func (o *Options) node(w *writer, m *Manifest, n *Node, osp *profiles.OS, served *render.ServedPayload) (NodeResult, error) {
+// An air-gapped cluster's node fetches its payload as served says, and an
+// installer the OS image from installFrom.
+func (o *Options) node(w *writer, m *Manifest, n *Node, osp *profiles.OS, served *render.ServedPayload, installFrom string) (NodeResult, error) {
 	in := render.Input{Cluster: o.Cluster, Secrets: o.Secrets, Role: n.Role, Arch: o.Target.Arch, Agent: o.Agent, ReportURL: m.ReportURL(n), Served: served}
 	if !n.Default {
 		in.NodeName = n.Name
@@ -397,7 +410,11 @@ func (o *Options) node(w *writer, m *Manifest, n *Node, osp *profiles.OS, served
 		return NodeResult{}, err
 	}
 	if n.Mode == ModeInstall {
-		if config, err = render.Installer(render.InstallInput{Cluster: o.Cluster, Config: config, Disk: n.Disk, Version: o.InstallVersion, DoneURL: m.ReportURL(n)}); err != nil {
+		ii := render.InstallInput{Cluster: o.Cluster, Config: config, Disk: n.Disk, Version: o.InstallVersion, DoneURL: m.ReportURL(n)}
+		if o.Cluster.Airgap {
+			ii.ImageURL = installFrom
+		}
+		if config, err = render.Installer(ii); err != nil {
 			return NodeResult{}, err
 		}
 	}
@@ -416,6 +433,10 @@ func (o *Options) node(w *writer, m *Manifest, n *Node, osp *profiles.OS, served
 	w.file(filepath.Join(nr.Offline, "boot.ipxe"), []byte(m.OfflineScript(n, OfflineConfig)), 0o600)
 	return nr, w.err
 }
+
+// ErrNoInstallImage: an air-gapped bundle with install-mode nodes was
+// given no OS image for them.
+var ErrNoInstallImage = errors.New("air-gapped install-mode nodes install the OS from kiln serve, so the bundle needs the release's image: let kiln pxe download the PXE files (no --kernel/--initramfs), or boot those roles live (--mode ROLE=live)")
 
 // OfflineConfig is the file name of a node's config initramfs in its
 // offline folder.

@@ -82,6 +82,11 @@ const (
 	// AssetPayload is a file an air-gapped node fetches (the Kubernetes
 	// binaries, its role's image archive), under PayloadDir.
 	AssetPayload = "payload"
+	// AssetInstallImage and AssetInstallSignature are the OS image an
+	// air-gapped install-mode node writes to its disk and its detached
+	// signature, under InstallDir/VERSION/.
+	AssetInstallImage     = "install-image"
+	AssetInstallSignature = "install-signature"
 )
 
 // Asset is a file every node boots: kernel, initramfs, rootfs.
@@ -120,6 +125,10 @@ type Node struct {
 // PayloadDir is the folder of the bundle's asset set that holds an
 // air-gapped cluster's payload (AssetPayload).
 const PayloadDir = "payload"
+
+// InstallDir is the folder of the bundle's asset set that mirrors the OS
+// release for installers (profiles.PXEBoot.InstallFrom).
+const InstallDir = "install"
 
 // Asset returns the asset of a kind, if the bundle has it.
 func (m *Manifest) Asset(kind string) (Asset, bool) {

@@ -47,6 +47,9 @@ type InstallInput struct {
 	// DoneURL, if set, receives a status POST once the OS is on the disk
 	// (kiln serve then sends the node to its disk on the next boot).
 	DoneURL string
+	// ImageURL, if set, is the mirror the OS image is installed from
+	// (profiles.PXEBoot.InstallFrom), not the vendor's servers.
+	ImageURL string
 }
 
 // CheckDisk checks an install target: a device path that can go into a
@@ -82,9 +85,20 @@ func Installer(in InstallInput) ([]byte, error) {
 	if version == "" {
 		version = c.OS.Version
 	}
-	r := strings.NewReplacer("{disk}", in.Disk, "{config}", InstallConfigPath, "{channel}", c.OS.Channel, "{version}", version)
+	r := strings.NewReplacer("{disk}", in.Disk, "{config}", InstallConfigPath, "{channel}", c.OS.Channel, "{version}", version, "{baseurl}", in.ImageURL)
 	for i, a := range osp.PXE.Install {
 		cmd[i] = r.Replace(a)
+	}
+	if in.ImageURL != "" {
+		if len(osp.PXE.InstallFrom) == 0 {
+			return nil, fault.Wrap(fault.Unsupported, fmt.Errorf("%s's installer cannot install from kiln serve", osp.Name))
+		}
+		if strings.ContainsAny(in.ImageURL, "\"$`\\ \n%") {
+			return nil, fmt.Errorf("install image URL %q: must not need quoting", in.ImageURL)
+		}
+		for _, a := range osp.PXE.InstallFrom {
+			cmd = append(cmd, r.Replace(a))
+		}
 	}
 	unit := fmt.Sprintf(`[Unit]
 Description=kiln: write %s and this node's config to %s, then reboot into it

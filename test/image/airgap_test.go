@@ -272,7 +272,8 @@ func TestAirgapPXE(t *testing.T) {
 	bundle := filepath.Join(dir, "bundle")
 	kilnOK(t, nil, "-c", cf, "pxe", "--output", bundle, "--server-url", server, "--cache-dir", cache,
 		"--file", "kubernetes-sysext="+filepath.Join(e.dir, "artifact"),
-		"--kernel", filepath.Join(kdir, "vmlinuz"), "--initramfs", initrd, "--kernel-arg", "console=ttyS0", "--kernel-arg", "panic=-1")
+		"--kernel", filepath.Join(kdir, "vmlinuz"), "--initramfs", initrd, "--kernel-arg", "console=ttyS0", "--kernel-arg", "panic=-1",
+		"--mode", "init=live", "--mode", "control-plane=live") // installers need the release's image: TestAirgapPXEInstall
 	m, err := pxe.ReadManifest(bundle)
 	if err != nil {
 		t.Fatal(err)
@@ -317,5 +318,53 @@ func TestAirgapPXE(t *testing.T) {
 	}
 	if sawPayload != 2 {
 		t.Errorf("kiln serve's log shows %d payload downloads, want 2", sawPayload)
+	}
+}
+
+// TestAirgapPXEInstall: an air-gapped bundle with install-mode nodes
+// carries the OS release kiln verified (the image and its signature, as
+// published), and its installers take it from kiln serve (flatcar-install
+// -b), where the signature verifies with the release key as
+// flatcar-install checks it. With local PXE files and no release image,
+// kiln pxe refuses and says what to do.
+func TestAirgapPXEInstall(t *testing.T) {
+	e := setup(t)
+	cache := t.TempDir()
+	cf, _ := airgapCluster(t, e, cache)
+	artifact := "kubernetes-sysext=" + filepath.Join(e.dir, "artifact")
+	env := []string{"SSL_CERT_FILE=" + e.certFile}
+	bundle := filepath.Join(t.TempDir(), "b")
+	kilnOK(t, env, "-c", cf, "pxe", "--output", bundle, "--server-url", "http://10.0.0.5:8080", "--cache-dir", cache,
+		"--mirror", e.srv.URL+"/{channel}", "--signing-key", e.goodKey, "--file", artifact)
+	m, err := pxe.ReadManifest(bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := "flatcar-amd64-" + flatcarVersion + "/install"
+	image := filepath.Join(bundle, "assets", dir, flatcarVersion, "flatcar_production_image.bin.bz2")
+	got, err := os.ReadFile(image)
+	if err != nil || !bytes.Equal(got, e.flatcarBz2) {
+		t.Fatalf("the bundle's install image is not the published release (%v)", err)
+	}
+	keyring := filepath.Join(t.TempDir(), "keyring.gpg")
+	must(t, "gpg", "--batch", "--no-default-keyring", "--keyring", keyring, "--import", e.goodKey)
+	must(t, "gpg", "--batch", "--no-default-keyring", "--keyring", keyring, "--verify", image+".sig", image)
+
+	cp, _ := m.Node("default-control-plane")
+	config, _ := os.ReadFile(filepath.Join(bundle, cp.Config))
+	if want := "-b http://10.0.0.5:8080/assets/" + dir; !bytes.Contains(config, []byte(want)) {
+		t.Errorf("the control plane's installer does not install from kiln serve (%q)", want)
+	}
+	port := freePort(t)
+	startServe(t, bundle, port)
+	served := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/assets/%s/%s/flatcar_production_image.bin.bz2", port, dir, flatcarVersion))
+	if !bytes.Equal(served, e.flatcarBz2) {
+		t.Error("kiln serve does not serve the install image as published")
+	}
+
+	r := kilnRun(t, env, "-c", cf, "pxe", "--output", filepath.Join(t.TempDir(), "b"), "--server-url", "http://10.0.0.5:8080", "--cache-dir", cache,
+		"--kernel", image, "--initramfs", image+".sig", "--file", artifact)
+	if r.code != 2 || !strings.Contains(r.stderr, "--mode ROLE=live") {
+		t.Fatalf("local PXE files, install-mode nodes: exit %d, want 2 naming the fix:\n%s", r.code, r.stderr)
 	}
 }
