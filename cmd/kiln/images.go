@@ -109,7 +109,7 @@ func (o *imageSourceOptions) store() (*images.Store, error) {
 
 func (o *imageSourceOptions) source(st *images.Store) (images.Source, error) {
 	if o.from == "" {
-		return images.Registry{}, nil
+		return images.NewRegistry()
 	}
 	return images.OpenLayout(o.from, filepath.Join(st.Dir, "tmp"))
 }

@@ -40,7 +40,7 @@ type testRegistry struct {
 	blobs  atomic.Int64 // blob GETs served
 }
 
-func newTestRegistry(t *testing.T) *testRegistry {
+func newTestRegistry(t testing.TB) *testRegistry {
 	t.Helper()
 	r := &testRegistry{}
 	r.tamper.Store("")
@@ -66,12 +66,17 @@ func newTestRegistry(t *testing.T) *testRegistry {
 }
 
 // pushIndex pushes a two-arch index (amd64, arm64) of random images with
-// layers layers each, and returns its reference and digest.
-func (r *testRegistry) pushIndex(t *testing.T, repo string, layers int64) (string, string) {
+// layers layers of size bytes each (64 KiB if no size is given), and
+// returns its reference and digest.
+func (r *testRegistry) pushIndex(t testing.TB, repo string, layers int64, size ...int64) (string, string) {
 	t.Helper()
+	layerSize := int64(64 << 10)
+	if len(size) > 0 {
+		layerSize = size[0]
+	}
 	idx := v1.ImageIndex(empty.Index)
 	for _, arch := range []string{"amd64", "arm64"} {
-		img, err := random.Image(64<<10, layers)
+		img, err := random.Image(layerSize, layers)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -114,13 +119,13 @@ func TestPinPullArchive(t *testing.T) {
 	reg := newTestRegistry(t)
 	ref, digest := reg.pushIndex(t, "kiln/app", 2)
 
-	changed, err := Pin(ctx, []Entry{{Name: "app", Reference: ref}}, Registry{}, false)
+	changed, err := Pin(ctx, []Entry{{Name: "app", Reference: ref}}, newRegistry(t), false)
 	if err != nil || len(changed) != 1 || changed[0].Digest != digest {
 		t.Fatalf("Pin = %+v, %v; want digest %s", changed, err, digest)
 	}
 
 	st := &Store{Dir: t.TempDir()}
-	res, err := st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"arm64"}, Registry{}, io.Discard)
+	res, err := st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"arm64"}, newRegistry(t), io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +134,7 @@ func TestPinPullArchive(t *testing.T) {
 		t.Fatalf("after pull: %d blobs stored, result %+v; want 5, all fetched", got, res[0])
 	}
 	served := reg.blobs.Load()
-	res, err = st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"arm64"}, Registry{}, io.Discard)
+	res, err = st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"arm64"}, newRegistry(t), io.Discard)
 	if err != nil || res[0].Fetched != 0 || reg.blobs.Load() != served {
 		t.Fatalf("second pull fetched %d bytes (%d blob requests); want none from cache: %v", res[0].Fetched, reg.blobs.Load()-served, err)
 	}
@@ -187,7 +192,7 @@ func TestPullRefusesTamperedBlob(t *testing.T) {
 	reg := newTestRegistry(t)
 	ref, digest := reg.pushIndex(t, "kiln/tampered", 1)
 	st := &Store{Dir: t.TempDir()}
-	im, err := resolve(entry(ref, digest), "amd64", func(d string) ([]byte, error) { return Registry{}.Manifest(ctx, ref, d) })
+	im, err := resolve(entry(ref, digest), "amd64", func(d string) ([]byte, error) { return newRegistry(t).Manifest(ctx, ref, d) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +201,7 @@ func TestPullRefusesTamperedBlob(t *testing.T) {
 
 	// kiln's own check, whatever the library does: a source that returns
 	// the altered bytes without complaint.
-	for _, src := range []Source{Registry{}, rawBlobs{Registry{}, "http://" + reg.host}} {
+	for _, src := range []Source{newRegistry(t), rawBlobs{newRegistry(t), "http://" + reg.host}} {
 		_, err = st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"amd64"}, src, io.Discard)
 		if err == nil || fault.KindOf(err) != fault.Download {
 			t.Fatalf("%T: pull of a tampered layer = %v (kind %v), want a download error (exit 5)", src, err, fault.KindOf(err))
@@ -208,15 +213,23 @@ func TestPullRefusesTamperedBlob(t *testing.T) {
 		}
 	}
 	reg.tamper.Store("")
-	if _, err := st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"amd64"}, Registry{}, io.Discard); err != nil {
+	if _, err := st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"amd64"}, newRegistry(t), io.Discard); err != nil {
 		t.Fatalf("pull after the registry is mended: %v", err)
 	}
 }
 
 // rawBlobs serves blobs by plain HTTP GET, unverified.
 type rawBlobs struct {
-	Registry
+	*Registry
 	base string
+}
+
+func newRegistry(t testing.TB) *Registry {
+	r, err := NewRegistry()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }
 
 func (r rawBlobs) Blob(ctx context.Context, ref, d string) (io.ReadCloser, error) {
@@ -248,12 +261,12 @@ func TestPullResumes(t *testing.T) {
 	st := &Store{Dir: t.TempDir()}
 	var n atomic.Int64
 	n.Store(2)
-	if _, err := st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"amd64"}, failAfter{Registry{}, &n}, io.Discard); err == nil {
+	if _, err := st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"amd64"}, failAfter{newRegistry(t), &n}, io.Discard); err == nil {
 		t.Fatal("interrupted pull succeeded")
 	}
 	kept := len(storeFiles(t, st)) // index, manifest, 2 of 5 blobs
 	served := reg.blobs.Load()
-	res, err := st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"amd64"}, Registry{}, io.Discard)
+	res, err := st.Pull(ctx, []Entry{entry(ref, digest)}, []string{"amd64"}, newRegistry(t), io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}

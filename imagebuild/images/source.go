@@ -37,11 +37,21 @@ type Source interface {
 // Registry reads images from their registries over HTTPS (plain HTTP for
 // localhost and private addresses, as go-containerregistry decides), with
 // the credentials of the user's container tool configuration
-// (~/.docker/config.json) where there are any.
-type Registry struct{}
+// (~/.docker/config.json) where there are any. One Registry keeps its
+// connections and tokens across requests.
+type Registry struct{ puller *remote.Puller }
 
-func (Registry) options(ctx context.Context) []remote.Option {
-	return []remote.Option{remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain)}
+// NewRegistry returns a Registry.
+func NewRegistry() (*Registry, error) {
+	p, err := remote.NewPuller(remote.WithAuthFromKeychain(authn.DefaultKeychain))
+	if err != nil {
+		return nil, fault.Wrap(fault.Environment, err)
+	}
+	return &Registry{puller: p}, nil
+}
+
+func (r *Registry) options(ctx context.Context) []remote.Option {
+	return []remote.Option{remote.WithContext(ctx), remote.Reuse(r.puller)}
 }
 
 func repoDigest(ref, d string) (name.Digest, error) {
@@ -53,7 +63,7 @@ func repoDigest(ref, d string) (name.Digest, error) {
 }
 
 // Manifest fetches a manifest by digest.
-func (r Registry) Manifest(ctx context.Context, ref, d string) ([]byte, error) {
+func (r *Registry) Manifest(ctx context.Context, ref, d string) ([]byte, error) {
 	dg, err := repoDigest(ref, d)
 	if err != nil {
 		return nil, err
@@ -66,7 +76,7 @@ func (r Registry) Manifest(ctx context.Context, ref, d string) ([]byte, error) {
 }
 
 // Blob opens a blob by digest.
-func (r Registry) Blob(ctx context.Context, ref, d string) (io.ReadCloser, error) {
+func (r *Registry) Blob(ctx context.Context, ref, d string) (io.ReadCloser, error) {
 	dg, err := repoDigest(ref, d)
 	if err != nil {
 		return nil, err
@@ -82,7 +92,7 @@ func (r Registry) Blob(ctx context.Context, ref, d string) (io.ReadCloser, error
 }
 
 // Resolve asks the registry which digest a tag names.
-func (r Registry) Resolve(ctx context.Context, ref string) (string, error) {
+func (r *Registry) Resolve(ctx context.Context, ref string) (string, error) {
 	t, err := name.NewTag(ref)
 	if err != nil {
 		return "", fault.Wrap(fault.Input, err)
@@ -95,7 +105,7 @@ func (r Registry) Resolve(ctx context.Context, ref string) (string, error) {
 }
 
 // Close does nothing.
-func (Registry) Close() error { return nil }
+func (*Registry) Close() error { return nil }
 
 // Layout reads images from an OCI image layout (a folder, or a tar of one,
 // such as `skopeo copy ... oci-archive:` or kiln's own node archives
