@@ -38,8 +38,9 @@ type imageEntry struct {
 
 // siteLayout writes an OCI image layout holding a two-arch image (random
 // layers, built here) for every image the cluster's nodes run, named by
-// its reference as a site's own mirror would be.
-func siteLayout(t *testing.T, cluster string) string {
+// its reference as a site's own mirror would be. size gives an image's
+// total layer bytes by name (nil: 64 KiB).
+func siteLayout(t testing.TB, cluster string, size func(name string) int64) string {
 	t.Helper()
 	var list []imageEntry
 	if err := json.Unmarshal([]byte(kilnOK(t, nil, "-c", cluster, "images", "-o", "json")), &list); err != nil {
@@ -53,7 +54,11 @@ func siteLayout(t *testing.T, cluster string) string {
 	for _, e := range list {
 		idx := v1.ImageIndex(empty.Index)
 		for _, arch := range []string{"amd64", "arm64"} {
-			img, err := random.Image(32<<10, 2)
+			layer := int64(32 << 10)
+			if size != nil {
+				layer = max(size(e.Name)/2, 1024)
+			}
+			img, err := random.Image(layer, 2)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -69,9 +74,15 @@ func siteLayout(t *testing.T, cluster string) string {
 
 // airgapCluster is a copy of the Flatcar cluster with airgap: true, its
 // images pinned from a site layout and pulled into cache.
-func airgapCluster(t *testing.T, e *env, cache string) (string, string) {
+func airgapCluster(t *testing.T, e *env, cache string) string {
 	t.Helper()
-	dir := t.TempDir()
+	return airgapClusterSized(t, e, cache, t.TempDir(), nil)
+}
+
+// airgapClusterSized is airgapCluster in dir, with images of the given
+// sizes (siteLayout).
+func airgapClusterSized(t testing.TB, e *env, cache, dir string, size func(string) int64) string {
+	t.Helper()
 	data, err := os.ReadFile(e.flCluster)
 	if err != nil {
 		t.Fatal(err)
@@ -79,10 +90,10 @@ func airgapCluster(t *testing.T, e *env, cache string) (string, string) {
 	cf := filepath.Join(dir, "cluster.yaml")
 	os.WriteFile(cf, append(data, []byte("airgap: true\n")...), 0o644)
 	os.Symlink(filepath.Join(filepath.Dir(e.flCluster), "secrets"), filepath.Join(dir, "secrets"))
-	site := siteLayout(t, cf)
+	site := siteLayout(t, cf, size)
 	kilnOK(t, nil, "-c", cf, "images", "pin", "--from", site)
 	kilnOK(t, nil, "-c", cf, "images", "pull", "--from", site, "--cache-dir", cache, "--arch", "amd64")
-	return cf, site
+	return cf
 }
 
 // TestAirgapImageCarriesEverything: an air-gapped Flatcar image carries
@@ -93,7 +104,7 @@ func airgapCluster(t *testing.T, e *env, cache string) (string, string) {
 func TestAirgapImageCarriesEverything(t *testing.T) {
 	e := setup(t)
 	cache := t.TempDir()
-	cf, _ := airgapCluster(t, e, cache)
+	cf := airgapCluster(t, e, cache)
 	artifact := filepath.Join(e.dir, "artifact") // what newCluster pinned the sysext to
 	var all []imageEntry
 	json.Unmarshal([]byte(kilnOK(t, nil, "-c", cf, "images", "-o", "json")), &all)
@@ -197,21 +208,12 @@ func containerdImport(t *testing.T, archive string) map[string]string {
 func TestAirgapPayloadMustFit(t *testing.T) {
 	e := setup(t)
 	cache := t.TempDir()
-	cf, _ := airgapCluster(t, e, cache)
+	cf := airgapCluster(t, e, cache)
 	big := filepath.Join(t.TempDir(), "big.raw")
 	if err := os.WriteFile(big, bytes.Repeat([]byte("sysext!\n"), 20<<20), 0o644); err != nil { // 160 MiB > the fixture's 128 MiB OEM
 		t.Fatal(err)
 	}
-	var m map[string]any
-	data, _ := os.ReadFile(cf)
-	yaml.Unmarshal(data, &m)
-	kube := m["kubernetes"].(map[string]any)
-	kube["downloads"] = nil
-	out, _ := yaml.Marshal(m)
-	os.WriteFile(cf, out, 0o644)
-	for _, arch := range []string{"amd64", "arm64"} {
-		kilnOK(t, nil, "-c", cf, "pin", "--arch", arch, "--file", "kubernetes-sysext="+big)
-	}
+	repinSysext(t, cf, big)
 	dest := t.TempDir()
 	_, r := e.build(t, cf, "--profile", "flatcar-amd64", "--role", "worker", "--base-image", e.flatcar.path, "--cache-dir", cache, "--dest", dest, "--file", "kubernetes-sysext="+big)
 	if r.code != 2 || !strings.Contains(r.stderr, "cannot hold") || !strings.Contains(r.stderr, "4593") {
@@ -261,7 +263,7 @@ func TestAirgapPXE(t *testing.T) {
 	}
 	e := setup(t)
 	cache := t.TempDir()
-	cf, _ := airgapCluster(t, e, cache)
+	cf := airgapCluster(t, e, cache)
 	appendFile(t, cf, "nodes:\n  - {name: w-1, role: worker, mac: \""+knownMAC+"\"}\n")
 	kdir := filepath.Join(toolsDir(), "amd64")
 	dir := t.TempDir()
@@ -330,7 +332,7 @@ func TestAirgapPXE(t *testing.T) {
 func TestAirgapPXEInstall(t *testing.T) {
 	e := setup(t)
 	cache := t.TempDir()
-	cf, _ := airgapCluster(t, e, cache)
+	cf := airgapCluster(t, e, cache)
 	artifact := "kubernetes-sysext=" + filepath.Join(e.dir, "artifact")
 	env := []string{"SSL_CERT_FILE=" + e.certFile}
 	bundle := filepath.Join(t.TempDir(), "b")
@@ -366,5 +368,20 @@ func TestAirgapPXEInstall(t *testing.T) {
 		"--kernel", image, "--initramfs", image+".sig", "--file", artifact)
 	if r.code != 2 || !strings.Contains(r.stderr, "--mode ROLE=live") {
 		t.Fatalf("local PXE files, install-mode nodes: exit %d, want 2 naming the fix:\n%s", r.code, r.stderr)
+	}
+}
+
+// repinSysext pins the cluster's sysext, for both arches, to the file's
+// content.
+func repinSysext(t testing.TB, cf, file string) {
+	t.Helper()
+	var m map[string]any
+	data, _ := os.ReadFile(cf)
+	yaml.Unmarshal(data, &m)
+	m["kubernetes"].(map[string]any)["downloads"] = nil
+	out, _ := yaml.Marshal(m)
+	os.WriteFile(cf, out, 0o644)
+	for _, arch := range []string{"amd64", "arm64"} {
+		kilnOK(t, nil, "-c", cf, "pin", "--arch", arch, "--file", "kubernetes-sysext="+file)
 	}
 }
