@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -95,6 +98,14 @@ func (o *imageSourceOptions) addFlags(cmd *cobra.Command) {
 	f.DurationVar(&o.timeout, "timeout", 2*time.Hour, "give up after this long")
 }
 
+// context bounds a run by --timeout and stops it on Ctrl-C or SIGTERM
+// (blobs half-fetched are not kept; the next run resumes).
+func (o *imageSourceOptions) context(parent context.Context) (context.Context, context.CancelFunc) {
+	ctx, stop := signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
+	return ctx, func() { cancel(); stop() }
+}
+
 // store is the image cache beside the base images.
 func (o *imageSourceOptions) store() (*images.Store, error) {
 	dir := o.cacheDir
@@ -132,7 +143,7 @@ manifest behind each digest is fetched and checked against it.`,
   kiln images pin --from ./site-images.tar -o json`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := context.WithTimeout(cmd.Context(), o.timeout)
+			ctx, cancel := o.context(cmd.Context())
 			defer cancel()
 			return runImagesPin(ctx, g, o, out)
 		},
@@ -216,7 +227,7 @@ else amd64 and arm64.`,
   kiln images pull --from /media/usb/cluster-images.tar -o json`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := context.WithTimeout(cmd.Context(), o.timeout)
+			ctx, cancel := o.context(cmd.Context())
 			defer cancel()
 			c, err := cluster.Load(g.clusterFile)
 			if err != nil {
@@ -245,6 +256,9 @@ else amd64 and arm64.`,
 			defer src.Close()
 			start := time.Now()
 			res, err := st.Pull(ctx, list, arches, src, g.stderr)
+			if errors.Is(err, context.Canceled) {
+				return fault.Wrap(fault.Download, errors.New("interrupted: blobs verified so far stay in the cache, nothing half-fetched is kept; run kiln images pull again to resume"))
+			}
 			if err != nil {
 				return err
 			}
