@@ -68,9 +68,10 @@ func airgapFiles(ctx context.Context, g *globals, c *cluster.Cluster, roles []no
 					used[d.Name] = true
 				} else {
 					src, err = cache.FetchFile(ctx, d.URL, digest)
+					err = offline(err, "give a local copy with --file "+d.Name+"=PATH")
 				}
 				if err != nil {
-					return nil, cleanup, fmt.Errorf("airgap: %s: %w (offline? give a local copy with --file %s=PATH)", d.Name, err, d.Name)
+					return nil, cleanup, fmt.Errorf("airgap: %s: %w", d.Name, err)
 				}
 				out = append(out, payloadFile{Name: f.Name, Path: src})
 				continue

@@ -115,7 +115,7 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 	if o.airgap && !c.Airgap {
 		c.Airgap = true
 		if err := c.Validate(); err != nil {
-			return fmt.Errorf("--airgap: %w", err)
+			return fmt.Errorf("--airgap does not fit this cluster: %w", err)
 		}
 	}
 	if len(o.files) > 0 && !c.Airgap {
@@ -134,33 +134,8 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 	if err != nil {
 		return err
 	}
-	base, version := o.baseImage, "(local file)"
-	if base != "" {
-		if base, err = cache.Local(base); err != nil {
-			return err
-		}
-	} else {
-		src, err := o.download.source(t, c)
-		if err != nil {
-			return err
-		}
-		var rel *baseimage.Release
-		if base, rel, _, err = cache.Fetch(ctx, src); err != nil {
-			return err
-		}
-		version = rel.Version
-	}
-	firmware := o.firmware
-	if fw := t.Firmware; fw != nil && firmware == "" && fw.SHA256 != "" {
-		if firmware, err = cache.FetchFile(ctx, fw.URL, baseimage.Digest{Algo: "sha256", Hex: fw.SHA256}); err != nil {
-			return err
-		}
-	}
-
-	who := string(role)
-	if o.node != "" {
-		who = o.node
-	}
+	// The payload first: a missing image or download is found before a
+	// base image is fetched.
 	var payload []bake.PayloadFile
 	if c.Airgap {
 		if err := os.MkdirAll(o.dest, 0o755); err != nil {
@@ -178,6 +153,33 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 		for _, f := range files {
 			payload = append(payload, bake.PayloadFile{Path: path.Join(osp.Payload.Dir, f.Name), Source: f.Path})
 		}
+	}
+	base, version := o.baseImage, "(local file)"
+	if base != "" {
+		if base, err = cache.Local(base); err != nil {
+			return err
+		}
+	} else {
+		src, err := o.download.source(t, c)
+		if err != nil {
+			return err
+		}
+		var rel *baseimage.Release
+		if base, rel, _, err = cache.Fetch(ctx, src); err != nil {
+			return offline(err, "give the vendor image with --base-image FILE")
+		}
+		version = rel.Version
+	}
+	firmware := o.firmware
+	if fw := t.Firmware; fw != nil && firmware == "" && fw.SHA256 != "" {
+		if firmware, err = cache.FetchFile(ctx, fw.URL, baseimage.Digest{Algo: "sha256", Hex: fw.SHA256}); err != nil {
+			return offline(err, "give the firmware zip with --firmware FILE")
+		}
+	}
+
+	who := string(role)
+	if o.node != "" {
+		who = o.node
 	}
 	res, err := bake.Bake(ctx, bake.Options{
 		Target:   t,

@@ -90,3 +90,11 @@ func genericProfile(osName string) string {
 	}
 	return ""
 }
+
+// offline adds what to do without network to a failed download.
+func offline(err error, hint string) error {
+	if err == nil || fault.KindOf(err) != fault.Download {
+		return err
+	}
+	return fmt.Errorf("%w (offline? %s)", err, hint)
+}

@@ -58,6 +58,9 @@ An air-gapped cluster (airgap: true) needs every image pinned and pulled:
 				if e.Digest == "" {
 					ref, unpinned = e.Reference+"  (no digest)", unpinned+1
 				}
+				if e.Stale != "" {
+					ref += "  (the cluster file's pin " + e.Stale + " is for another Kubernetes version: ignored)"
+				}
 				lines = append(lines, fmt.Sprintf("%-24s %-28s %s", e.Name, roleList(e), ref))
 			}
 			if unpinned > 0 {

@@ -77,6 +77,15 @@ with --mode ROLE=MODE.
 Flatcar's PXE system runs from RAM and needs at least 3 GB of it (live
 workers keep it; installers need it until they reboot).
 
+Air-gapped clusters (airgap: true in the cluster file; kiln images pin and
+kiln images pull first): the bundle also carries assets/SET/payload/, the
+Kubernetes downloads (from the download cache, or --file NAME=PATH) and an
+image archive per role, which every node's config fetches from kiln serve
+(checked by Ignition against their pins); install-mode nodes install the
+OS release from assets/SET/install/, which needs the PXE files downloaded
+(from the vendor or --mirror), not --kernel/--initramfs. The offline/
+variants still fetch the payload from --server-url.
+
 --server-url is where the nodes reach kiln serve; it is written into the
 scripts and configs (config and status report URLs). Rebuilding with --force
 keeps every token and kiln serve's state.`,
@@ -175,7 +184,7 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 			}
 			rel, image, sig, err := cache.FetchInstallImage(ctx, src)
 			if err != nil {
-				return err
+				return offline(err, "air-gapped installers need the release's image: point --mirror at a local copy of the release folder, or boot those roles live (--mode ROLE=live)")
 			}
 			if rel.Version != opts.InstallVersion {
 				return fault.Wrap(fault.Download, fmt.Errorf("the OS image is release %s but the PXE files are %s: run kiln pxe again", rel.Version, opts.InstallVersion))
@@ -256,7 +265,7 @@ func (o *pxeOptions) assets(ctx context.Context, g *globals, t *profiles.Target,
 	}
 	version, files, paths, err := cache.FetchPXE(ctx, src)
 	if err != nil {
-		return nil, "", err
+		return nil, "", offline(err, "give --kernel and --initramfs (and --rootfs)")
 	}
 	var out []pxe.AssetFile
 	for i, f := range files {

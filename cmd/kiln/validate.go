@@ -69,6 +69,9 @@ each with its field path and the fix, then checks the secrets folder
 				if e.Digest == "" {
 					unpinnedImages++
 				}
+				if e.Stale != "" {
+					lines = append(lines, fmt.Sprintf("images.%s: pinned for another Kubernetes version (%s), ignored: run kiln images pin", e.Name, e.Stale))
+				}
 			}
 			res["unpinnedImages"] = unpinnedImages
 			if c.Airgap && unpinnedImages > 0 {

@@ -389,7 +389,7 @@ func CheckLocal(p string, d Digest) (string, error) {
 		return "", fault.Wrap(fault.Input, err)
 	}
 	if got != d.Hex {
-		return "", fault.Wrap(fault.Download, fmt.Errorf("%s is not the pinned file: its %s is %s, the cluster file pins %s", p, d.Algo, got, d.Hex))
+		return "", fault.Wrap(fault.Input, fmt.Errorf("%s is not the pinned file: its %s is %s, the cluster file pins %s", p, d.Algo, got, d.Hex))
 	}
 	return p, nil
 }

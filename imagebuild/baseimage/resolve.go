@@ -275,7 +275,7 @@ func get(ctx context.Context, c *http.Client, u string, from int64) (*http.Respo
 	}
 	resp, err := c.Do(req)
 	if err != nil {
-		return nil, fault.Wrap(fault.Download, fmt.Errorf("download %s: %w (offline? give a local file instead: build-image --base-image, pxe --kernel and --initramfs)", u, err))
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("download %s: %w", u, err))
 	}
 	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent {
 		resp.Body.Close()

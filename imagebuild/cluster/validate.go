@@ -456,12 +456,6 @@ func checkManifest(data []byte) error {
 }
 
 func (c *Cluster) validateImages(errs *[]error) {
-	kubeadm := map[string]string{} // name: the reference kubeadm runs
-	if list, err := manifests.KubeadmImages(c.Kubernetes.Version); err == nil {
-		for _, im := range list {
-			kubeadm[im.Name] = im.Reference
-		}
-	}
 	names := make([]string, 0, len(c.Images))
 	for name := range c.Images {
 		names = append(names, name)
@@ -470,15 +464,15 @@ func (c *Cluster) validateImages(errs *[]error) {
 	known := append(manifests.ImageNames(), manifests.KubeadmImageNames...)
 	for _, name := range names {
 		field := "images." + name
-		p, err := manifests.ParsePinned(c.Images[name])
-		if err != nil {
+		if _, err := manifests.ParsePinned(c.Images[name]); err != nil {
 			*errs = append(*errs, fmt.Errorf("%s: %v", field, err))
 			continue
 		}
-		switch want, isKubeadm := kubeadm[name]; {
-		case isKubeadm && p.Reference != want:
-			*errs = append(*errs, fmt.Errorf("%s: kubeadm %s runs %s, not %s: a mirrored or rebuilt image keeps kubeadm's name (after changing kubernetes.version, run `kiln images pin` again)", field, c.Kubernetes.Version, want, p.Reference))
-		case isKubeadm || slices.Contains(known, name):
+		switch {
+		case slices.Contains(known, name):
+			// A kubeadm image pinned for another reference than kubeadm
+			// runs now is stale, not wrong: kiln images says so and kiln
+			// images pin replaces it.
 		case strings.ContainsAny(name, "/:"):
 			// An add-on's image, by the reference its manifest writes
 			// (kiln images checks that an add-on runs it).

@@ -22,14 +22,12 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/images/imagestest"
 )
 
 // testRegistry is go-containerregistry's registry server on a local port;
@@ -74,15 +72,10 @@ func (r *testRegistry) pushIndex(t testing.TB, repo string, layers int64, size .
 	if len(size) > 0 {
 		layerSize = size[0]
 	}
-	idx := v1.ImageIndex(empty.Index)
-	for _, arch := range []string{"amd64", "arm64"} {
-		img, err := random.Image(layerSize, layers)
-		if err != nil {
-			t.Fatal(err)
-		}
-		idx = mutate.AppendManifests(idx, mutate.IndexAddendum{Add: img, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: arch}}})
+	idx, err := imagestest.Index([]string{"amd64", "arm64"}, layers, layerSize)
+	if err != nil {
+		t.Fatal(err)
 	}
-	idx = mutate.IndexMediaType(idx, types.OCIImageIndex)
 	ref := r.host + "/" + repo + ":v1"
 	tag, err := name.NewTag(ref)
 	if err != nil {
@@ -341,4 +334,92 @@ func readTar(t *testing.T, b []byte) map[string][]byte {
 		data, _ := io.ReadAll(tr)
 		out[h.Name] = data
 	}
+}
+
+func TestPullRefusesOtherArch(t *testing.T) {
+	ctx := context.Background()
+	reg := newTestRegistry(t)
+	img, err := imagestest.Image("amd64", 1, 1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := reg.host + "/kiln/single:v1"
+	tag, _ := name.NewTag(ref)
+	if err := remote.Write(tag, img); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := img.Digest()
+	st := &Store{Dir: t.TempDir()}
+	_, err = st.Pull(ctx, []Entry{entry(ref, d.String())}, []string{"arm64"}, newRegistry(t), io.Discard)
+	if err == nil || fault.KindOf(err) != fault.Unsupported || !strings.Contains(err.Error(), "amd64 image, not linux/arm64") {
+		t.Fatalf("pull of an amd64-only image for arm64: %v, want refused (unsupported)", err)
+	}
+	if _, err := st.Pull(ctx, []Entry{entry(ref, d.String())}, []string{"amd64"}, newRegistry(t), io.Discard); err != nil {
+		t.Fatalf("pull for its own arch: %v", err)
+	}
+	if _, err := st.WriteArchive(ctx, io.Discard, []Entry{entry(ref, d.String())}, "arm64"); err == nil {
+		t.Fatal("wrote an arm64 archive holding an amd64 image")
+	}
+}
+
+func testCluster(t *testing.T, extra string) *cluster.Cluster {
+	t.Helper()
+	c, err := cluster.Parse([]byte("apiVersion: kiln.dev/v1alpha1\nkind: Cluster\nname: lab\ncontrolPlaneEndpoint: lb.lab.test:6443\n" + extra))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestStalePinAfterUpgrade: a kubeadm image pinned for the previous
+// Kubernetes version does not block the cluster file; it is reported as
+// stale and left unpinned, so kiln images pin can replace it.
+func TestStalePinAfterUpgrade(t *testing.T) {
+	old := "registry.k8s.io/kube-apiserver:v1.36.3@sha256:" + hex64("ab")
+	c := testCluster(t, "kubernetes: {version: v1.37.2}\nimages: {kube-apiserver: "+old+"}\n")
+	list, err := List(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range list {
+		if e.Name == "kube-apiserver" && (e.Stale != old || e.Digest != "" || e.Reference != "registry.k8s.io/kube-apiserver:v1.37.2") {
+			t.Fatalf("stale pin: %+v", e)
+		}
+	}
+}
+
+// TestAddonDigestNeverRepinned: an image an add-on pins by digest keeps
+// that digest; a cluster-file pin for it is refused.
+func TestAddonDigestNeverRepinned(t *testing.T) {
+	c := testCluster(t, "")
+	ref := "quay.io/foo/bar@sha256:" + hex64("00")
+	c.Addons = []cluster.Addon{{Path: "a.yaml", Data: []byte("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: a, image: " + ref + "}]\n")}}
+	list, err := List(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var addon []Entry
+	for _, e := range list {
+		if e.Name == ref {
+			addon = append(addon, e)
+		}
+	}
+	changed, err := Pin(context.Background(), addon, failingSource{}, true)
+	if len(addon) != 1 || !addon[0].Fixed {
+		t.Fatalf("the add-on's image: %+v", addon)
+	}
+	if err != nil || len(changed) != 0 {
+		t.Fatalf("Pin touched %+v (%v); the add-on's digest is its own", changed, err)
+	}
+	c.Images = map[string]string{ref: "quay.io/foo/bar@sha256:" + hex64("11")}
+	if _, err := List(c); err == nil || !strings.Contains(err.Error(), "pins this image by digest itself") {
+		t.Fatalf("a pin over the add-on's own digest: %v", err)
+	}
+}
+
+// failingSource knows no image.
+type failingSource struct{ Source }
+
+func (failingSource) Resolve(context.Context, string) (string, error) {
+	return "", fault.Wrap(fault.Download, errors.New("no such image (test)"))
 }

@@ -46,6 +46,13 @@ type Entry struct {
 	Roles []nodeconfig.Role `json:"roles"`
 	// Source says where the reference and digest come from.
 	Source string `json:"source"`
+	// Fixed: the add-on's manifest pins the digest itself; kiln never
+	// re-pins it.
+	Fixed bool `json:"fixed,omitempty"`
+	// Stale is a cluster-file pin that List ignored because it names
+	// another reference than kubeadm of this Kubernetes version runs (the
+	// version changed since it was pinned); kiln images pin replaces it.
+	Stale string `json:"stalePin,omitempty"`
 }
 
 // Pinned is REFERENCE@DIGEST.
@@ -116,21 +123,27 @@ func List(c *cluster.Cluster) ([]Entry, error) {
 		}
 		e.Reference = ref
 		if digest != "" { // an add-on that pins its image itself
-			e.Digest, e.Source = digest, e.Source+", pinned in the manifest"
+			e.Digest, e.Fixed, e.Source = digest, true, e.Source+", pinned in the manifest"
 		}
 		pin, ok := c.Images[e.Name]
 		if !ok {
 			continue
 		}
 		p, err := manifests.ParsePinned(pin)
+		var pinned string
 		if err == nil {
-			e.Reference, _, err = Normalize(p.Reference)
+			pinned, _, err = Normalize(p.Reference)
 		}
-		if err != nil {
+		switch {
+		case err != nil:
 			errs = append(errs, fmt.Errorf("images.%s: %w", e.Name, err))
-			continue
+		case e.Fixed:
+			errs = append(errs, fmt.Errorf("images.%s: the add-on's manifest pins this image by digest itself, and the node runs what the manifest says: remove the entry", e.Name))
+		case slices.Contains(manifests.KubeadmImageNames, e.Name) && pinned != e.Reference:
+			e.Stale = pin
+		default:
+			e.Reference, e.Digest, e.Source = pinned, p.Digest, "cluster file"
 		}
-		e.Digest, e.Source = p.Digest, "cluster file"
 	}
 	names := make([]string, 0, len(c.Images))
 	for n := range c.Images {
@@ -250,10 +263,10 @@ func walkContainers(v any, found func(string)) {
 // defaults); otherwise only entries without a digest are. It returns the
 // entries whose pin changed, and fails if an entry is left without one.
 func Pin(ctx context.Context, entries []Entry, src Source, all bool) ([]Entry, error) {
-	var changed []Entry
+	changed := []Entry{}
 	var missing []error
 	for _, e := range entries {
-		if e.Digest != "" && !all {
+		if e.Fixed || (e.Digest != "" && !all) {
 			continue
 		}
 		d, err := src.Resolve(ctx, e.Reference)
@@ -268,7 +281,7 @@ func Pin(ctx context.Context, entries []Entry, src Source, all bool) ([]Entry, e
 			return nil, err
 		}
 		if got := digestOf(raw); got != d {
-			return nil, fault.Wrap(fault.Download, fmt.Errorf("%s: the manifest served for %s %w (got %s)", e.Reference, d, ErrTampered, got))
+			return nil, fault.Wrap(fault.Download, fmt.Errorf("%s: the manifest served as %s hashes to %s: %w", e.Reference, d, got, ErrTampered))
 		}
 		if d != e.Digest {
 			e.Digest = d

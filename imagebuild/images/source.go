@@ -2,6 +2,8 @@ package images
 
 import (
 	"archive/tar"
+	"bufio"
+	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +11,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strings"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -107,9 +110,9 @@ func (r *Registry) Resolve(ctx context.Context, ref string) (string, error) {
 // Close does nothing.
 func (*Registry) Close() error { return nil }
 
-// Layout reads images from an OCI image layout (a folder, or a tar of one,
-// such as `skopeo copy ... oci-archive:` or kiln's own node archives
-// write). Images are found by the reference in their index.json
+// Layout reads images from an OCI image layout (a folder, such as
+// `skopeo copy ... oci:DIR:REF` writes, or a tar of one, gzip'd or not,
+// such as kiln's own node archives). Images are found by the reference in their index.json
 // annotations: io.containerd.image.name, or a full reference in
 // org.opencontainers.image.ref.name.
 type Layout struct {
@@ -141,7 +144,11 @@ func OpenLayout(p, scratch string) (*Layout, error) {
 	}
 	if _, err := os.Stat(filepath.Join(string(l.path), "index.json")); err != nil {
 		l.Close()
-		return nil, fault.Wrap(fault.Input, fmt.Errorf("--from %s: not an OCI image layout (no index.json): %w", p, err))
+		hint := "an OCI image layout has index.json, oci-layout and blobs/ at its top"
+		if l.tmp != "" {
+			hint += ": tar the layout's contents, not its folder (tar -C LAYOUT -cf FILE.tar .)"
+		}
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("--from %s: not an OCI image layout (no index.json at its top): %s", p, hint))
 	}
 	return l, nil
 }
@@ -154,7 +161,15 @@ func untar(archive, dir string) error {
 		return fault.Wrap(fault.Input, err)
 	}
 	defer f.Close()
-	tr := tar.NewReader(f)
+	var r io.Reader = bufio.NewReader(f)
+	if magic, _ := r.(*bufio.Reader).Peek(2); len(magic) == 2 && magic[0] == 0x1f && magic[1] == 0x8b {
+		zr, err := gzip.NewReader(r)
+		if err != nil {
+			return fault.Wrap(fault.Input, fmt.Errorf("--from %s: %w", archive, err))
+		}
+		r = zr
+	}
+	tr := tar.NewReader(r)
 	for {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -243,10 +258,32 @@ func (l *Layout) Resolve(_ context.Context, ref string) (string, error) {
 					}
 				}
 			}
-			return "", fault.Wrap(fault.Download, fmt.Errorf("the layout holds no image named %s", ref))
+			return "", fault.Wrap(fault.Download, fmt.Errorf("the layout holds no image named %s (it holds %s); images are found by the full reference in io.containerd.image.name or org.opencontainers.image.ref.name", ref, heldNames(m)))
 		}
 	}
 	return "", fault.Wrap(fault.Input, fmt.Errorf("read the layout's index.json: %w", err))
+}
+
+// heldNames lists the first names a layout's index gives its images.
+func heldNames(m *v1.IndexManifest) string {
+	var names []string
+	for _, d := range m.Manifests {
+		n := d.Annotations[containerdName]
+		if n == "" {
+			n = d.Annotations[ociRefName]
+		}
+		if n == "" {
+			n = "(unnamed " + d.Digest.String() + ")"
+		}
+		names = append(names, n)
+	}
+	switch {
+	case len(names) == 0:
+		return "nothing"
+	case len(names) > 5:
+		return strings.Join(names[:5], ", ") + fmt.Sprintf(" and %d more", len(names)-5)
+	}
+	return strings.Join(names, ", ")
 }
 
 // sameRef compares two references in normalized form.

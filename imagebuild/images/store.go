@@ -169,6 +169,31 @@ func mediaType(raw []byte) (types.MediaType, error) {
 	return head.MediaType, nil
 }
 
+// checkPlatform refuses an image whose stored config is not for linux/arch
+// (a single-platform image pinned where a multi-arch index was meant, or a
+// broken index), re-checking the config's digest as it reads it.
+func (s *Store) checkPlatform(im *image, arch string) error {
+	cfg := im.blobs[0]
+	b, err := os.ReadFile(s.blobPath(cfg.Digest))
+	if err != nil {
+		return fault.Wrap(fault.Input, fmt.Errorf("the config of %s is not in the image cache (%s): run `kiln images pull` first", im.entry.Pinned(), s.Dir))
+	}
+	if got := digestOf(b); got != cfg.Digest {
+		return fault.Wrap(fault.IO, fmt.Errorf("cached config %s of %s: %w (got %s): delete it and pull again", cfg.Digest, im.entry.Pinned(), ErrTampered, got))
+	}
+	var c struct {
+		OS           string `json:"os"`
+		Architecture string `json:"architecture"`
+	}
+	if err := json.Unmarshal(b, &c); err != nil {
+		return fault.Wrap(fault.Download, fmt.Errorf("the config of %s is not JSON: %w", im.entry.Pinned(), err))
+	}
+	if c.OS != "linux" || c.Architecture != arch {
+		return fault.Wrap(fault.Unsupported, fmt.Errorf("%s is a %s/%s image, not linux/%s: pin the digest of a multi-arch index (or an image built for %s)", im.entry.Pinned(), c.OS, c.Architecture, arch, arch))
+	}
+	return nil
+}
+
 // PullResult says what one image pull did for one arch.
 type PullResult struct {
 	Name      string `json:"name"`
@@ -220,6 +245,9 @@ func (s *Store) pullOne(ctx context.Context, e Entry, arch string, src Source, p
 	}
 	im, err := resolve(e, arch, get)
 	if err != nil {
+		if now, rerr := src.Resolve(ctx, e.Reference); rerr == nil && now != e.Digest {
+			return nil, fault.Wrap(fault.Download, fmt.Errorf("%s: the source holds it as %s, the cluster file pins %s: re-pin with `kiln images pin` (--from the same layout) if the new one is right (%w)", e.Reference, now, e.Digest, err))
+		}
 		return nil, err
 	}
 	for _, m := range im.manifests {
@@ -246,7 +274,7 @@ func (s *Store) pullOne(ctx context.Context, e Entry, arch string, src Source, p
 		}
 		res.Fetched += b.Size
 	}
-	return res, nil
+	return res, s.checkPlatform(im, arch)
 }
 
 // writeIndex records the pulled images in the store's index.json (keeping
@@ -332,8 +360,11 @@ func (s *Store) WriteArchive(ctx context.Context, w io.Writer, entries []Entry, 
 		im, err := resolve(e, arch, s.manifest)
 		if err != nil {
 			if errors.Is(err, os.ErrNotExist) {
-				return nil, fault.Wrap(fault.Input, fmt.Errorf("%s for %s is not in the image cache: run `kiln images pull` first (or with --from LAYOUT offline)", e.Pinned(), arch))
+				return nil, fault.Wrap(fault.Input, fmt.Errorf("%s for %s is not in the image cache %s: run `kiln images pull --arch %s` first (with the same --cache-dir; --from LAYOUT offline)", e.Pinned(), arch, s.Dir, arch))
 			}
+			return nil, err
+		}
+		if err := s.checkPlatform(im, arch); err != nil {
 			return nil, err
 		}
 		ai := ArchiveImage{Name: e.Name, Reference: e.Reference, Digest: e.Digest}
@@ -368,7 +399,7 @@ func (s *Store) WriteArchive(ctx context.Context, w io.Writer, entries []Entry, 
 func (s *Store) copyBlob(tw *tar.Writer, header func(string, int64) *tar.Header, b blobRef, e Entry) error {
 	f, err := os.Open(s.blobPath(b.Digest))
 	if err != nil {
-		return fault.Wrap(fault.Input, fmt.Errorf("blob %s of %s is not in the image cache: run `kiln images pull` first", b.Digest, e.Pinned()))
+		return fault.Wrap(fault.Input, fmt.Errorf("blob %s of %s is not in the image cache %s: run `kiln images pull` first", b.Digest, e.Pinned(), s.Dir))
 	}
 	defer f.Close()
 	fi, err := f.Stat()

@@ -436,7 +436,7 @@ func (o *Options) node(w *writer, m *Manifest, n *Node, osp *profiles.OS, served
 
 // ErrNoInstallImage: an air-gapped bundle with install-mode nodes was
 // given no OS image for them.
-var ErrNoInstallImage = errors.New("air-gapped install-mode nodes install the OS from kiln serve, so the bundle needs the release's image: let kiln pxe download the PXE files (no --kernel/--initramfs), or boot those roles live (--mode ROLE=live)")
+var ErrNoInstallImage = errors.New("air-gapped install-mode nodes install the OS from kiln serve, so the bundle needs the release's image: let kiln pxe download the PXE files (no --kernel/--initramfs; --mirror may point at a local copy of the release folder), or boot those roles live (--mode ROLE=live)")
 
 // OfflineConfig is the file name of a node's config initramfs in its
 // offline folder.

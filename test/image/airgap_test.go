@@ -15,14 +15,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/random"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 	"gopkg.in/yaml.v3"
 
+	"github.com/kilnproject/kiln/imagebuild/images/imagestest"
 	"github.com/kilnproject/kiln/imagebuild/pxe"
 )
 
@@ -52,19 +49,14 @@ func siteLayout(t testing.TB, cluster string, size func(name string) int64) stri
 		t.Fatal(err)
 	}
 	for _, e := range list {
-		idx := v1.ImageIndex(empty.Index)
-		for _, arch := range []string{"amd64", "arm64"} {
-			layer := int64(32 << 10)
-			if size != nil {
-				layer = max(size(e.Name)/2, 1024)
-			}
-			img, err := random.Image(layer, 2)
-			if err != nil {
-				t.Fatal(err)
-			}
-			idx = mutate.AppendManifests(idx, mutate.IndexAddendum{Add: img, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: arch}}})
+		layer := int64(32 << 10)
+		if size != nil {
+			layer = max(size(e.Name)/2, 1024)
 		}
-		idx = mutate.IndexMediaType(idx, types.OCIImageIndex)
+		idx, err := imagestest.Index([]string{"amd64", "arm64"}, 2, layer)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := p.AppendIndex(idx, layout.WithAnnotations(map[string]string{"io.containerd.image.name": e.Reference})); err != nil {
 			t.Fatal(err)
 		}
