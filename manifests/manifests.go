@@ -39,6 +39,9 @@ type Image struct {
 	Source string `yaml:"source" json:"source"`
 }
 
+// IsDigest reports whether s is a sha256 digest, sha256:<64 hex digits>.
+func IsDigest(s string) bool { return digestRe.MatchString(s) }
+
 // Pinned is the reference with its digest: REF@sha256:HEX.
 func (i Image) Pinned() string { return i.Reference + "@" + i.Digest }
 

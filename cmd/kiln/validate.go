@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -61,13 +62,19 @@ each with its field path and the fix, then checks the secrets folder
 				lines = append(lines, fmt.Sprintf("%d download(s) not pinned yet: run kiln pin before rendering Ignition", unpinned))
 			}
 			list, err := images.List(c)
-			if err != nil {
+			if err != nil && c.Airgap {
 				return err
+			}
+			if err != nil {
+				lines = append(lines, fmt.Sprintf("kiln images cannot list the nodes' images: %v", err))
 			}
 			unpinnedImages := 0
 			for _, e := range list {
 				if e.Digest == "" {
 					unpinnedImages++
+				}
+				if untagged := !strings.Contains(e.Name[strings.LastIndex(e.Name, "/")+1:], ":"); c.Airgap && e.Addon && (untagged || strings.HasSuffix(e.Name, ":latest")) {
+					lines = append(lines, fmt.Sprintf("%s: an image without a tag, or :latest, is pulled Always by the kubelet unless its pod says imagePullPolicy: IfNotPresent; on an air-gapped node that pull fails", e.Name))
 				}
 				if e.Stale != "" {
 					lines = append(lines, fmt.Sprintf("images.%s: pinned for another Kubernetes version (%s), ignored: run kiln images pin", e.Name, e.Stale))

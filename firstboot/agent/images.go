@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 )
 
 // containerdNamespace is where the kubelet's CRI finds images.
@@ -42,7 +44,7 @@ func (r *run) importImages(ctx context.Context) error {
 		have := listedImages(out)
 		var miss []string
 		for _, ref := range im.References {
-			name, digest, _ := strings.Cut(ref, "@")
+			name, digest, _ := nodeconfig.SplitImageReference(ref)
 			if have[name] != digest {
 				miss = append(miss, ref)
 			}
@@ -55,7 +57,7 @@ func (r *run) importImages(ctx context.Context) error {
 	}
 	r.log.printf("%d of %d images not in containerd yet: checking and importing %s", len(miss), len(im.References), im.Archive)
 	if err := r.checkArchive(); err != nil {
-		return &PermanentError{Advice: fmt.Sprintf("the image archive %s that this node's disk image carries is missing or damaged; build the image again (kiln build-image, air-gapped) and reflash the node", im.Archive), Err: err}
+		return &PermanentError{Advice: fmt.Sprintf("the image archive %s that this node's disk image carries is missing or damaged; rebuild what the node booted from (kiln build-image and reflash, or kiln pxe --force)", im.Archive), Err: err}
 	}
 	if _, err := ctr("images", "import", im.Archive); err != nil {
 		return err
@@ -133,7 +135,7 @@ func (r *run) checkArchive() error {
 		blobs["sha256:"+hexd] = true
 	}
 	for _, ref := range r.nc.Images.References {
-		name, digest, _ := strings.Cut(ref, "@")
+		name, digest, _ := nodeconfig.SplitImageReference(ref)
 		switch {
 		case names[name] != digest:
 			return fmt.Errorf("the archive's index.json does not name %s", ref)

@@ -178,6 +178,17 @@ type Images struct {
 	References []string `yaml:"references"`
 }
 
+// SplitImageReference splits an Images reference NAME@sha256:DIGEST at
+// its last "@" (NAME may itself be REPO@sha256:DIGEST, for an image pinned
+// by digest alone); ok is false unless the digest is sha256:<64 hex>.
+func SplitImageReference(ref string) (name, digest string, ok bool) {
+	i := strings.LastIndex(ref, "@")
+	if i <= 0 || !hashRe.MatchString(ref[i+1:]) {
+		return "", "", false
+	}
+	return ref[:i], ref[i+1:], true
+}
+
 // Hostname decides the node's name: Name if set, otherwise Template.
 type Hostname struct {
 	Name string `yaml:"name,omitempty"`
@@ -266,8 +277,6 @@ var (
 	hashRe     = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 	templateRe = regexp.MustCompile(`\{[^}]*\}`)
 	dnsLabelRe = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
-	// imageDigestRe: an OCI sha256 digest (the images' pins).
-	imageDigestRe = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 )
 
 // Validate reports every problem, each with its field path.
@@ -366,7 +375,7 @@ func (nc *NodeConfig) Validate() error {
 			add("images.references", "required")
 		}
 		for i, r := range im.References {
-			if _, d, ok := strings.Cut(r, "@"); !ok || !imageDigestRe.MatchString(d) {
+			if _, _, ok := SplitImageReference(r); !ok {
 				add(fmt.Sprintf("images.references[%d]", i), "%q is not NAME@sha256:<64 hex digits>", r)
 			}
 		}

@@ -455,6 +455,16 @@ func checkManifest(data []byte) error {
 	return nil
 }
 
+// addonsMayName reports whether an add-on may run an image named name: one
+// whose file mentions it, or one not read (given by URL).
+func (c *Cluster) addonsMayName(name string) bool {
+	return slices.ContainsFunc(c.Addons, func(a Addon) bool { return a.Data == nil || bytes.Contains(a.Data, []byte(name)) })
+}
+
+// imageNameRe matches what may be an image reference (an add-on's image,
+// as its manifest names it: busybox, ghcr.io/a/b:v1, ...).
+var imageNameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9._/:@-]*$`)
+
 func (c *Cluster) validateImages(errs *[]error) {
 	names := make([]string, 0, len(c.Images))
 	for name := range c.Images {
@@ -473,7 +483,7 @@ func (c *Cluster) validateImages(errs *[]error) {
 			// A kubeadm image pinned for another reference than kubeadm
 			// runs now is stale, not wrong: kiln images says so and kiln
 			// images pin replaces it.
-		case strings.ContainsAny(name, "/:"):
+		case imageNameRe.MatchString(name) && c.addonsMayName(name):
 			// An add-on's image, by the reference its manifest writes
 			// (kiln images checks that an add-on runs it).
 		default:

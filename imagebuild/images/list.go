@@ -16,7 +16,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"regexp"
 	"slices"
 	"sort"
 	"strings"
@@ -46,6 +45,8 @@ type Entry struct {
 	Roles []nodeconfig.Role `json:"roles"`
 	// Source says where the reference and digest come from.
 	Source string `json:"source"`
+	// Addon: an add-on's manifest runs it (Name is the reference it writes).
+	Addon bool `json:"addon,omitempty"`
 	// Fixed: the add-on's manifest pins the digest itself; kiln never
 	// re-pins it.
 	Fixed bool `json:"fixed,omitempty"`
@@ -59,7 +60,6 @@ type Entry struct {
 func (e Entry) Pinned() string { return e.Reference + "@" + e.Digest }
 
 var (
-	digestRe      = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 	controlPlanes = []nodeconfig.Role{nodeconfig.RoleInit, nodeconfig.RoleControlPlane}
 	allRoles      = nodeconfig.Roles
 )
@@ -109,7 +109,7 @@ func List(c *cluster.Cluster) ([]Entry, error) {
 		}
 		for _, r := range refs {
 			if !slices.ContainsFunc(out, func(e Entry) bool { return e.Name == r }) {
-				out = append(out, Entry{Name: r, Reference: r, Roles: allRoles, Source: fmt.Sprintf("addons[%d] (%s)", i, a.Path)})
+				out = append(out, Entry{Name: r, Reference: r, Roles: allRoles, Addon: true, Source: fmt.Sprintf("addons[%d] (%s)", i, a.Path)})
 			}
 		}
 	}
@@ -193,7 +193,7 @@ func RequirePinned(entries []Entry) error {
 // alone comes back without a tag.
 func Normalize(s string) (ref, digest string, err error) {
 	head, digest, pinned := strings.Cut(s, "@")
-	if pinned && !digestRe.MatchString(digest) {
+	if pinned && !manifests.IsDigest(digest) {
 		return "", "", fmt.Errorf("%q: the digest is not sha256:<64 hex digits>", s)
 	}
 	t, err := name.NewTag(head, name.WithDefaultRegistry("docker.io"))

@@ -5,11 +5,14 @@ import (
 	"fmt"
 	"path"
 	"slices"
+	"strings"
 
 	"gopkg.in/yaml.v3"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/manifests"
 	"github.com/kilnproject/kiln/profiles"
 )
 
@@ -71,6 +74,14 @@ type (
 		CertificatesDir      string    `yaml:"certificatesDir"`
 		Networking           network   `yaml:"networking"`
 		ControllerManager    component `yaml:"controllerManager"`
+		Etcd                 *etcd     `yaml:"etcd,omitempty"`
+		DNS                  *imageTag `yaml:"dns,omitempty"`
+	}
+	etcd struct {
+		Local imageTag `yaml:"local"`
+	}
+	imageTag struct {
+		ImageTag string `yaml:"imageTag"`
 	}
 	network struct {
 		PodSubnet     string `yaml:"podSubnet"`
@@ -180,6 +191,22 @@ func Kubeadm(in Input) (KubeadmFiles, error) {
 		CertificatesDir:      CertificatesDir,
 		Networking:           network{PodSubnet: k.PodSubnet, ServiceSubnet: k.ServiceSubnet, DNSDomain: k.DNSDomain},
 		ControllerManager:    component{ExtraArgs: []arg{{Name: "flex-volume-plugin-dir", Value: osp.VolumePluginDir}}},
+	}
+	if c.Airgap {
+		// The archive holds the etcd and CoreDNS tags of kiln's table
+		// (manifests/kubeadm-images.yaml); a kubeadm of another patch
+		// release may default to others, so name them. (kubeadm upgrade
+		// then keeps them until the config says otherwise.)
+		tags := map[string]string{}
+		list, err := manifests.KubeadmImages(k.Version)
+		if err != nil {
+			return nil, fault.Wrap(fault.Input, err)
+		}
+		for _, im := range list {
+			tags[im.Name] = im.Reference[strings.LastIndex(im.Reference, ":")+1:]
+		}
+		clusterCfg.Etcd = &etcd{Local: imageTag{tags["etcd"]}}
+		clusterCfg.DNS = &imageTag{tags["coredns"]}
 	}
 	kubelet := kubeletConfiguration{
 		typeMeta:     typeMeta{"kubelet.config.k8s.io/v1beta1", "KubeletConfiguration"},

@@ -562,7 +562,8 @@ func TestAirgap(t *testing.T) {
 			local = append(local, a)
 		}
 	}
-	c.Addons = local
+	digestOnly := "quay.io/kiln/digest-only@sha256:" + strings.Repeat("d", 64)
+	c.Addons = append(local, cluster.Addon{Path: "x.yaml", Data: []byte("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec:\n  containers: [{name: x, image: " + digestOnly + "}, {name: y, image: busybox}]\n")})
 	c.Images = map[string]string{}
 	in := Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleWorker, Arch: "amd64", Agent: fakeAgent(t, "amd64")}
 	if _, err := Ignition(in); err == nil || !strings.Contains(err.Error(), "kiln images pin") {
@@ -616,10 +617,16 @@ func TestAirgap(t *testing.T) {
 		if nc.Images == nil || nc.Images.Archive != "/oem/kiln/"+ImagesArchive(role) || len(nc.Images.References) != want {
 			t.Fatalf("%s: node images %+v, want %d references in /oem/kiln/%s", role, nc.Images, want, ImagesArchive(role))
 		}
+		found := false
 		for _, r := range nc.Images.References {
 			if strings.Contains(r, "etcd") && role == nodeconfig.RoleWorker {
 				t.Errorf("a worker carries %s", r)
 			}
+			name, digest, _ := nodeconfig.SplitImageReference(r)
+			found = found || (name == digestOnly && digest == digestOnly[strings.Index(digestOnly, "@")+1:])
+		}
+		if !found {
+			t.Errorf("%s: the add-on's digest-only image is not carried as itself: %v", role, nc.Images.References)
 		}
 	}
 }
