@@ -121,11 +121,11 @@ func (o *imageSourceOptions) store() (*images.Store, error) {
 	return &images.Store{Dir: filepath.Join(dir, "images")}, nil
 }
 
-func (o *imageSourceOptions) source(st *images.Store) (images.Source, error) {
+func (o *imageSourceOptions) source(ctx context.Context, st *images.Store) (images.Source, error) {
 	if o.from == "" {
 		return images.NewRegistry()
 	}
-	return images.OpenLayout(o.from, filepath.Join(st.Dir, "tmp"))
+	return images.OpenLayout(ctx, o.from, filepath.Join(st.Dir, "tmp"))
 }
 
 func newImagesPinCmd(g *globals) *cobra.Command {
@@ -173,7 +173,7 @@ func runImagesPin(ctx context.Context, g *globals, o *imageSourceOptions, out ou
 	if err != nil {
 		return err
 	}
-	src, err := o.source(st)
+	src, err := o.source(ctx, st)
 	if err != nil {
 		return err
 	}
@@ -252,7 +252,7 @@ else amd64 and arm64.`,
 			if err != nil {
 				return err
 			}
-			src, err := o.source(st)
+			src, err := o.source(ctx, st)
 			if err != nil {
 				return err
 			}

@@ -126,6 +126,13 @@ func rebuildBtrfs(ctx context.Context, r Runner, part, out, work string, fsys di
 	if _, err := r.Run(ctx, btrfs.name, "restore", "-m", "-S", "-x", part, tree); err != nil {
 		return fault.Wrap(fault.Download, fmt.Errorf("read the base image's OEM btrfs: %w", err))
 	}
+	fi, err := os.Stat(part)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	if err := checkFits(tree, files, fi.Size()); err != nil {
+		return err
+	}
 	for _, f := range files {
 		p := filepath.Join(tree, filepath.FromSlash(f.path))
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
@@ -137,13 +144,6 @@ func rebuildBtrfs(ctx context.Context, r Runner, part, out, work string, fsys di
 		if err := os.Chmod(p, f.mode); err != nil {
 			return fault.Wrap(fault.IO, err)
 		}
-	}
-	fi, err := os.Stat(part)
-	if err != nil {
-		return fault.Wrap(fault.IO, err)
-	}
-	if err := checkFits(tree, fi.Size()); err != nil {
-		return err
 	}
 	nf, err := os.Create(out)
 	if err == nil {
@@ -223,11 +223,22 @@ func fileSHA256(p string) ([]byte, error) {
 	return h.Sum(nil), nil
 }
 
-// checkFits refuses a tree that a new btrfs of size bytes cannot hold,
-// before mkfs.btrfs runs out of space midway: the files plus a tenth for
+// checkFits refuses, before anything is copied, a tree plus files that a
+// new btrfs of size bytes cannot hold: their bytes plus a tenth for
 // btrfs's metadata and 32 MiB of reserve.
-func checkFits(tree string, size int64) error {
+func checkFits(tree string, files []file, size int64) error {
 	var used int64
+	for _, f := range files {
+		if f.src == "" {
+			used += int64(len(f.data))
+			continue
+		}
+		fi, err := os.Stat(f.src)
+		if err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+		used += fi.Size()
+	}
 	err := filepath.WalkDir(tree, func(_ string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
 			return err

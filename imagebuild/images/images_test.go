@@ -162,7 +162,7 @@ func TestPinPullArchive(t *testing.T) {
 	// The archive is an OCI layout kiln can pin and pull from, offline.
 	archive := filepath.Join(t.TempDir(), "app.tar")
 	os.WriteFile(archive, buf.Bytes(), 0o644)
-	l, err := OpenLayout(archive, t.TempDir())
+	l, err := OpenLayout(ctx, archive, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}

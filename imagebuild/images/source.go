@@ -122,8 +122,8 @@ type Layout struct {
 }
 
 // OpenLayout opens the layout at p; a tar is unpacked into a folder under
-// scratch first.
-func OpenLayout(p, scratch string) (*Layout, error) {
+// scratch first (stopping when ctx ends), which Close removes.
+func OpenLayout(ctx context.Context, p, scratch string) (*Layout, error) {
 	fi, err := os.Stat(p)
 	if err != nil {
 		return nil, fault.Wrap(fault.Input, fmt.Errorf("--from: %w", err))
@@ -136,7 +136,7 @@ func OpenLayout(p, scratch string) (*Layout, error) {
 		if l.tmp, err = os.MkdirTemp(scratch, "from-*"); err != nil {
 			return nil, fault.Wrap(fault.IO, err)
 		}
-		if err := untar(p, l.tmp); err != nil {
+		if err := untar(ctx, p, l.tmp); err != nil {
 			os.RemoveAll(l.tmp)
 			return nil, err
 		}
@@ -155,7 +155,7 @@ func OpenLayout(p, scratch string) (*Layout, error) {
 
 // untar unpacks the regular files and folders of a tar into dir, refusing
 // any other kind of entry and any path that leaves dir.
-func untar(archive, dir string) error {
+func untar(ctx context.Context, archive, dir string) error {
 	f, err := os.Open(archive)
 	if err != nil {
 		return fault.Wrap(fault.Input, err)
@@ -171,6 +171,9 @@ func untar(archive, dir string) error {
 	}
 	tr := tar.NewReader(r)
 	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
 			return nil

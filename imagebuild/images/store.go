@@ -18,6 +18,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
+	"github.com/kilnproject/kiln/imagebuild/atomicfile"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	prog "github.com/kilnproject/kiln/imagebuild/progress"
 )
@@ -26,6 +27,9 @@ import (
 // index.json naming every image pulled) in which a blob appears only once
 // it is complete and matches its digest.
 type Store struct{ Dir string }
+
+// ociLayout is an OCI image layout's oci-layout file.
+const ociLayout = `{"imageLayoutVersion":"1.0.0"}`
 
 // ErrTampered marks content that does not match the digest it was asked
 // for; nothing of it is kept.
@@ -36,15 +40,20 @@ func (s *Store) blobPath(d string) string {
 	return filepath.Join(s.Dir, "blobs", algo, hexd)
 }
 
-// has reports whether the blob is stored.
-func (s *Store) has(d string) bool {
-	fi, err := os.Stat(s.blobPath(d))
-	return err == nil && fi.Mode().IsRegular()
+// has reports whether the blob is stored with the size its manifest gives
+// (the content is checked again whenever it is used).
+func (s *Store) has(b blobRef) bool {
+	fi, err := os.Stat(s.blobPath(b.Digest))
+	return err == nil && fi.Mode().IsRegular() && fi.Size() == b.Size
 }
 
-// put stores r's content as blob d: written to a temporary file, hashed,
-// and renamed into place only when its digest is d.
-func (s *Store) put(d string, r io.Reader, what string) error {
+// put stores r's content as blob d of size bytes (< 0: unknown): written
+// to a temporary file, hashed, and renamed into place only when its digest
+// is d. A source that sends more than size bytes is cut off and refused.
+func (s *Store) put(d string, size int64, r io.Reader, what string) error {
+	if size >= 0 {
+		r = io.LimitReader(r, size+1)
+	}
 	dst := s.blobPath(d)
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return fault.Wrap(fault.IO, err)
@@ -237,7 +246,7 @@ func (s *Store) pullOne(ctx context.Context, e Entry, arch string, src Source, p
 		if err != nil {
 			return nil, err
 		}
-		if err := s.put(d, strings.NewReader(string(b)), fmt.Sprintf("manifest %s of %s", d, e.Reference)); err != nil {
+		if err := s.put(d, -1, strings.NewReader(string(b)), fmt.Sprintf("manifest %s of %s", d, e.Reference)); err != nil {
 			return nil, err
 		}
 		res.Fetched += int64(len(b))
@@ -255,7 +264,7 @@ func (s *Store) pullOne(ctx context.Context, e Entry, arch string, src Source, p
 	}
 	for _, b := range im.blobs {
 		res.Bytes += b.Size
-		if s.has(b.Digest) {
+		if s.has(b) {
 			continue
 		}
 		if err := ctx.Err(); err != nil {
@@ -266,7 +275,7 @@ func (s *Store) pullOne(ctx context.Context, e Entry, arch string, src Source, p
 			return nil, err
 		}
 		meter := prog.New(progress, fmt.Sprintf("%s %s %s", e.Name, arch, b.Digest[7:19]), b.Size)
-		err = s.put(b.Digest, io.TeeReader(rc, meter), fmt.Sprintf("blob %s of %s", b.Digest, e.Pinned()))
+		err = s.put(b.Digest, b.Size, io.TeeReader(rc, meter), fmt.Sprintf("blob %s of %s", b.Digest, e.Pinned()))
 		meter.Done()
 		rc.Close()
 		if err != nil {
@@ -304,18 +313,14 @@ func (s *Store) writeIndex(results []PullResult) error {
 		idx.Manifests = append(idx.Manifests, v1.Descriptor{MediaType: mt, Digest: mustHash(r.Digest), Size: int64(len(raw)),
 			Annotations: map[string]string{containerdName: name, ociRefName: name}})
 	}
-	if err := os.WriteFile(filepath.Join(s.Dir, "oci-layout"), []byte(`{"imageLayoutVersion":"1.0.0"}`), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(s.Dir, "oci-layout"), []byte(ociLayout), 0o644); err != nil {
 		return fault.Wrap(fault.IO, err)
 	}
 	b, err := json.MarshalIndent(idx, "", "  ")
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(s.Dir, ".index.json.tmp")
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return fault.Wrap(fault.IO, err)
-	}
-	return fault.Wrap(fault.IO, os.Rename(tmp, filepath.Join(s.Dir, "index.json")))
+	return atomicfile.Write(filepath.Join(s.Dir, "index.json"), b, 0o644, true)
 }
 
 // ArchiveImage is one image in a node archive.
@@ -353,7 +358,7 @@ func (s *Store) WriteArchive(ctx context.Context, w io.Writer, entries []Entry, 
 	header := func(name string, size int64) *tar.Header {
 		return &tar.Header{Name: name, Size: size, Mode: 0o644, ModTime: time.Unix(0, 0), Typeflag: tar.TypeReg, Format: tar.FormatPAX}
 	}
-	if err := writeTarFile(tw, header("oci-layout", 30), []byte(`{"imageLayoutVersion":"1.0.0"}`)); err != nil {
+	if err := writeTarFile(tw, header("oci-layout", int64(len(ociLayout))), []byte(ociLayout)); err != nil {
 		return nil, err
 	}
 	for _, e := range entries {
