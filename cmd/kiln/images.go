@@ -14,7 +14,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/kilnproject/kiln/imagebuild/atomicfile"
 	"github.com/kilnproject/kiln/imagebuild/baseimage"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
@@ -121,11 +120,27 @@ func (o *imageSourceOptions) store() (*images.Store, error) {
 	return &images.Store{Dir: filepath.Join(dir, "images")}, nil
 }
 
-func (o *imageSourceOptions) source(ctx context.Context, st *images.Store) (images.Source, error) {
-	if o.from == "" {
-		return images.NewRegistry()
+// open lists the cluster's images and opens the image cache and the
+// source (the registries, or --from); the caller closes the source.
+func (o *imageSourceOptions) open(ctx context.Context, c *cluster.Cluster) ([]images.Entry, *images.Store, images.Source, error) {
+	list, err := images.List(c)
+	if err != nil {
+		return nil, nil, nil, err
 	}
-	return images.OpenLayout(ctx, o.from, filepath.Join(st.Dir, "tmp"))
+	st, err := o.store()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	var src images.Source
+	if o.from == "" {
+		src, err = images.NewRegistry()
+	} else {
+		src, err = images.OpenLayout(ctx, o.from, filepath.Join(st.Dir, "tmp"))
+	}
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return list, st, src, nil
 }
 
 func newImagesPinCmd(g *globals) *cobra.Command {
@@ -165,15 +180,7 @@ func runImagesPin(ctx context.Context, g *globals, o *imageSourceOptions, out ou
 	if err != nil {
 		return err
 	}
-	list, err := images.List(c)
-	if err != nil {
-		return err
-	}
-	st, err := o.store()
-	if err != nil {
-		return err
-	}
-	src, err := o.source(ctx, st)
+	list, _, src, err := o.open(ctx, c)
 	if err != nil {
 		return err
 	}
@@ -198,10 +205,7 @@ func runImagesPin(ctx context.Context, g *globals, o *imageSourceOptions, out ou
 	if err != nil {
 		return err
 	}
-	if _, err := cluster.Parse(updated); err != nil {
-		return fmt.Errorf("pinned cluster file does not validate (please report this): %w", err)
-	}
-	if err := atomicfile.Write(g.clusterFile, updated, 0o644, true); err != nil {
+	if err := g.writePinned(updated); err != nil {
 		return err
 	}
 	return emit(g.stdout, out, changed, append([]string{"pinned in " + g.clusterFile + ":"}, lines...)...)
@@ -244,15 +248,7 @@ else amd64 and arm64.`,
 					return fault.Wrap(fault.Input, fmt.Errorf("--arch %q: use amd64 or arm64", a))
 				}
 			}
-			list, err := images.List(c)
-			if err != nil {
-				return err
-			}
-			st, err := o.store()
-			if err != nil {
-				return err
-			}
-			src, err := o.source(ctx, st)
+			list, st, src, err := o.open(ctx, c)
 			if err != nil {
 				return err
 			}

@@ -111,10 +111,7 @@ func runPin(ctx context.Context, g *globals, o *pinOptions) error {
 	if err != nil {
 		return err
 	}
-	if _, err := cluster.Parse(updated); err != nil {
-		return fmt.Errorf("pinned cluster file does not validate (please report this): %w", err)
-	}
-	if err := atomicfile.Write(g.clusterFile, updated, 0o644, true); err != nil {
+	if err := g.writePinned(updated); err != nil {
 		return err
 	}
 	lines := []string{"pinned in " + g.clusterFile + ":"}
@@ -128,4 +125,13 @@ func runPin(ctx context.Context, g *globals, o *pinOptions) error {
 		lines = append(lines, fmt.Sprintf("  %-18s %-6s %s", d.Name, d.Arch, state))
 	}
 	return emit(g.stdout, o.output, done, lines...)
+}
+
+// writePinned replaces the cluster file with updated, which a pin command
+// made, after checking it still validates.
+func (g *globals) writePinned(updated []byte) error {
+	if _, err := cluster.Parse(updated); err != nil {
+		return fmt.Errorf("pinned cluster file does not validate (please report this): %w", err)
+	}
+	return atomicfile.Write(g.clusterFile, updated, 0o644, true)
 }
