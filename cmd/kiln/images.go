@@ -172,11 +172,7 @@ manifest behind each digest is fetched and checked against it.`,
 }
 
 func runImagesPin(ctx context.Context, g *globals, o *imageSourceOptions, out outputFormat) error {
-	raw, err := os.ReadFile(g.clusterFile)
-	if err != nil {
-		return fault.Wrap(fault.Input, fmt.Errorf("read cluster file: %w", err))
-	}
-	c, err := cluster.Load(g.clusterFile)
+	raw, c, err := g.loadForPin()
 	if err != nil {
 		return err
 	}

@@ -72,11 +72,7 @@ func runPin(ctx context.Context, g *globals, o *pinOptions) error {
 		}
 		src = files
 	}
-	raw, err := os.ReadFile(g.clusterFile)
-	if err != nil {
-		return fault.Wrap(fault.Input, fmt.Errorf("read cluster file: %w", err))
-	}
-	c, err := cluster.Load(g.clusterFile)
+	raw, c, err := g.loadForPin()
 	if err != nil {
 		return err
 	}
@@ -125,6 +121,17 @@ func runPin(ctx context.Context, g *globals, o *pinOptions) error {
 		lines = append(lines, fmt.Sprintf("  %-18s %-6s %s", d.Name, d.Arch, state))
 	}
 	return emit(g.stdout, o.output, done, lines...)
+}
+
+// loadForPin reads the cluster file as it is (its text, which a pin
+// command rewrites) and as it means (validated).
+func (g *globals) loadForPin() ([]byte, *cluster.Cluster, error) {
+	raw, err := os.ReadFile(g.clusterFile)
+	if err != nil {
+		return nil, nil, fault.Wrap(fault.Input, fmt.Errorf("read cluster file: %w", err))
+	}
+	c, err := cluster.Load(g.clusterFile)
+	return raw, c, err
 }
 
 // writePinned replaces the cluster file with updated, which a pin command
