@@ -88,9 +88,13 @@ type kubeadmImageList struct {
 	Minors     []KubeadmRelease `yaml:"minors"`
 }
 
+// SandboxImage is the name of the pod sandbox (pause) image among
+// KubeadmImageNames: the one containerd's CRI must run for pods.
+const SandboxImage = "pause"
+
 // KubeadmImageNames are the names of the images kubeadm deploys, in the
 // order `kubeadm config images list` prints them.
-var KubeadmImageNames = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "coredns", "pause", "etcd"}
+var KubeadmImageNames = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "coredns", SandboxImage, "etcd"}
 
 func mustLoadKubeadmImages() kubeadmImageList {
 	data, err := files.ReadFile("kubeadm-images.yaml")

@@ -45,11 +45,8 @@ type OS struct {
 	Arches map[string]string `yaml:"arches"`
 	// Downloads are the Kubernetes artifacts Ignition fetches.
 	Downloads []Download `yaml:"downloads"`
-	// ContainerdConfig, if set, is where kiln writes containerd's
-	// configuration (replacing the OS's): the runc cgroup driver matching
-	// the kubelet's cgroupDriver, and the CNI folders. Empty: the OS's own
-	// configuration already fits.
-	ContainerdConfig string `yaml:"containerdConfig,omitempty"`
+	// Containerd says where kiln's containerd configuration goes.
+	Containerd Containerd `yaml:"containerd"`
 	// PXE says how the OS boots from the network.
 	PXE PXEBoot `yaml:"pxe"`
 	// Payload, if set, is where an air-gapped node's disk image carries
@@ -57,6 +54,21 @@ type OS struct {
 	Payload *Payload `yaml:"payload,omitempty"`
 
 	versionRe *regexp.Regexp
+}
+
+// Containerd is how kiln configures an OS's containerd. kiln's
+// configuration (replacing the OS's) sets the runc cgroup driver matching
+// the kubelet's cgroupDriver and the CNI folders, and on an air-gapped node
+// the pinned sandbox (pause) image and no registry.
+type Containerd struct {
+	// Config is the file containerd reads once kiln has written it.
+	Config string `yaml:"config"`
+	// Always: the OS's own configuration does not fit the kubelet, so
+	// every node gets kiln's. Otherwise only air-gapped nodes do.
+	Always bool `yaml:"always,omitempty"`
+	// DropIn, if set, is a containerd.service drop-in that makes
+	// containerd read Config (for an OS whose unit names another file).
+	DropIn string `yaml:"dropIn,omitempty"`
 }
 
 // Download is one pinned artifact. URL and Path may use {version} (the

@@ -74,9 +74,14 @@ type (
 		Units []butaneUnit `yaml:"units"`
 	}
 	butaneUnit struct {
+		Name     string         `yaml:"name"`
+		Enabled  bool           `yaml:"enabled"`
+		Contents string         `yaml:"contents,omitempty"`
+		DropIns  []butaneDropIn `yaml:"dropins,omitempty"`
+	}
+	butaneDropIn struct {
 		Name     string `yaml:"name"`
-		Enabled  bool   `yaml:"enabled"`
-		Contents string `yaml:"contents,omitempty"`
+		Contents string `yaml:"contents"`
 	}
 )
 
@@ -225,8 +230,15 @@ func butaneFor(in Input) (*butaneDoc, error) {
 			Verification: &butaneVerification{Hash: "sha256-" + in.Served.ArchiveSHA256},
 		}})
 	}
-	if osp.ContainerdConfig != "" {
-		st.Files = append(st.Files, butaneFile{Path: osp.ContainerdConfig, Mode: 0o644, Overwrite: true, Contents: butaneContents{Inline: containerdConfig}})
+	var containerdDropIns []butaneDropIn
+	if osp.Containerd.Always || c.Airgap {
+		st.Files = append(st.Files, butaneFile{Path: osp.Containerd.Config, Mode: 0o644, Overwrite: true, Contents: butaneContents{Inline: containerdConfig(n.sandbox)}})
+		if n.sandbox != "" {
+			st.Files = append(st.Files, butaneFile{Path: ContainerdHostsDir + "/_default/hosts.toml", Mode: 0o644, Contents: butaneContents{Inline: noRegistryHosts}})
+		}
+		if osp.Containerd.DropIn != "" {
+			containerdDropIns = []butaneDropIn{{Name: "10-kiln-config.conf", Contents: osp.Containerd.DropIn}}
+		}
 	}
 
 	for _, l := range osp.Links {
@@ -241,7 +253,14 @@ func butaneFor(in Input) (*butaneDoc, error) {
 		if u == "kubelet.service" && osp.KubeletUnit {
 			continue
 		}
-		*units = append(*units, butaneUnit{Name: u, Enabled: true})
+		unit := butaneUnit{Name: u, Enabled: true}
+		if u == "containerd.service" {
+			unit.DropIns, containerdDropIns = containerdDropIns, nil
+		}
+		*units = append(*units, unit)
+	}
+	if containerdDropIns != nil {
+		*units = append(*units, butaneUnit{Name: "containerd.service", DropIns: containerdDropIns})
 	}
 	*units = append(*units, butaneUnit{Name: AgentUnit, Enabled: true, Contents: agentUnit(osp, nodeconfigPath)})
 	return doc, nil
@@ -325,12 +344,33 @@ const (
 	CNIConfDir = "/etc/cni/net.d"
 )
 
-// containerdConfig is containerd's configuration for an OS whose own does
-// not fit the kubelet (Fedora CoreOS). Config version 2, which containerd
-// 1.7 reads and containerd 2.x migrates on load.
-var containerdConfig = fmt.Sprintf(`# Written by kiln: containerd for the kubelet.
-version = 2
+// ContainerdHostsDir is where an air-gapped node's containerd looks up
+// registries (containerd's hosts.toml folders, config_path).
+const ContainerdHostsDir = "/etc/containerd/certs.d"
 
+// ContainerdConfigDir holds drop-in files that kiln's containerd
+// configuration imports after its own settings (later files win): where a
+// site, or a Butane snippet, changes containerd without replacing kiln's.
+const ContainerdConfigDir = "/etc/containerd/conf.d"
+
+// containerdConfig is kiln's containerd configuration, in config version
+// 2, which containerd 1.7 reads and 2.x migrates on load. With sandbox
+// (an air-gapped node) the CRI runs that pod sandbox image, the one the
+// node imported, and looks registries up in ContainerdHostsDir only.
+func containerdConfig(sandbox string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, `# Written by kiln: containerd for the kubelet.
+version = 2
+imports = [%q]
+
+[plugins."io.containerd.grpc.v1.cri"]
+enable_unprivileged_ports = true
+enable_unprivileged_icmp = true
+`, ContainerdConfigDir+"/*.toml")
+	if sandbox != "" {
+		fmt.Fprintf(&b, "# Imported from this node's payload (kubeadm's pause image).\nsandbox_image = %q\n", sandbox)
+	}
+	fmt.Fprintf(&b, `
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
 runtime_type = "io.containerd.runc.v2"
 
@@ -342,6 +382,23 @@ SystemdCgroup = %t
 bin_dir = %q
 conf_dir = %q
 `, KubeletCgroupDriver, KubeletCgroupDriver == "systemd", CNIBinDir, CNIConfDir)
+	if sandbox != "" {
+		fmt.Fprintf(&b, `
+[plugins."io.containerd.grpc.v1.cri".registry]
+config_path = %q
+`, ContainerdHostsDir)
+	}
+	return b.String()
+}
+
+// noRegistryHosts is an air-gapped node's hosts.toml for every registry
+// (containerd's _default folder): a pull of an image the payload did not
+// bring goes to a host that cannot exist (.invalid, RFC 6761) and fails
+// at once, naming it, instead of reaching out to a public registry.
+const noRegistryHosts = `# Written by kiln: this node is air-gapped. Its images were imported from
+# its payload; no registry is ever contacted.
+server = "https://no-registry.invalid"
+`
 
 // kubeletUnit is the kubelet service for an OS without one; the
 // environment variables are the ones kubeadm writes and expects.

@@ -82,6 +82,9 @@ type node struct {
 	nc        *nodeconfig.NodeConfig
 	manifests []Manifest
 	lbFiles   []manifests.File
+	// sandbox is an air-gapped node's pod sandbox image, as containerd
+	// names it once imported from the payload.
+	sandbox string
 }
 
 func renderNode(in Input) (*node, error) {
@@ -131,7 +134,7 @@ func renderNode(in Input) (*node, error) {
 		}
 	}
 	if c.Airgap {
-		if nc.Images, err = airgapImages(in); err != nil {
+		if nc.Images, n.sandbox, err = airgapImages(in); err != nil {
 			return nil, err
 		}
 	}
@@ -225,25 +228,32 @@ func pinned(c *cluster.Cluster, name, arch string) (cluster.Download, error) {
 	return pin, nil
 }
 
-// airgapImages is the image archive of an air-gapped node: every image
-// its role runs, pinned.
-func airgapImages(in Input) (*nodeconfig.Images, error) {
+// airgapImages is the image archive of an air-gapped node (every image
+// its role runs, pinned) and the name of the sandbox (pause) image in it.
+func airgapImages(in Input) (*nodeconfig.Images, string, error) {
 	c := in.Cluster
 	list, err := images.List(c)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	list = images.ForRole(list, in.Role)
 	if err := images.RequirePinned(list); err != nil {
-		return nil, fmt.Errorf("airgap: %w", err)
+		return nil, "", fmt.Errorf("airgap: %w", err)
 	}
 	osp, err := payloadOS(c)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	im := &nodeconfig.Images{Archive: payloadPath(osp, in, ImagesArchive(in.Role))}
+	sandbox := ""
 	for _, e := range list {
 		im.References = append(im.References, e.NodeName()+"@"+e.Digest)
+		if e.Name == manifests.SandboxImage {
+			sandbox = e.NodeName()
+		}
 	}
-	return im, nil
+	if sandbox == "" {
+		return nil, "", fmt.Errorf("airgap: kubeadm's image list for %s names no %s image", c.Kubernetes.Version, manifests.SandboxImage)
+	}
+	return im, sandbox, nil
 }

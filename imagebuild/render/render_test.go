@@ -16,6 +16,7 @@ import (
 	"testing"
 
 	"github.com/coreos/ignition/v2/config/v3_4"
+	"github.com/coreos/ignition/v2/config/v3_4/types"
 	"github.com/vincent-petithory/dataurl"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
@@ -542,8 +543,10 @@ func TestInstallReportScript(t *testing.T) {
 }
 
 var (
-	urlRe         = regexp.MustCompile(`[a-z]+://[^\s"'\\]+`)
-	loopbackURLRe = regexp.MustCompile(`^(unix://|https?://(127\.0\.0\.1|\[::1\]|localhost)[:/])`)
+	urlRe = regexp.MustCompile(`[a-z]+://[^\s"'\\]+`)
+	// Loopback, or a name under .invalid, which no resolver may answer
+	// (RFC 6761): neither leaves the node.
+	loopbackURLRe = regexp.MustCompile(`^(unix://|https?://(127\.0\.0\.1|\[::1\]|localhost|[a-z0-9.-]+\.invalid)([:/]|$))`)
 )
 
 // TestAirgap: an air-gapped node's config downloads nothing (no URL in it
@@ -609,6 +612,7 @@ func TestAirgap(t *testing.T) {
 		if !linked {
 			t.Errorf("%s: the sysext is not linked to /oem/kiln", role)
 		}
+		checkAirgapContainerd(t, cfg, contents, list)
 		nc, err := NodeConfig(in)
 		if err != nil {
 			t.Fatal(err)
@@ -627,6 +631,64 @@ func TestAirgap(t *testing.T) {
 		}
 		if !found {
 			t.Errorf("%s: the add-on's digest-only image is not carried as itself: %v", role, nc.Images.References)
+		}
+	}
+}
+
+// checkAirgapContainerd: an air-gapped Flatcar node's containerd runs the
+// pause image its payload carries, knows no registry (the _default
+// hosts.toml names an .invalid host), and is started on kiln's config
+// through a drop-in on the one containerd.service unit.
+func checkAirgapContainerd(t *testing.T, cfg types.Config, files map[string][]byte, list []images.Entry) {
+	t.Helper()
+	var pause string
+	for _, e := range list {
+		if e.Name == "pause" {
+			pause = e.Reference
+		}
+	}
+	conf := string(files["/etc/containerd/config.toml"])
+	for _, want := range []string{"sandbox_image = \"" + pause + "\"", "config_path = \"" + ContainerdHostsDir + "\"", "imports = [\"/etc/containerd/conf.d/*.toml\"]", "SystemdCgroup = true"} {
+		if !strings.Contains(conf, want) {
+			t.Errorf("containerd config lacks %s:\n%s", want, conf)
+		}
+	}
+	if hosts := string(files[ContainerdHostsDir+"/_default/hosts.toml"]); !strings.Contains(hosts, `server = "https://no-registry.invalid"`) {
+		t.Errorf("no-registry hosts.toml: %q", hosts)
+	}
+	var units []types.Unit
+	for _, u := range cfg.Systemd.Units {
+		if u.Name == "containerd.service" {
+			units = append(units, u)
+		}
+	}
+	if len(units) != 1 || len(units[0].Dropins) != 1 || units[0].Enabled == nil || !*units[0].Enabled ||
+		!strings.Contains(*units[0].Dropins[0].Contents, "ExecStart=/usr/bin/containerd\n") {
+		t.Errorf("containerd.service: %+v", units)
+	}
+}
+
+// TestContainerdConfigOnlyWhereNeeded: a connected Flatcar node keeps
+// Flatcar's own containerd configuration; Fedora CoreOS always gets
+// kiln's, without an air-gapped node's sandbox and registry settings.
+func TestContainerdConfigOnlyWhereNeeded(t *testing.T) {
+	s := loadSecrets(t)
+	for osName, want := range map[string]bool{"flatcar": false, "fcos": true} {
+		c := loadCluster(t, osName)
+		ign, err := Ignition(Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleWorker, Arch: "amd64", Agent: fakeAgent(t, "amd64")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		files, _ := decodedFiles(t, ign)
+		conf, got := files["/etc/containerd/config.toml"]
+		if got != want {
+			t.Errorf("%s: containerd config written: %v, want %v", osName, got, want)
+		}
+		if strings.Contains(string(conf), "sandbox_image") || strings.Contains(string(conf), "config_path") {
+			t.Errorf("%s: a connected node's containerd config pins a sandbox or registry hosts:\n%s", osName, conf)
+		}
+		if _, ok := files[ContainerdHostsDir+"/_default/hosts.toml"]; ok {
+			t.Errorf("%s: a connected node gets the no-registry hosts.toml", osName)
 		}
 	}
 }

@@ -4,9 +4,11 @@ package image
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path"
@@ -15,8 +17,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coreos/ignition/v2/config/v3_4"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/vincent-petithory/dataurl"
 	"gopkg.in/yaml.v3"
 
 	"github.com/kilnproject/kiln/imagebuild/images/imagestest"
@@ -133,6 +137,7 @@ func TestAirgapImageCarriesEverything(t *testing.T) {
 				t.Errorf("bake left %v in --dest", leftovers)
 			}
 
+			checkContainerdConfig(t, config, all)
 			listed := containerdImport(t, archivePath)
 			for _, im := range all {
 				carried := strings.Contains(strings.Join(im.Roles, ","), role)
@@ -146,6 +151,70 @@ func TestAirgapImageCarriesEverything(t *testing.T) {
 			}
 		})
 	}
+}
+
+// checkContainerdConfig has the real containerd read the containerd
+// configuration an air-gapped node's Ignition config writes and checks
+// what containerd makes of it (`containerd config dump`, its own migration
+// to config version 3): the pod sandbox is the pinned pause image the
+// archive carries, registries are looked up only in kiln's hosts folder,
+// whose _default entry names a host that cannot exist.
+func checkContainerdConfig(t *testing.T, ign []byte, all []imageEntry) {
+	t.Helper()
+	conf := filepath.Join(t.TempDir(), "config.toml")
+	os.WriteFile(conf, ignitionFile(t, ign, "/etc/containerd/config.toml"), 0o644)
+	out, err := exec.Command(filepath.Join(kilnToolsDir(), "bin", "containerd-"+containerdVersion), "--config", conf, "config", "dump").CombinedOutput()
+	if err != nil {
+		t.Fatalf("containerd config dump: %v\n%s", err, out)
+	}
+	pause := ""
+	for _, im := range all {
+		if im.Name == "pause" {
+			pause = im.Reference
+		}
+	}
+	dump := string(out)
+	for _, want := range []string{"sandbox = '" + pause + "'", "config_path = '/etc/containerd/certs.d'", "SystemdCgroup = true", "bin_dirs = ['/opt/cni/bin']"} {
+		if !strings.Contains(dump, want) {
+			t.Errorf("containerd's reading of the rendered config lacks %s:\n%s", want, dump)
+		}
+	}
+	if hosts := string(ignitionFile(t, ign, "/etc/containerd/certs.d/_default/hosts.toml")); !strings.Contains(hosts, "server = \"https://no-registry.invalid\"") {
+		t.Errorf("_default/hosts.toml:\n%s", hosts)
+	}
+}
+
+// ignitionFile returns the contents of the file at path in an Ignition
+// config (a data URL, maybe gzip'd).
+func ignitionFile(t *testing.T, ign []byte, path string) []byte {
+	t.Helper()
+	cfg, _, err := v3_4.Parse(ign)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range cfg.Storage.Files {
+		if f.Path != path || f.Contents.Source == nil {
+			continue
+		}
+		du, err := dataurl.DecodeString(*f.Contents.Source)
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		if f.Contents.Compression == nil || *f.Contents.Compression == "" {
+			return du.Data
+		}
+		zr, err := gzip.NewReader(bytes.NewReader(du.Data))
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		data, err := io.ReadAll(zr)
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		return data
+	}
+	t.Fatalf("the Ignition config writes no %s", path)
+	return nil
 }
 
 // containerdImport runs a real containerd on a scratch root, imports the
