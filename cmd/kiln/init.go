@@ -34,6 +34,7 @@ type initOptions struct {
 	loadBalancer     string
 	nodes            []string // --control-plane NAME=IP
 	images           []string // --image NAME=REFERENCE@sha256:DIGEST
+	ignorePreflight  []string
 	dir              string
 	force            bool
 	output           outputFormat
@@ -42,16 +43,17 @@ type initOptions struct {
 // flagFor maps cluster-file fields to the init flag that sets them, so
 // validation errors name what the user typed.
 var flagFor = map[string]string{
-	"name":                     "NAME",
-	"controlPlaneEndpoint":     "--endpoint",
-	"kubernetes.version":       "--kubernetes-version",
-	"kubernetes.controlPlanes": "--control-planes",
-	"os.name":                  "--os",
-	"os.channel":               "--channel",
-	"os.version":               "--os-version",
-	"loadBalancer.type":        "--load-balancer",
-	"nodes":                    "--control-plane",
-	"images":                   "--image",
+	"name":                             "NAME",
+	"controlPlaneEndpoint":             "--endpoint",
+	"kubernetes.version":               "--kubernetes-version",
+	"kubernetes.controlPlanes":         "--control-planes",
+	"kubernetes.ignorePreflightErrors": "--ignore-preflight-errors",
+	"os.name":                          "--os",
+	"os.channel":                       "--channel",
+	"os.version":                       "--os-version",
+	"loadBalancer.type":                "--load-balancer",
+	"nodes":                            "--control-plane",
+	"images":                           "--image",
 }
 
 func newInitCmd(g *globals) *cobra.Command {
@@ -103,6 +105,7 @@ from the old secrets would no longer join.`,
 	f.StringVar(&o.loadBalancer, "load-balancer", cluster.LBExternal, "what serves the endpoint: external, keepalived-haproxy or kube-vip")
 	f.StringArrayVar(&o.nodes, "control-plane", nil, "inventory control plane NAME=IP, the first one the init node (repeatable; their number sets --control-planes)")
 	f.StringArrayVar(&o.images, "image", nil, "pin an image of kiln's manifests NAME=REFERENCE@sha256:DIGEST (repeatable; NAME one of "+strings.Join(manifests.ImageNames(), ", ")+")")
+	f.StringSliceVar(&o.ignorePreflight, "ignore-preflight-errors", nil, "kubeadm preflight checks every node skips, comma separated (kubernetes.ignorePreflightErrors; e.g. Mem for boards under 1700 MB)")
 	f.StringVar(&o.dir, "dir", ".", "folder for cluster.yaml and secrets/")
 	f.BoolVar(&o.force, "force", false, "replace an existing cluster file and secrets")
 	addOutputFlag(cmd, &o.output)
@@ -122,7 +125,7 @@ func runInit(g *globals, o *initOptions, name string) error {
 		Kind:                 cluster.Kind,
 		Name:                 name,
 		ControlPlaneEndpoint: o.endpoint,
-		Kubernetes:           cluster.Kubernetes{Version: o.version, ControlPlanes: o.controlPlanes},
+		Kubernetes:           cluster.Kubernetes{Version: o.version, ControlPlanes: o.controlPlanes, IgnorePreflightErrors: o.ignorePreflight},
 		OS:                   cluster.OS{Name: o.osName, Channel: o.channel, Version: o.osVersion},
 		LoadBalancer:         cluster.LoadBalancer{Type: o.loadBalancer},
 	}
@@ -229,6 +232,10 @@ func nameFlags(err error) error {
 	for i, p := range inv.Problems {
 		field, msg, _ := strings.Cut(p.Error(), ": ")
 		flag, ok := flagFor[field]
+		if !ok { // kubernetes.ignorePreflightErrors[1]
+			before, _, _ := strings.Cut(field, "[")
+			flag, ok = flagFor[before]
+		}
 		if !ok { // nodes[0].ip, images.keepalived: the flag that wrote them
 			flag, ok = flagFor[strings.FieldsFunc(field, func(r rune) bool { return r == '.' || r == '[' })[0]]
 		}

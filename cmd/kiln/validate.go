@@ -21,7 +21,19 @@ func (g *globals) load() (*cluster.Cluster, *secrets.Secrets, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	if skip := preflightNote(c); skip != "" {
+		fmt.Fprintln(g.stderr, "kiln: note: "+skip)
+	}
 	return c, s, nil
+}
+
+// preflightNote says which kubeadm preflight checks the nodes skip, if
+// any: a setting nobody should carry unknowingly.
+func preflightNote(c *cluster.Cluster) string {
+	if len(c.Kubernetes.IgnorePreflightErrors) == 0 {
+		return ""
+	}
+	return "kubernetes.ignorePreflightErrors: kubeadm on every node skips the preflight checks " + strings.Join(c.Kubernetes.IgnorePreflightErrors, ", ")
 }
 
 func newValidateCmd(g *globals) *cobra.Command {
@@ -53,6 +65,9 @@ each with its field path and the fix, then checks the secrets folder
 				"os":                c.OS.Name,
 				"caCertHash":        s.CACertHash(),
 				"unpinnedDownloads": unpinned,
+			}
+			if len(c.Kubernetes.IgnorePreflightErrors) > 0 {
+				res["ignorePreflightErrors"] = c.Kubernetes.IgnorePreflightErrors
 			}
 			lines := []string{
 				fmt.Sprintf("%s: valid (cluster %s, Kubernetes %s, %s, endpoint %s)", g.clusterFile, c.Name, c.Kubernetes.Version, c.OS.Name, c.ControlPlaneEndpoint),

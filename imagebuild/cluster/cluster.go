@@ -156,6 +156,14 @@ type Kubernetes struct {
 	CertificateUploadWindow *nodeconfig.Duration `yaml:"certificateUploadWindow,omitempty"`
 	// Downloads pins every artifact nodes download, by URL and SHA-512.
 	Downloads []Download `yaml:"downloads,omitempty"`
+	// IgnorePreflightErrors are kubeadm preflight checks that kubeadm
+	// init and join skip on every node (kubeadm's
+	// nodeRegistration.ignorePreflightErrors), by kubeadm's check names
+	// (Mem, NumCPU, Swap, SystemVerification, ...) or all. For machines
+	// that cannot pass a check: a board with less than kubeadm's 1700 MB
+	// (Mem), a cgroup v1 host on Kubernetes 1.37 (SystemVerification).
+	// Empty, the default: kubeadm skips nothing.
+	IgnorePreflightErrors []string `yaml:"ignorePreflightErrors,omitempty"`
 }
 
 // Download is one pinned artifact for one arch.

@@ -112,6 +112,10 @@ func TestValidation(t *testing.T) {
 		{"bad url", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  downloads:\n    - {name: kubernetes-sysext, arch: amd64, url: 'file:///x', sha512: ''}\n", []string{"kubernetes.downloads[0].url"}},
 		{"patch target", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubeadmPatches:\n  - {target: kubelet, patch: 'a: b'}\n", []string{"kubeadmPatches[0].target: \"kubelet\""}},
 		{"json patch shape", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubeadmPatches:\n  - {target: etcd, type: json, patch: 'a: b'}\n", []string{"kubeadmPatches[0].patch: a json patch is a list"}},
+		{"preflight ok", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  ignorePreflightErrors: [Mem, SystemVerification, Port-10250, FileAvailable--etc-kubernetes-manifests-etcd.yaml]\n", nil},
+		{"preflight all alone", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  ignorePreflightErrors: [all, Mem]\n", []string{"kubernetes.ignorePreflightErrors: all already skips every check"}},
+		{"preflight dup", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  ignorePreflightErrors: [Mem, mem]\n", []string{"kubernetes.ignorePreflightErrors[1]: mem is already listed at [0]"}},
+		{"preflight name", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubernetes:\n  ignorePreflightErrors: ['Mem,Swap']\n", []string{"kubernetes.ignorePreflightErrors[0]: \"Mem,Swap\" is not a kubeadm preflight check name"}},
 		{"patch role", "name: lab\ncontrolPlaneEndpoint: lb:6443\nkubeadmPatches:\n  - {target: etcd, roles: [boss], patch: 'a: b'}\n", []string{"kubeadmPatches[0].roles[0]"}},
 	}
 	for _, tt := range tests {

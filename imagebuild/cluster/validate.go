@@ -143,6 +143,7 @@ func (c *Cluster) Validate() error {
 		}
 	}
 	c.validatePatches(&errs)
+	c.validatePreflight(&errs)
 	c.validateNetwork(&errs, pods, svcs)
 	c.validateAddons(&errs)
 	c.validateImages(&errs)
@@ -275,6 +276,32 @@ func (c *Cluster) validateNodes(errs *[]error) {
 	}
 	if controlPlanes > c.Kubernetes.ControlPlanes {
 		*errs = append(*errs, fmt.Errorf("nodes: %d control-plane nodes listed but kubernetes.controlPlanes is %d: raise it or change roles", controlPlanes, c.Kubernetes.ControlPlanes))
+	}
+}
+
+// preflightRe is a kubeadm preflight check name: a word (Mem,
+// SystemVerification) or a named instance (Port-6443,
+// FileAvailable--etc-kubernetes-manifests-etcd.yaml).
+var preflightRe = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9._-]*$`)
+
+// validatePreflight checks kubernetes.ignorePreflightErrors as kubeadm
+// does (names compared without case; all stands alone), plus the shape of
+// a check name.
+func (c *Cluster) validatePreflight(errs *[]error) {
+	seen := map[string]int{}
+	for i, name := range c.Kubernetes.IgnorePreflightErrors {
+		field := fmt.Sprintf("kubernetes.ignorePreflightErrors[%d]", i)
+		key := strings.ToLower(name)
+		switch j, dup := seen[key]; {
+		case !preflightRe.MatchString(name):
+			*errs = append(*errs, fmt.Errorf("%s: %q is not a kubeadm preflight check name like SystemVerification or Port-6443", field, name))
+		case dup:
+			*errs = append(*errs, fmt.Errorf("%s: %s is already listed at [%d]", field, name, j))
+		}
+		seen[key] = i
+	}
+	if _, all := seen["all"]; all && len(c.Kubernetes.IgnorePreflightErrors) > 1 {
+		*errs = append(*errs, fmt.Errorf("kubernetes.ignorePreflightErrors: all already skips every check: list all alone, or only the checks to skip"))
 	}
 }
 

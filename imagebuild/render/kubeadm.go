@@ -40,8 +40,9 @@ type (
 		Value string `yaml:"value"`
 	}
 	nodeRegistration struct {
-		CRISocket        string `yaml:"criSocket"`
-		KubeletExtraArgs []arg  `yaml:"kubeletExtraArgs,omitempty"`
+		CRISocket             string   `yaml:"criSocket"`
+		KubeletExtraArgs      []arg    `yaml:"kubeletExtraArgs,omitempty"`
+		IgnorePreflightErrors []string `yaml:"ignorePreflightErrors,omitempty"`
 	}
 	patches struct {
 		Directory string `yaml:"directory"`
@@ -144,7 +145,8 @@ func Kubeadm(in Input) (KubeadmFiles, error) {
 	}
 	reg := nodeRegistration{
 		CRISocket:        osp.CRISocket,
-		KubeletExtraArgs: []arg{{Name: "volume-plugin-dir", Value: osp.VolumePluginDir}},
+		KubeletExtraArgs:      []arg{{Name: "volume-plugin-dir", Value: osp.VolumePluginDir}},
+		IgnorePreflightErrors: c.Kubernetes.IgnorePreflightErrors,
 	}
 	join := joinConfiguration{
 		typeMeta: typeMeta{kubeadmAPI, "JoinConfiguration"},

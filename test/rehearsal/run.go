@@ -48,8 +48,8 @@ type runOptions struct {
 	timeScale string
 	timeout   time.Duration
 	keep      bool
-	// ignorePreflight is added to the rendered kubeadm configs'
-	// nodeRegistration.ignorePreflightErrors (rehearsal only).
+	// ignorePreflight goes to the cluster file's
+	// kubernetes.ignorePreflightErrors (kiln init --ignore-preflight-errors).
 	ignorePreflight string
 }
 
@@ -106,7 +106,7 @@ func runMain(args []string) error {
 	fl.StringVar(&o.timeScale, "time-scale", "5", "KILN_FIRSTBOOT_TIME_SCALE for every agent")
 	fl.DurationVar(&o.timeout, "timeout", 6*time.Minute, "per-scenario limit")
 	fl.BoolVar(&o.keep, "keep", false, "leave the last scenario's cluster running until interrupted")
-	fl.StringVar(&o.ignorePreflight, "ignore-preflight", "auto", "preflight checks to ignore, comma separated, added to the nodes' kubeadm configs; auto: SystemVerification for Kubernetes >= 1.37 on a cgroup v1 host (kubeadm 1.37 refuses cgroup v1), else none")
+	fl.StringVar(&o.ignorePreflight, "ignore-preflight", "auto", "preflight checks every node's kubeadm skips, comma separated (the cluster file's kubernetes.ignorePreflightErrors); auto: SystemVerification for Kubernetes >= 1.37 on a cgroup v1 host (kubeadm 1.37 refuses cgroup v1), else none")
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
@@ -127,7 +127,7 @@ func runMain(args []string) error {
 		minor, _ := strconv.Atoi(strings.Split(strings.TrimPrefix(o.version, "v1."), ".")[0])
 		if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err != nil && minor >= 37 {
 			o.ignorePreflight = "SystemVerification"
-			fmt.Printf("NOTE: cgroup v1 host and Kubernetes %s: the nodes' kubeadm configs ignore preflight check SystemVerification (rehearsal only)\n", o.version)
+			fmt.Printf("NOTE: cgroup v1 host and Kubernetes %s: the cluster file sets kubernetes.ignorePreflightErrors: [SystemVerification] (kubeadm 1.37 refuses cgroup v1)\n", o.version)
 		}
 	}
 	if os.Geteuid() != 0 {
@@ -336,6 +336,9 @@ data:
 // inventory, or kube-vip), with one local add-on.
 func kilnInit(o runOptions, dir, lb string) error {
 	args := []string{"init", cluster, "--endpoint", endpoint, "--kubernetes-version", o.version, "--dir", dir, "--load-balancer", lb}
+	if o.ignorePreflight != "" {
+		args = append(args, "--ignore-preflight-errors", o.ignorePreflight)
+	}
 	if lb == "keepalived-haproxy" {
 		image, err := keepalivedImage()
 		if err != nil {
@@ -512,13 +515,6 @@ func (e *env) place(n nodeSpec) error {
 		data, err := dataURL(f.Contents.Source, f.Contents.Compression)
 		if err != nil {
 			return fmt.Errorf("%s: %w", f.Path, err)
-		}
-		if e.o.ignorePreflight != "" && strings.HasPrefix(filepath.Base(f.Path), "kubeadm-") {
-			var list strings.Builder
-			for _, c := range strings.Split(e.o.ignorePreflight, ",") {
-				fmt.Fprintf(&list, "\n    - %s", strings.TrimSpace(c))
-			}
-			data = []byte(strings.ReplaceAll(string(data), "\nnodeRegistration:\n", "\nnodeRegistration:\n  ignorePreflightErrors:"+list.String()+"\n"))
 		}
 		dst := filepath.Join(root, f.Path)
 		if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
