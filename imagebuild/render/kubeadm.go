@@ -144,7 +144,7 @@ func Kubeadm(in Input) (KubeadmFiles, error) {
 		patch = &patches{Directory: PatchesPath}
 	}
 	reg := nodeRegistration{
-		CRISocket:        osp.CRISocket,
+		CRISocket:             osp.CRISocket,
 		KubeletExtraArgs:      []arg{{Name: "volume-plugin-dir", Value: osp.VolumePluginDir}},
 		IgnorePreflightErrors: c.Kubernetes.IgnorePreflightErrors,
 	}
