@@ -89,6 +89,7 @@ var scenarios = []struct {
 	{"certs-deleted", "a control plane boots after the kubeadm-certs Secret was deleted", scenarioCertsDeleted},
 	{"killed-join", "a control plane is killed mid-join and boots again", scenarioKilledJoin},
 	{"foreign-ca", "a node whose metadata pins a foreign CA", scenarioForeignCA},
+	{"refusals", "nodes whose token or certificate key the cluster refuses, and a worker cut off from the endpoint for a while", scenarioRefusals},
 	{"vip-failover", "the control plane holding the endpoint's virtual IP loses power", scenarioVIPFailover},
 	{"kube-vip-init", "a kube-vip cluster's init node switches kube-vip to admin.conf after kubeadm init", scenarioKubeVIPInit},
 }
@@ -581,17 +582,8 @@ func (e *env) boot(n nodeSpec, agentArgs ...string) error {
 		e.start = time.Now()
 	}
 	d := filepath.Join(e.dir, "nodes", n.name)
-	if _, ok := e.specs[n.name]; !ok {
-		if n.source == "" {
-			n.source = e.cluster
-		}
-		if err := e.place(n); err != nil {
-			return err
-		}
-		if err := e.addNode(n); err != nil {
-			return err
-		}
-		e.specs[n.name] = n
+	if err := e.prepare(n); err != nil {
+		return err
 	}
 	if err := e.powerOn(e.specs[n.name]); err != nil {
 		return err
@@ -620,6 +612,25 @@ func (e *env) boot(n nodeSpec, agentArgs ...string) error {
 	}
 	e.track(n.name, cmd)
 	e.logf("booted %s (%s, %s)", n.name, n.role, n.ip())
+	return nil
+}
+
+// prepare creates a node the first time it is named: its files and its
+// network namespace, cable still unplugged.
+func (e *env) prepare(n nodeSpec) error {
+	if _, ok := e.specs[n.name]; ok {
+		return nil
+	}
+	if n.source == "" {
+		n.source = e.cluster
+	}
+	if err := e.place(n); err != nil {
+		return err
+	}
+	if err := e.addNode(n); err != nil {
+		return err
+	}
+	e.specs[n.name] = n
 	return nil
 }
 

@@ -268,6 +268,164 @@ func scenarioForeignCA(e *env) error {
 	return nil
 }
 
+// scenarioRefusals: beside the standard cluster, nodes the real kubeadm
+// must refuse, so that the agent's reading of kubeadm's messages
+// (firstboot/kubeadm/classify.go) is checked against kubeadm itself, not
+// against texts copied into a test:
+//   - bad-token, a worker whose bootstrap token has the cluster's token ID
+//     and another secret (a token rotated since the image was built):
+//     kubeadm cannot verify cluster-info's signature;
+//   - bad-key, a fourth control plane whose certificate key is another
+//     one: kubeadm cannot decrypt the kubeadm-certs Secret.
+//
+// Each must stop at its first kubeadm join with the permanent error's
+// advice (exit 3, not restarted) and never become a Node. And cut-off, a
+// worker with the cluster's own metadata whose route to the endpoint is
+// blocked (a prohibit route in its network namespace: connect fails at
+// once) from boot until the cluster is complete, then opened: the
+// agent must wait and then join, an outage being transient.
+func scenarioRefusals(e *env) error {
+	badToken := nodeSpec{name: "bad-token", role: "worker", octet: 31}
+	badKey := nodeSpec{name: "bad-key", role: "control-plane", octet: 14}
+	cutOff := nodeSpec{name: "cut-off", role: "worker", octet: 23}
+	var err error
+	if badToken.source, err = e.variant("rotated-token", func(secrets string) error {
+		return replaceSecret(filepath.Join(secrets, "token"), func(old string) string {
+			id, _, _ := strings.Cut(old, ".")
+			return id + "." + strings.Repeat("x", 16)
+		})
+	}); err != nil {
+		return err
+	}
+	if badKey.source, err = e.variant("other-key", func(secrets string) error {
+		return replaceSecret(filepath.Join(secrets, "certificate-key"), func(string) string { return strings.Repeat("ab", 32) })
+	}); err != nil {
+		return err
+	}
+	for _, n := range append(append([]nodeSpec{}, all...), badToken, badKey) {
+		if err := e.boot(n, uploadArgs...); err != nil {
+			return err
+		}
+	}
+	if err := e.prepare(cutOff); err != nil {
+		return err
+	}
+	blocked := []string{"ip", "-n", nsPrefix + cutOff.name, "route", "add", "prohibit", vip + "/32"}
+	if err := sh(blocked...); err != nil {
+		return err
+	}
+	if err := e.boot(cutOff, uploadArgs...); err != nil {
+		return err
+	}
+	if err := e.expectFullCluster(all); err != nil {
+		return err
+	}
+	var errs []string
+	for _, r := range []struct {
+		n      nodeSpec
+		advice string
+	}{
+		{badToken, "the bootstrap token is invalid or has expired"},
+		{badKey, "the certificate key does not decrypt the kubeadm-certs Secret"},
+	} {
+		if err := e.expectRefused(r.n, r.advice); err != nil {
+			errs = append(errs, err.Error())
+		}
+	}
+	st, _ := e.status(cutOff.name)
+	if st.Phase != "join" || st.State != "waiting" {
+		errs = append(errs, fmt.Sprintf("cut-off: %s/%s while the endpoint is blocked, want join/waiting", st.Phase, st.State))
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("refusals: %s", strings.Join(errs, "; "))
+	}
+	e.logf("cut-off: waiting for the endpoint (%s); opening its route", st.LastError)
+	blocked[4] = "del"
+	if err := sh(blocked...); err != nil {
+		return err
+	}
+	ctx, cancel := e.deadline()
+	defer cancel()
+	cs, err := e.client()
+	if err != nil {
+		return err
+	}
+	return e.waitUntil(ctx, "the cut-off worker to join", func(ctx context.Context) (bool, string) {
+		st, err := e.status(cutOff.name)
+		if err != nil {
+			return false, err.Error()
+		}
+		if st.Phase != "done" || st.State != "done" {
+			return false, fmt.Sprintf("%s/%s#%d", st.Phase, st.State, st.Attempt)
+		}
+		list, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		if len(list.Items) != len(all)+1 {
+			return false, fmt.Sprintf("%d Nodes, want %d", len(list.Items), len(all)+1)
+		}
+		for _, n := range list.Items {
+			if !nodeReady(&n) {
+				return false, n.Name + " not Ready"
+			}
+		}
+		e.logf("cut-off: joined once its route opened; %d Nodes Ready, none for the refused nodes", len(list.Items))
+		return true, ""
+	})
+}
+
+// variant copies the scenario's cluster (its file, its add-on, its
+// secrets) to a sibling folder and lets change alter the copy's secrets:
+// what an image built before a secret changed, or from another cluster's
+// secret, carries.
+func (e *env) variant(name string, change func(secrets string) error) (string, error) {
+	dir := filepath.Join(e.dir, name)
+	if err := sh("cp", "-a", e.cluster, dir); err != nil {
+		return "", err
+	}
+	return dir, change(filepath.Join(dir, "secrets"))
+}
+
+// replaceSecret rewrites a one-line secret file (mode kept).
+func replaceSecret(path string, with func(old string) string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte(with(strings.TrimSpace(string(data)))+"\n"), 0o600)
+}
+
+// expectRefused: the node's agent stopped for good at its first kubeadm
+// join (exit 3, status permanent, lastError with advice) and the cluster
+// has no Node for it.
+func (e *env) expectRefused(n nodeSpec, advice string) error {
+	ctx, cancel := e.deadline()
+	defer cancel()
+	if err := e.waitUntil(ctx, n.name+"'s agent to give up", func(context.Context) (bool, string) {
+		st, err := e.status(n.name)
+		return err == nil && st.State == "failed", fmt.Sprintf("%s/%s exits %v", st.Phase, st.State, e.agentExits(n.name))
+	}); err != nil {
+		return err
+	}
+	st, _ := e.status(n.name)
+	var errs []string
+	if exits := e.agentExits(n.name); !slices.Equal(exits, []int{3}) {
+		errs = append(errs, fmt.Sprintf("agent exit codes %v, want [3]", exits))
+	}
+	if !st.Permanent || !strings.Contains(st.LastError, advice) {
+		errs = append(errs, fmt.Sprintf("status permanent=%v lastError %q, want permanent with %q", st.Permanent, st.LastError, advice))
+	}
+	if joins := countStarted(e.agentLog(n.name), "run kubeadm join"); joins != 1 {
+		errs = append(errs, fmt.Sprintf("%d kubeadm joins, want 1 (refused by kubeadm itself, then never retried)", joins))
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%s: %s", n.name, strings.Join(errs, "; "))
+	}
+	e.logf("%s: refused by kubeadm, stopped permanently: %q", n.name, st.LastError)
+	return nil
+}
+
 func (e *env) deadline() (context.Context, context.CancelFunc) {
 	return context.WithDeadline(context.Background(), e.startOrNow().Add(e.o.timeout))
 }
