@@ -67,7 +67,8 @@ type Containerd struct {
 	// every node gets kiln's. Otherwise only air-gapped nodes do.
 	Always bool `yaml:"always,omitempty"`
 	// DropIn, if set, is a containerd.service drop-in that makes
-	// containerd read Config (for an OS whose unit names another file).
+	// containerd read Config (for an OS whose unit names another file);
+	// enableUnits must then name containerd.service.
 	DropIn string `yaml:"dropIn,omitempty"`
 }
 
@@ -187,6 +188,12 @@ func (o *OS) Validate() error {
 	}
 	if _, ok := o.Download("kubelet"); o.KubeletUnit && !ok {
 		errs = append(errs, errors.New("kubeletUnit needs a download named kubelet"))
+	}
+	if !path.IsAbs(o.Containerd.Config) {
+		errs = append(errs, fmt.Errorf("containerd.config %q: must be absolute", o.Containerd.Config))
+	}
+	if o.Containerd.DropIn != "" && !slices.Contains(o.EnableUnits, "containerd.service") {
+		errs = append(errs, errors.New("containerd.dropIn: enableUnits must name containerd.service, which carries it"))
 	}
 	for i, l := range o.Links {
 		if !path.IsAbs(l.Path) || !path.IsAbs(l.Target) {

@@ -40,6 +40,7 @@ versionPattern: '^[0-9]+$'
 agentPath: /opt/bin/a
 criSocket: unix:///run/c.sock
 volumePluginDir: /opt/v
+containerd: {config: /etc/c.toml}
 arches: {amd64: x86-64, arm64: arm64}
 downloads:
   - {name: k, url: 'https://e/k', path: /opt/k, mode: 0644}
@@ -58,6 +59,8 @@ pxe: {kernelArgs: [a=1], initrdConfig: oem/config.ign, install: [/bin/i, '{disk}
 		"no pxe args":    strings.Replace(good, "[a=1]", "[]", 1),
 		"abs initrd cfg": strings.Replace(good, "oem/config.ign", "/oem/config.ign", 1),
 		"rel installer":  strings.Replace(good, "/bin/i", "bin/i", 1),
+		"no containerd":  strings.Replace(good, "containerd: {config: /etc/c.toml}\n", "", 1),
+		"drop-in unit":   strings.Replace(good, "{config: /etc/c.toml}", "{config: /etc/c.toml, dropIn: x}", 1),
 	} {
 		if _, err := loadAll[OS](fstest.MapFS{"os/x.yaml": {Data: []byte(body)}}, "os"); err == nil {
 			t.Errorf("%s: accepted", name)

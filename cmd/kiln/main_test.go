@@ -105,6 +105,33 @@ func TestInitLoadBalancer(t *testing.T) {
 	kiln(t, "-c", filepath.Join(dir, "cluster.yaml"), "validate").expect(t, 0)
 }
 
+// TestIgnorePreflightErrors: the init flag writes the cluster file's list,
+// every command that loads the cluster notes it on stderr, validate -o
+// json reports it, and each rendered kubeadm config carries it.
+func TestIgnorePreflightErrors(t *testing.T) {
+	_, cf := newCluster(t, "--ignore-preflight-errors", "Mem,NumCPU")
+	note := "kiln: note: kubernetes.ignorePreflightErrors: kubeadm on every node skips the preflight checks Mem, NumCPU"
+	r := kiln(t, "-c", cf, "validate", "-o", "json")
+	r.expect(t, 0, note)
+	var res struct {
+		IgnorePreflightErrors []string `json:"ignorePreflightErrors"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || strings.Join(res.IgnorePreflightErrors, ",") != "Mem,NumCPU" {
+		t.Errorf("validate -o json: %v %s", err, r.stdout)
+	}
+	for _, role := range []string{"init", "control-plane", "worker"} {
+		r := kiln(t, "-c", cf, "render", "--role", role, "--format", "kubeadm")
+		r.expect(t, 0, note)
+		if !strings.Contains(r.stdout, "  ignorePreflightErrors:\n    - Mem\n    - NumCPU\n") {
+			t.Errorf("%s: kubeadm config lacks the list:\n%s", role, r.stdout)
+		}
+	}
+	_, plain := newCluster(t)
+	if r := kiln(t, "-c", plain, "validate"); strings.Contains(r.stderr, "ignorePreflightErrors") {
+		t.Errorf("a cluster without the setting is noted: %s", r.stderr)
+	}
+}
+
 func TestInitBadInput(t *testing.T) {
 	dir := t.TempDir()
 	kiln(t, "init", "lab", "--dir", dir).expect(t, exitInput, "--endpoint: required")
@@ -120,6 +147,8 @@ func TestInitBadInput(t *testing.T) {
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--control-plane", "cp-1", "--dir", dir).expect(t, exitInput, "--control-plane \"cp-1\": want NAME=IP")
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--image", "flannel", "--dir", dir).expect(t, exitInput, "--image \"flannel\": want NAME=")
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "f5", "--dir", dir).expect(t, exitInput, "--load-balancer: ")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--ignore-preflight-errors", "Mem,mem", "--dir", dir).
+		expect(t, exitInput, "--ignore-preflight-errors: mem is already listed at [0]")
 	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
 		t.Errorf("failed init left files: %v", entries)
 	}

@@ -18,11 +18,24 @@ import (
 // containerdNamespace is where the kubelet's CRI finds images.
 const containerdNamespace = "k8s.io"
 
+// PinnedLabel is the containerd image label that its CRI reports as
+// Pinned (io.cri-containerd.pinned, containerd 1.7 and later): the
+// kubelet's image garbage collection then never removes the image, which
+// an air-gapped node could not pull back.
+const PinnedLabel = "io.cri-containerd.pinned=pinned"
+
+// ImportArgs are the ctr arguments, after the global flags, with which
+// the agent imports an image archive: every image pinned.
+func ImportArgs(archive string) []string {
+	return []string{"images", "import", "--label", PinnedLabel, archive}
+}
+
 // importImages makes an air-gapped node's container images available
 // before anything needs them (the load balancer's static pods, kubeadm's
 // preflight pull check): it checks the archive the node's disk image
 // carries (every blob against its digest, every expected image named in
-// its index), imports it into containerd's k8s.io namespace with ctr, and
+// its index), imports it into containerd's k8s.io namespace with ctr,
+// pinned so that the kubelet's image garbage collection keeps it, and
 // checks that containerd then lists every image with its pinned digest.
 // Images containerd already lists with their digests are not imported
 // again, so the step is cheap after the first boot.
@@ -59,7 +72,7 @@ func (r *run) importImages(ctx context.Context) error {
 	if err := r.checkArchive(); err != nil {
 		return &PermanentError{Advice: fmt.Sprintf("the image archive %s that this node's disk image carries is missing or damaged; rebuild what the node booted from (kiln build-image and reflash, or kiln pxe --force)", im.Archive), Err: err}
 	}
-	if _, err := ctr("images", "import", im.Archive); err != nil {
+	if _, err := ctr(ImportArgs(im.Archive)...); err != nil {
 		return err
 	}
 	if miss, err = missing(); err != nil {

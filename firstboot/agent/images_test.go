@@ -71,7 +71,7 @@ func TestImagesImportedBeforeJoin(t *testing.T) {
 	if code := n.run(); code != ExitOK {
 		t.Fatalf("exit %d", code)
 	}
-	want := "ctr --address " + testSocket + " --namespace k8s.io images import " + testArchive
+	want := "ctr --address " + testSocket + " --namespace k8s.io images import --label io.cri-containerd.pinned=pinned " + testArchive
 	imp, join := -1, -1
 	for i, c := range n.runner.calls {
 		if c == want {

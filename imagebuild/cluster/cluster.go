@@ -160,9 +160,11 @@ type Kubernetes struct {
 	// init and join skip on every node (kubeadm's
 	// nodeRegistration.ignorePreflightErrors), by kubeadm's check names
 	// (Mem, NumCPU, Swap, SystemVerification, ...) or all. For machines
-	// that cannot pass a check: a board with less than kubeadm's 1700 MB
-	// (Mem), a cgroup v1 host on Kubernetes 1.37 (SystemVerification).
-	// Empty, the default: kubeadm skips nothing.
+	// that cannot pass a check, such as a board with less than kubeadm's
+	// 1700 MB (Mem). A cgroup v1 host on Kubernetes 1.37 fails
+	// SystemVerification, but skipping it is not enough: the kubelet
+	// refuses cgroup v1 from 1.35 on unless a kubeletconfiguration patch
+	// sets failCgroupV1: false. Empty, the default: kubeadm skips nothing.
 	IgnorePreflightErrors []string `yaml:"ignorePreflightErrors,omitempty"`
 }
 

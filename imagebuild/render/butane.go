@@ -254,13 +254,10 @@ func butaneFor(in Input) (*butaneDoc, error) {
 			continue
 		}
 		unit := butaneUnit{Name: u, Enabled: true}
-		if u == "containerd.service" {
-			unit.DropIns, containerdDropIns = containerdDropIns, nil
+		if u == "containerd.service" { // profiles.OS.Validate: the drop-in's unit
+			unit.DropIns = containerdDropIns
 		}
 		*units = append(*units, unit)
-	}
-	if containerdDropIns != nil {
-		*units = append(*units, butaneUnit{Name: "containerd.service", DropIns: containerdDropIns})
 	}
 	*units = append(*units, butaneUnit{Name: AgentUnit, Enabled: true, Contents: agentUnit(osp, nodeconfigPath)})
 	return doc, nil
