@@ -23,6 +23,7 @@ import (
 	"github.com/vincent-petithory/dataurl"
 	"gopkg.in/yaml.v3"
 
+	"github.com/kilnproject/kiln/firstboot/agent"
 	"github.com/kilnproject/kiln/imagebuild/images/imagestest"
 	"github.com/kilnproject/kiln/imagebuild/pxe"
 )
@@ -162,7 +163,9 @@ func TestAirgapImageCarriesEverything(t *testing.T) {
 func checkContainerdConfig(t *testing.T, ign []byte, all []imageEntry) {
 	t.Helper()
 	conf := filepath.Join(t.TempDir(), "config.toml")
-	os.WriteFile(conf, ignitionFile(t, ign, "/etc/containerd/config.toml"), 0o644)
+	if err := os.WriteFile(conf, ignitionFile(t, ign, "/etc/containerd/config.toml"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	out, err := exec.Command(filepath.Join(kilnToolsDir(), "bin", "containerd-"+containerdVersion), "--config", conf, "config", "dump").CombinedOutput()
 	if err != nil {
 		t.Fatalf("containerd config dump: %v\n%s", err, out)
@@ -219,7 +222,8 @@ func ignitionFile(t *testing.T, ign []byte, path string) []byte {
 
 // containerdImport runs a real containerd on a scratch root, imports the
 // archive into the k8s.io namespace with the command the agent runs, and
-// returns what `ctr images ls` lists: reference -> digest.
+// returns what `ctr images ls` lists: reference -> digest. Every image
+// must carry the CRI's pinned label.
 func containerdImport(t *testing.T, archive string) map[string]string {
 	t.Helper()
 	bin := filepath.Join(kilnToolsDir(), "bin")
@@ -251,11 +255,17 @@ func containerdImport(t *testing.T, archive string) map[string]string {
 			t.Fatalf("containerd did not start:\n%s", log.String())
 		}
 	}
-	ctr("images", "import", archive)
+	ctr(agent.ImportArgs(archive)...)
 	listed := map[string]string{}
 	for i, line := range strings.Split(string(ctr("images", "ls")), "\n") {
-		if f := strings.Fields(line); i > 0 && len(f) >= 3 {
+		if f := strings.Fields(line); i > 0 && len(f) >= 3 && f[0] != "REF" {
 			listed[f[0]] = f[2]
+			// The CRI adds an image ID reference (sha256:<config>) of
+			// its own; the image is pinned when one of its references
+			// carries the label.
+			if !strings.HasPrefix(f[0], "sha256:") && !strings.Contains(line, agent.PinnedLabel) {
+				t.Errorf("containerd lists %s without the label %s (kubelet image GC would remove it)", f[0], agent.PinnedLabel)
+			}
 		}
 	}
 	if len(listed) == 0 {
