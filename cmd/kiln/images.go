@@ -42,7 +42,7 @@ An air-gapped cluster (airgap: true) needs every image pinned and pulled:
   kiln images pull --arch arm64`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := cluster.Load(g.clusterFile)
+			c, err := g.loadCluster()
 			if err != nil {
 				return err
 			}
@@ -232,7 +232,7 @@ else amd64 and arm64.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := o.context(cmd.Context())
 			defer cancel()
-			c, err := cluster.Load(g.clusterFile)
+			c, err := g.loadCluster()
 			if err != nil {
 				return err
 			}

@@ -126,6 +126,7 @@ func TestIgnorePreflightErrors(t *testing.T) {
 			t.Errorf("%s: kubeadm config lacks the list:\n%s", role, r.stdout)
 		}
 	}
+	kiln(t, "-c", cf, "images").expect(t, 0, note)
 	_, plain := newCluster(t)
 	if r := kiln(t, "-c", plain, "validate"); strings.Contains(r.stderr, "ignorePreflightErrors") {
 		t.Errorf("a cluster without the setting is noted: %s", r.stderr)

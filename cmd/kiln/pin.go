@@ -130,7 +130,7 @@ func (g *globals) loadForPin() ([]byte, *cluster.Cluster, error) {
 	if err != nil {
 		return nil, nil, fault.Wrap(fault.Input, fmt.Errorf("read cluster file: %w", err))
 	}
-	c, err := cluster.Load(g.clusterFile)
+	c, err := g.loadCluster()
 	return raw, c, err
 }
 

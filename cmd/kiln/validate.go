@@ -13,7 +13,7 @@ import (
 
 // load reads the cluster file and its secrets.
 func (g *globals) load() (*cluster.Cluster, *secrets.Secrets, error) {
-	c, err := cluster.Load(g.clusterFile)
+	c, err := g.loadCluster()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -21,10 +21,20 @@ func (g *globals) load() (*cluster.Cluster, *secrets.Secrets, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	return c, s, nil
+}
+
+// loadCluster reads the cluster file, noting on stderr the settings
+// nobody should carry unknowingly; every command reads it through here.
+func (g *globals) loadCluster() (*cluster.Cluster, error) {
+	c, err := cluster.Load(g.clusterFile)
+	if err != nil {
+		return nil, err
+	}
 	if skip := preflightNote(c); skip != "" {
 		fmt.Fprintln(g.stderr, "kiln: note: "+skip)
 	}
-	return c, s, nil
+	return c, nil
 }
 
 // preflightNote says which kubeadm preflight checks the nodes skip, if
