@@ -304,18 +304,23 @@ build_k8s() {
 	} >"$dir/go.mod"
 	log "kubernetes-$ver: pinned $nstaging staging modules to $staging_ver"
 
-	local outdir=$BIN_DIR/.kubernetes-$ver.tmp.$$ pkgs=()
+	local outdir=$BIN_DIR/.kubernetes-$ver.tmp.$$ pkgs=() all=()
 	rm -rf "$BIN_DIR/.kubernetes-$ver.tmp."*
 	TMP_FILES+=("$outdir")
 	mkdir -p "$outdir"
 	for cmd in "${todo[@]}"; do pkgs+=("$mod/cmd/$cmd"); done
+	# go get every requested command, built or not: which packages it sees
+	# decides the go.mod (the required versions of staging modules, which
+	# the binaries' build info records), so a rebuild of some of them matches
+	# a build of all of them.
+	for cmd in "$@"; do all+=("$mod/cmd/$cmd@$ver"); done
 	# Upstream builds these static (CGO_ENABLED=0), all but the kubelet, which
 	# hack/lib/golang.sh links with cgo; it builds and runs without (DESIGN
 	# §7b), so it joins the others. One go build shares the compile of the
 	# packages they have in common.
 	(
 		cd "$dir" &&
-			run "$logfile" go get "${pkgs[@]/%/@$ver}" &&
+			run "$logfile" go get "${all[@]}" &&
 			CGO_ENABLED=0 run "$logfile" go build -trimpath -ldflags "$ldflags" -o "$outdir/" "${pkgs[@]}"
 	) || die "${names[*]}: build failed (full log: $logfile)"
 	local got
