@@ -15,6 +15,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -145,8 +146,16 @@ func TestPinPullArchive(t *testing.T) {
 	if err := json.Unmarshal(files["index.json"], &idx); err != nil {
 		t.Fatal(err)
 	}
-	if len(idx.Manifests) != 1 || idx.Manifests[0].Digest.String() != digest || idx.Manifests[0].Annotations[containerdName] != ref {
-		t.Fatalf("index.json %+v: want %s named %s", idx, digest, ref)
+	// Named as the CRI names a pull: by tag, and by digest (a pod naming
+	// REPO:TAG@DIGEST is looked up as REPO@DIGEST).
+	byDigest := ref[:strings.LastIndex(ref, ":")] + "@" + digest
+	if len(idx.Manifests) != 2 || idx.Manifests[0].Annotations[containerdName] != ref || idx.Manifests[1].Annotations[containerdName] != byDigest {
+		t.Fatalf("index.json %+v: want %s named %s and %s", idx, digest, ref, byDigest)
+	}
+	for _, m := range idx.Manifests {
+		if m.Digest.String() != digest {
+			t.Errorf("index.json names %s with %s, want %s", m.Annotations[containerdName], m.Digest, digest)
+		}
 	}
 	for p, b := range files {
 		if hexd, ok := strings.CutPrefix(p, "blobs/sha256/"); ok {
@@ -422,4 +431,21 @@ type failingSource struct{ Source }
 
 func (failingSource) Resolve(context.Context, string) (string, error) {
 	return "", fault.Wrap(fault.Download, errors.New("no such image (test)"))
+}
+
+func TestNodeNames(t *testing.T) {
+	const d = "sha256:" + "ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12"
+	for _, c := range []struct {
+		ref  string
+		want []string
+	}{
+		{"registry.k8s.io/pause:3.10.1", []string{"registry.k8s.io/pause:3.10.1", "registry.k8s.io/pause@" + d}},
+		{"127.0.0.1:5000/kiln/app:v1", []string{"127.0.0.1:5000/kiln/app:v1", "127.0.0.1:5000/kiln/app@" + d}},
+		{"127.0.0.1:5000/kiln/app", []string{"127.0.0.1:5000/kiln/app@" + d}},
+		{"quay.io/kiln/digest-only", []string{"quay.io/kiln/digest-only@" + d}},
+	} {
+		if got := (Entry{Reference: c.ref, Digest: d}).NodeNames(); !slices.Equal(got, c.want) {
+			t.Errorf("NodeNames(%s) = %v, want %v", c.ref, got, c.want)
+		}
+	}
 }

@@ -334,15 +334,33 @@ type ArchiveImage struct {
 // NodeName is the name a node's containerd gives an image: its reference
 // with the tag, or REPO@DIGEST for an image pinned by digest alone.
 func (e Entry) NodeName() string {
-	if strings.Contains(e.Reference[strings.LastIndex(e.Reference, "/")+1:], ":") {
+	if e.tagged() {
 		return e.Reference
 	}
 	return e.Pinned()
 }
 
+// NodeNames are every name a node's containerd must hold for the image,
+// as its CRI plugin records a pull: NodeName, and for a tagged reference
+// also REPO@DIGEST. The CRI drops the tag of a reference that has both
+// (docker.ParseDockerRef), so a pod naming REPO:TAG@DIGEST, as kiln's own
+// load-balancer manifests do, is found only by REPO@DIGEST.
+func (e Entry) NodeNames() []string {
+	if !e.tagged() {
+		return []string{e.Pinned()}
+	}
+	repo := e.Reference[:strings.LastIndex(e.Reference, ":")]
+	return []string{e.Reference, repo + "@" + e.Digest}
+}
+
+func (e Entry) tagged() bool {
+	return strings.Contains(e.Reference[strings.LastIndex(e.Reference, "/")+1:], ":")
+}
+
 // WriteArchive writes entries' images for arch, from the store only, as a
 // tar of an OCI image layout that `ctr images import` reads: each image
-// named in index.json by NodeName (annotation io.containerd.image.name), its
+// named in index.json by each of its NodeNames (annotation
+// io.containerd.image.name), its
 // pinned manifest kept byte for byte (so the node's containerd records the
 // pinned digest), with the arch's manifest, config and layers (no other
 // arch's). Every blob is checked against its digest as it is copied. The
@@ -386,9 +404,11 @@ func (s *Store) WriteArchive(ctx context.Context, w io.Writer, entries []Entry, 
 			}
 			written[b.Digest] = true
 		}
-		top := im.top
-		top.Annotations = map[string]string{containerdName: e.NodeName(), ociRefName: e.NodeName()}
-		idx.Manifests = append(idx.Manifests, top)
+		for _, name := range e.NodeNames() {
+			top := im.top
+			top.Annotations = map[string]string{containerdName: name, ociRefName: name}
+			idx.Manifests = append(idx.Manifests, top)
+		}
 		out = append(out, ai)
 	}
 	b, err := json.Marshal(idx)

@@ -247,7 +247,9 @@ func airgapImages(in Input) (*nodeconfig.Images, string, error) {
 	im := &nodeconfig.Images{Archive: payloadPath(osp, in, ImagesArchive(in.Role))}
 	sandbox := ""
 	for _, e := range list {
-		im.References = append(im.References, e.NodeName()+"@"+e.Digest)
+		for _, name := range e.NodeNames() {
+			im.References = append(im.References, name+"@"+e.Digest)
+		}
 		if e.Name == manifests.SandboxImage {
 			sandbox = e.NodeName()
 		}
