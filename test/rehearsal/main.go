@@ -35,8 +35,16 @@ func main() {
 		err = runMain(os.Args[2:])
 	case "node":
 		err = nodeMain(os.Args[2:])
+	case "machine":
+		err = machineMain(os.Args[2:])
 	case podExecCommand:
 		err = podExec(os.Args[2:])
+	case "provision":
+		err = provisionMain(os.Args[2:])
+	case "images":
+		err = imagesMain(os.Args[2:])
+	case "probe":
+		err = probeMain(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q: use run or node", os.Args[1])
 	}

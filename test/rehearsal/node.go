@@ -96,7 +96,7 @@ func nodeMain(args []string) error {
 // none of this is visible on the host, and all of it vanishes with the last
 // process of the node.
 func mountNode(dir string) error {
-	for _, m := range []struct{ target, name string }{{"/etc", "etc"}, {"/var/lib", "varlib"}} {
+	for _, m := range []struct{ target, name string }{{"/etc", "etc"}, {"/var/lib", "var/lib"}} {
 		upper, work := filepath.Join(dir, m.name), filepath.Join(dir, m.name+".work")
 		for _, d := range []string{upper, work} {
 			if err := os.MkdirAll(d, 0o755); err != nil {

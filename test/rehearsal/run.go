@@ -51,6 +51,10 @@ type runOptions struct {
 	// ignorePreflight goes to the cluster file's
 	// kubernetes.ignorePreflightErrors (kiln init --ignore-preflight-errors).
 	ignorePreflight string
+	// real: real nodes (machine.go: containerd, runc, the kubelet, CNI,
+	// provisioned from kiln serve by the real Ignition) instead of the node
+	// emulator (node.go).
+	real bool
 }
 
 // nodeSpec is one emulated machine.
@@ -74,7 +78,9 @@ type env struct {
 	mu      sync.Mutex
 	procs   map[string]*exec.Cmd // running node emulators by name
 	specs   map[string]nodeSpec
-	start   time.Time
+	// serve is the scenario's kiln serve (real nodes only).
+	serve *serveProc
+	start time.Time
 	// full is the time to the full cluster, once reached.
 	full time.Duration
 }
@@ -107,6 +113,7 @@ func runMain(args []string) error {
 	fl.StringVar(&o.timeScale, "time-scale", "5", "KILN_FIRSTBOOT_TIME_SCALE for every agent")
 	fl.DurationVar(&o.timeout, "timeout", 6*time.Minute, "per-scenario limit")
 	fl.BoolVar(&o.keep, "keep", false, "leave the last scenario's cluster running until interrupted")
+	fl.BoolVar(&o.real, "real-nodes", false, "real nodes: containerd, runc, kubelet, CNI plugins and flannel (test/tools/build.sh node-VERSION), every image built locally and delivered through kiln serve's air-gapped payload, configs applied by the real Ignition")
 	fl.StringVar(&o.ignorePreflight, "ignore-preflight", "auto", "preflight checks every node's kubeadm skips, comma separated (the cluster file's kubernetes.ignorePreflightErrors); auto: SystemVerification for Kubernetes >= 1.37 on a cgroup v1 host (kubeadm 1.37 refuses cgroup v1), else none")
 	if err := fl.Parse(args); err != nil {
 		return err
@@ -162,6 +169,13 @@ func runMain(args []string) error {
 		return err
 	}
 	teardownLeftovers(o.work)
+	restoreHost := func() {}
+	if o.real {
+		if restoreHost, err = setRunSysctls(); err != nil {
+			return err
+		}
+		defer restoreHost()
+	}
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
@@ -174,6 +188,7 @@ func runMain(args []string) error {
 		if current != nil {
 			current.teardown()
 		}
+		restoreHost()
 		os.Exit(130)
 	}()
 
@@ -258,13 +273,18 @@ func newEnv(o runOptions, self, scenario string) (*env, error) {
 	if err := os.MkdirAll(e.bin, 0o755); err != nil {
 		return e, err
 	}
-	links := map[string]string{
-		"kubeadm":                 "kubeadm-" + o.version,
-		"kubectl":                 "kubectl-" + o.version,
-		"kube-apiserver":          "kube-apiserver-" + o.version,
-		"kube-controller-manager": "kube-controller-manager-" + o.version,
-		"kube-scheduler":          "kube-scheduler-" + o.version,
-		"etcd":                    "etcd-" + o.etcd,
+	// The emulator runs the control plane's binaries as processes from
+	// the nodes' PATH; real nodes have theirs in images and in the OS layer.
+	links := map[string]string{}
+	if !o.real {
+		links = map[string]string{
+			"kubeadm":                 "kubeadm-" + o.version,
+			"kubectl":                 "kubectl-" + o.version,
+			"kube-apiserver":          "kube-apiserver-" + o.version,
+			"kube-controller-manager": "kube-controller-manager-" + o.version,
+			"kube-scheduler":          "kube-scheduler-" + o.version,
+			"etcd":                    "etcd-" + o.etcd,
+		}
 	}
 	for name, target := range links {
 		t := filepath.Join(o.tools, target)
@@ -276,6 +296,9 @@ func newEnv(o runOptions, self, scenario string) (*env, error) {
 		}
 	}
 	for name := range shims {
+		if o.real && name == "kubelet" {
+			continue // the real one is in the OS layer
+		}
 		if err := os.Symlink(self, filepath.Join(e.bin, name)); err != nil {
 			return e, err
 		}
@@ -291,8 +314,41 @@ func newEnv(o runOptions, self, scenario string) (*env, error) {
 	if err := e.network(); err != nil {
 		return e, err
 	}
+	if o.real {
+		if err := e.buildOSLayer(); err != nil {
+			return e, err
+		}
+		layout, err := e.imageLayout()
+		if err != nil {
+			return e, err
+		}
+		if e.serve, err = e.startServe(layout); err != nil {
+			return e, err
+		}
+	}
 	return e, nil
 }
+
+// imageLayout builds every image the cluster runs as an OCI layout
+// (images.go), once per run and version: scenarios' clusters list the
+// same images.
+func (e *env) imageLayout() (string, error) {
+	dst := filepath.Join(e.o.work, "images-"+e.o.version)
+	if layoutsBuilt[dst] {
+		return dst, nil
+	}
+	start := time.Now()
+	built, err := buildImages(context.Background(), e.o.kiln, filepath.Join(e.cluster, "cluster.yaml"), e.o.tools, e.o.version, e.o.etcd, dst)
+	if err != nil {
+		return "", fmt.Errorf("build the images: %w", err)
+	}
+	e.logf("built %d images in %s into %s", len(built), time.Since(start).Round(100*time.Millisecond), dst)
+	layoutsBuilt[dst] = true
+	return dst, nil
+}
+
+// layoutsBuilt are the image layouts this run built.
+var layoutsBuilt = map[string]bool{}
 
 // keepalivedImage pins the keepalived image by the digest of the binary
 // that stands in for it: Debian's keepalived, which the node emulator runs
@@ -345,6 +401,15 @@ func kilnInit(o runOptions, dir, lb string) error {
 		if err != nil {
 			return err
 		}
+		if o.real {
+			// kiln init takes only pinned images: a placeholder digest
+			// until `kiln images pin --from` pins the image built for it.
+			ref, err := keepalivedImageRef()
+			if err != nil {
+				return err
+			}
+			image = ref + image[strings.Index(image, "@"):]
+		}
 		args = append(args, "--image", "keepalived="+image)
 		for _, n := range []nodeSpec{cp1, cp2, cp3} {
 			args = append(args, "--control-plane", n.name+"="+n.ip())
@@ -369,11 +434,22 @@ func kilnInit(o runOptions, dir, lb string) error {
 	if err := os.WriteFile(filepath.Join(dir, "addon.yaml"), []byte(rehearsalAddon), 0o644); err != nil {
 		return err
 	}
+	more := "addons:\n  - path: addon.yaml\n"
+	if o.real {
+		if err := os.WriteFile(filepath.Join(dir, "probe.yaml"), []byte(probeAddon), 0o644); err != nil {
+			return err
+		}
+		host, err := hostSettings(dir)
+		if err != nil {
+			return err
+		}
+		more += "  - path: probe.yaml\n" + host
+	}
 	f, err := os.OpenFile(filepath.Join(dir, "cluster.yaml"), os.O_APPEND|os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
-	_, err = f.WriteString("addons:\n  - path: addon.yaml\n")
+	_, err = f.WriteString(more)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -594,9 +670,16 @@ func (e *env) boot(n nodeSpec, agentArgs ...string) error {
 	// nsenter rather than `ip netns exec`: the latter mounts a fresh sysfs
 	// on /sys, which hides the host's cgroup mounts from kubeadm's
 	// SystemVerification preflight check ("cannot get a cgroup mount point").
-	args := []string{"--net=/run/netns/" + nsPrefix + n.name, "unshare", "--mount", "--uts", "--propagation", "private", "--",
-		e.self, "node", "--dir", d, "--ip", n.ip(), "--agent", e.o.agent, "--time-scale", e.o.timeScale, "--version", e.o.version,
-		"--agent-args", strings.Join(agentArgs, " ")}
+	args := []string{"--net=/run/netns/" + nsPrefix + n.name, "unshare", "--mount", "--uts", "--propagation", "private", "--"}
+	if e.o.real {
+		if err := e.firstBoot(n); err != nil {
+			return err
+		}
+		args = append(args, e.machineArgs(n, agentArgs)...)
+	} else {
+		args = append(args, e.self, "node", "--dir", d, "--ip", n.ip(), "--agent", e.o.agent, "--time-scale", e.o.timeScale, "--version", e.o.version,
+			"--agent-args", strings.Join(agentArgs, " "))
+	}
 	cmd := exec.Command("nsenter", args...)
 	cmd.Env = append(os.Environ(),
 		"PATH="+e.bin+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -624,7 +707,11 @@ func (e *env) prepare(n nodeSpec) error {
 	if n.source == "" {
 		n.source = e.cluster
 	}
-	if err := e.place(n); err != nil {
+	if e.o.real {
+		if err := e.machineSetup(n); err != nil {
+			return err
+		}
+	} else if err := e.place(n); err != nil {
 		return err
 	}
 	if err := e.addNode(n); err != nil {
@@ -645,6 +732,9 @@ func (e *env) kill(name string) {
 		waitGone(cmd.Process.Pid)
 	}
 	if _, ok := e.specs[name]; ok {
+		if e.o.real {
+			killCgroup(nodeCgroup(name)) // the pods' processes
+		}
 		e.powerOff(name)
 	}
 	e.recordPIDs()
@@ -682,6 +772,9 @@ func (e *env) teardown() {
 		_ = sh("ip", "link", "del", nsPrefix+name)
 	}
 	_ = sh("ip", "link", "del", bridgeName)
+	if e.o.real {
+		cleanCgroups()
+	}
 	_ = os.Remove(filepath.Join(e.o.work, "pgids"))
 }
 
@@ -696,6 +789,7 @@ func teardownLeftovers(work string) {
 		}
 		_ = os.Remove(filepath.Join(work, "pgids"))
 	}
+	cleanCgroups()
 	if out, err := exec.Command("ip", "netns", "list").Output(); err == nil {
 		for _, line := range strings.Split(string(out), "\n") {
 			if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], nsPrefix) {

@@ -161,6 +161,9 @@ func (e *env) agentPID(name string) (int, error) {
 	}
 	pgid := cmd.Process.Pid
 	comm := filepath.Base(e.o.agent)
+	if e.o.real {
+		comm = "kiln-firstboot" // as the node's config installs it
+	}
 	if len(comm) > 15 {
 		comm = comm[:15] // the kernel's TASK_COMM_LEN
 	}
@@ -548,6 +551,9 @@ func (e *env) expectFullCluster(nodes []nodeSpec) error {
 		if voters != 3 || learners != 0 {
 			return false, fmt.Sprintf("etcd: %d voting members, %d learners", voters, learners)
 		}
+		if e.o.real {
+			return podNetworkUp(ctx, cs, len(nodes))
+		}
 		return true, ""
 	})
 	if err != nil {
@@ -565,14 +571,14 @@ func (e *env) expectFullCluster(nodes []nodeSpec) error {
 		if len(exits) == 0 || exits[len(exits)-1] != 0 {
 			errs = append(errs, fmt.Sprintf("%s: agent exit codes %v, want a last 0", n.name, exits))
 		}
-		if _, err := os.Stat(e.nodePath(n.name, "varlib", "kiln", "done")); err != nil {
+		if _, err := os.Stat(e.nodePath(n.name, "var", "lib", "kiln", "done")); err != nil {
 			errs = append(errs, fmt.Sprintf("%s: no /var/lib/kiln/done", n.name))
 		}
 	}
 	if inits != 1 {
 		errs = append(errs, fmt.Sprintf("kubeadm init ran %d times, want exactly 1", inits))
 	}
-	state, _ := os.ReadFile(e.nodePath("cp1", "varlib", "kiln", "state.json"))
+	state, _ := os.ReadFile(e.nodePath("cp1", "var", "lib", "kiln", "state.json"))
 	if !strings.Contains(string(state), `"bootstrap": "init"`) {
 		errs = append(errs, "cp1's state.json does not record bootstrap=init")
 	}
@@ -591,6 +597,11 @@ func (e *env) expectFullCluster(nodes []nodeSpec) error {
 	}
 	if err := e.checkManifests(); err != nil {
 		errs = append(errs, err.Error())
+	}
+	if e.o.real {
+		if err := e.expectServiceAcrossNodes(ctx, cs); err != nil {
+			errs = append(errs, err.Error())
+		}
 	}
 	if len(errs) > 0 {
 		e.dumpLogs()
@@ -750,7 +761,7 @@ func mustRead(p string) []byte {
 
 // kubectl runs the cluster's kubectl with the admin kubeconfig.
 func (e *env) kubectl(args ...string) (string, error) {
-	cmd := exec.Command(filepath.Join(e.bin, "kubectl"), append([]string{"--kubeconfig", filepath.Join(e.dir, "admin.conf")}, args...)...)
+	cmd := exec.Command(filepath.Join(e.o.tools, "kubectl-"+e.o.version), append([]string{"--kubeconfig", filepath.Join(e.dir, "admin.conf")}, args...)...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
@@ -900,7 +911,7 @@ func scenarioKubeVIPInit(e *env) error {
 	// switch only after init).
 	adminConf := e.nodePath("cp1", "etc", "kubernetes", "admin.conf")
 	for _, verb := range []string{"get", "create", "update"} {
-		out, err := exec.Command(filepath.Join(e.bin, "kubectl"), "--kubeconfig", adminConf, "--server", "https://"+cp1.ip()+":6443",
+		out, err := exec.Command(filepath.Join(e.o.tools, "kubectl-"+e.o.version), "--kubeconfig", adminConf, "--server", "https://"+cp1.ip()+":6443",
 			"auth", "can-i", verb, "leases.coordination.k8s.io", "--namespace", "kube-system").CombinedOutput()
 		if err != nil || strings.TrimSpace(string(out)) != "yes" {
 			return fmt.Errorf("admin.conf may not %s Leases in kube-system: %v: %s", verb, err, out)

@@ -1,8 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"fmt"
+	"io"
+	"net"
 	"os"
+	"strconv"
 	"strings"
 )
 
@@ -11,10 +15,14 @@ import (
 // name, as a link to this binary.
 var shims = map[string]func(args []string) int{
 	// kubeadm calls systemctl to check, enable and restart the kubelet
-	// service. The node emulator is the kubelet (and containerd) and always
+	// service. On a real node (machine.go) the machine's unit manager
+	// answers. The node emulator is the kubelet (and containerd) and always
 	// runs; every other unit (firewalld, ...) is reported inactive, as on a
 	// node that has none.
 	"systemctl": func(args []string) int {
+		if _, err := os.Stat(controlSocket); err == nil {
+			return forwardSystemctl(args)
+		}
 		verb, units := "", []string{}
 		for _, a := range args {
 			switch {
@@ -96,4 +104,28 @@ func builtIn(module string) bool {
 		return err == nil
 	}
 	return false
+}
+
+// forwardSystemctl hands systemctl's arguments to the machine's unit
+// manager (units.go) and prints its answer.
+func forwardSystemctl(args []string) int {
+	c, err := net.Dial("unix", controlSocket)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "systemctl: %v\n", err)
+		return 1
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, strings.Join(args, "\x00")+"\n"); err != nil {
+		fmt.Fprintf(os.Stderr, "systemctl: %v\n", err)
+		return 1
+	}
+	r := bufio.NewReader(c)
+	line, err := r.ReadString('\n')
+	code, cerr := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil || cerr != nil {
+		fmt.Fprintf(os.Stderr, "systemctl: bad answer %q from the unit manager\n", line)
+		return 1
+	}
+	_, _ = io.Copy(os.Stdout, r)
+	return code
 }
