@@ -186,8 +186,22 @@ func (e *env) machineSetup(n nodeSpec) error {
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		return err
 	}
-	return os.WriteFile(p, []byte("KUBELET_EXTRA_ARGS=--cgroup-root="+nodeCgroup(n.name)+"\n"), 0o644)
+	if err := os.WriteFile(p, []byte("KUBELET_EXTRA_ARGS=--cgroup-root="+nodeCgroup(n.name)+"\n"), 0o644); err != nil {
+		return err
+	}
+	return os.WriteFile(e.nodePath(n.name, "etc", "resolv.conf"), []byte(lanResolvConf), 0o644)
 }
+
+// lanResolvConf names the test host as the LAN's DNS server. Nothing
+// answers there, and a lookup fails at once (ICMP port unreachable) where
+// the host's own resolver, which the nodes cannot reach, would time out:
+// the kubelet looks up its host name whenever it computes the node's
+// status (on Flatcar, systemd-resolved answers that from the local
+// addresses), and each lookup would cost 10 s. Flatcar's stub
+// (127.0.0.53) would not do: no resolved runs here, so kubeadm points the
+// kubelet at /etc/resolv.conf, and CoreDNS, forwarding to 127.0.0.53 in
+// its own network namespace, would find itself (its loop plugin stops it).
+const lanResolvConf = "nameserver " + hostIP + "\n"
 
 // machineArgs is the command that boots a real node, inside its network
 // namespace and fresh mount and UTS namespaces.
