@@ -370,7 +370,7 @@ func (s *Store) WriteArchive(ctx context.Context, w io.Writer, entries []Entry, 
 		return nil, err
 	}
 	tw := tar.NewWriter(w)
-	written := map[string]bool{}
+	written, named := map[string]bool{}, map[string]bool{}
 	idx := v1.IndexManifest{SchemaVersion: 2, MediaType: types.OCIImageIndex}
 	var out []ArchiveImage
 	header := func(name string, size int64) *tar.Header {
@@ -405,6 +405,10 @@ func (s *Store) WriteArchive(ctx context.Context, w io.Writer, entries []Entry, 
 			written[b.Digest] = true
 		}
 		for _, name := range e.NodeNames() {
+			if named[name] { // two tags of one image share REPO@DIGEST
+				continue
+			}
+			named[name] = true
 			top := im.top
 			top.Annotations = map[string]string{containerdName: name, ociRefName: name}
 			idx.Manifests = append(idx.Manifests, top)

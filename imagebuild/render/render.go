@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"path"
+	"slices"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
@@ -248,7 +249,9 @@ func airgapImages(in Input) (*nodeconfig.Images, string, error) {
 	sandbox := ""
 	for _, e := range list {
 		for _, name := range e.NodeNames() {
-			im.References = append(im.References, name+"@"+e.Digest)
+			if ref := name + "@" + e.Digest; !slices.Contains(im.References, ref) {
+				im.References = append(im.References, ref)
+			}
 		}
 		if e.Name == manifests.SandboxImage {
 			sandbox = e.NodeName()

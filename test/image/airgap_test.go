@@ -149,6 +149,12 @@ func TestAirgapImageCarriesEverything(t *testing.T) {
 				case !carried && ok:
 					t.Errorf("a %s carries %s", role, im.Reference)
 				}
+				// The CRI looks a pod's REPO:TAG@DIGEST up as REPO@DIGEST.
+				if i := strings.LastIndex(im.Reference, ":"); carried && i > strings.LastIndex(im.Reference, "/") {
+					if byDigest := im.Reference[:i] + "@" + im.Digest; listed[byDigest] != im.Digest {
+						t.Errorf("containerd does not list %s (lists %q)", byDigest, listed[byDigest])
+					}
+				}
 			}
 		})
 	}
