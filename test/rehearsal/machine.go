@@ -50,7 +50,7 @@ func machineMain(args []string) error {
 	fl.StringVar(&o.osLayer, "os", "", "the OS layer (usr/, opt/)")
 	fl.StringVar(&o.name, "name", "", "node name (its cgroup is /"+nsPrefix+"NAME)")
 	fl.StringVar(&o.ip, "ip", "", "node IP")
-	fl.Float64Var(&o.timeScale, "time-scale", 1, "divides every unit's RestartSec")
+	fl.Float64Var(&o.timeScale, "time-scale", 1, "divides every unit's RestartSec and StartLimitIntervalSec, and is the agent's KILN_FIRSTBOOT_TIME_SCALE")
 	fl.StringVar(&o.agentArgs, "agent-args", "", "arguments appended to kiln-firstboot's ExecStart (space separated)")
 	if err := fl.Parse(args); err != nil {
 		return err
@@ -68,6 +68,11 @@ func machineMain(args []string) error {
 	}
 	if err := mountMachine(o); err != nil {
 		return fmt.Errorf("mount the machine's filesystems: %w", err)
+	}
+	// The agent's own waits and backoffs, scaled like the units' (the
+	// units inherit this environment).
+	if err := os.Setenv("KILN_FIRSTBOOT_TIME_SCALE", strconv.FormatFloat(o.timeScale, 'g', -1, 64)); err != nil {
+		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

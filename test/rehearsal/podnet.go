@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"time"
@@ -186,5 +187,45 @@ func (e *env) expectServiceAcrossNodes(ctx context.Context, cs kubernetes.Interf
 	}
 	e.logf("from a pod on %s, %s resolved through CoreDNS and its ClusterIP answered from %s (%s) in %s",
 		client, url, server.Name, server.Spec.NodeName, time.Since(start).Round(100*time.Millisecond))
+	return nil
+}
+
+// expectReported checks that kiln serve (GET /status, what `kiln status`
+// prints) holds a done/done report from every node's own address: the
+// agents report to a real receiver, as PXE nodes do in the field.
+func (e *env) expectReported(nodes []nodeSpec) error {
+	body, err := e.serve.status()
+	if err != nil {
+		return fmt.Errorf("kiln serve /status: %w", err)
+	}
+	var st struct {
+		Nodes []struct {
+			Name    string `json:"name"`
+			Reports []struct {
+				From  string `json:"from"`
+				Phase string `json:"phase"`
+				State string `json:"state"`
+			} `json:"reports"`
+		} `json:"nodes"`
+	}
+	if err := json.Unmarshal(body, &st); err != nil {
+		return fmt.Errorf("kiln serve /status: %w", err)
+	}
+	var missing []string
+	for _, n := range nodes {
+		done := false
+		for _, ns := range st.Nodes {
+			for _, r := range ns.Reports {
+				done = done || (r.From == n.ip() && r.Phase == "done" && r.State == "done")
+			}
+		}
+		if !done {
+			missing = append(missing, n.name)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("kiln serve has no done report from %s: %s", strings.Join(missing, ", "), body)
+	}
+	e.logf("kiln serve holds a done report from each of the %d nodes", len(nodes))
 	return nil
 }

@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 )
@@ -210,6 +209,20 @@ func (e *env) machineArgs(n nodeSpec, agentArgs []string) []string {
 		"--name", n.name, "--ip", n.ip(), "--time-scale", e.o.timeScale, "--agent-args", strings.Join(agentArgs, " ")}
 }
 
+// pruneDisks removes, once a scenario's machines are off, the bulk of what
+// they stored (containerd's images and snapshots, the kubelet's and etcd's
+// data, the air-gapped payload Ignition fetched: about 1 GB a node) and the
+// PXE bundle, keeping their logs and configuration. A full disk would
+// otherwise end the next scenarios in the kubelet's DiskPressure eviction
+// (imagefs.available < 15%).
+func (e *env) pruneDisks() {
+	for name := range e.specs {
+		_ = os.RemoveAll(e.nodePath(name, "data"))
+		_ = os.RemoveAll(e.nodePath(name, "var", "lib", "kiln", "payload"))
+	}
+	_ = os.RemoveAll(filepath.Join(e.dir, "pxe"))
+}
+
 // cleanCgroups kills what is left in every rehearsal node's cgroup (a
 // killed run's pods included) and removes the cgroups.
 func cleanCgroups() {
@@ -257,37 +270,61 @@ var runSysctls = []hostSysctl{
 		"kube-proxy's value: it cannot write it from a node's network namespace"},
 }
 
-// setRunSysctls applies runSysctls, saying so; restore puts the old values
-// back.
-func setRunSysctls() (restore func(), err error) {
-	var undo []func()
-	restore = func() {
-		for _, u := range slices.Backward(undo) {
-			u()
-		}
-	}
+// setRunSysctls applies runSysctls, saying so, and records the old values
+// in work/host-sysctls first, so that the next run puts them back after a
+// SIGKILL (restoreSysctls); restore puts them back now.
+func setRunSysctls(work string) (restore func(), err error) {
+	record := filepath.Join(work, "host-sysctls")
+	var saved strings.Builder
+	type change struct{ path, want string }
+	var changes []change
 	for _, s := range runSysctls {
 		old, err := os.ReadFile(s.path)
 		if err != nil {
-			restore()
 			return nil, err
 		}
 		cur, err := strconv.Atoi(strings.TrimSpace(string(old)))
 		if err != nil {
-			restore()
 			return nil, fmt.Errorf("%s: %w", s.path, err)
 		}
-		want := s.want(cur)
-		if want == cur {
-			continue
+		if want := s.want(cur); want != cur {
+			fmt.Fprintf(&saved, "%s %d\n", s.path, cur)
+			changes = append(changes, change{s.path, strconv.Itoa(want)})
+			name := strings.ReplaceAll(strings.TrimPrefix(s.path, "/proc/sys/"), "/", ".")
+			fmt.Printf("NOTE: %s set from %d to %d for the run: %s\n", name, cur, want, s.why)
 		}
-		if err := os.WriteFile(s.path, []byte(strconv.Itoa(want)), 0o644); err != nil {
+	}
+	restore = func() { restoreSysctls(work) }
+	if len(changes) == 0 {
+		return restore, nil
+	}
+	if err := os.MkdirAll(work, 0o755); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(record, []byte(saved.String()), 0o644); err != nil {
+		return nil, err
+	}
+	for _, c := range changes {
+		if err := os.WriteFile(c.path, []byte(c.want), 0o644); err != nil {
 			restore()
 			return nil, err
 		}
-		name := strings.ReplaceAll(strings.TrimPrefix(s.path, "/proc/sys/"), "/", ".")
-		fmt.Printf("NOTE: %s set from %d to %d for the run: %s\n", name, cur, want, s.why)
-		undo = append(undo, func() { _ = os.WriteFile(s.path, old, 0o644) })
 	}
 	return restore, nil
+}
+
+// restoreSysctls puts back the host values work/host-sysctls records
+// (lines "PATH VALUE") and removes the record.
+func restoreSysctls(work string) {
+	record := filepath.Join(work, "host-sysctls")
+	data, err := os.ReadFile(record)
+	if err != nil {
+		return
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && strings.HasPrefix(f[0], "/proc/sys/") {
+			_ = os.WriteFile(f[0], []byte(f[1]), 0o644)
+		}
+	}
+	_ = os.Remove(record)
 }

@@ -171,7 +171,7 @@ func runMain(args []string) error {
 	teardownLeftovers(o.work)
 	restoreHost := func() {}
 	if o.real {
-		if restoreHost, err = setRunSysctls(); err != nil {
+		if restoreHost, err = setRunSysctls(o.work); err != nil {
 			return err
 		}
 		defer restoreHost()
@@ -187,6 +187,8 @@ func runMain(args []string) error {
 		curMu.Lock()
 		if current != nil {
 			current.teardown()
+		} else { // between scenarios, or while one is set up
+			teardownLeftovers(o.work)
 		}
 		restoreHost()
 		os.Exit(130)
@@ -204,7 +206,9 @@ func runMain(args []string) error {
 		}
 		fmt.Printf("=== scenario %s: %s (Kubernetes %s, etcd %s)\n", s.name, s.what, o.version, o.etcd)
 		e, err := newEnv(o, self, s.name)
-		if err == nil {
+		if err != nil {
+			e.teardown() // it may have made the bridge or started kiln serve
+		} else {
 			curMu.Lock()
 			current = e
 			curMu.Unlock()
@@ -774,6 +778,7 @@ func (e *env) teardown() {
 	_ = sh("ip", "link", "del", bridgeName)
 	if e.o.real {
 		cleanCgroups()
+		e.pruneDisks()
 	}
 	_ = os.Remove(filepath.Join(e.o.work, "pgids"))
 }
@@ -790,6 +795,7 @@ func teardownLeftovers(work string) {
 		_ = os.Remove(filepath.Join(work, "pgids"))
 	}
 	cleanCgroups()
+	restoreSysctls(work)
 	if out, err := exec.Command("ip", "netns", "list").Output(); err == nil {
 		for _, line := range strings.Split(string(out), "\n") {
 			if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], nsPrefix) {

@@ -602,6 +602,9 @@ func (e *env) expectFullCluster(nodes []nodeSpec) error {
 		if err := e.expectServiceAcrossNodes(ctx, cs); err != nil {
 			errs = append(errs, err.Error())
 		}
+		if err := e.expectReported(nodes); err != nil {
+			errs = append(errs, err.Error())
+		}
 	}
 	if len(errs) > 0 {
 		e.dumpLogs()

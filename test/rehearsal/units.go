@@ -41,7 +41,7 @@ type unitFile struct {
 	name       string
 	env        []string // KEY=VALUE from Environment=
 	envFiles   []string // EnvironmentFile=, "-" prefix kept
-	execStart  string
+	execStart  []string // an empty ExecStart= resets the list
 	restart    string
 	restartSec time.Duration
 	prevent    []int
@@ -52,11 +52,13 @@ type unitFile struct {
 
 // loadUnit reads a unit the way systemd merges it: the first unit file
 // found in unitDirs, then every drop-in of every directory in name order.
+// Only the node's own layers are read (nodeFiles): the test host's units
+// and drop-ins lie beneath them in the merged /etc and /usr.
 func loadUnit(name string) (*unitFile, error) {
 	var files []string
 	for _, d := range unitDirs {
-		if _, err := os.Stat(filepath.Join(d, name)); err == nil {
-			files = append(files, filepath.Join(d, name))
+		if fs := nodeFiles(filepath.Join(d, name)); len(fs) > 0 {
+			files = fs[:1]
 			break
 		}
 	}
@@ -65,9 +67,11 @@ func loadUnit(name string) (*unitFile, error) {
 	}
 	seen := map[string]string{}
 	for _, d := range slices.Backward(unitDirs) {
-		ms, _ := filepath.Glob(filepath.Join(d, name+".d", "*.conf"))
-		for _, m := range ms {
-			seen[filepath.Base(m)] = m // /etc overrides /usr/lib by name
+		for _, l := range slices.Backward(nodeLayers) {
+			ms, _ := filepath.Glob(filepath.Join(l, d, name+".d", "*.conf"))
+			for _, m := range ms {
+				seen[filepath.Base(m)] = m // /etc overrides /usr/lib by name
+			}
 		}
 	}
 	var dropIns []string
@@ -81,10 +85,26 @@ func loadUnit(name string) (*unitFile, error) {
 			return nil, err
 		}
 	}
-	if u.execStart == "" {
+	switch len(u.execStart) {
+	case 0:
 		return nil, fmt.Errorf("unit %s has no ExecStart", name)
+	case 1:
+		return u, nil
+	default: // systemd refuses it for any Type but oneshot
+		return nil, fmt.Errorf("unit %s has %d ExecStart= lines (a drop-in must reset it with an empty ExecStart= first): %q", name, len(u.execStart), u.execStart)
 	}
-	return u, nil
+}
+
+// nodeFiles lists where rel (an absolute path on the node) exists in the
+// node's layers, top first.
+func nodeFiles(rel string) []string {
+	var out []string
+	for _, l := range nodeLayers {
+		if _, err := os.Stat(filepath.Join(l, rel)); err == nil {
+			out = append(out, filepath.Join(l, rel))
+		}
+	}
+	return out
 }
 
 func (u *unitFile) parse(path string) error {
@@ -109,7 +129,11 @@ func (u *unitFile) parse(path string) error {
 		case "EnvironmentFile":
 			u.envFiles = append(u.envFiles, v)
 		case "ExecStart":
-			u.execStart = v // an empty one resets, as in systemd
+			if v == "" {
+				u.execStart = nil
+			} else {
+				u.execStart = append(u.execStart, v)
+			}
 		case "Restart":
 			u.restart = v
 		case "RestartSec":
@@ -214,7 +238,7 @@ func (u *unitFile) environment() (map[string]string, error) {
 // becomes the value's words (none when empty), ${VAR} is replaced in place.
 func (u *unitFile) command(env map[string]string) []string {
 	var out []string
-	for _, w := range splitQuoted(u.execStart) {
+	for _, w := range splitQuoted(u.execStart[0]) {
 		if strings.HasPrefix(w, "$") && !strings.HasPrefix(w, "${") {
 			out = append(out, strings.Fields(env[w[1:]])...)
 			continue
@@ -279,6 +303,7 @@ type manager struct {
 }
 
 type runningUnit struct {
+	once sync.Once // closes stop
 	stop chan struct{}
 	done chan struct{}
 	mu   sync.Mutex
@@ -310,12 +335,18 @@ func (m *manager) start(ctx context.Context, name string) error {
 func (m *manager) stopUnit(name string) {
 	m.mu.Lock()
 	r := m.active[name]
-	delete(m.active, name)
 	m.mu.Unlock()
 	if r == nil {
 		return
 	}
-	close(r.stop)
+	defer func() {
+		m.mu.Lock()
+		if m.active[name] == r {
+			delete(m.active, name)
+		}
+		m.mu.Unlock()
+	}()
+	r.once.Do(func() { close(r.stop) })
 	r.mu.Lock()
 	if r.cmd != nil && r.cmd.Process != nil {
 		_ = r.cmd.Process.Signal(syscall.SIGTERM)
@@ -375,6 +406,10 @@ func (m *manager) supervise(ctx context.Context, u *unitFile, r *runningUnit) {
 		if x := m.extra[u.name]; x != "" {
 			argv = append(argv, strings.Fields(x)...)
 		}
+		if len(argv) == 0 {
+			log.Printf("%s: ExecStart expands to nothing", u.name)
+			return
+		}
 		out, err := os.OpenFile(lg.out, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 		if err != nil {
 			log.Printf("%s: %v", u.name, err)
@@ -388,6 +423,13 @@ func (m *manager) supervise(ctx context.Context, u *unitFile, r *runningUnit) {
 			cmd.Env = append(cmd.Env, k+"="+v)
 		}
 		r.mu.Lock()
+		select {
+		case <-r.stop: // stopped while this start was being prepared
+			r.mu.Unlock()
+			out.Close()
+			return
+		default:
+		}
 		err = cmd.Start()
 		r.cmd = cmd
 		r.mu.Unlock()
