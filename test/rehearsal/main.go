@@ -6,8 +6,12 @@
 // HAProxy (Debian's) hold. Only the container runtime and the kubelet are
 // replaced (by the node emulator in node.go, pods.go and kubelet.go).
 //
-//	rehearsal run [flags] [scenario...]   orchestrate scenarios (as root)
-//	rehearsal node [flags]                one node (started by run)
+//	rehearsal run [-real-nodes] [flags] [scenario...]   orchestrate scenarios (as root)
+//	rehearsal provision check [flags]                   kiln serve + Ignition per node, checked (as root)
+//	rehearsal images [flags]                            the real nodes' images as an OCI layout
+//	rehearsal node [flags]                              one emulated node (started by run)
+//	rehearsal machine [flags]                           one real node (started by run)
+//	rehearsal probe serve|get|resolve                   the probe image's commands
 //
 // The same binary is installed as the nodes' systemctl, kubelet, modprobe
 // and swapoff (shims.go), chosen by the name it is called under.
@@ -26,7 +30,7 @@ func main() {
 		os.Exit(shim(os.Args[1:]))
 	}
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: rehearsal run [flags] [scenario...] | rehearsal node [flags]")
+		fmt.Fprintln(os.Stderr, "usage: rehearsal run [-real-nodes] [flags] [scenario...] | provision check [flags] | images [flags] | probe serve|get|resolve ... (node, machine: started by run)")
 		os.Exit(2)
 	}
 	var err error
@@ -46,7 +50,7 @@ func main() {
 	case "probe":
 		err = probeMain(os.Args[2:])
 	default:
-		err = fmt.Errorf("unknown command %q: use run or node", os.Args[1])
+		err = fmt.Errorf("unknown command %q: use run, provision check or images (node, machine and probe are started by run)", os.Args[1])
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "rehearsal: %v\n", err)
