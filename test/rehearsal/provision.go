@@ -38,7 +38,6 @@ package main
 
 import (
 	"archive/tar"
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -63,6 +62,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"sigs.k8s.io/yaml"
 )
 
 const (
@@ -815,13 +816,14 @@ func redact(s string) string {
 // reportInNode POSTs a status report as the node's agent would, from
 // inside its network namespace (started by postReport).
 func reportInNode(args []string) error {
-	var u, body string
-	fl := flag.NewFlagSet("provision report", flag.ContinueOnError)
-	fl.StringVar(&u, "url", "", "report URL (node.yaml reportURL)")
-	fl.StringVar(&body, "body", "", "status JSON")
-	if err := fl.Parse(args); err != nil {
+	if len(args) > 0 {
+		return errors.New("provision report: reads the report URL and, after a newline, the status JSON from stdin")
+	}
+	in, err := io.ReadAll(io.LimitReader(os.Stdin, 1<<20))
+	if err != nil {
 		return err
 	}
+	u, body, _ := strings.Cut(string(in), "\n")
 	resp, err := (&http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Proxy: nil}}).Post(u, "application/json", strings.NewReader(body))
 	if err != nil {
 		return err
@@ -837,31 +839,38 @@ func reportInNode(args []string) error {
 // postReport sends the node's status to the reportURL of its node.yaml
 // under root, from its network namespace, as its agent would.
 func postReport(self, netns, root string, st map[string]any) error {
-	nodeYAML, err := os.ReadFile(filepath.Join(root, "etc/kiln/node.yaml"))
+	m, err := readNodeMeta(root)
 	if err != nil {
 		return err
 	}
-	u := yamlValue(string(nodeYAML), "reportURL")
-	if u == "" {
+	if m.ReportURL == "" {
 		return errors.New("node.yaml has no reportURL")
 	}
 	body, _ := json.Marshal(st)
-	out, err := exec.Command("nsenter", "--net="+netns, "--", self, "provision", "report", "--url", u, "--body", string(body)).CombinedOutput()
+	// The URL carries the report key: on stdin, never on a command line.
+	cmd := exec.Command("nsenter", "--net="+netns, "--", self, "provision", "report")
+	cmd.Stdin = strings.NewReader(m.ReportURL + "\n" + string(body))
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("%v: %s", err, out)
 	}
 	return nil
 }
 
-// yamlValue is the value of the first `key: value` line (any indent).
-func yamlValue(doc, key string) string {
-	sc := bufio.NewScanner(strings.NewReader(doc))
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), key+":"); ok {
-			return strings.Trim(strings.TrimSpace(v), `"'`)
-		}
+// nodeMeta is what the harness reads of a node's /etc/kiln/node.yaml.
+type nodeMeta struct {
+	Role      string `json:"role"`
+	ReportURL string `json:"reportURL"`
+}
+
+// readNodeMeta reads root/etc/kiln/node.yaml.
+func readNodeMeta(root string) (nodeMeta, error) {
+	var m nodeMeta
+	data, err := os.ReadFile(filepath.Join(root, "etc/kiln/node.yaml"))
+	if err == nil {
+		err = yaml.Unmarshal(data, &m)
 	}
-	return ""
+	return m, err
 }
 
 // --- checking a root against its config ----------------------------------
@@ -1147,8 +1156,13 @@ func provisionCheck(args []string) error {
 	say("cluster air-gapped (MACs, airgap: true, images pinned and pulled) in %.1fs", time.Since(t).Seconds())
 
 	// The network.
-	defer checkTeardown(nodes)
-	checkTeardown(nodes)
+	defer checkTeardown()
+	checkTeardown()
+	go func() { // Ctrl-C: no namespace or bridge stays (kiln serve dies with this process)
+		waitSignal()
+		checkTeardown()
+		os.Exit(130)
+	}()
 	for _, c := range [][]string{
 		{"ip", "link", "add", checkBridge, "type", "bridge"},
 		{"ip", "addr", "add", checkPrefix + "1/24", "dev", checkBridge},
@@ -1440,19 +1454,18 @@ func mustHave(role, version string) []string {
 // inventory name, or the template for the worker role default) and the
 // report URL kiln serve expects from it.
 func checkNodeYAML(root string, n nodeSpec, srv *serveProc) error {
-	data, err := os.ReadFile(filepath.Join(root, "etc/kiln/node.yaml"))
+	m, err := readNodeMeta(root)
 	if err != nil {
 		return err
 	}
-	doc := string(data)
-	if got := yamlValue(doc, "role"); got != n.role {
-		return fmt.Errorf("node.yaml role %q, want %q", got, n.role)
+	if m.Role != n.role {
+		return fmt.Errorf("node.yaml role %q, want %q", m.Role, n.role)
 	}
 	name := n.name
 	if n.role == "worker" {
 		name = "default-worker"
 	}
-	u := yamlValue(doc, "reportURL")
+	u := m.ReportURL
 	if !strings.HasPrefix(u, srv.URL+"/report/"+name+"?key=") {
 		return fmt.Errorf("node.yaml reportURL %q is not kiln serve's for %s", redact(u), name)
 	}
@@ -1473,17 +1486,16 @@ func firstLine(s string) string {
 	return l
 }
 
+// waitSignal returns on SIGINT or SIGTERM.
 func waitSignal() {
 	ch := make(chan os.Signal, 1)
 	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM)
 	<-ch
 }
 
-// checkTeardown removes the check's namespaces and bridge.
-func checkTeardown(nodes []nodeSpec) {
-	for _, n := range nodes {
-		_ = sh("ip", "netns", "del", checkNS+n.name)
-		_ = sh("ip", "link", "del", checkNS+n.name)
-	}
+// checkTeardown removes the check's namespaces (every kph-*, an
+// interrupted check's too) and bridge.
+func checkTeardown() {
+	deleteNetns(checkNS)
 	_ = sh("ip", "link", "del", checkBridge)
 }

@@ -796,14 +796,30 @@ func teardownLeftovers(work string) {
 	}
 	cleanCgroups()
 	restoreSysctls(work)
+	deleteNetns(nsPrefix)
+	_ = sh("ip", "link", "del", bridgeName)
+}
+
+// deleteNetns deletes every network namespace whose name starts with
+// prefix, and every host link so named (the nodes' veths: one outlives its
+// namespace's name while a process still holds the namespace).
+func deleteNetns(prefix string) {
 	if out, err := exec.Command("ip", "netns", "list").Output(); err == nil {
 		for _, line := range strings.Split(string(out), "\n") {
-			if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], nsPrefix) {
+			if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], prefix) {
 				_ = sh("ip", "netns", "del", f[0])
 			}
 		}
 	}
-	_ = sh("ip", "link", "del", bridgeName)
+	if out, err := exec.Command("ip", "-o", "link", "show").Output(); err == nil {
+		for _, line := range strings.Split(string(out), "\n") {
+			// "7: krh-cp1@if2: <BROADCAST,...": the name, up to "@" or ":".
+			if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], prefix) {
+				name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
+				_ = sh("ip", "link", "del", name)
+			}
+		}
+	}
 }
 
 // agentStatus is the agent's /run/kiln/status.json.
