@@ -480,17 +480,21 @@ func (e *env) network() error {
 
 // addNode creates the node's network namespace: a veth to the bridge,
 // named eth0 inside with a fixed MAC (the hostname template uses it), and
-// ip_forward on (a fresh namespace has it off; the agent sets it too).
+// for emulated nodes ip_forward on (a fresh namespace has it off; the
+// agent sets it, which real nodes rely on).
 func (e *env) addNode(n nodeSpec) error {
 	ns, host := nsPrefix+n.name, nsPrefix+n.name
-	for _, c := range [][]string{
+	cmds := [][]string{
 		{"ip", "netns", "add", ns},
 		{"ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns},
 		{"ip", "link", "set", host, "master", bridgeName},
 		{"ip", "-n", ns, "link", "set", "eth0", "address", n.mac()},
 		{"ip", "-n", ns, "link", "set", "lo", "up"},
-		{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"},
-	} {
+	}
+	if !e.o.real {
+		cmds = append(cmds, []string{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"})
+	}
+	for _, c := range cmds {
 		if err := sh(c...); err != nil {
 			return err
 		}
@@ -665,6 +669,11 @@ func (e *env) boot(n nodeSpec, agentArgs ...string) error {
 	if err := e.prepare(n); err != nil {
 		return err
 	}
+	if _, err := os.Stat("/run/netns/" + nsPrefix + n.name); err != nil && e.o.real { // after a power cut
+		if err := e.addNode(e.specs[n.name]); err != nil {
+			return err
+		}
+	}
 	if err := e.powerOn(e.specs[n.name]); err != nil {
 		return err
 	}
@@ -737,9 +746,15 @@ func (e *env) kill(name string) {
 	}
 	if _, ok := e.specs[name]; ok {
 		if e.o.real {
-			killCgroup(nodeCgroup(name)) // the pods' processes
+			// The pods' processes, then the kernel's network state of the
+			// machine (CNI bridge, VXLAN, routes, netfilter rules, sysctls),
+			// which a power cut loses too: boot makes a fresh namespace.
+			killCgroup(nodeCgroup(name))
+			_ = sh("ip", "netns", "del", nsPrefix+name)
+			_ = sh("ip", "link", "del", nsPrefix+name)
+		} else {
+			e.powerOff(name)
 		}
-		e.powerOff(name)
 	}
 	e.recordPIDs()
 }
