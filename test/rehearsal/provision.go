@@ -1137,7 +1137,7 @@ func provisionCheck(args []string) error {
 
 	// The cluster: kilnInit's, on this check's subnet.
 	clusterDir := filepath.Join(work, "cluster")
-	if err := checkInit(kiln, version, clusterDir); err != nil {
+	if err := kilnInit(runOptions{kiln: kiln, version: version}, clusterDir, "keepalived-haproxy", checkPrefix); err != nil {
 		return err
 	}
 	cf := filepath.Join(clusterDir, "cluster.yaml")
@@ -1391,44 +1391,6 @@ func provisionCheck(args []string) error {
 		return fmt.Errorf("%d checks failed:\n  %s", len(failures), strings.Join(failures, "\n  "))
 	}
 	return nil
-}
-
-// checkInit is kilnInit on the check's subnet: the same flags, with the
-// endpoint and the control planes' addresses in 10.213.78.0/24.
-func checkInit(kiln, version, dir string) error {
-	image, err := keepalivedImage()
-	if err != nil {
-		return err
-	}
-	args := []string{"init", cluster, "--endpoint", checkPrefix + "10:6443", "--kubernetes-version", version, "--dir", dir,
-		"--load-balancer", "keepalived-haproxy", "--image", "keepalived=" + image}
-	for _, n := range []nodeSpec{cp1, cp2, cp3} {
-		args = append(args, "--control-plane", n.name+"="+checkPrefix+strconv.Itoa(n.octet))
-	}
-	if out, err := exec.Command(kiln, args...).CombinedOutput(); err != nil {
-		return fmt.Errorf("kiln init: %v: %s", err, out)
-	}
-	standIn := filepath.Join(dir, "kubernetes-sysext.stand-in")
-	if err := os.WriteFile(standIn, []byte("rehearsal: not a sysext image\n"), 0o644); err != nil {
-		return err
-	}
-	for _, arch := range []string{"amd64", "arm64"} {
-		if out, err := exec.Command(kiln, "-c", filepath.Join(dir, "cluster.yaml"), "pin", "--arch", arch, "--file", "kubernetes-sysext="+standIn).CombinedOutput(); err != nil {
-			return fmt.Errorf("kiln pin --arch %s: %v: %s", arch, err, out)
-		}
-	}
-	if err := os.WriteFile(filepath.Join(dir, "addon.yaml"), []byte(rehearsalAddon), 0o644); err != nil {
-		return err
-	}
-	f, err := os.OpenFile(filepath.Join(dir, "cluster.yaml"), os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	_, err = f.WriteString("addons:\n  - path: addon.yaml\n")
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
 
 // mustHave lists paths every root of a role has (the config names them;

@@ -312,7 +312,7 @@ func newEnv(o runOptions, self, scenario string) (*env, error) {
 	if scenario == "kube-vip-init" {
 		lb = "kube-vip"
 	}
-	if err := kilnInit(o, e.cluster, lb); err != nil {
+	if err := kilnInit(o, e.cluster, lb, netPrefix); err != nil {
 		return e, err
 	}
 	if err := e.network(); err != nil {
@@ -394,9 +394,11 @@ data:
 
 // kilnInit makes a cluster whose control planes hold the endpoint's VIP
 // (loadBalancer.type lb: keepalived-haproxy, with cp1..3 in the
-// inventory, or kube-vip), with one local add-on.
-func kilnInit(o runOptions, dir, lb string) error {
-	args := []string{"init", cluster, "--endpoint", endpoint, "--kubernetes-version", o.version, "--dir", dir, "--load-balancer", lb}
+// inventory, or kube-vip), with one local add-on, on the subnet prefix
+// (netPrefix; `provision check` has its own): the endpoint is PREFIX10,
+// a node PREFIX<octet>.
+func kilnInit(o runOptions, dir, lb, prefix string) error {
+	args := []string{"init", cluster, "--endpoint", prefix + "10:6443", "--kubernetes-version", o.version, "--dir", dir, "--load-balancer", lb}
 	if o.ignorePreflight != "" {
 		args = append(args, "--ignore-preflight-errors", o.ignorePreflight)
 	}
@@ -416,7 +418,7 @@ func kilnInit(o runOptions, dir, lb string) error {
 		}
 		args = append(args, "--image", "keepalived="+image)
 		for _, n := range []nodeSpec{cp1, cp2, cp3} {
-			args = append(args, "--control-plane", n.name+"="+n.ip())
+			args = append(args, "--control-plane", n.name+"="+prefix+strconv.Itoa(n.octet))
 		}
 	}
 	out, err := exec.Command(o.kiln, args...).CombinedOutput()

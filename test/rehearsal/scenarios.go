@@ -216,7 +216,7 @@ func scenarioKilledJoin(e *env) error {
 
 func scenarioForeignCA(e *env) error {
 	other := filepath.Join(e.dir, "other-cluster")
-	if err := kilnInit(e.o, other, "keepalived-haproxy"); err != nil {
+	if err := kilnInit(e.o, other, "keepalived-haproxy", netPrefix); err != nil {
 		return err
 	}
 	foreign := nodeSpec{name: "foreign", role: "worker", octet: 31, source: other}

@@ -23,19 +23,10 @@ var shims = map[string]func(args []string) int{
 		if _, err := os.Stat(controlSocket); err == nil {
 			return forwardSystemctl(args)
 		}
-		verb, units := "", []string{}
-		for _, a := range args {
-			switch {
-			case strings.HasPrefix(a, "-"):
-			case verb == "":
-				verb = a
-			default:
-				units = append(units, strings.TrimSuffix(a, ".service"))
-			}
-		}
+		verb, units := systemctlArgs(args)
 		ours := len(units) > 0
 		for _, u := range units {
-			ours = ours && (u == "kubelet" || u == "containerd")
+			ours = ours && (u == "kubelet.service" || u == "containerd.service")
 		}
 		switch verb {
 		case "is-active":

@@ -513,19 +513,7 @@ func (m *manager) serveControl(ctx context.Context) error {
 // systemctl does what systemctl would for the verbs kubeadm and the agent
 // use; units the node does not have are inactive and disabled.
 func (m *manager) systemctl(ctx context.Context, args []string) (int, string) {
-	verb, units := "", []string{}
-	for _, a := range args {
-		switch {
-		case strings.HasPrefix(a, "-"):
-		case verb == "":
-			verb = a
-		default:
-			if !strings.Contains(a, ".") {
-				a += ".service"
-			}
-			units = append(units, a)
-		}
-	}
+	verb, units := systemctlArgs(args)
 	log.Printf("systemctl %s", strings.Join(args, " "))
 	var out strings.Builder
 	code := 0
@@ -567,4 +555,22 @@ func (m *manager) systemctl(ctx context.Context, args []string) (int, string) {
 		}
 	}
 	return code, out.String()
+}
+
+// systemctlArgs splits systemctl's arguments into the verb and the units
+// (options dropped; a bare NAME is NAME.service, as systemctl reads it).
+func systemctlArgs(args []string) (verb string, units []string) {
+	for _, a := range args {
+		switch {
+		case strings.HasPrefix(a, "-"):
+		case verb == "":
+			verb = a
+		default:
+			if !strings.Contains(a, ".") {
+				a += ".service"
+			}
+			units = append(units, a)
+		}
+	}
+	return verb, units
 }
