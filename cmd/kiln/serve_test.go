@@ -26,32 +26,70 @@ func pxeBundle(t *testing.T) (string, *pxe.Manifest) {
 	)
 }
 
+// serveProc is kiln serve run as the command line runs it: its real
+// listener, limits and signal handling.
+type serveProc struct {
+	server      string // http://127.0.0.1:PORT
+	out, errOut servetest.Buffer
+	exit        chan int
+	stopped     bool
+}
+
+// startServe runs kiln serve with args (and --listen 127.0.0.1:0) and
+// waits for the address it prints.
+func startServe(t *testing.T, args ...string) *serveProc {
+	t.Helper()
+	p := &serveProc{exit: make(chan int, 1)}
+	go func() {
+		p.exit <- run(append([]string{"serve", "--listen", "127.0.0.1:0"}, args...), &p.out, &p.errOut)
+	}()
+	// The command prints its address once the signal handler is set.
+	addr := regexp.MustCompile(`on http://(127\.0\.0\.1:\d+);`)
+	for deadline := time.Now().Add(10 * time.Second); p.server == ""; time.Sleep(5 * time.Millisecond) {
+		select {
+		case code := <-p.exit:
+			t.Fatalf("kiln serve exited %d: %s", code, p.errOut.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kiln serve printed no address:\n%s\n%s", p.out.String(), p.errOut.String())
+		}
+		if match := addr.FindStringSubmatch(p.out.String()); match != nil {
+			p.server = "http://" + match[1]
+		}
+	}
+	t.Cleanup(func() {
+		if !p.stopped {
+			p.stop(t)
+		}
+	})
+	return p
+}
+
+// stop sends SIGTERM, as a service manager does, and expects a clean exit.
+func (p *serveProc) stop(t *testing.T) {
+	t.Helper()
+	p.stopped = true
+	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case code := <-p.exit:
+		if code != exitOK {
+			t.Fatalf("kiln serve exited %d after SIGTERM: %s", code, p.errOut.String())
+		}
+	case <-time.After(serve.ShutdownGrace + 5*time.Second):
+		t.Fatal("kiln serve did not stop on SIGTERM")
+	}
+}
+
 // TestServe runs kiln serve as the command line does, reports to it,
 // asks kiln status, and stops it with SIGTERM.
 func TestServe(t *testing.T) {
 	dir, m := pxeBundle(t)
 	accessLog := filepath.Join(t.TempDir(), "access.log")
-	var out, errOut servetest.Buffer
-	exit := make(chan int, 1)
-	go func() {
-		exit <- run([]string{"serve", "--bundle", dir, "--listen", "127.0.0.1:0", "--access-log", accessLog, "--pool", "worker"}, &out, &errOut)
-	}()
-	// The command prints its address once the signal handler is set.
-	addr := regexp.MustCompile(`on http://(127\.0\.0\.1:\d+);`)
-	var server string
-	for deadline := time.Now().Add(10 * time.Second); server == ""; time.Sleep(5 * time.Millisecond) {
-		select {
-		case code := <-exit:
-			t.Fatalf("kiln serve exited %d: %s", code, errOut.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("kiln serve printed no address:\n%s\n%s", out.String(), errOut.String())
-		}
-		if match := addr.FindStringSubmatch(out.String()); match != nil {
-			server = "http://" + match[1]
-		}
-	}
+	p := startServe(t, "--bundle", dir, "--access-log", accessLog, "--pool", "worker")
+	server, out, errOut := p.server, &p.out, &p.errOut
 	if !strings.Contains(out.String(), "nodes use http://10.0.0.5:8080") || !strings.Contains(errOut.String(), "nodes use port 8080") {
 		t.Errorf("no server URL or port warning:\n%s\n%s", out.String(), errOut.String())
 	}
@@ -88,17 +126,7 @@ func TestServe(t *testing.T) {
 	os.WriteFile(right, []byte(m.StatusToken+"\n"), 0o600)
 	kiln(t, "status", "--server", server, "--token-file", right).expect(t, 0)
 
-	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case code := <-exit:
-		if code != exitOK {
-			t.Fatalf("kiln serve exited %d after SIGTERM: %s", code, errOut.String())
-		}
-	case <-time.After(serve.ShutdownGrace + 5*time.Second):
-		t.Fatal("kiln serve did not stop on SIGTERM")
-	}
+	p.stop(t)
 	state, err := os.ReadFile(filepath.Join(dir, pxe.StateDir, "reports.json"))
 	if err != nil || !strings.Contains(string(state), "kubeadm-join") {
 		t.Errorf("reports not saved at shutdown: %v\n%s", err, state)

@@ -3,7 +3,10 @@ package serve
 import (
 	"io"
 	"net/http"
+	"regexp"
 	"strings"
+
+	"github.com/kilnproject/kiln/imagebuild/pxe"
 )
 
 // logWriter notes a response's status and size for the access log.
@@ -50,8 +53,39 @@ func (w *logWriter) code() int {
 	return w.status
 }
 
+// redactor writes to w with every secret of the bundle (node tokens,
+// report keys, the status token) replaced, in any letter case: wherever a
+// request carries one, in its path, as another parameter's value or in an
+// error about it, no log line holds it. Each Write must hold whole lines
+// (a log.Logger writes one line per call).
+type redactor struct {
+	w       io.Writer
+	secrets *regexp.Regexp
+}
+
+func newRedactor(w io.Writer, secrets []string) io.Writer {
+	var quoted []string
+	for _, s := range secrets {
+		if s != "" {
+			quoted = append(quoted, regexp.QuoteMeta(s))
+		}
+	}
+	if len(quoted) == 0 {
+		return w
+	}
+	return redactor{w: w, secrets: regexp.MustCompile("(?i)" + strings.Join(quoted, "|"))}
+}
+
+func (r redactor) Write(b []byte) (int, error) {
+	if _, err := r.w.Write(r.secrets.ReplaceAll(b, []byte("REDACTED"))); err != nil {
+		return 0, err
+	}
+	return len(b), nil
+}
+
 // loggedURI is the request's path and query with every query value but a
-// MAC's replaced: tokens and report keys never reach a log.
+// MAC's replaced, so that a log also holds no secret kiln serve does not
+// know of.
 func loggedURI(r *http.Request) string {
 	s := r.URL.EscapedPath()
 	if r.URL.RawQuery == "" {
@@ -60,7 +94,7 @@ func loggedURI(r *http.Request) string {
 	parts := strings.Split(r.URL.RawQuery, "&")
 	for i, p := range parts {
 		k, v, hasValue := strings.Cut(p, "=")
-		if hasValue && (k != "mac" || strings.Trim(v, "0123456789abcdefABCDEF:-") != "") {
+		if _, err := pxe.NormalizeMAC(v); hasValue && (k != "mac" || err != nil) {
 			parts[i] = k + "=REDACTED"
 		}
 	}

@@ -92,12 +92,16 @@ func New(o Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	secrets := []string{m.StatusToken}
+	for _, n := range m.Nodes {
+		secrets = append(secrets, n.Token, n.ReportKey)
+	}
 	s := &Server{
 		dir:    o.Dir,
 		m:      m,
 		assets: map[string]string{},
-		log:    log.New(orDiscard(o.Log), "kiln serve: ", log.LstdFlags),
-		access: log.New(orDiscard(o.AccessLog), "", 0),
+		log:    log.New(newRedactor(orDiscard(o.Log), secrets), "kiln serve: ", log.LstdFlags),
+		access: log.New(newRedactor(orDiscard(o.AccessLog), secrets), "", 0),
 	}
 	for _, a := range m.Assets {
 		s.assets[pxe.AssetPath+a.File] = filepath.Join(o.Dir, "assets", a.File)

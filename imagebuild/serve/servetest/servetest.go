@@ -5,6 +5,8 @@ package servetest
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -34,7 +36,7 @@ func NewBundle(t testing.TB, nodes ...pxe.Node) (string, *pxe.Manifest) {
 		OSVersion:   "4081.2.0",
 		ServerURL:   "http://10.0.0.5:8080",
 		KernelArgs:  []string{"flatcar.first_boot=1"},
-		StatusToken: "status-token-0123456789",
+		StatusToken: secret("status", "", 0),
 		Assets: []pxe.Asset{
 			{Kind: pxe.AssetKernel, File: "flatcar_production_pxe.vmlinuz"},
 			{Kind: pxe.AssetInitramfs, File: "flatcar_production_pxe_image.cpio.gz"},
@@ -58,10 +60,10 @@ func NewBundle(t testing.TB, nodes ...pxe.Node) (string, *pxe.Manifest) {
 	write(filepath.Join("assets", m.Assets[1].File), initramfs)
 	for i, n := range nodes {
 		if n.Token == "" {
-			n.Token = fmt.Sprintf("token-%s-%d", n.Name, i)
+			n.Token = secret("token", n.Name, i)
 		}
 		if n.ReportKey == "" {
-			n.ReportKey = fmt.Sprintf("key-%s-%d", n.Name, i)
+			n.ReportKey = secret("key", n.Name, i)
 		}
 		if n.Mode == "" {
 			n.Mode = pxe.DefaultMode(n.Role)
@@ -101,4 +103,11 @@ func (b *Buffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
+}
+
+// secret is a stable stand-in for a bundle secret, shaped like kiln pxe's
+// (64 hex digits), so that a test meets what a real bundle holds.
+func secret(kind, node string, i int) string {
+	sum := sha256.Sum256(fmt.Appendf(nil, "%s %s %d", kind, node, i))
+	return hex.EncodeToString(sum[:])
 }
