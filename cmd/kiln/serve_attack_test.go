@@ -5,6 +5,7 @@ package main
 // and what it did before it was closed.
 
 import (
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/kilnproject/kiln/imagebuild/pxe"
+	"github.com/kilnproject/kiln/imagebuild/serve"
 )
 
 // get sends one request and drains the answer.
@@ -80,4 +82,74 @@ func TestAttackSecretsInLogs(t *testing.T) {
 			}
 		}
 	}
+}
+
+// post sends a report.
+func (p *serveProc) post(t *testing.T, path, body string) int {
+	t.Helper()
+	resp, err := http.Post(p.server+path, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("POST %s: %v", path, err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// configURL is what a node's script points Ignition at.
+func configURL(n *pxe.Node, mac string) string {
+	return pxe.ConfigPath + n.Name + "?mac=" + mac + "&token=" + n.Token
+}
+
+// Before: anyone holding a role default's report key (it is on every live
+// worker's /proc/cmdline) filled the report table (8192 records), after
+// which an installed control plane's report was answered 204 and dropped,
+// so its config with the cluster keys stayed on offer; 1500 reports made
+// the state file 92 MB. After: reports on a role default never displace
+// another entry's, records that gate key delivery are never dropped, a
+// report that is not kept is answered 503, and records are bounded.
+func TestAttackReportFlood(t *testing.T) {
+	dir, m := pxeBundle(t)
+	p := startServe(t, "--bundle", dir, "--pool", "worker")
+	cp1, _ := m.Node("cp1")
+	worker, _ := m.Node("default-worker")
+	flood := strings.Repeat("x", 60<<10)
+	report := func(host, phase string) int {
+		return p.post(t, pxe.ReportPath+worker.Name+"?key="+worker.ReportKey,
+			fmt.Sprintf(`{"node":%q,"phase":%q,"state":"done","lastError":%q}`, host, phase, flood))
+	}
+	// Progress reports of invented machines: the oldest give way.
+	for i := range serve.MaxReports + 10 {
+		if code := report(fmt.Sprintf("ghost-%d", i), "kubeadm-join"); code != http.StatusNoContent {
+			t.Fatalf("report %d: %d", i, code)
+		}
+	}
+	// Invented machines that say they are done fill the table for good.
+	for i := range serve.MaxReports {
+		if code := report(fmt.Sprintf("done-%d", i), "done"); code != http.StatusNoContent {
+			t.Fatalf("done report %d: %d", i, code)
+		}
+	}
+	if code := report("one-more", "done"); code != http.StatusServiceUnavailable {
+		t.Errorf("report beyond the table: %d, want 503", code)
+	}
+	if code := report("done-7", "done"); code != http.StatusNoContent {
+		t.Errorf("a kept machine's next report: %d, want 204", code)
+	}
+	// The inventory's control plane is untouched by all of it.
+	if code := p.post(t, pxe.ReportPath+"cp1?key="+cp1.ReportKey+"&mac="+cp1.MAC, `{"phase":"installed","state":"done"}`); code != http.StatusNoContent {
+		t.Fatalf("cp1's installed report: %d", code)
+	}
+	if code, _ := p.get(t, "GET", configURL(cp1, cp1.MAC)); code != http.StatusGone {
+		t.Errorf("cp1's config after it installed: %d, want 410", code)
+	}
+	p.stop(t)
+	fi, err := os.Stat(filepath.Join(dir, pxe.StateDir, "reports.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if limit := int64(serve.MaxReports+len(m.Nodes)) * 3 << 10; fi.Size() > limit {
+		t.Errorf("reports.json is %d bytes after the flood, more than %d", fi.Size(), limit)
+	}
+	t.Logf("reports.json after %d reports of 60 KiB: %.1f MiB", 2*serve.MaxReports+12, float64(fi.Size())/(1<<20))
 }

@@ -382,7 +382,11 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
 			return
 		}
 	}
-	s.record(n, st, host(r.RemoteAddr), mac, time.Now())
+	if err := s.record(n, st, host(r.RemoteAddr), mac, time.Now()); err != nil {
+		w.Header().Set("Retry-After", "60")
+		http.Error(w, "kiln: report not stored: "+err.Error()+" (see kiln serve's log)", http.StatusServiceUnavailable)
+		return
+	}
 	w.WriteHeader(http.StatusNoContent)
 }
 

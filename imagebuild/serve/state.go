@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+	"unicode/utf8"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/atomicfile"
@@ -105,12 +106,18 @@ func (s *Server) readState(name string, v any) error {
 }
 
 // Caps on what unauthenticated machines can make the server remember: an
-// assignment per unknown MAC (with --pool), a record per reporting host of
-// a role default.
+// assignment per unknown MAC (with --pool), and per role default a record
+// per machine that reports on it (inventory entries have one record each).
+// A record holds at most maxRecordText bytes of reported text, so the
+// reports file stays under about 2 KiB per record.
 const (
 	MaxAssignments = 4096
-	MaxReports     = 8192
+	MaxReports     = 2048
+	maxRecordText  = 2 << 10
 )
+
+// errReportsFull answers a report that was not stored.
+var errReportsFull = errors.New("report table full")
 
 // load reads the state, keeping what still fits the manifest: a rebuilt
 // bundle may have renamed nodes or given them MACs.
@@ -241,16 +248,17 @@ func (s *Server) boundTo(n *pxe.Node, mac string) bool {
 }
 
 // record keeps a report and schedules writing it. mac is the MAC the
-// report names (bound to n), if any.
-func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now time.Time) {
+// report names (bound to n), if any. A role default's new machine takes
+// the place of its oldest machine that has not reported installed or
+// done once MaxReports of them have reported; when every record is such
+// a gate of key delivery, the report is refused with errReportsFull.
+// Records of other entries are never touched.
+func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now time.Time) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	bound(&st)
 	k := reportKey(n, st.Node, mac, from)
 	r, ok := s.reports[k]
-	if !ok && len(s.reports) >= MaxReports {
-		s.log.Printf("dropped a report for %s: %d machines have reported already, the most kiln serve keeps", n.Name, MaxReports)
-		return
-	}
 	if !ok {
 		r = &record{Node: n.Name, MAC: mac}
 		// The agent's first report, from where the installer reported,
@@ -263,6 +271,10 @@ func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now
 					break
 				}
 			}
+		}
+		if n.Default && !s.makeRoom(n) {
+			s.log.Printf("refused a report for %s from %s: %d of its machines reported installed or done, the most kiln serve keeps (an invented flood? see kiln status)", n.Name, from, MaxReports)
+			return errReportsFull
 		}
 		s.reports[k] = r
 	}
@@ -278,6 +290,48 @@ func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now
 				s.log.Printf("%v (retrying with the next report)", err)
 			}
 		})
+	}
+	return nil
+}
+
+// makeRoom makes room for one more record of role default n: below
+// MaxReports there is; else its oldest record that gates nothing (not
+// retired) is dropped. s.mu is held.
+func (s *Server) makeRoom(n *pxe.Node) bool {
+	count, oldest := 0, ""
+	for k, r := range s.reports {
+		if r.Node != n.Name {
+			continue
+		}
+		count++
+		if !r.Retired && (oldest == "" || r.Received.Before(s.reports[oldest].Received)) {
+			oldest = k
+		}
+	}
+	switch {
+	case count < MaxReports:
+		return true
+	case oldest == "":
+		return false
+	}
+	s.log.Printf("forgot the report of %s from %s (%s): %s has %d machines, the most kiln serve keeps", s.reports[oldest].Host, s.reports[oldest].From, s.reports[oldest].Status.Phase, n.Name, MaxReports)
+	delete(s.reports, oldest)
+	return true
+}
+
+// bound cuts every text a report carries to maxRecordText bytes in all,
+// at rune boundaries: a record's size does not depend on the reporter.
+func bound(st *nodeconfig.Status) {
+	left := maxRecordText
+	for _, f := range []*string{&st.Node, &st.Role, &st.Cluster, &st.Phase, &st.State, &st.TokenTimeLeft, &st.CertificateUploadTimeLeft, &st.Waiting, &st.LastError} {
+		if len(*f) > left {
+			cut := left
+			for cut > 0 && !utf8.RuneStart((*f)[cut]) {
+				cut--
+			}
+			*f = (*f)[:cut]
+		}
+		left -= len(*f)
 	}
 }
 
