@@ -83,12 +83,7 @@ from the old secrets would no longer join.`,
   kiln init rack --endpoint 10.0.0.50:6443 --load-balancer keepalived-haproxy \
     --control-plane cp-1=10.0.0.11 --control-plane cp-2=10.0.0.12 --control-plane cp-3=10.0.0.13 \
     --image keepalived=registry.example/keepalived:2.3@sha256:<64 hex digits>`,
-		Args: func(cmd *cobra.Command, args []string) error {
-			if len(args) != 1 {
-				return fault.Wrap(fault.Input, errors.New("init takes the cluster NAME: kiln init NAME --endpoint HOST:PORT"))
-			}
-			return nil
-		},
+		Args: exactArgs(1, "the cluster NAME: kiln init NAME --endpoint HOST:PORT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.controlPlanesSet = cmd.Flags().Changed("control-planes")
 			return runInit(g, o, args[0])

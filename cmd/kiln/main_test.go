@@ -138,7 +138,7 @@ func TestInitBadInput(t *testing.T) {
 	kiln(t, "init", "lab", "--dir", dir).expect(t, exitInput, "--endpoint: required")
 	kiln(t, "init", "lab", "--endpoint", "lb", "--kubernetes-version", "v1.30.1", "--os", "arch", "--dir", dir).
 		expect(t, exitInput, "3 problems", "--endpoint:", "--kubernetes-version: v1.30.1 is not supported", "--os: unknown OS")
-	kiln(t, "init", "--endpoint", "lb:6443").expect(t, exitInput, "init takes the cluster NAME")
+	kiln(t, "init", "--endpoint", "lb:6443").expect(t, exitInput, "kiln init takes 1 argument(s), not 0: the cluster NAME")
 	kiln(t, "init", "lab", "--endpoint", "lb:6443", "--ssh-key", filepath.Join(dir, "none.pub")).expect(t, exitInput, "--ssh-key")
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-plane", "cp-1=10.0.0.11", "--dir", dir).
 		expect(t, exitInput, "--image: kiln has no default digest for keepalived", "--image keepalived=")

@@ -108,6 +108,7 @@ Fedora CoreOS with a first-boot agent that runs kubeadm init or join.`,
 		newPxeCmd(g),
 		newServeCmd(g),
 		newStatusCmd(g),
+		newRearmCmd(g),
 	)
 	return root
 }
@@ -118,6 +119,16 @@ func noArgs(cmd *cobra.Command, args []string) error {
 		return fault.Wrap(fault.Input, fmt.Errorf("unknown command or argument %q for %q: see `%s --help`", args[0], cmd.CommandPath(), cmd.CommandPath()))
 	}
 	return nil
+}
+
+// exactArgs wants n positional arguments; usage shows how they are given.
+func exactArgs(n int, usage string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return fault.Wrap(fault.Input, fmt.Errorf("%s takes %d argument(s), not %d: %s", cmd.CommandPath(), n, len(args), usage))
+		}
+		return nil
+	}
 }
 
 // outputFormat is the -o flag: text for people, json for programs.

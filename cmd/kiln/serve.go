@@ -41,10 +41,12 @@ each machine then gets:
                            gets a script that boots its disk instead
   /config/NAME             its Ignition config, only with its MAC and token
                            (init and control-plane configs hold cluster
-                           keys: refused once the node is installed)
+                           keys: handed out once, then 410 until kiln
+                           rearm NODE)
   /assets/FILE             the kernel, initramfs and rootfs (Range requests)
   /report/NAME             where its first-boot agent reports (POST)
   /status                  every node's last report, for kiln status
+  /arm/NAME                re-arms a node, for kiln rearm (POST)
 
 Machines the inventory does not name are refused, unless --pool gives them
 an entry: the next inventory node without a MAC of a pool role (in the

@@ -5,16 +5,20 @@ package main
 // and what it did before it was closed.
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/pxe"
 	"github.com/kilnproject/kiln/imagebuild/serve"
+	"github.com/kilnproject/kiln/imagebuild/serve/servetest"
 )
 
 // get sends one request and drains the answer.
@@ -152,4 +156,96 @@ func TestAttackReportFlood(t *testing.T) {
 		t.Errorf("reports.json is %d bytes after the flood, more than %d", fi.Size(), limit)
 	}
 	t.Logf("reports.json after %d reports of 60 KiB: %.1f MiB", 2*serve.MaxReports+12, float64(fi.Size())/(1<<20))
+}
+
+// stolenConfig does what a stranger on the provisioning network can: ask
+// for the script of a MAC, and fetch the config it points at.
+func (p *serveProc) stolenConfig(t *testing.T, mac string) (int, string) {
+	t.Helper()
+	code, script := p.get(t, "GET", pxe.ScriptPath+"?mac="+mac)
+	url := regexp.MustCompile(`/config/[^ ]+token=[0-9a-f]+`).FindString(script)
+	if code != http.StatusOK || url == "" {
+		t.Fatalf("script of %s: %d %s", mac, code, script)
+	}
+	return p.get(t, "GET", url)
+}
+
+// Before: anyone naming a control plane's MAC got its config with every
+// cluster key, as often as asked, and with --pool control-plane any
+// invented MAC did. After: a key-carrying config is handed out once per
+// arming; kiln status says who took it, and kiln rearm allows one more.
+func TestAttackKeysHandedOutOnce(t *testing.T) {
+	dir, _ := servetest.NewBundle(t,
+		pxe.Node{Name: "cp1", Role: nodeconfig.RoleInit, MAC: "52:54:00:00:00:01"},
+		pxe.Node{Name: "default-control-plane", Role: nodeconfig.RoleControlPlane, Default: true},
+		pxe.Node{Name: "default-worker", Role: nodeconfig.RoleWorker, Default: true},
+	)
+	p := startServe(t, "--bundle", dir, "--pool", "control-plane")
+	if code, _ := p.stolenConfig(t, "52:54:00:00:00:01"); code != http.StatusOK {
+		t.Fatalf("first fetch of cp1: %d", code) // the first to ask still wins
+	}
+	for range 3 {
+		if code, body := p.stolenConfig(t, "52:54:00:00:00:01"); code != http.StatusGone || !strings.Contains(body, "kiln rearm cp1") {
+			t.Errorf("cp1 fetched again: %d %s", code, body)
+		}
+	}
+	if code, _ := p.stolenConfig(t, "02:00:00:00:00:01"); code != http.StatusOK {
+		t.Fatalf("first pool machine: %d", code)
+	}
+	if code, _ := p.stolenConfig(t, "02:00:00:00:00:02"); code != http.StatusGone {
+		t.Errorf("second invented MAC got the control-plane keys: %d", code)
+	}
+
+	// The operator sees it: who took which keys, and when.
+	r := kiln(t, "status", "--bundle", dir, "--server", p.server, "-o", "json")
+	r.expect(t, 0)
+	var st serve.Status
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil {
+		t.Fatal(err)
+	}
+	taken := map[string]string{}
+	for _, n := range st.Nodes {
+		if n.Config.Taken != nil {
+			taken[n.Name] = n.Config.Taken.From + " " + n.Config.Taken.MAC
+		}
+	}
+	if taken["cp1"] != "127.0.0.1 52:54:00:00:00:01" || taken["default-control-plane"] != "127.0.0.1 02:00:00:00:00:01" || len(taken) != 2 {
+		t.Errorf("status does not say who took the keys: %v", taken)
+	}
+	r = kiln(t, "status", "--bundle", dir, "--server", p.server)
+	if !regexp.MustCompile(`(?m)^cp1 +init +52:54:00:00:00:01 +install +given \d+s ago to 127\.0\.0\.1 `).MatchString(r.stdout) {
+		t.Errorf("status table:\n%s", r.stdout)
+	}
+
+	// Re-arming allows exactly one more delivery.
+	r = kiln(t, "rearm", "cp1", "--bundle", dir, "--server", p.server)
+	r.expect(t, 0)
+	if !strings.HasPrefix(r.stdout, "re-armed cp1: ") {
+		t.Errorf("kiln rearm printed %q", r.stdout)
+	}
+	if code, _ := p.stolenConfig(t, "52:54:00:00:00:01"); code != http.StatusOK {
+		t.Errorf("cp1 after kiln rearm: %d", code)
+	}
+	if code, _ := p.stolenConfig(t, "52:54:00:00:00:01"); code != http.StatusGone {
+		t.Errorf("cp1 twice after one kiln rearm: %d", code)
+	}
+	kiln(t, "rearm", "cp9", "--bundle", dir, "--server", p.server).expect(t, exitInput, `no node "cp9"`)
+	kiln(t, "rearm", "cp1", "--mac", "52:54:00:00:00:99", "--bundle", dir, "--server", p.server).expect(t, exitInput, "is not cp1's")
+	kiln(t, "rearm", "--bundle", dir, "--server", p.server).expect(t, exitInput, "takes 1 argument")
+	wrong := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(wrong, []byte("not-the-token\n"), 0o600)
+	kiln(t, "rearm", "cp1", "--server", p.server, "--token-file", wrong).expect(t, exitInput, "refused the status token")
+	if code, _ := p.get(t, "POST", pxe.ArmPath+"cp1"); code != http.StatusUnauthorized {
+		t.Errorf("re-arm without the status token: %d, want 401", code)
+	}
+	if code, _ := p.stolenConfig(t, "52:54:00:00:00:01"); code != http.StatusGone {
+		t.Errorf("a refused re-arm armed cp1: %d", code)
+	}
+
+	// What was handed out stays handed out across a restart.
+	p.stop(t)
+	p = startServe(t, "--bundle", dir, "--pool", "control-plane")
+	if code, _ := p.stolenConfig(t, "52:54:00:00:00:01"); code != http.StatusGone {
+		t.Errorf("cp1 after a restart: %d", code)
+	}
 }

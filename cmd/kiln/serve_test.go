@@ -108,9 +108,9 @@ func TestServe(t *testing.T) {
 
 	r := kiln(t, "status", "--bundle", dir, "--server", server)
 	r.expect(t, 0)
-	if !regexp.MustCompile(`(?m)^w1 +worker +52:54:00:00:00:02 +live +kubeadm-join +retrying +\d+s ago +connection refused retrying$`).MatchString(r.stdout) ||
-		!regexp.MustCompile(`(?m)^cp1 +init +52:54:00:00:00:01 +install +- +- +never$`).MatchString(r.stdout) ||
-		!regexp.MustCompile(`(?m)^default-worker +worker +52:54:00:00:00:09 +live +- +- +never`).MatchString(r.stdout) {
+	if !regexp.MustCompile(`(?m)^w1 +worker +52:54:00:00:00:02 +live +- +kubeadm-join +retrying +\d+s ago +connection refused retrying$`).MatchString(r.stdout) ||
+		!regexp.MustCompile(`(?m)^cp1 +init +52:54:00:00:00:01 +install +armed +- +- +never$`).MatchString(r.stdout) ||
+		!regexp.MustCompile(`(?m)^default-worker +worker +52:54:00:00:00:09 +live +- +- +- +never`).MatchString(r.stdout) {
 		t.Errorf("status table:\n%s", r.stdout)
 	}
 	r = kiln(t, "status", "--bundle", dir, "--server", server, "-o", "json")
@@ -172,9 +172,16 @@ func TestStatusErrors(t *testing.T) {
 }
 
 func TestStatusTable(t *testing.T) {
-	st := &serve.Status{Nodes: []serve.NodeStatus{
+	now := time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
+	st := &serve.Status{Time: now, Nodes: []serve.NodeStatus{
 		{Name: "w2", Role: nodeconfig.RoleWorker, Mode: pxe.ModeLive},
+		{Name: "cp2", Role: nodeconfig.RoleControlPlane, Mode: pxe.ModeInstall,
+			Config: serve.ConfigStatus{HoldsKeys: true, Taken: &serve.Fetch{From: "10.0.0.12", At: now.Add(-time.Hour)}, Fetches: 1}},
+		{Name: "cp3", Role: nodeconfig.RoleControlPlane, Mode: pxe.ModeInstall, Config: serve.ConfigStatus{HoldsKeys: true}},
+		{Name: "cp4", Role: nodeconfig.RoleControlPlane, Mode: pxe.ModeInstall, Config: serve.ConfigStatus{HoldsKeys: true},
+			Reports: []serve.Report{{Phase: "done", State: "done", SecondsSinceReport: 7200, ConfigRetired: true}}},
 		{Name: "default-worker", Role: nodeconfig.RoleWorker, Mode: pxe.ModeLive, Default: true,
+			Config: serve.ConfigStatus{Fetches: 3, Last: []serve.Fetch{{At: now.Add(-time.Hour)}, {At: now.Add(-5 * time.Minute)}}},
 			Assigned: []serve.Assignment{{MAC: "52:54:00:00:00:0a"}, {MAC: "52:54:00:00:00:0b"}},
 			Reports: []serve.Report{
 				{Host: "lab-worker-a", Phase: "done", State: "done", SecondsSinceReport: 7200},
@@ -183,10 +190,13 @@ func TestStatusTable(t *testing.T) {
 	}}
 	got := statusTable(st)
 	for _, want := range []string{
-		`(?m)^NAME +ROLE +MAC +MODE +PHASE +STATE +LAST-REPORT +LAST-ERROR$`,
-		`(?m)^w2 +worker +- +live +- +- +never$`,
-		`(?m)^default-worker/lab-worker-a +worker +2 machines +live +done +done +2h ago$`,
-		`(?m)^default-worker/10\.0\.0\.9 +worker +2 machines +live +kubeadm-join +failed +1m ago +x{59}…$`,
+		`(?m)^NAME +ROLE +MAC +MODE +CONFIG +PHASE +STATE +LAST-REPORT +LAST-ERROR$`,
+		`(?m)^w2 +worker +- +live +- +- +- +never$`,
+		`(?m)^default-worker/lab-worker-a +worker +2 machines +live +3 fetched, last 5m ago +done +done +2h ago$`,
+		`(?m)^default-worker/10\.0\.0\.9 +worker +2 machines +live +3 fetched, last 5m ago +kubeadm-join +failed +1m ago +x{59}…$`,
+		`(?m)^cp2 +control-plane +- +install +given 1h ago to 10\.0\.0\.12 +- +- +never$`,
+		`(?m)^cp3 +control-plane +- +install +armed +- +- +never$`,
+		`(?m)^cp4 +control-plane +- +install +retired +done +done +2h ago$`,
 	} {
 		if !regexp.MustCompile(want).MatchString(got) {
 			t.Errorf("table lacks %s:\n%s", want, got)

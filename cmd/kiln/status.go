@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -22,12 +23,25 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/serve"
 )
 
-type statusOptions struct {
+// serverFlags say how to reach a running kiln serve as its operator.
+type serverFlags struct {
 	server    string
 	bundle    string
 	tokenFile string
 	timeout   time.Duration
-	output    outputFormat
+}
+
+func (o *serverFlags) add(cmd *cobra.Command) {
+	f := cmd.Flags()
+	f.StringVar(&o.server, "server", "", "kiln serve's URL (default: the bundle's server URL)")
+	f.StringVar(&o.bundle, "bundle", "", "the bundle kiln serve serves: its status token and server URL")
+	f.StringVar(&o.tokenFile, "token-file", "", "file holding the status token, instead of --bundle")
+	f.DurationVar(&o.timeout, "timeout", 30*time.Second, "give up waiting for kiln serve after this long")
+}
+
+type statusOptions struct {
+	serverFlags
+	output outputFormat
 }
 
 func newStatusCmd(g *globals) *cobra.Command {
@@ -49,29 +63,21 @@ machines are listed one per line as default-ROLE/HOSTNAME.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runStatus(cmd.Context(), g, o) },
 	}
-	f := cmd.Flags()
-	f.StringVar(&o.server, "server", "", "kiln serve's URL (default: the bundle's server URL)")
-	f.StringVar(&o.bundle, "bundle", "", "the bundle kiln serve serves: its status token and server URL")
-	f.StringVar(&o.tokenFile, "token-file", "", "file holding the status token, instead of --bundle")
-	f.DurationVar(&o.timeout, "timeout", 30*time.Second, "give up waiting for kiln serve after this long")
+	o.serverFlags.add(cmd)
 	addOutputFlag(cmd, &o.output)
 	return cmd
 }
 
 func runStatus(ctx context.Context, g *globals, o *statusOptions) error {
-	server, token, err := o.credentials()
-	if err != nil {
+	var st serve.Status
+	if err := o.ask(ctx, http.MethodGet, pxe.StatusPath, &st); err != nil {
 		return err
 	}
-	st, err := fetchStatus(ctx, server, token, o.timeout)
-	if err != nil {
-		return err
-	}
-	return emit(g.stdout, o.output, st, statusTable(st))
+	return emit(g.stdout, o.output, &st, statusTable(&st))
 }
 
 // credentials returns the server URL and the status token.
-func (o *statusOptions) credentials() (string, string, error) {
+func (o *serverFlags) credentials() (string, string, error) {
 	server, token := o.server, ""
 	switch {
 	case (o.bundle == "") == (o.tokenFile == ""):
@@ -103,33 +109,40 @@ func (o *statusOptions) credentials() (string, string, error) {
 	return strings.TrimSuffix(server, "/"), token, nil
 }
 
-func fetchStatus(ctx context.Context, server, token string, timeout time.Duration) (*serve.Status, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, server+pxe.StatusPath, nil)
+// ask sends an operator's request to kiln serve (path with its query) and
+// decodes the JSON answer into out.
+func (o *serverFlags) ask(ctx context.Context, method, path string, out any) error {
+	server, token, err := o.credentials()
 	if err != nil {
-		return nil, fault.Wrap(fault.Input, fmt.Errorf("--server %q: %w", server, err))
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, server+path, nil)
+	if err != nil {
+		return fault.Wrap(fault.Input, fmt.Errorf("--server %q: %w", server, err))
 	}
 	req.Header.Set("Authorization", "Bearer "+token)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return nil, fault.Wrap(fault.Environment, fmt.Errorf("cannot reach kiln serve at %s: %w: start it (kiln serve --bundle DIR) or check --server", server, err))
+		return fault.Wrap(fault.Environment, fmt.Errorf("cannot reach kiln serve at %s: %w: start it (kiln serve --bundle DIR) or check --server", server, err))
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	switch {
 	case err != nil:
-		return nil, fault.Wrap(fault.Environment, fmt.Errorf("read the status from %s: %w", server, err))
+		return fault.Wrap(fault.Environment, fmt.Errorf("read the answer of %s: %w", server, err))
 	case resp.StatusCode == http.StatusUnauthorized:
-		return nil, fault.Wrap(fault.Input, fmt.Errorf("kiln serve at %s refused the status token: pass the --bundle it serves, or a --token-file with that bundle's statusToken", server))
+		return fault.Wrap(fault.Input, fmt.Errorf("kiln serve at %s refused the status token: pass the --bundle it serves, or a --token-file with that bundle's statusToken", server))
+	case resp.StatusCode == http.StatusBadRequest:
+		return fault.Wrap(fault.Input, fmt.Errorf("kiln serve at %s: %s", server, cell(strings.TrimPrefix(string(bytes.TrimSpace(body)), "kiln: "), 300)))
 	case resp.StatusCode != http.StatusOK:
-		return nil, fault.Wrap(fault.Environment, fmt.Errorf("%s%s answered %s: %s (is it kiln serve?)", server, pxe.StatusPath, resp.Status, cell(string(bytes.TrimSpace(body)), 200)))
+		return fault.Wrap(fault.Environment, fmt.Errorf("%s%s answered %s: %s (is it kiln serve?)", server, req.URL.Path, resp.Status, cell(string(bytes.TrimSpace(body)), 200)))
 	}
-	var st serve.Status
-	if err := json.Unmarshal(body, &st); err != nil {
-		return nil, fault.Wrap(fault.Environment, fmt.Errorf("%s%s: %w (is it kiln serve?)", server, pxe.StatusPath, err))
+	if err := json.Unmarshal(body, out); err != nil {
+		return fault.Wrap(fault.Environment, fmt.Errorf("%s%s: %w (is it kiln serve?)", server, req.URL.Path, err))
 	}
-	return &st, nil
+	return nil
 }
 
 // statusTable has a line per inventory node and per machine on a role
@@ -137,7 +150,7 @@ func fetchStatus(ctx context.Context, server, token string, timeout time.Duratio
 func statusTable(st *serve.Status) string {
 	var b strings.Builder
 	tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tROLE\tMAC\tMODE\tPHASE\tSTATE\tLAST-REPORT\tLAST-ERROR")
+	fmt.Fprintln(tw, "NAME\tROLE\tMAC\tMODE\tCONFIG\tPHASE\tSTATE\tLAST-REPORT\tLAST-ERROR")
 	for _, n := range st.Nodes {
 		mac := n.MAC
 		switch {
@@ -154,7 +167,7 @@ func statusTable(st *serve.Status) string {
 			if r != nil {
 				phase, state, last, lastErr = cell(r.Phase, 30), cell(r.State, 12), ago(r.SecondsSinceReport), cell(r.LastError, 60)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, n.Role, mac, n.Mode, phase, state, last, lastErr)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, n.Role, mac, n.Mode, configCell(st.Time, &n), phase, state, last, lastErr)
 		}
 		if len(n.Reports) == 0 {
 			row(n.Name, nil)
@@ -174,6 +187,26 @@ func statusTable(st *serve.Status) string {
 		lines[i] = strings.TrimRight(l, " ")
 	}
 	return strings.Join(lines, "\n")
+}
+
+// configCell says where an entry's config went: a key-carrying config is
+// "armed" until it is handed out ("given 3m ago to 10.0.0.9", until kiln
+// rearm), or "retired" once its machine installed or joined.
+func configCell(now time.Time, n *serve.NodeStatus) string {
+	c := n.Config
+	since := func(t time.Time) string { return ago(int64(now.Sub(t) / time.Second)) }
+	switch {
+	case c.Taken != nil:
+		return fmt.Sprintf("given %s to %s", since(c.Taken.At), cell(c.Taken.From, 45))
+	case c.HoldsKeys && slices.ContainsFunc(n.Reports, func(r serve.Report) bool { return r.ConfigRetired }):
+		return "retired"
+	case c.HoldsKeys:
+		return "armed"
+	case c.Fetches == 0:
+		return "-"
+	default:
+		return fmt.Sprintf("%d fetched, last %s", c.Fetches, since(c.Last[len(c.Last)-1].At))
+	}
 }
 
 // cell makes a reported value fit a table cell: one line, no control

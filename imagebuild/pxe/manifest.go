@@ -48,6 +48,10 @@ const (
 	ReportPath = "/report/"
 	// StatusPath lists every node's last status (GET, bearer token).
 	StatusPath = "/status"
+	// ArmPath/NAME[?mac=MAC] re-arms a node (POST, bearer token): its
+	// config is served once more and, with its MAC or for an inventory
+	// node, an installed machine boots its installer again.
+	ArmPath = "/arm/"
 )
 
 // Manifest is bundle.json.

@@ -80,7 +80,13 @@ type Server struct {
 	mu         sync.Mutex
 	assigned   map[string]*assignment // by MAC
 	reports    map[string]*record     // by reportKey
-	dirty      bool                   // reports changed since written
+	configs    map[string]*configLog  // by entry name
+	dirty      bool                   // reports or configs changed since written
+	configsSeq uint64                 // counts changes of configs
+	// configsMu orders writers of configs.json; configsWritten is the
+	// change it holds.
+	configsMu      sync.Mutex
+	configsWritten uint64
 	flushTimer *time.Timer
 	flushMu    sync.Mutex // one writer of reports.json at a time
 	unlock     func()     // releases the bundle's state lock
@@ -211,8 +217,12 @@ func (s *Server) route(w http.ResponseWriter, r *http.Request) {
 			s.report(w, r, strings.TrimPrefix(p, pxe.ReportPath))
 		}
 	case p == pxe.StatusPath:
-		if allow(w, r, readOnly) {
+		if allow(w, r, readOnly) && s.operator(w, r) {
 			s.status(w, r)
+		}
+	case strings.HasPrefix(p, pxe.ArmPath):
+		if allow(w, r, postOnly) && s.operator(w, r) {
+			s.arm(w, r, strings.TrimPrefix(p, pxe.ArmPath))
 		}
 	default:
 		http.NotFound(w, r)
@@ -294,22 +304,37 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 		refuse(fmt.Sprintf("MAC %s is not %s's", mac, n.Name))
 		return
 	}
-	if n.Role.IsControlPlane() && s.retired(n, mac, a) {
+	if t, gone := s.taken(n, mac, a); gone {
 		s.mu.Unlock()
-		s.log.Printf("refused config %s to %s (%s): it is installed or in the cluster", n.Name, mac, r.RemoteAddr)
-		http.Error(w, "kiln: this node already reported installed or done; its config holds cluster keys and is not served again (to rebuild the machine, delete its report from the bundle's state/reports.json and restart kiln serve)", http.StatusGone)
+		why := "it reported installed or joined"
+		if t != nil {
+			why = fmt.Sprintf("fetched by %s (MAC %s) at %s", t.From, t.MAC, t.At.Format(time.RFC3339))
+		}
+		s.log.Printf("refused config %s to %s (%s): its cluster keys were handed out already (%s); to serve them once more, run kiln rearm %s", n.Name, mac, r.RemoteAddr, why, n.Name)
+		http.Error(w, fmt.Sprintf("kiln: %s's config holds cluster keys and was handed out already (%s); it is served once per arming: to rebuild this machine, run kiln rearm %s", n.Name, why, n.Name), http.StatusGone)
 		return
 	}
 	// Only what is told apart later is noted: which machine on a role
 	// default installed (boots its disk) or holds control-plane keys.
+	now := time.Now()
 	if n.Default && (n.Mode == pxe.ModeInstall || n.Role.IsControlPlane()) {
-		err = s.configFetched(a, host(r.RemoteAddr), time.Now())
+		err = s.configFetched(a, host(r.RemoteAddr), now)
+	}
+	var snap *configsSnapshot
+	if err == nil && r.Method == http.MethodGet {
+		snap = s.delivered(n, Fetch{From: host(r.RemoteAddr), MAC: mac, At: now.UTC()})
 	}
 	s.mu.Unlock()
+	if err == nil {
+		err = s.writeConfigs(snap)
+	}
 	if err != nil {
 		s.log.Printf("config %s for %s: %v", n.Name, mac, err)
 		http.Error(w, "kiln: could not save state (see kiln serve's log)", http.StatusInternalServerError)
 		return
+	}
+	if snap != nil {
+		s.log.Printf("handed %s's config (cluster keys) to %s (%s): it is not served again until kiln rearm %s", n.Name, mac, r.RemoteAddr, n.Name)
 	}
 	w.Header().Set("Cache-Control", "no-store")
 	s.serveFile(w, r, filepath.Join(s.dir, n.Config), "application/json")
@@ -390,15 +415,49 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// status answers with every node's state, for kiln status.
-func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+// operator reports whether the request carries the bundle's status
+// token (Authorization: Bearer), and answers 401 if not.
+func (s *Server) operator(w http.ResponseWriter, r *http.Request) bool {
 	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
-	if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare([]byte(token), []byte(s.m.StatusToken)) != 1 {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
-		http.Error(w, "kiln: status needs Authorization: Bearer with the bundle's statusToken", http.StatusUnauthorized)
-		return
+	if strings.EqualFold(scheme, "Bearer") && subtle.ConstantTimeCompare([]byte(token), []byte(s.m.StatusToken)) == 1 {
+		return true
 	}
-	body, err := json.MarshalIndent(s.snapshot(time.Now()), "", "  ")
+	s.log.Printf("refused %s %s to %s: no or a wrong status token", r.Method, r.URL.Path, r.RemoteAddr)
+	w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
+	http.Error(w, "kiln: this needs Authorization: Bearer with the bundle's statusToken", http.StatusUnauthorized)
+	return false
+}
+
+// ArmResult answers ArmPath.
+type ArmResult struct {
+	Node string `json:"node"`
+	MAC  string `json:"mac,omitempty"`
+	// Cleared counts the machines that had reported installed or done and
+	// will be provisioned again.
+	Cleared int `json:"cleared"`
+}
+
+// arm re-arms a node for kiln rearm.
+func (s *Server) arm(w http.ResponseWriter, r *http.Request, name string) {
+	mac := r.URL.Query().Get("mac")
+	cleared, err := s.Arm(name, mac, time.Now())
+	switch {
+	case fault.KindOf(err) == fault.Input:
+		http.Error(w, "kiln: "+err.Error(), http.StatusBadRequest)
+	case err != nil:
+		s.log.Printf("re-arm %s: %v", name, err)
+		http.Error(w, "kiln: could not save state (see kiln serve's log)", http.StatusInternalServerError)
+	default:
+		if mac != "" {
+			mac, _ = pxe.NormalizeMAC(mac)
+		}
+		writeJSON(w, ArmResult{Node: name, MAC: mac, Cleared: cleared})
+	}
+}
+
+// writeJSON answers with v as JSON, not to be cached.
+func writeJSON(w http.ResponseWriter, v any) {
+	body, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
@@ -407,6 +466,11 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	h.Set("Content-Type", "application/json")
 	h.Set("Cache-Control", "no-store")
 	w.Write(append(body, '\n'))
+}
+
+// status answers with every node's state, for kiln status.
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, s.snapshot(time.Now()))
 }
 
 // host is the address part of a RemoteAddr.

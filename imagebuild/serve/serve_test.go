@@ -172,6 +172,21 @@ func (e *env) report(n *pxe.Node, body string) {
 	}
 }
 
+// arm re-arms an entry through the server, as kiln rearm does, and
+// checks how many installed machines it cleared.
+func (e *env) arm(name, mac string, cleared int) {
+	e.t.Helper()
+	path := pxe.ArmPath + name
+	if mac != "" {
+		path += "?mac=" + mac
+	}
+	code, body, _ := e.do(http.MethodPost, path, nil, "Authorization", "Bearer "+e.m.StatusToken)
+	var got serve.ArmResult
+	if code != http.StatusOK || json.Unmarshal([]byte(body), &got) != nil || got.Node != name || got.Cleared != cleared {
+		e.t.Fatalf("arm %s %s: %d %s, want %d cleared", name, mac, code, body, cleared)
+	}
+}
+
 func (e *env) status() serve.Status {
 	e.t.Helper()
 	code, body, _ := e.do(http.MethodGet, pxe.StatusPath, nil, "Authorization", "Bearer "+e.m.StatusToken)
@@ -335,7 +350,7 @@ func TestInstalledNodes(t *testing.T) {
 	if code, body := e.get(pxe.ScriptPath + "?mac=" + macInit); code != http.StatusOK || body != pxe.LocalBootScript(cp1) {
 		t.Errorf("installed init script: %d %s", code, body)
 	}
-	if code, body := e.get(configPath(cp1, macInit, cp1.Token)); code != http.StatusGone || !strings.Contains(body, "not served again") {
+	if code, body := e.get(configPath(cp1, macInit, cp1.Token)); code != http.StatusGone || !strings.Contains(body, "run kiln rearm cp1") {
 		t.Errorf("installed init config: %d %s", code, body)
 	}
 	// A live worker boots from the network every time.
@@ -373,11 +388,29 @@ func TestDefaultMachinesApart(t *testing.T) {
 	if code, _ := e.get(configPath(n, a, n.Token)); code != http.StatusGone {
 		t.Errorf("installed machine's config: %d, want 410", code)
 	}
+	// The keys went to a: b waits for the operator.
 	e.from = ipB
 	e.script(b, n.Name)
-	if code, _ := e.get(configPath(n, b, n.Token)); code != http.StatusOK {
-		t.Errorf("other machine's config: %d", code)
+	if code, _ := e.get(configPath(n, b, n.Token)); code != http.StatusGone {
+		t.Errorf("other machine's config before a re-arm: %d, want 410", code)
 	}
+	e.arm(n.Name, "", 0)
+	if code, _ := e.get(configPath(n, b, n.Token)); code != http.StatusOK {
+		t.Errorf("other machine's config after a re-arm: %d", code)
+	}
+	// Re-arming the entry leaves a installed; naming its MAC does not.
+	e.from = ipA
+	if _, body := e.get(pxe.ScriptPath + "?mac=" + a); body != pxe.LocalBootScript(n) {
+		t.Errorf("installed machine's script after a re-arm of its entry:\n%s", body)
+	}
+	e.arm(n.Name, a, 1)
+	if _, body := e.get(pxe.ScriptPath + "?mac=" + a); body == pxe.LocalBootScript(n) {
+		t.Errorf("re-armed machine %s still boots its disk", a)
+	}
+	if code, _ := e.get(configPath(n, a, n.Token)); code != http.StatusOK {
+		t.Errorf("re-armed machine's config: %d", code)
+	}
+	e.report(n, `{"phase":"installed","state":"done"}`)
 	// The agent's first report continues the installer's record.
 	e.from = ipA
 	e.report(n, `{"phase":"kubeadm-join","state":"failed","node":"lab-cp-a","lastError":"etcd unhealthy","attempt":2}`)
@@ -560,6 +593,7 @@ func TestDefaultMachinesBehindOneAddress(t *testing.T) {
 		if code, _ := e.get(configPath(n, mac, n.Token)); code != http.StatusOK {
 			t.Fatalf("config for %s: %d", mac, code)
 		}
+		e.arm(n.Name, "", 0)
 	}
 	installed := []byte(`{"phase":"installed","state":"done"}`)
 	if code, body, _ := e.do(http.MethodPost, pxe.ReportPath+n.Name+"?key="+n.ReportKey+"&mac=52-54-00-00-50-01", installed); code != http.StatusNoContent {
@@ -579,6 +613,7 @@ func TestDefaultMachinesBehindOneAddress(t *testing.T) {
 	if code, _, _ := e.do(http.MethodPost, pxe.ReportPath+n.Name+"?key="+n.ReportKey+"&mac=52-54-00-00-50-99", installed); code != http.StatusForbidden {
 		t.Errorf("report naming a foreign MAC: %d, want 403", code)
 	}
+	e.arm(n.Name, "", 0)
 	if code, _ := e.get(configPath(n, b, n.Token)); code != http.StatusOK {
 		t.Errorf("a report naming a foreign MAC retired %s: %d", b, code)
 	}

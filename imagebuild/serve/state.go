@@ -18,11 +18,12 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/pxe"
 )
 
-// The server's state files, under the bundle's pxe.StateDir. Both are
+// The server's state files, under the bundle's pxe.StateDir. All are
 // written whole and atomically, mode 0600 (they name the machines).
 const (
 	assignmentsFile = "assignments.json"
 	reportsFile     = "reports.json"
+	configsFile     = "configs.json"
 	stateFormat     = 1
 	// flushDelay is the longest a report waits before it is written:
 	// agents report often, the disk is written at most this often.
@@ -67,6 +68,33 @@ type record struct {
 type reportsJSON struct {
 	Format  int       `json:"format"`
 	Reports []*record `json:"reports"`
+}
+
+// Fetch is one delivery of an entry's config.
+type Fetch struct {
+	From string    `json:"from"`
+	MAC  string    `json:"mac"`
+	At   time.Time `json:"at"`
+}
+
+// maxFetches is how many of an entry's latest deliveries are kept.
+const maxFetches = 16
+
+// configLog is what the server knows of an entry's config deliveries.
+type configLog struct {
+	// Taken is the delivery that used up a key-carrying config's arming:
+	// until the entry is re-armed, the config is not served again.
+	Taken *Fetch `json:"taken,omitempty"`
+	// Armed is when the operator last re-armed the entry.
+	Armed time.Time `json:"armed,omitzero"`
+	// Count counts deliveries; Last holds the latest, oldest first.
+	Count int     `json:"count"`
+	Last  []Fetch `json:"last"`
+}
+
+type configsJSON struct {
+	Format  int                   `json:"format"`
+	Configs map[string]*configLog `json:"configs"`
 }
 
 // reportKey tells machines apart: an inventory entry is one machine; a
@@ -124,10 +152,16 @@ var errReportsFull = errors.New("report table full")
 func (s *Server) load() error {
 	var as assignmentsJSON
 	var rs reportsJSON
-	if err := errors.Join(s.readState(assignmentsFile, &as), s.readState(reportsFile, &rs)); err != nil {
+	var cs configsJSON
+	if err := errors.Join(s.readState(assignmentsFile, &as), s.readState(reportsFile, &rs), s.readState(configsFile, &cs)); err != nil {
 		return err
 	}
-	s.assigned, s.reports = map[string]*assignment{}, map[string]*record{}
+	s.assigned, s.reports, s.configs = map[string]*assignment{}, map[string]*record{}, map[string]*configLog{}
+	for name, c := range cs.Configs {
+		if _, ok := s.m.Node(name); ok && c != nil {
+			s.configs[name] = c
+		}
+	}
 	taken := map[string]bool{}
 	for mac, a := range as.Assignments {
 		n, ok := s.m.Node(a.Node)
@@ -220,6 +254,135 @@ func (s *Server) configFetched(a *assignment, from string, now time.Time) error 
 	return s.saveAssignments()
 }
 
+// taken returns the delivery that used up n's arming, if n's config holds
+// cluster keys and was delivered (or the node installed or joined) since
+// it was last armed. s.mu is held.
+func (s *Server) taken(n *pxe.Node, mac string, a *assignment) (*Fetch, bool) {
+	if !n.Role.IsControlPlane() {
+		return nil, false
+	}
+	if c := s.configs[n.Name]; c != nil && c.Taken != nil {
+		return c.Taken, true
+	}
+	return nil, s.retired(n, mac, a)
+}
+
+// delivered notes a delivery of n's config and returns the state to
+// write before the config is sent, for a key-carrying config: its
+// delivery uses up its arming (from now on every fetch gets 410). Other
+// deliveries are written with the reports. s.mu is held.
+func (s *Server) delivered(n *pxe.Node, f Fetch) *configsSnapshot {
+	c := s.configLog(n.Name)
+	c.Count++
+	c.Last = append(c.Last, f)
+	if len(c.Last) > maxFetches {
+		c.Last = slices.Delete(c.Last, 0, len(c.Last)-maxFetches)
+	}
+	if !n.Role.IsControlPlane() {
+		s.configsChanged(false)
+		return nil
+	}
+	c.Taken = &f
+	return s.configsChanged(true)
+}
+
+func (s *Server) configLog(name string) *configLog {
+	c := s.configs[name]
+	if c == nil {
+		c = &configLog{}
+		s.configs[name] = c
+	}
+	return c
+}
+
+// Arm re-arms an entry: its config may be delivered once more, and the
+// records of its machines that reported installed or done are cleared, so
+// that such a machine boots its installer (install mode) or gets its
+// config (live) again: an inventory node's record, and on a role default
+// the records of the machine with mac (none without a MAC). It returns
+// how many records it cleared once the change is on disk.
+func (s *Server) Arm(name, mac string, now time.Time) (int, error) {
+	n, ok := s.m.Node(name)
+	if !ok {
+		return 0, fault.Wrap(fault.Input, fmt.Errorf("the bundle has no node %q (kiln status lists them)", name))
+	}
+	if mac != "" {
+		norm, err := pxe.NormalizeMAC(mac)
+		if err != nil {
+			return 0, fault.Wrap(fault.Input, fmt.Errorf("MAC %q: %w", mac, err))
+		}
+		if mac = norm; !s.boundTo(n, mac) {
+			return 0, fault.Wrap(fault.Input, fmt.Errorf("MAC %s is not %s's (kiln status shows the machines of each node)", mac, name))
+		}
+	}
+	s.mu.Lock()
+	c := s.configLog(n.Name)
+	c.Taken, c.Armed = nil, now.UTC()
+	cleared := 0
+	a := s.assigned[mac]
+	for _, r := range s.reports {
+		if r.Node == n.Name && r.Retired && (!n.Default || mac != "" && (r.MAC == mac || a != nil && a.ConfigFrom != "" && r.From == a.ConfigFrom)) {
+			r.Retired = false
+			cleared++
+		}
+	}
+	if cleared > 0 {
+		s.schedule()
+	}
+	snap := s.configsChanged(true)
+	s.mu.Unlock()
+	if err := s.writeConfigs(snap); err != nil {
+		return 0, err
+	}
+	on := ""
+	if mac != "" {
+		on = " for " + mac
+	}
+	s.log.Printf("re-armed %s%s: its config may be fetched once more; %d installed or joined machine(s) cleared", n.Name, on, cleared)
+	return cleared, nil
+}
+
+// configsSnapshot is configs.json as of one change.
+type configsSnapshot struct {
+	data []byte
+	seq  uint64
+}
+
+// configsChanged counts a change of s.configs and, if now, returns what to
+// write; else it is written within flushDelay. s.mu is held.
+func (s *Server) configsChanged(now bool) *configsSnapshot {
+	s.configsSeq++
+	if !now {
+		s.schedule()
+		return nil
+	}
+	return s.configsSnapshot()
+}
+
+// configsSnapshot encodes s.configs. s.mu is held.
+func (s *Server) configsSnapshot() *configsSnapshot {
+	data, err := json.MarshalIndent(configsJSON{Format: stateFormat, Configs: s.configs}, "", "  ")
+	if err != nil {
+		panic(err) // plain structs
+	}
+	return &configsSnapshot{data: append(data, '\n'), seq: s.configsSeq}
+}
+
+// writeConfigs writes a snapshot unless a newer one is on disk: writers
+// run without s.mu, in any order.
+func (s *Server) writeConfigs(snap *configsSnapshot) error {
+	s.configsMu.Lock()
+	defer s.configsMu.Unlock()
+	if snap == nil || snap.seq <= s.configsWritten {
+		return nil
+	}
+	if err := atomicfile.Write(s.statePath(configsFile), snap.data, 0o600, true); err != nil {
+		return fmt.Errorf("save config deliveries: %w", err)
+	}
+	s.configsWritten = snap.seq
+	return nil
+}
+
 // retired reports whether the machine with this MAC behind an entry (a is
 // its assignment, nil for inventory MACs) reported installed or done. A
 // role default's machine is found by the MAC its installer named, else by
@@ -283,6 +446,12 @@ func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now
 	}
 	r.From, r.Received, r.Status = from, now.UTC(), st
 	r.Retired = r.Retired || st.Phase == PhaseInstalled || st.Phase == PhaseDone
+	s.schedule()
+	return nil
+}
+
+// schedule writes the state within flushDelay. s.mu is held.
+func (s *Server) schedule() {
 	s.dirty = true
 	if s.flushTimer == nil {
 		s.flushTimer = time.AfterFunc(flushDelay, func() {
@@ -291,7 +460,6 @@ func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now
 			}
 		})
 	}
-	return nil
 }
 
 // makeRoom makes room for one more record of role default n: below
@@ -335,7 +503,7 @@ func bound(st *nodeconfig.Status) {
 	}
 }
 
-// Flush writes the reports now if they changed.
+// Flush writes the reports and the config deliveries now if they changed.
 func (s *Server) Flush() error {
 	s.flushMu.Lock()
 	defer s.flushMu.Unlock()
@@ -354,10 +522,11 @@ func (s *Server) Flush() error {
 	}
 	slices.SortFunc(rs.Reports, compareRecords)
 	data, err := json.MarshalIndent(rs, "", "  ")
+	configs := s.configsSnapshot()
 	s.dirty = false
 	s.mu.Unlock()
 	if err == nil {
-		err = atomicfile.Write(s.statePath(reportsFile), append(data, '\n'), 0o600, true)
+		err = errors.Join(atomicfile.Write(s.statePath(reportsFile), append(data, '\n'), 0o600, true), s.writeConfigs(configs))
 	}
 	if err != nil {
 		s.mu.Lock()

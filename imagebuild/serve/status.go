@@ -28,6 +28,22 @@ type NodeStatus struct {
 	// Reports has one report per machine: an inventory entry has at most
 	// one, a role default one per machine.
 	Reports []Report `json:"reports,omitempty"`
+	// Config is who fetched the entry's config, and when.
+	Config ConfigStatus `json:"config"`
+}
+
+// ConfigStatus tells the deliveries of an entry's config.
+type ConfigStatus struct {
+	// HoldsKeys: an init or control-plane config, served once per arming.
+	HoldsKeys bool `json:"holdsKeys,omitempty"`
+	// Taken is the delivery that used up the arming (HoldsKeys only); a
+	// config without it is armed unless the node installed or joined.
+	Taken *Fetch `json:"taken,omitempty"`
+	// Armed is when kiln rearm last re-armed the entry.
+	Armed time.Time `json:"armed,omitzero"`
+	// Fetches counts deliveries; Last lists the latest, oldest first.
+	Fetches int     `json:"fetches"`
+	Last    []Fetch `json:"last,omitempty"`
 }
 
 // Assignment is a machine the pool gave an entry.
@@ -86,7 +102,15 @@ func (s *Server) snapshot(now time.Time) Status {
 		as, rs := assigned[n.Name], reports[n.Name]
 		slices.SortFunc(as, func(a, b Assignment) int { return cmp.Compare(a.MAC, b.MAC) })
 		slices.SortFunc(rs, func(a, b Report) int { return cmp.Or(cmp.Compare(a.Host, b.Host), cmp.Compare(a.From, b.From)) })
-		st.Nodes = append(st.Nodes, NodeStatus{Name: n.Name, Role: n.Role, MAC: n.MAC, Mode: n.Mode, Default: n.Default, Assigned: as, Reports: rs})
+		cs := ConfigStatus{HoldsKeys: n.Role.IsControlPlane()}
+		if c := s.configs[n.Name]; c != nil {
+			cs.Armed, cs.Fetches, cs.Last = c.Armed, c.Count, slices.Clone(c.Last)
+			if c.Taken != nil {
+				t := *c.Taken
+				cs.Taken = &t
+			}
+		}
+		st.Nodes = append(st.Nodes, NodeStatus{Name: n.Name, Role: n.Role, MAC: n.MAC, Mode: n.Mode, Default: n.Default, Assigned: as, Reports: rs, Config: cs})
 	}
 	return st
 }

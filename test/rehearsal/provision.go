@@ -251,6 +251,7 @@ type serveSpec struct {
 
 // serveProc is a running kiln serve.
 type serveProc struct {
+	kiln string // bin/kiln, for kiln rearm
 	cmd  *exec.Cmd
 	done chan struct{} // closed once the process exited
 	// URL is the server URL baked into the bundle (http://LISTEN:PORT).
@@ -346,6 +347,7 @@ func startServe(s serveSpec) (*serveProc, error) {
 	if len(s.pool) == 0 {
 		s.pool = []string{"worker"}
 	}
+	p.kiln = s.kiln
 	p.cmd = exec.Command(s.kiln, "serve", "--bundle", p.Bundle, "--listen", fmt.Sprintf("%s:%d", s.listen, s.port),
 		"--pool", strings.Join(s.pool, ","), "--access-log", p.AccessLog)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
@@ -409,6 +411,15 @@ func (p *serveProc) status() ([]byte, error) {
 		err = fmt.Errorf("GET /status: %s: %s", resp.Status, body)
 	}
 	return body, err
+}
+
+// rearm runs kiln rearm NODE on the server.
+func (p *serveProc) rearm(node string) error {
+	out, err := exec.Command(p.kiln, "rearm", node, "--bundle", p.Bundle, "--server", p.URL).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("kiln rearm %s: %v: %s", node, err, out)
+	}
+	return nil
 }
 
 // startServe is startServe for the scenario: airgapCluster with the image
@@ -1279,37 +1290,42 @@ func provisionCheck(args []string) error {
 	// what a non-empty root does.
 	if slices.Contains(nodes, cp2) {
 		root := filepath.Join(work, "nodes", "cp2", "root")
-		if res, err := boot(cp2, filepath.Join(work, "nodes", "cp2", "root-again")); err != nil {
-			fail("cp2 again before reporting: %v", err)
-		} else {
-			say("cp2 provisioned again before reporting (fresh root): served again, %.2fs", res.Seconds)
-		}
-		if _, err := boot(cp2, root); err != nil {
+		// gone boots cp2 into a fresh root and expects kiln serve's 410.
+		gone := func(when, root string) {
+			_, err := boot(cp2, filepath.Join(work, "nodes", "cp2", root))
 			ignLog, _ := os.ReadFile(filepath.Join(lastWork(cp2), "ignition.log"))
-			say("cp2 provisioned again into its old root: %s", firstLine(err.Error()))
+			switch {
+			case err == nil:
+				fail("cp2 %s: kiln serve served its config (cluster keys) again", when)
+			case !strings.Contains(string(ignLog), "Gone"):
+				fail("cp2 %s: failed, but not with 410 Gone: %v", when, err)
+			default:
+				say("cp2 %s: refused as kiln serve's rules say (410 Gone; Ignition's fetch stage fails)", when)
+			}
+		}
+		gone("again, its keys handed out once", "root-again")
+		if err := srv.rearm("cp2"); err != nil {
+			fail("%v", err)
+		} else if _, err := boot(cp2, root); err != nil {
+			ignLog, _ := os.ReadFile(filepath.Join(lastWork(cp2), "ignition.log"))
+			say("cp2 re-armed (kiln rearm), provisioned again into its old root: %s", firstLine(err.Error()))
 			for _, l := range strings.Split(string(ignLog), "\n") {
 				if strings.Contains(l, "CRITICAL") || strings.Contains(l, "ERROR") {
 					say("  ignition: %s", l)
 				}
 			}
 		} else {
-			say("cp2 provisioned again into its old root: Ignition replaced or kept every file without complaint")
+			say("cp2 re-armed (kiln rearm), provisioned again into its old root: Ignition replaced or kept every file without complaint")
+		}
+		if err := srv.rearm("cp2"); err != nil {
+			fail("%v", err)
 		}
 		if err := postReport(self, "/run/netns/"+checkNS+"cp2", root, map[string]any{"node": "cp2", "role": "control-plane", "cluster": cluster, "phase": "done", "state": "done"}); err != nil {
 			fail("cp2's done report: %v", err)
 		} else {
-			say("cp2 reported done to its reportURL (from %s)", ip(cp2))
+			say("cp2 re-armed, then reported done to its reportURL (from %s)", ip(cp2))
 		}
-		_, err := boot(cp2, filepath.Join(work, "nodes", "cp2", "root-after-done"))
-		ignLog, _ := os.ReadFile(filepath.Join(lastWork(cp2), "ignition.log"))
-		switch {
-		case err == nil:
-			fail("cp2 after reporting done: kiln serve served its config (cluster keys) again")
-		case !strings.Contains(string(ignLog), "Gone"):
-			fail("cp2 after reporting done: failed, but not with 410 Gone: %v", err)
-		default:
-			say("cp2 after reporting done: refused as kiln serve's rules say (410 Gone; Ignition's fetch stage fails)")
-		}
+		gone("after reporting done", "root-after-done")
 		serveLog, _ := os.ReadFile(srv.Log)
 		for _, l := range strings.Split(string(serveLog), "\n") {
 			if strings.Contains(l, "refused config cp2") {
