@@ -181,7 +181,7 @@ func TestStatusTable(t *testing.T) {
 		{Name: "cp4", Role: nodeconfig.RoleControlPlane, Mode: pxe.ModeInstall, Config: serve.ConfigStatus{HoldsKeys: true},
 			Reports: []serve.Report{{Phase: "done", State: "done", SecondsSinceReport: 7200, ConfigRetired: true}}},
 		{Name: "default-worker", Role: nodeconfig.RoleWorker, Mode: pxe.ModeLive, Default: true,
-			Config: serve.ConfigStatus{Fetches: 3, Last: []serve.Fetch{{At: now.Add(-time.Hour)}, {At: now.Add(-5 * time.Minute)}}},
+			Config:   serve.ConfigStatus{Fetches: 3, Last: []serve.Fetch{{At: now.Add(-time.Hour)}, {At: now.Add(-5 * time.Minute)}}},
 			Assigned: []serve.Assignment{{MAC: "52:54:00:00:00:0a"}, {MAC: "52:54:00:00:00:0b"}},
 			Reports: []serve.Report{
 				{Host: "lab-worker-a", Phase: "done", State: "done", SecondsSinceReport: 7200},

@@ -87,9 +87,9 @@ type Server struct {
 	// change it holds.
 	configsMu      sync.Mutex
 	configsWritten uint64
-	flushTimer *time.Timer
-	flushMu    sync.Mutex // one writer of reports.json at a time
-	unlock     func()     // releases the bundle's state lock
+	flushTimer     *time.Timer
+	flushMu        sync.Mutex // one writer of reports.json at a time
+	unlock         func()     // releases the bundle's state lock
 }
 
 // New reads the bundle's manifest and the server's state.
