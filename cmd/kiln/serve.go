@@ -25,6 +25,7 @@ type serveOptions struct {
 	listen    string
 	pool      []string
 	accessLog string
+	minRate   int64
 }
 
 func newServeCmd(g *globals) *cobra.Command {
@@ -58,6 +59,11 @@ rebuild, start it again).
 A pool of init or control-plane hands cluster keys to whichever unknown
 machine asks first: use it only on a closed provisioning network.
 
+` + fmt.Sprintf(`One client address holds at most %d connections and gets at most %d pool
+machines; downloads that fall below --min-rate are dropped, and at most %d
+run at once, so scripts are answered while downloads saturate the server.`,
+			serve.MaxConnsPerClient, serve.MaxAssignmentsPerClient, serve.MaxDownloads) + `
+
 Each request is logged (tokens and keys redacted) to --access-log. serve
 runs until SIGINT or SIGTERM, then lets running requests finish for a few
 seconds and saves its state. It speaks plain HTTP (iPXE's usual). A token
@@ -80,6 +86,7 @@ provisioning network that workloads (pods) cannot reach.`,
 	f.StringVar(&o.listen, "listen", ":8080", "address to listen on, HOST:PORT")
 	f.StringSliceVar(&o.pool, "pool", nil, "give machines the inventory does not name an entry of these roles, in order (init, control-plane, worker)")
 	f.StringVar(&o.accessLog, "access-log", "", "append the access log to this file (default: stderr)")
+	f.Int64Var(&o.minRate, "min-rate", serve.DefaultMinRate>>10, "drop a download slower than this many KiB/s over any MiB (a client that stopped reading)")
 	return cmd
 }
 
@@ -104,7 +111,10 @@ func runServe(ctx context.Context, g *globals, o *serveOptions) error {
 		defer f.Close()
 		access = f
 	}
-	srv, err := serve.New(serve.Options{Dir: o.bundle, Pool: pool, AccessLog: access, Log: g.stderr})
+	if o.minRate < 1 {
+		return fault.Wrap(fault.Input, fmt.Errorf("--min-rate %d: give at least 1 (KiB/s)", o.minRate))
+	}
+	srv, err := serve.New(serve.Options{Dir: o.bundle, Pool: pool, AccessLog: access, Log: g.stderr, MinRate: o.minRate << 10})
 	if err != nil {
 		return err
 	}

@@ -5,15 +5,19 @@ package main
 // and what it did before it was closed.
 
 import (
+	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/pxe"
@@ -247,5 +251,133 @@ func TestAttackKeysHandedOutOnce(t *testing.T) {
 	p = startServe(t, "--bundle", dir, "--pool", "control-plane")
 	if code, _ := p.stolenConfig(t, "52:54:00:00:00:01"); code != http.StatusGone {
 		t.Errorf("cp1 after a restart: %d", code)
+	}
+}
+
+// dialFrom opens a connection to the server from a loopback address of
+// the test's choosing (127.0.0.0/8 is all local), so one test plays many
+// machines.
+func (p *serveProc) dialFrom(t *testing.T, from string) (net.Conn, error) {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 5 * time.Second}
+	return d.Dial("tcp", strings.TrimPrefix(p.server, "http://"))
+}
+
+// quickGet is a GET of path from address from that must be answered
+// within limit.
+func (p *serveProc) quickGet(t *testing.T, from, path string, limit time.Duration) (int, error) {
+	t.Helper()
+	c, err := p.dialFrom(t, from)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(limit))
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n", path)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return 0, err
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode, nil
+}
+
+// bigAsset makes the bundle's initramfs 64 MiB (sparse), more than the
+// kernel's socket buffers hold, so a client that stops reading stalls
+// its download.
+func bigAsset(t *testing.T, dir string, m *pxe.Manifest) string {
+	t.Helper()
+	a, _ := m.Asset(pxe.AssetInitramfs)
+	if err := os.Truncate(filepath.Join(dir, "assets", a.File), 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	return pxe.AssetPath + a.File
+}
+
+// Before: MaxConns (4096) downloads that one machine started and never
+// read blocked accept, and every other machine's /boot.ipxe timed out;
+// such a download was kept for hours. After: one address holds at most
+// MaxConnsPerClient connections (the rest are closed at once), scripts
+// keep coming, and a stalled download is dropped once it falls below
+// --min-rate.
+func TestAttackIdleDownloads(t *testing.T) {
+	dir, m := pxeBundle(t)
+	asset := bigAsset(t, dir, m)
+	p := startServe(t, "--bundle", dir, "--min-rate", "1024") // a MiB a second
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range serve.MaxConns {
+		c, err := p.dialFrom(t, "127.0.0.1")
+		if err != nil {
+			t.Fatalf("connection %d: %v", len(conns), err)
+		}
+		conns = append(conns, c)
+		// Never read: the server's writes stall once the buffers fill.
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: kiln\r\n\r\n", asset)
+	}
+	for i, from := range []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"} {
+		start := time.Now()
+		code, err := p.quickGet(t, from, pxe.EntryPath, 3*time.Second)
+		if err != nil || code != http.StatusOK {
+			t.Fatalf("machine %d's /boot.ipxe during the flood: %d %v", i, code, err)
+		}
+		t.Logf("/boot.ipxe from %s during the flood: %s", from, time.Since(start).Round(time.Millisecond))
+	}
+	// The flooder's own connections beyond its share were closed: count
+	// the ones still answering after the stall limit, with a margin.
+	time.Sleep(4 * time.Second)
+	open := 0
+	buf := make([]byte, 1<<20)
+	for _, c := range conns {
+		for {
+			// What the kernel buffered drains at once; then a closed
+			// download ends, a held one times out.
+			c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+			if _, err := c.Read(buf); err != nil {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					open++
+				}
+				break
+			}
+		}
+	}
+	if open != 0 {
+		t.Errorf("%d stalled downloads still held after 4 s at --min-rate 1024", open)
+	}
+	if !strings.Contains(p.errOut.String(), "closed connections from 127.0.0.1: it holds 64 connections already") {
+		t.Errorf("the refusals were not logged:\n%s", p.errOut.String())
+	}
+}
+
+// Before: with --pool, 4096 invented MACs from one machine took every
+// assignment kiln serve keeps, and pool slots with them. After: one
+// address gets at most MaxAssignmentsPerClient; other machines are still
+// assigned.
+func TestAttackMACFlood(t *testing.T) {
+	dir, _ := pxeBundle(t)
+	p := startServe(t, "--bundle", dir, "--pool", "worker")
+	got := 0
+	for i := range 200 {
+		code, err := p.quickGet(t, "127.0.0.1", fmt.Sprintf("%s?mac=02:00:00:00:%02x:%02x", pxe.ScriptPath, i/256, i%256), 3*time.Second)
+		switch {
+		case err != nil:
+			t.Fatal(err)
+		case code == http.StatusOK:
+			got++
+		case code != http.StatusServiceUnavailable:
+			t.Fatalf("invented MAC %d: %d", i, code)
+		}
+	}
+	if got != serve.MaxAssignmentsPerClient {
+		t.Errorf("one address got %d assignments, want %d", got, serve.MaxAssignmentsPerClient)
+	}
+	if code, err := p.quickGet(t, "127.0.0.2", pxe.ScriptPath+"?mac=52:54:00:aa:bb:cc", 3*time.Second); err != nil || code != http.StatusOK {
+		t.Errorf("another machine during the flood: %d %v", code, err)
 	}
 }

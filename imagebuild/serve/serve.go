@@ -7,6 +7,7 @@
 package serve
 
 import (
+	"cmp"
 	"context"
 	"crypto/subtle"
 	"encoding/json"
@@ -21,6 +22,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
@@ -38,14 +40,20 @@ const (
 )
 
 const (
-	// writeTimeout bounds writing any answer. There is no server-wide
-	// WriteTimeout: it would cut off a slow download of a big initramfs or
-	// rootfs. Files get writeTimeout plus their size at minRate instead.
+	// writeTimeout bounds writing any answer but a file. There is no
+	// server-wide WriteTimeout: it would cut off a slow download of a big
+	// initramfs or rootfs. Files are sent in paceChunk pieces instead,
+	// each within paceChunk at Options.MinRate.
 	writeTimeout = time.Minute
-	// minRate is the slowest download waited for, in bytes per second
-	// (300 MB: about 2.5 hours). Dead peers are found sooner by TCP
-	// keep-alives; this drops clients that stay connected but stop reading.
-	minRate = 32 << 10
+	// DefaultMinRate is the slowest download kept, in bytes per second
+	// over each paceChunk (32 s per MiB): a client that stays connected
+	// but stops reading is dropped within that.
+	DefaultMinRate = 32 << 10
+	paceChunk      = 1 << 20
+	// MaxDownloads is how many files are sent at once: the rest of
+	// MaxConns is left for scripts, configs and reports, which a
+	// download beyond it (answered 503) cannot crowd out.
+	MaxDownloads = MaxConns - 512
 	// ShutdownGrace is how long a shutdown waits for running requests.
 	ShutdownGrace = 10 * time.Second
 	// maxReport is the largest report body accepted.
@@ -63,6 +71,9 @@ type Options struct {
 	// AccessLog gets one line per request; Log gets the server's notices
 	// (unknown machines, refusals, assignments). Both may be nil.
 	AccessLog, Log io.Writer
+	// MinRate is the slowest download kept, in bytes per second
+	// (default DefaultMinRate).
+	MinRate int64
 }
 
 // Server serves one bundle. It is an http.Handler; Serve runs it.
@@ -75,6 +86,9 @@ type Server struct {
 	assets map[string]string
 	log    *log.Logger
 	access *log.Logger
+	// minRate is Options.MinRate; downloads counts the files being sent.
+	minRate   int64
+	downloads atomic.Int64
 
 	// mu guards what the server learns; see state.go.
 	mu         sync.Mutex
@@ -103,8 +117,9 @@ func New(o Options) (*Server, error) {
 		secrets = append(secrets, n.Token, n.ReportKey)
 	}
 	s := &Server{
-		dir:    o.Dir,
-		m:      m,
+		dir:     o.Dir,
+		m:       m,
+		minRate: cmp.Or(o.MinRate, DefaultMinRate),
 		assets: map[string]string{},
 		log:    log.New(newRedactor(orDiscard(o.Log), secrets), "kiln serve: ", log.LstdFlags),
 		access: log.New(newRedactor(orDiscard(o.AccessLog), secrets), "", 0),
@@ -156,7 +171,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		ErrorLog:       s.log,
 	}
 	done := make(chan error, 1)
-	go func() { done <- hs.Serve(limitListener(ln, MaxConns)) }()
+	go func() { done <- hs.Serve(limitListener(ln, MaxConns, MaxConnsPerClient, s.log)) }()
 	var err error
 	select {
 	case err = <-done:
@@ -256,13 +271,13 @@ func (s *Server) script(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mu.Lock()
-	n, a, err := s.nodeFor(mac)
+	n, a, err := s.nodeFor(mac, host(r.RemoteAddr))
 	installed := n != nil && n.Mode == pxe.ModeInstall && s.retired(n, mac, a)
 	s.mu.Unlock()
 	switch {
 	case err != nil:
 		s.log.Printf("assign %s: %v", mac, err)
-		http.Error(w, "kiln: could not save the assignment (see kiln serve's log)", http.StatusInternalServerError)
+		http.Error(w, "kiln: no assignment for "+mac+" (see kiln serve's log)", http.StatusServiceUnavailable)
 	case n == nil:
 		s.log.Printf("unknown MAC %s (from %s): add it to the cluster file's nodes[].mac and rebuild with kiln pxe, or run kiln serve with --pool", mac, r.RemoteAddr)
 		http.Error(w, "kiln: unknown MAC "+mac, http.StatusNotFound)
@@ -340,18 +355,27 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 	s.serveFile(w, r, filepath.Join(s.dir, n.Config), "application/json")
 }
 
-// asset serves a file the manifest lists under assets/.
+// asset serves a file the manifest lists under assets/, unless
+// MaxDownloads are being sent.
 func (s *Server) asset(w http.ResponseWriter, r *http.Request) {
 	file, ok := s.assets[r.URL.Path]
 	if !ok {
 		http.NotFound(w, r)
 		return
 	}
+	if s.downloads.Add(1) > MaxDownloads {
+		s.downloads.Add(-1)
+		w.Header().Set("Retry-After", "10")
+		http.Error(w, fmt.Sprintf("kiln: %d downloads are running, the most kiln serve sends at once: retry", MaxDownloads), http.StatusServiceUnavailable)
+		return
+	}
+	defer s.downloads.Add(-1)
 	s.serveFile(w, r, file, "application/octet-stream")
 }
 
 // serveFile serves a file with Range and conditional requests;
-// http.ServeContent over an *os.File lets the kernel copy it (sendfile).
+// http.ServeContent over an *os.File lets the kernel copy it (sendfile),
+// paced so that a reader that stalls is dropped.
 func (s *Server) serveFile(w http.ResponseWriter, r *http.Request, path, contentType string) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -366,10 +390,55 @@ func (s *Server) serveFile(w http.ResponseWriter, r *http.Request, path, content
 		http.Error(w, "kiln: file unreadable on the server", http.StatusInternalServerError)
 		return
 	}
-	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(writeTimeout + time.Duration(fi.Size()/minRate)*time.Second))
 	w.Header().Set("Content-Type", contentType)
-	http.ServeContent(w, r, "", fi.ModTime(), f)
+	http.ServeContent(&paced{ResponseWriter: w, chunkTime: time.Duration(paceChunk * int64(time.Second) / s.minRate)}, r, "", fi.ModTime(), f)
 }
+
+// paced sends a body in paceChunk pieces, each with a write deadline of
+// chunkTime: a slow download goes on as long as it keeps the minimum
+// rate, a stalled one fails at the next deadline. Whole pieces still go
+// through the connection's ReadFrom (sendfile).
+type paced struct {
+	http.ResponseWriter
+	chunkTime time.Duration
+}
+
+func (p *paced) Write(b []byte) (int, error) {
+	_ = http.NewResponseController(p.ResponseWriter).SetWriteDeadline(time.Now().Add(p.chunkTime + time.Duration(len(b))*p.chunkTime/paceChunk))
+	return p.ResponseWriter.Write(b)
+}
+
+func (p *paced) ReadFrom(r io.Reader) (int64, error) {
+	rf, ok := p.ResponseWriter.(io.ReaderFrom)
+	if !ok {
+		return io.Copy(struct{ io.Writer }{p}, r)
+	}
+	// One LimitedReader over the file, as sendfile wants it.
+	remain := int64(-1)
+	if lr, ok := r.(*io.LimitedReader); ok {
+		r, remain = lr.R, lr.N
+	}
+	var total int64
+	for remain != 0 {
+		n := int64(paceChunk)
+		if remain > 0 {
+			n = min(n, remain)
+		}
+		_ = http.NewResponseController(p.ResponseWriter).SetWriteDeadline(time.Now().Add(p.chunkTime))
+		k, err := rf.ReadFrom(&io.LimitedReader{R: r, N: n})
+		total += k
+		if remain > 0 {
+			remain -= k
+		}
+		if err != nil || k < n {
+			return total, err
+		}
+	}
+	return total, nil
+}
+
+// Unwrap lets http.ResponseController reach the connection.
+func (p *paced) Unwrap() http.ResponseWriter { return p.ResponseWriter }
 
 // report records a node's status.
 func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
@@ -482,29 +551,87 @@ func host(remoteAddr string) string {
 	return h
 }
 
-// MaxConns bounds open connections: each holds a file descriptor, and a
-// download may be kept open for hours by a slow reader.
-const MaxConns = 4096
+// Connection limits: each connection holds a file descriptor, and a
+// download may be kept open for long by a slow reader. One client address
+// may hold MaxConnsPerClient; all together MaxConns. A connection beyond
+// either is closed at once, so the accept loop never waits and other
+// machines' scripts keep being served.
+const (
+	MaxConns          = 4096
+	MaxConnsPerClient = 64
+)
 
-// limitListener accepts at most max connections at a time; the next
-// Accept waits until one closes.
-func limitListener(ln net.Listener, max int) net.Listener {
-	return &limited{Listener: ln, slots: make(chan struct{}, max)}
+// limitListener enforces MaxConns and MaxConnsPerClient on ln; refusals
+// are logged at most once a minute per address.
+func limitListener(ln net.Listener, total, perClient int, logger *log.Logger) net.Listener {
+	return &limited{Listener: ln, total: total, perClient: perClient, log: logger, open: map[string]int{}, noted: map[string]time.Time{}}
 }
 
 type limited struct {
 	net.Listener
-	slots chan struct{}
+	total, perClient int
+	log              *log.Logger
+
+	mu    sync.Mutex
+	count int
+	open  map[string]int       // by client address
+	noted map[string]time.Time // when a refusal was last logged
 }
 
 func (l *limited) Accept() (net.Conn, error) {
-	l.slots <- struct{}{}
-	c, err := l.Listener.Accept()
-	if err != nil {
-		<-l.slots
-		return nil, err
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		addr := host(c.RemoteAddr().String())
+		if why := l.admit(addr); why != "" {
+			c.Close()
+			l.refused(addr, why)
+			continue
+		}
+		return &limitedConn{Conn: c, release: func() { l.release(addr) }}, nil
 	}
-	return &limitedConn{Conn: c, release: func() { <-l.slots }}, nil
+}
+
+// admit takes a slot for a connection from addr, or says why not.
+func (l *limited) admit(addr string) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	switch {
+	case l.open[addr] >= l.perClient:
+		return fmt.Sprintf("it holds %d connections already, the most one client gets", l.perClient)
+	case l.count >= l.total:
+		return fmt.Sprintf("%d connections are open, the most kiln serve keeps", l.total)
+	}
+	l.open[addr]++
+	l.count++
+	return ""
+}
+
+func (l *limited) release(addr string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.count--
+	if l.open[addr]--; l.open[addr] == 0 {
+		delete(l.open, addr)
+	}
+}
+
+func (l *limited) refused(addr, why string) {
+	l.mu.Lock()
+	now := time.Now()
+	quiet := now.Sub(l.noted[addr]) < time.Minute
+	if !quiet {
+		if len(l.noted) > 4096 {
+			clear(l.noted)
+		}
+		l.noted[addr] = now
+	}
+	l.mu.Unlock()
+	if !quiet {
+		l.log.Printf("closed connections from %s: %s (logged once a minute)", addr, why)
+	}
 }
 
 type limitedConn struct {

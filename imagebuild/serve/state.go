@@ -36,6 +36,8 @@ type assignment struct {
 	Node     string          `json:"node"`
 	Role     nodeconfig.Role `json:"role"`
 	Assigned time.Time       `json:"assigned"`
+	// By is the address that asked for the machine's script.
+	By string `json:"by,omitempty"`
 	// ConfigFrom and ConfigAt are the address and time of the machine's
 	// last config download, for role defaults: a report that names no
 	// MAC (an offline-booted installer's) from that address after that
@@ -134,13 +136,15 @@ func (s *Server) readState(name string, v any) error {
 }
 
 // Caps on what unauthenticated machines can make the server remember: an
-// assignment per unknown MAC (with --pool), and per role default a record
+// assignment per unknown MAC (with --pool; at most MaxAssignmentsPerClient
+// asked for from one address), and per role default a record
 // per machine that reports on it (inventory entries have one record each).
 // A record holds at most maxRecordText bytes of reported text, so the
 // reports file stays under about 2 KiB per record.
 const (
-	MaxAssignments = 4096
-	MaxReports     = 2048
+	MaxAssignments          = 4096
+	MaxAssignmentsPerClient = 16
+	MaxReports              = 2048
 	maxRecordText  = 2 << 10
 )
 
@@ -187,8 +191,9 @@ func (s *Server) load() error {
 
 // nodeFor finds the entry of a machine: by its MAC in the manifest, by an
 // earlier assignment, or (with a pool) by assigning it the next free
-// entry, saved before it is used. s.mu is held.
-func (s *Server) nodeFor(mac string) (*pxe.Node, *assignment, error) {
+// entry, saved before it is used; from is the address asking. s.mu is
+// held.
+func (s *Server) nodeFor(mac, from string) (*pxe.Node, *assignment, error) {
 	if n, ok := s.m.NodeByMAC(mac); ok {
 		return n, nil, nil
 	}
@@ -203,13 +208,22 @@ func (s *Server) nodeFor(mac string) (*pxe.Node, *assignment, error) {
 	if len(s.assigned) >= MaxAssignments {
 		return nil, nil, fmt.Errorf("%d machines are assigned already, the most kiln serve keeps: is something inventing MACs? Give real machines MACs in the cluster file", MaxAssignments)
 	}
-	a := &assignment{Node: n.Name, Role: n.Role, Assigned: time.Now().UTC()}
+	by := 0
+	for _, a := range s.assigned {
+		if a.By == from {
+			by++
+		}
+	}
+	if by >= MaxAssignmentsPerClient {
+		return nil, nil, fmt.Errorf("%s asked for %d machines already, the most one address gets: is it inventing MACs? Give real machines MACs in the cluster file", from, MaxAssignmentsPerClient)
+	}
+	a := &assignment{Node: n.Name, Role: n.Role, Assigned: time.Now().UTC(), By: from}
 	s.assigned[mac] = a
 	if err := s.saveAssignments(); err != nil {
 		delete(s.assigned, mac)
 		return nil, nil, err
 	}
-	s.log.Printf("assigned %s to %s (%s)", mac, n.Name, n.Role)
+	s.log.Printf("assigned %s to %s (%s), asked for by %s", mac, n.Name, n.Role, from)
 	return n, a, nil
 }
 
