@@ -120,9 +120,9 @@ func New(o Options) (*Server, error) {
 		dir:     o.Dir,
 		m:       m,
 		minRate: cmp.Or(o.MinRate, DefaultMinRate),
-		assets: map[string]string{},
-		log:    log.New(newRedactor(orDiscard(o.Log), secrets), "kiln serve: ", log.LstdFlags),
-		access: log.New(newRedactor(orDiscard(o.AccessLog), secrets), "", 0),
+		assets:  map[string]string{},
+		log:     log.New(newRedactor(orDiscard(o.Log), secrets), "kiln serve: ", log.LstdFlags),
+		access:  log.New(newRedactor(orDiscard(o.AccessLog), secrets), "", 0),
 	}
 	for _, a := range m.Assets {
 		s.assets[pxe.AssetPath+a.File] = filepath.Join(o.Dir, "assets", a.File)

@@ -145,7 +145,7 @@ const (
 	MaxAssignments          = 4096
 	MaxAssignmentsPerClient = 16
 	MaxReports              = 2048
-	maxRecordText  = 2 << 10
+	maxRecordText           = 2 << 10
 )
 
 // errReportsFull answers a report that was not stored.
