@@ -198,18 +198,9 @@ func TestJoinStopsOnPermanentFailures(t *testing.T) {
 		attempts int
 		advice   string
 	}{
-		"token expired": {nodeconfig.RoleWorker,
-			`error execution phase preflight: couldn't validate the identity of the API Server: token id "abcdef" is invalid for this cluster or it has expired. Use "kubeadm token create" on the control-plane node to create a new valid token`,
-			1, "bootstrap token is invalid or has expired"},
-		"CA hash mismatch": {nodeconfig.RoleWorker,
-			`error execution phase preflight: couldn't validate the identity of the API Server: cluster CA found in cluster-info ConfigMap is invalid: none of the public keys "sha256:aaaa" are pinned`,
-			1, "this image was built for another cluster"},
 		"certificate key rejected": {nodeconfig.RoleControlPlane,
 			`error execution phase control-plane-prepare/download-certs: error downloading certs: error decoding secret data with provided key: cipher: message authentication failed`,
 			1, "certificate key does not decrypt"},
-		"token unknown, repeatedly": {nodeconfig.RoleWorker,
-			`error execution phase preflight: couldn't validate the identity of the API Server: could not find a JWS signature in the cluster-info ConfigMap for token ID "abcdef"`,
-			repeatLimit, "does not know the bootstrap token"},
 		"unfit host": {nodeconfig.RoleWorker,
 			"[preflight] Some fatal errors occurred:\n\t[ERROR Mem]: the system RAM (512 MB) is less than the minimum 1700 MB\n",
 			1, "fails kubeadm's preflight checks"},
@@ -226,6 +217,40 @@ func TestJoinStopsOnPermanentFailures(t *testing.T) {
 			s := n.status()
 			if !s.Permanent || !strings.Contains(s.LastError, tc.advice) || !strings.Contains(s.LastError, redacted) {
 				t.Errorf("status %+v", s)
+			}
+		})
+	}
+}
+
+// What kubeadm's discovery reads from the endpoint before the CA pin is
+// checked can be forged by anyone answering there: the agent retries it
+// with a capped backoff for its whole run, saying what it means, and
+// systemd starts it again.
+func TestJoinRetriesWhatTheEndpointCanForge(t *testing.T) {
+	for name, tc := range map[string]struct{ stderr, advice string }{
+		"token expired": {`error execution phase preflight: couldn't validate the identity of the API Server: token id "abcdef" is invalid for this cluster or it has expired. Use "kubeadm token create" on the control-plane node to create a new valid token`,
+			"bootstrap token is invalid or has expired"},
+		"bad JWS signature": {`error execution phase preflight: couldn't validate the identity of the API Server: failed to verify JWS signature of received cluster info object, can't trust this API Server`,
+			"bootstrap token is invalid or has expired"},
+		"CA hash mismatch": {`error execution phase preflight: couldn't validate the identity of the API Server: cluster CA found in cluster-info ConfigMap is invalid: none of the public keys "sha256:aaaa" are pinned`,
+			"THE ENDPOINT SERVES ANOTHER CLUSTER"},
+		"token unknown": {`error execution phase preflight: couldn't validate the identity of the API Server: could not find a JWS signature in the cluster-info ConfigMap for token ID "abcdef"`,
+			"does not know the bootstrap token"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			n := newNode(t, nodeconfig.RoleWorker)
+			n.script(map[string][]result{"kubeadm join": {failing(tc.stderr + "\n" + testToken)}})
+			if code := n.run(); code != ExitRetry {
+				t.Fatalf("exit %d, want %d", code, ExitRetry)
+			}
+			if got := n.runner.count("kubeadm join"); got != maxAttempts {
+				t.Errorf("%d join attempts, want %d", got, maxAttempts)
+			}
+			if s := n.status(); s.Permanent || !strings.Contains(s.LastError, tc.advice) || !strings.Contains(s.LastError, redacted) {
+				t.Errorf("status %+v", s)
+			}
+			if d := slices.Max(n.clock.slept); d > DefaultTiming().BackoffMax {
+				t.Errorf("waited %s between attempts, more than BackoffMax", d)
 			}
 		})
 	}
@@ -255,14 +280,50 @@ func TestCertificatesMissingEarlyIsRetried(t *testing.T) {
 	}
 }
 
-func TestForeignCAIsPermanent(t *testing.T) {
-	n := newNode(t, nodeconfig.RoleWorker)
-	n.prober.results = []endpoint.Result{{Stage: endpoint.Foreign, Err: fmt.Errorf(`server certificate "kube-apiserver" is issued by "other", not by the cluster CA`)}}
-	if code := n.run(); code != ExitPermanent {
-		t.Fatalf("exit %d", code)
-	}
-	if n.prober.n != foreignLimit || n.runner.count("kubeadm") != 0 {
-		t.Errorf("%d probes, commands %v", n.prober.n, n.runner.calls)
+// Another CA on the endpoint is not a reason to stop: anyone answering on
+// its address can present one. The agent keeps probing with a capped
+// backoff, reports it loudly, never runs kubeadm against it, and goes on
+// once this cluster answers.
+func TestForeignCAIsRetried(t *testing.T) {
+	foreign := endpoint.Result{Stage: endpoint.Foreign, Err: fmt.Errorf(`server certificate "kube-apiserver" is issued by "other", not by the cluster CA`)}
+	for role, then := range map[nodeconfig.Role]endpoint.Result{
+		nodeconfig.RoleWorker: {Stage: endpoint.Serving, ServingSince: epoch},
+		nodeconfig.RoleInit:   {Stage: endpoint.Unreachable, Err: fmt.Errorf("connection refused")},
+	} {
+		n := newNode(t, role)
+		n.prober.results = append(slices.Repeat([]endpoint.Result{foreign}, 12), then)
+		kubeadmBefore := -1
+		n.clock.onTick = func(*fakeClock) {
+			if n.prober.n == 12 && kubeadmBefore < 0 {
+				kubeadmBefore = n.runner.count("kubeadm")
+			}
+		}
+		if code := n.run(); code != ExitOK {
+			t.Fatalf("%s: exit %d", role, code)
+		}
+		if kubeadmBefore != 0 {
+			t.Errorf("%s ran kubeadm %d times while another cluster answered (-1: never saw the 12th probe)", role, kubeadmBefore)
+		}
+		var waits []time.Duration
+		for _, d := range n.clock.slept {
+			if d > DefaultTiming().Poll {
+				waits = append(waits, d)
+			}
+		}
+		maxWait := DefaultTiming().BackoffMax
+		if len(waits) < 11 || !slices.IsSorted(waits[:11]) || slices.Max(waits) > maxWait || waits[10] < maxWait/2 {
+			t.Errorf("%s: waits while foreign %v, want growing up to at most %s", role, waits, maxWait)
+		}
+		loud := 0
+		for _, b := range n.reporter.bodies {
+			var st nodeconfig.Status
+			if json.Unmarshal([]byte(b), &st) == nil && strings.Contains(st.LastError, "THE ENDPOINT SERVES ANOTHER CLUSTER") && st.State == StateWaiting && !st.Permanent {
+				loud++
+			}
+		}
+		if loud < 12 || !strings.Contains(n.log.String(), "probe 12, probing again") {
+			t.Errorf("%s: %d loud reports of the foreign CA; log:\n%s", role, loud, n.log.String())
+		}
 	}
 }
 

@@ -8,20 +8,16 @@ import (
 	"io/fs"
 	"net"
 	"path"
+	"time"
 
 	"github.com/kilnproject/kiln/firstboot/endpoint"
 	"github.com/kilnproject/kiln/firstboot/kubeadm"
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 )
 
-// foreignLimit is how many probes in a row may see another CA at the
-// endpoint before the agent gives up: once is a glitch, three times is a
-// load balancer routing to another cluster, or an image for another cluster.
-const foreignLimit = 3
-
 // repeatLimit is how many kubeadm attempts in a row may fail with a
-// TokenUnknown or CertificatesMissing before the agent gives up. kubeadm
-// already waits its discovery timeout inside each attempt.
+// CertificatesMissing before the agent gives up. kubeadm already waits
+// its discovery timeout inside each attempt.
 const repeatLimit = 3
 
 // maxAttempts bounds one agent run's kubeadm attempts; systemd then
@@ -81,40 +77,35 @@ func (r *run) bootstrap(ctx context.Context) error {
 var errClusterExists = errors.New("the endpoint serves this cluster")
 
 // probeSettled probes the endpoint until its answer can be trusted: it
-// serves this cluster (or its API server is starting); it showed a
-// foreign CA foreignLimit times in a row (a permanent error); or it did
-// not answer (no TCP, no TLS) for the whole settle window. While the
+// serves this cluster (or its API server is starting), or it did not
+// answer (no TCP, no TLS) for the whole settle window. While the
 // endpoint's name does not resolve, the network is not up and the window
-// starts again.
+// starts again; while it presents another CA, the agent waits (see
+// foreignWait) and the window starts again.
 func (r *run) probeSettled(ctx context.Context) (endpoint.Result, error) {
 	var res endpoint.Result
 	foreign := 0
 	start := r.Clock.Now()
 	what := fmt.Sprintf("an answer from %s (up to %s)", r.nc.Cluster.ControlPlaneEndpoint, r.Timing.Settle)
-	err := r.waitFor(ctx, what, func() (bool, string) {
+	err := r.waitFor(ctx, what, func() (bool, string, time.Duration) {
 		res = r.probe(ctx)
 		why := fmt.Sprintf("%s: %v", res.Stage, res.Err)
 		var dns *net.DNSError
 		switch {
 		case res.Stage == endpoint.Serving || res.Stage == endpoint.NotReady:
-			return true, ""
+			return true, "", 0
 		case res.Stage == endpoint.Foreign:
 			foreign++
-			return foreign >= foreignLimit, why
+			start = r.Clock.Now()
+			return false, r.foreignWhy(res, foreign), r.Timing.Backoff(foreign, r.Jitter)
 		case errors.As(res.Err, &dns):
 			foreign, start = 0, r.Clock.Now()
-			return false, why + " (is the network up?)"
+			return false, why + " (is the network up?)", 0
 		}
 		foreign = 0
-		return !r.Clock.Now().Before(start.Add(r.Timing.Settle)), why
+		return !r.Clock.Now().Before(start.Add(r.Timing.Settle)), why, 0
 	})
-	if err != nil {
-		return res, err
-	}
-	if res.Stage == endpoint.Foreign {
-		return res, r.foreign(res)
-	}
-	return res, nil
+	return res, err
 }
 
 func (r *run) probe(ctx context.Context) endpoint.Result {
@@ -125,11 +116,14 @@ func (r *run) probe(ctx context.Context) endpoint.Result {
 	return res
 }
 
-func (r *run) foreign(res endpoint.Result) error {
-	return &PermanentError{
-		Advice: fmt.Sprintf("%s serves another cluster: the image pins CA %s; check where the load balancer routes, or rebuild the image from this cluster's secrets", r.nc.Cluster.ControlPlaneEndpoint, r.nc.Cluster.CACertHash),
-		Err:    res.Err,
-	}
+// foreignWhy is what the agent reports while the endpoint presents a
+// certificate from another CA. That is not a reason to stop for good:
+// anyone who answers on the endpoint's address can present one. The agent
+// never joins it (kubeadm's discovery pins the CA) and keeps probing, the
+// n-th time after a backoff capped at Timing.BackoffMax.
+func (r *run) foreignWhy(res endpoint.Result, n int) string {
+	return fmt.Sprintf("THE ENDPOINT SERVES ANOTHER CLUSTER: %s presents a certificate not under the pinned CA %s (%v); not joining it, probe %d, probing again with a backoff up to %s: check where the load balancer or the virtual IP routes, look for a stranger answering on that address, or rebuild the image from this cluster's secrets",
+		r.nc.Cluster.ControlPlaneEndpoint, r.nc.Cluster.CACertHash, res.Err, n, r.Timing.BackoffMax)
 }
 
 // joinStep is the control-plane and worker roles' step.
@@ -153,32 +147,21 @@ func (r *run) joinCluster(ctx context.Context, resetFirst bool) error {
 // certificate under the pinned CA, and answers /readyz or /version.
 func (r *run) waitServing(ctx context.Context) error {
 	foreign := 0
-	var res endpoint.Result
-	err := r.waitFor(ctx, r.nc.Cluster.ControlPlaneEndpoint+" to serve the cluster", func() (bool, string) {
-		res = r.probe(ctx)
-		if res.Stage == endpoint.Foreign {
-			foreign++
-		} else {
+	return r.waitFor(ctx, r.nc.Cluster.ControlPlaneEndpoint+" to serve the cluster", func() (bool, string, time.Duration) {
+		res := r.probe(ctx)
+		if res.Stage != endpoint.Foreign {
 			foreign = 0
+			return res.Stage == endpoint.Serving, fmt.Sprintf("%s: %v", res.Stage, res.Err), 0
 		}
-		if res.Stage == endpoint.Serving || foreign >= foreignLimit {
-			return true, ""
-		}
-		return false, fmt.Sprintf("%s: %v", res.Stage, res.Err)
+		foreign++
+		return false, r.foreignWhy(res, foreign), r.Timing.Backoff(foreign, r.Jitter)
 	})
-	if err != nil {
-		return err
-	}
-	if foreign >= foreignLimit {
-		return r.foreign(res)
-	}
-	return nil
 }
 
 // retry runs a kubeadm attempt until it succeeds, with kubeadm reset -f and
 // an exponential, jittered backoff between attempts. Permanent failures
-// stop it at once; TokenUnknown and CertificatesMissing stop it when they
-// persist or when the token or the upload must have expired.
+// stop it at once; CertificatesMissing stops it when it persists or when
+// the upload must have expired.
 func (r *run) retry(ctx context.Context, what string, resetFirst bool, attempt func(context.Context) error) error {
 	var (
 		lastClass kubeadm.Class
@@ -212,6 +195,10 @@ func (r *run) retry(ctx context.Context, what string, resetFirst bool, attempt f
 		if class.Permanent() || r.gaveUp(class, repeats) {
 			return &PermanentError{Advice: class.Advice(), Err: err}
 		}
+		if class != kubeadm.Transient {
+			// Say what it means, loudly for what the endpoint can forge.
+			err = fmt.Errorf("%s: %w", class.Advice(), err)
+		}
 		if n >= maxAttempts {
 			return fmt.Errorf("%s failed %d times; the last failure: %w", what, n, err)
 		}
@@ -225,19 +212,15 @@ func (r *run) retry(ctx context.Context, what string, resetFirst bool, attempt f
 	}
 }
 
-// gaveUp decides whether a repeated TokenUnknown or CertificatesMissing is
-// final.
+// gaveUp decides whether a repeated CertificatesMissing is final: kubeadm
+// reads the kubeadm-certs Secret from the API server it verified, so
+// unlike the Unauthenticated classes it is the cluster's own word.
 func (r *run) gaveUp(class kubeadm.Class, repeats int) bool {
-	origin, _ := r.clusterOrigin()
-	now := r.Clock.Now()
-	switch class {
-	case kubeadm.TokenUnknown:
-		ttl := r.nc.Cluster.TokenTTL.Duration
-		return repeats >= repeatLimit || (ttl > 0 && !origin.IsZero() && now.After(origin.Add(ttl)))
-	case kubeadm.CertificatesMissing:
-		return repeats >= repeatLimit || (!origin.IsZero() && now.After(r.certificatesGone(origin)))
+	if class != kubeadm.CertificatesMissing {
+		return false
 	}
-	return false
+	origin, _ := r.clusterOrigin()
+	return repeats >= repeatLimit || (!origin.IsZero() && r.Clock.Now().After(r.certificatesGone(origin)))
 }
 
 // reset undoes a half-done kubeadm init or join.

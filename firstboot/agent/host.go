@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -14,12 +15,12 @@ import (
 // waitClock waits until the clock reads at least the metadata's notBefore:
 // a Raspberry Pi boots in 1970 until NTP answers, and TLS fails until then.
 func (r *run) waitClock(ctx context.Context) error {
-	return r.waitFor(ctx, "a synchronised clock", func() (bool, string) {
+	return r.waitFor(ctx, "a synchronised clock", func() (bool, string, time.Duration) {
 		now := r.Clock.Now()
 		if now.Before(r.nc.NotBefore) {
-			return false, fmt.Sprintf("clock reads %s, before notBefore %s", now.UTC().Format("2006-01-02T15:04:05Z"), r.nc.NotBefore.UTC().Format("2006-01-02T15:04:05Z"))
+			return false, fmt.Sprintf("clock reads %s, before notBefore %s", now.UTC().Format("2006-01-02T15:04:05Z"), r.nc.NotBefore.UTC().Format("2006-01-02T15:04:05Z")), 0
 		}
-		return true, ""
+		return true, "", 0
 	})
 }
 
@@ -109,22 +110,23 @@ func (r *run) waitRuntime(ctx context.Context) error {
 	if !ok {
 		return &MetadataError{Err: fmt.Errorf("%s: nodeRegistration.criSocket %q is not a unix:// socket", r.nc.Kubeadm.JoinConfig, r.join.CRISocket)}
 	}
-	return r.waitFor(ctx, "the container runtime at "+sock, func() (bool, string) {
+	return r.waitFor(ctx, "the container runtime at "+sock, func() (bool, string, time.Duration) {
 		dctx, cancel := context.WithTimeout(ctx, socketTimeout)
 		defer cancel()
 		if err := r.DialSocket(dctx, sock); err != nil {
-			return false, err.Error()
+			return false, err.Error(), 0
 		}
-		return true, ""
+		return true, "", 0
 	})
 }
 
 // waitFor polls cond until it holds, logging when the reason it does not
-// changes, so a long wait leaves a few lines rather than thousands.
-func (r *run) waitFor(ctx context.Context, what string, cond func() (bool, string)) error {
+// changes, so a long wait leaves a few lines rather than thousands. cond
+// says how long to wait before it is asked again (0: Timing.Poll).
+func (r *run) waitFor(ctx context.Context, what string, cond func() (bool, string, time.Duration)) error {
 	last := ""
 	for {
-		ok, why := cond()
+		ok, why, wait := cond()
 		if ok {
 			if last != "" {
 				r.log.printf("waited for %s", what)
@@ -137,7 +139,7 @@ func (r *run) waitFor(ctx context.Context, what string, cond func() (bool, strin
 			r.publish(StateWaiting)
 			last = why
 		}
-		if err := r.Clock.Sleep(ctx, r.Timing.Poll); err != nil {
+		if err := r.Clock.Sleep(ctx, cmp.Or(wait, r.Timing.Poll)); err != nil {
 			return fmt.Errorf("wait for %s: %w", what, err)
 		}
 	}

@@ -16,14 +16,14 @@ const (
 	// refused, etcd not healthy yet, a half-done earlier attempt.
 	Transient Class = iota
 	// TokenRejected: the cluster knows the token ID but the token is
-	// invalid or has expired. Permanent.
+	// invalid or has expired.
 	TokenRejected
 	// TokenUnknown: kubeadm waited its whole discovery timeout without the
 	// cluster-info ConfigMap ever being signed for the token ID. Right after
 	// init this is a race; later it means the token expired or was never
-	// created. The agent gives up when it persists.
+	// created.
 	TokenUnknown
-	// CAMismatch: the cluster's CA is not the one pinned. Permanent.
+	// CAMismatch: the cluster's CA is not the one pinned.
 	CAMismatch
 	// CertificateKeyRejected: the certificate key does not decrypt the
 	// kubeadm-certs Secret. Permanent.
@@ -38,10 +38,25 @@ const (
 	HostUnfit
 )
 
-// Permanent reports whether retrying cannot help.
+// Permanent reports whether retrying cannot help. No Unauthenticated
+// class is: whoever answers on the endpoint can make kubeadm say it.
 func (c Class) Permanent() bool {
 	switch c {
-	case TokenRejected, CAMismatch, CertificateKeyRejected, HostUnfit:
+	case CertificateKeyRejected, HostUnfit:
+		return true
+	}
+	return false
+}
+
+// Unauthenticated reports whether the failure rests on what the endpoint
+// said before it proved to be this cluster: kubeadm's token discovery
+// reads the cluster-info ConfigMap without TLS verification, checks its
+// JWS signature and only then the CA pin (cmd/kubeadm/app/discovery/token),
+// so anyone answering on the endpoint's address can cause these. The
+// agent keeps retrying them with a capped backoff and reports them loudly.
+func (c Class) Unauthenticated() bool {
+	switch c {
+	case TokenRejected, TokenUnknown, CAMismatch:
 		return true
 	}
 	return false
@@ -52,11 +67,11 @@ func (c Class) Permanent() bool {
 func (c Class) Advice() string {
 	switch c {
 	case TokenRejected:
-		return "the bootstrap token is invalid or has expired: create a token with `kubeadm token create` on a control plane, put it in the cluster's secrets and rebuild this node's image"
+		return "the endpoint says the bootstrap token is invalid or has expired (before it proved to be this cluster: retrying): create a token with `kubeadm token create` on a control plane, put it in the cluster's secrets and rebuild this node's image, or find what else answers on the endpoint"
 	case TokenUnknown:
-		return "the cluster does not know the bootstrap token (it has expired or was never created): create a token with `kubeadm token create` on a control plane, put it in the cluster's secrets and rebuild this node's image"
+		return "the endpoint does not know the bootstrap token (it has expired or was never created, or this is not the cluster: retrying): create a token with `kubeadm token create` on a control plane, put it in the cluster's secrets and rebuild this node's image, or find what else answers on the endpoint"
 	case CAMismatch:
-		return "the cluster's CA is not the CA this image pins: this image was built for another cluster; rebuild it from this cluster's secrets"
+		return "THE ENDPOINT SERVES ANOTHER CLUSTER: its CA is not the CA this image pins; not joining it, retrying: check where the load balancer or the virtual IP routes, or rebuild the image from this cluster's secrets"
 	case CertificateKeyRejected:
 		return "the certificate key does not decrypt the kubeadm-certs Secret: this image carries another cluster's certificate key; rebuild it from this cluster's secrets"
 	case CertificatesMissing:

@@ -80,7 +80,13 @@ func TestClassify(t *testing.T) {
 			t.Errorf("Classify(%q) = %d, want %d", out, got, want)
 		}
 	}
-	if TokenUnknown.Permanent() || CertificatesMissing.Permanent() || !CAMismatch.Permanent() {
+	// What the endpoint says before it proves itself is never final.
+	for _, c := range []Class{TokenRejected, TokenUnknown, CAMismatch} {
+		if c.Permanent() || !c.Unauthenticated() {
+			t.Errorf("class %d: permanent %v, unauthenticated %v", c, c.Permanent(), c.Unauthenticated())
+		}
+	}
+	if CertificatesMissing.Permanent() || !CertificateKeyRejected.Permanent() || !HostUnfit.Permanent() || CertificateKeyRejected.Unauthenticated() {
 		t.Error("wrong permanence")
 	}
 }

@@ -20,7 +20,7 @@ var fleetRoles = map[string]nodeconfig.Role{
 // Permanent failures a fleet node may end with, by the agent's advice.
 const (
 	certificatesGone = "the kubeadm-certs Secret is gone"
-	tokenUnknown     = "the cluster does not know the bootstrap token"
+	tokenUnknown     = "the endpoint does not know the bootstrap token"
 )
 
 // scenario is one boot of the fleet.
@@ -41,6 +41,10 @@ type scenario struct {
 	// mayFail is the one other nodes may end with.
 	mustFail map[string]string
 	mayFail  string
+	// mustRetry maps nodes that must end their run still retrying (exit
+	// 1, for systemd to start them again) to their last error: what the
+	// endpoint said before it proved itself is never final.
+	mustRetry map[string]string
 }
 
 func scenarios() []scenario {
@@ -57,8 +61,8 @@ func scenarios() []scenario {
 				after:    map[string]func(*sim.Cluster) bool{"cp-3": (*sim.Cluster).CertificatesDeleted},
 				mustFail: map[string]string{"cp-3": certificatesGone}, mayFail: certificatesGone},
 			scenario{name: "token-expired", opts: clusterOptions{tokenTTL: "2s", uploadWindow: "5s"},
-				after:    map[string]func(*sim.Cluster) bool{"w-2": (*sim.Cluster).TokenExpired},
-				mustFail: map[string]string{"w-2": tokenUnknown}, mayFail: tokenUnknown},
+				after:     map[string]func(*sim.Cluster) bool{"w-2": (*sim.Cluster).TokenExpired},
+				mustRetry: map[string]string{"w-2": tokenUnknown}},
 			scenario{name: "sigkill-" + victim, kill: victim},
 		)
 	}
@@ -153,8 +157,8 @@ func runScenario(t *testing.T, sc scenario, rng *rand.Rand) {
 		code, want := codes[name], sc.mustFail[name]
 		switch {
 		case code == 0:
-			if want != "" {
-				t.Errorf("%s joined; want it to fail with %q", name, want)
+			if want != "" || sc.mustRetry[name] != "" {
+				t.Errorf("%s joined; want it to fail with %q%q", name, want, sc.mustRetry[name])
 			}
 			if !snap.Members[name].Joined || n.read(nodeconfig.DoneFile) == "" {
 				t.Errorf("%s exited 0 but is not a joined member (%+v) with a done file", name, snap.Members[name])
@@ -167,6 +171,11 @@ func runScenario(t *testing.T, sc scenario, rng *rand.Rand) {
 			}
 			if want == "" || s["permanent"] != true || !strings.Contains(msg, want) {
 				t.Errorf("%s failed permanently with %q; want %q", name, msg, want)
+			}
+		case code == 1 && sc.mustRetry[name] != "":
+			s := status(t, n)
+			if msg, _ := s["lastError"].(string); s["permanent"] == true || !strings.Contains(msg, sc.mustRetry[name]) {
+				t.Errorf("%s stopped with %q (permanent %v); want it retrying with %q", name, msg, s["permanent"], sc.mustRetry[name])
 			}
 		default:
 			t.Errorf("%s: exit %d (-1: still running at the deadline)", name, code)

@@ -448,6 +448,14 @@ func (c *Cluster) ServeForeignCA() error {
 	return nil
 }
 
+// StopServingForeignCA takes the foreign certificate away again: the
+// load balancer then answers nothing, as before the cluster exists.
+func (c *Cluster) StopServingForeignCA() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.serving = nil
+}
+
 // CertificatesDeleted reports whether the init node deleted the
 // kubeadm-certs Secret.
 func (c *Cluster) CertificatesDeleted() bool {
