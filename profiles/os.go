@@ -52,6 +52,10 @@ type OS struct {
 	// Payload, if set, is where an air-gapped node's disk image carries
 	// its downloads and container images; nil: the OS cannot carry them.
 	Payload *Payload `yaml:"payload,omitempty"`
+	// FirstBootConfig lists where the running OS keeps the copy of the
+	// Ignition config it read on first boot (every secret of the node),
+	// if it keeps one: the agent removes them once the node joined.
+	FirstBootConfig []string `yaml:"firstBootConfig,omitempty"`
 
 	versionRe *regexp.Regexp
 }
@@ -177,6 +181,11 @@ func (o *OS) Validate() error {
 	o.versionRe = re
 	if !path.IsAbs(o.AgentPath) {
 		errs = append(errs, fmt.Errorf("agentPath %q: must be absolute", o.AgentPath))
+	}
+	for _, f := range o.FirstBootConfig {
+		if !path.IsAbs(f) || path.Clean(f) != f {
+			errs = append(errs, fmt.Errorf("firstBootConfig %q: must be a clean absolute path", f))
+		}
 	}
 	if o.CRISocket == "" || o.VolumePluginDir == "" {
 		errs = append(errs, errors.New("criSocket and volumePluginDir are required"))

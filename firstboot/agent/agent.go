@@ -9,7 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"path"
+	"strings"
 	"time"
 
 	"github.com/kilnproject/kiln/firstboot/kubeadm"
@@ -102,16 +104,26 @@ func (a *Agent) Run(ctx context.Context) error {
 	r := &run{Agent: a, log: newLogger(a.Log), state: &State{Steps: map[string]StepRecord{}}}
 	r.status.Phase = "metadata"
 	defer r.closeReporter()
-	if err := r.loadMetadata(); err != nil {
+	if err := r.loadNodeConfig(); err != nil {
 		err = &MetadataError{Err: err}
 		r.fail(err)
 		return err
 	}
 	if _, err := r.FS.Stat(nodeconfig.DoneFile); err == nil {
-		r.log.printf("%s exists: this node already joined its cluster; nothing to do", nodeconfig.DoneFile)
+		r.log.printf("%s exists: this node already joined its cluster", nodeconfig.DoneFile)
+		// A power loss may have come between the two.
+		if err := r.removeAfterJoin(); err != nil {
+			r.fail(err)
+			return err
+		}
 		r.status.Phase = "done"
 		r.publish(StateDone)
 		return nil
+	}
+	if err := r.loadKubeadm(); err != nil {
+		err = &MetadataError{Err: err}
+		r.fail(err)
+		return err
 	}
 	var err error
 	if r.state, err = loadState(r.FS); err != nil {
@@ -127,6 +139,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if err := r.FS.Replace(nodeconfig.DoneFile, []byte(r.Clock.Now().UTC().Format(time.RFC3339)+"\n"), 0o644); err != nil {
 		err = fmt.Errorf("write %s: %w", nodeconfig.DoneFile, err)
+		r.fail(err)
+		return err
+	}
+	if err := r.removeAfterJoin(); err != nil {
 		r.fail(err)
 		return err
 	}
@@ -215,9 +231,8 @@ func (r *run) fail(err error) {
 	}
 }
 
-// loadMetadata reads node.yaml and the kubeadm files and checks that they
-// agree with each other.
-func (r *run) loadMetadata() error {
+// loadNodeConfig reads node.yaml.
+func (r *run) loadNodeConfig() error {
 	data, err := r.FS.ReadFile(r.ConfigPath)
 	if err != nil {
 		return fmt.Errorf("read %s: %w", r.ConfigPath, err)
@@ -228,7 +243,18 @@ func (r *run) loadMetadata() error {
 	}
 	r.nc = nc
 	r.status.Role, r.status.Cluster = string(nc.Role), nc.Cluster.Name
+	if nc.ReportURL != "" && r.NewReporter != nil {
+		r.reporter = r.NewReporter(nc.ReportURL)
+	}
+	return nil
+}
+
+// loadKubeadm reads the kubeadm files and checks that they agree with
+// node.yaml.
+func (r *run) loadKubeadm() error {
+	nc := r.nc
 	var errs []error
+	var err error
 	r.join, err = r.readKubeadm(nc.Kubeadm.JoinConfig, kubeadm.ParseJoin)
 	if err != nil {
 		errs = append(errs, err)
@@ -247,9 +273,6 @@ func (r *run) loadMetadata() error {
 		if _, err := r.FS.Stat(m); err != nil {
 			errs = append(errs, fmt.Errorf("manifests[%d]: %w", i, err))
 		}
-	}
-	if nc.ReportURL != "" && r.NewReporter != nil {
-		r.reporter = r.NewReporter(nc.ReportURL)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return err
@@ -308,4 +331,31 @@ func (r *run) checkInit() []error {
 		errs = append(errs, fmt.Errorf("pkiDir: %w", err))
 	}
 	return errs
+}
+
+// removeAfterJoin removes what only the bootstrap needed (node.yaml's
+// removeAfterJoin: the token, the certificate key, the pre-made CA keys,
+// the OS's copy of the first-boot config) and notes each removal in
+// nodeconfig.RemovedFile. It runs once DoneFile is written, and again on
+// every later start until nothing is left.
+func (r *run) removeAfterJoin() error {
+	var removed []string
+	for _, p := range r.nc.RemoveAfterJoin {
+		if _, err := r.FS.Stat(p); errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err := r.FS.RemoveAll(p); err != nil {
+			return fmt.Errorf("remove %s, which holds bootstrap secrets: %w", p, err)
+		}
+		r.log.printf("removed %s: the node is in its cluster and no longer needs it", p)
+		removed = append(removed, r.Clock.Now().UTC().Format(time.RFC3339)+" "+p+"\n")
+	}
+	if len(removed) == 0 {
+		return nil
+	}
+	old, err := r.FS.ReadFile(nodeconfig.RemovedFile)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return r.FS.Replace(nodeconfig.RemovedFile, append(old, strings.Join(removed, "")...), 0o644)
 }

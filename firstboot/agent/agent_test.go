@@ -132,8 +132,7 @@ func TestOptionalSysctlMissing(t *testing.T) {
 	if code := n.run(); code != ExitOK {
 		t.Fatalf("exit %d", code)
 	}
-	delete(n.fs.m, rel(nodeconfig.DoneFile))
-	delete(n.fs.m, rel(StateFile))
+	n = newNode(t, nodeconfig.RoleWorker)
 	delete(n.fs.m, "proc/sys/net/bridge/bridge-nf-call-iptables")
 	if code := n.run(); code != ExitRetry || !strings.Contains(n.status().LastError, "net.bridge.bridge-nf-call-iptables") {
 		t.Fatalf("exit %d, status %+v", code, n.status())
@@ -395,5 +394,59 @@ func TestHostnameKeptAcrossRestarts(t *testing.T) {
 	}
 	if s := n.status(); s.Node != "test-worker-525400000001" {
 		t.Errorf("status %+v", s)
+	}
+}
+
+// Once in the cluster, a node keeps no secret that only its bootstrap
+// needed: the token, the certificate key and the pre-made CA keys are
+// gone from everywhere but kubeadm's own certificates directory, and each
+// removal is noted. A power loss right after DoneFile is written leaves
+// the rest for the next start.
+func TestSecretsRemovedAfterJoin(t *testing.T) {
+	for _, role := range []nodeconfig.Role{nodeconfig.RoleInit, nodeconfig.RoleControlPlane, nodeconfig.RoleWorker} {
+		n := newNode(t, role)
+		if role == nodeconfig.RoleInit { // it creates the cluster
+			n.prober.results = []endpoint.Result{{Stage: endpoint.Unreachable, Err: fmt.Errorf("connection refused")}}
+		}
+		if code := n.run(); code != ExitOK {
+			t.Fatalf("%s: exit %d", role, code)
+		}
+		for _, p := range n.nc.RemoveAfterJoin {
+			if n.fs.has(p) || n.fs.has(p+"/ca.key") {
+				t.Errorf("%s: %s is still there", role, p)
+			}
+		}
+		for name, f := range n.fs.m {
+			for _, secret := range []string{testToken, testCertKey, "PEM ca.key", "PEM etcd/ca.key"} {
+				if strings.Contains(string(f.Data), secret) && !strings.HasPrefix(name, "etc/kubernetes/pki/") {
+					t.Errorf("%s: /%s holds a bootstrap secret after the join", role, name)
+				}
+			}
+		}
+		if role == nodeconfig.RoleInit && !n.fs.has("/etc/kubernetes/pki/ca.key") {
+			t.Errorf("init: kubeadm's own CA key went too")
+		}
+		removed := n.fs.read(nodeconfig.RemovedFile)
+		for _, p := range []string{"/etc/kiln/kubeadm-join.yaml", "/oem/config.ign"} {
+			if !strings.Contains(removed, " "+p+"\n") {
+				t.Errorf("%s: %s does not note %s:\n%s", role, nodeconfig.RemovedFile, p, removed)
+			}
+		}
+		if strings.Contains(removed, "/usr/share/oem") {
+			t.Errorf("%s: noted a removal of what was not there:\n%s", role, removed)
+		}
+		// Later boots: nothing left, nothing to do.
+		if code := n.run(); code != ExitOK {
+			t.Fatalf("%s: second start: exit %d", role, code)
+		}
+	}
+
+	n := newNode(t, nodeconfig.RoleWorker)
+	n.fs.put(nodeconfig.DoneFile, "2030-01-01T00:00:00Z\n", 0o644)
+	if code := n.run(); code != ExitOK {
+		t.Fatalf("after a power loss: exit %d", code)
+	}
+	if n.fs.has("/etc/kiln/kubeadm-join.yaml") || n.fs.has("/oem/config.ign") || n.runner.count("kubeadm") != 0 {
+		t.Errorf("after a power loss: left %v, ran %v", n.fs.has("/etc/kiln/kubeadm-join.yaml"), n.runner.calls)
 	}
 }

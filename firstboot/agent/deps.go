@@ -30,6 +30,9 @@ type FS interface {
 	// power loss).
 	Replace(name string, data []byte, perm fs.FileMode) error
 	MkdirAll(name string, perm fs.FileMode) error
+	// RemoveAll removes a file, or a folder and all it holds, durably; a
+	// missing one is no error.
+	RemoveAll(name string) error
 	Stat(name string) (fs.FileInfo, error)
 	ReadDir(name string) ([]fs.DirEntry, error)
 }

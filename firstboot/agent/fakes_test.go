@@ -45,6 +45,15 @@ func (f *fakeFS) Replace(name string, data []byte, perm fs.FileMode) error {
 	return nil
 }
 
+func (f *fakeFS) RemoveAll(name string) error {
+	for k := range f.m {
+		if k == rel(name) || strings.HasPrefix(k, rel(name)+"/") {
+			delete(f.m, k)
+		}
+	}
+	return nil
+}
+
 func (f *fakeFS) MkdirAll(name string, perm fs.FileMode) error {
 	p := rel(name)
 	for p != "" && p != "." {

@@ -87,7 +87,10 @@ func newNode(t *testing.T, role nodeconfig.Role) *node {
 		Kubeadm:   nodeconfig.Kubeadm{JoinConfig: "/etc/kiln/kubeadm-join.yaml", CertificatesDir: "/etc/kubernetes/pki"},
 		NotBefore: epoch.Add(-time.Hour),
 		ReportURL: "http://report.test/status",
+		// As kiln renders it for Flatcar.
+		RemoveAfterJoin: []string{"/etc/kiln/kubeadm-join.yaml", "/oem/config.ign", "/usr/share/oem/config.ign"},
 	}
+	n.fs.put("/oem/config.ign", `{"ignition":{"version":"3.4.0"},"storage":{"files":[{"contents":{"source":"data:,`+testToken+`"}}]}}`, 0o600)
 	cp := ""
 	if role.IsControlPlane() {
 		cp = "controlPlane:\n  certificateKey: " + testCertKey + "\n"
@@ -106,6 +109,7 @@ nodeRegistration:
 	if role == nodeconfig.RoleInit {
 		n.nc.Kubeadm.InitConfig = "/etc/kiln/kubeadm-init.yaml"
 		n.nc.PKIDir = "/etc/kiln/pki"
+		n.nc.RemoveAfterJoin = append(n.nc.RemoveAfterJoin, "/etc/kiln/kubeadm-init.yaml", "/etc/kiln/pki")
 		n.fs.put("/etc/kiln/kubeadm-init.yaml", fmt.Sprintf(`apiVersion: kubeadm.k8s.io/v1beta4
 kind: InitConfiguration
 bootstrapTokens:

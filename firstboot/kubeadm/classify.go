@@ -75,7 +75,7 @@ func (c Class) Advice() string {
 	case CertificateKeyRejected:
 		return "the certificate key does not decrypt the kubeadm-certs Secret: this image carries another cluster's certificate key; rebuild it from this cluster's secrets"
 	case CertificatesMissing:
-		return "the kubeadm-certs Secret is gone (the certificate upload window has ended): run `kubeadm init phase upload-certs --upload-certs --config /etc/kiln/kubeadm-init.yaml` on the init node, then `systemctl restart kiln-firstboot` here"
+		return "the kubeadm-certs Secret is gone (the certificate upload window has ended): on a control plane, upload the certificates again under the cluster's certificate key (`kubeadm init phase upload-certs --upload-certs --certificate-key` with the key in kiln's secrets/certificate-key), then `systemctl restart kiln-firstboot` here"
 	case HostUnfit:
 		return "this machine fails kubeadm's preflight checks: fix what they name (see the output above) and restart kiln-firstboot"
 	}

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"path"
 	"regexp"
 	"strconv"
 	"strings"
@@ -37,6 +38,10 @@ const DefaultPath = "/etc/kiln/node.yaml"
 // DoneFile is created by the agent once the node has joined; the agent's
 // systemd unit does not start again while it exists.
 const DoneFile = "/var/lib/kiln/done"
+
+// RemovedFile lists, one per line, when the agent removed each entry of
+// NodeConfig.RemoveAfterJoin ("2026-12-03T14:02:00Z /etc/kiln/kubeadm-join.yaml").
+const RemovedFile = "/var/lib/kiln/removed-after-join"
 
 // Role is what a node does when it joins the cluster.
 type Role string
@@ -103,6 +108,12 @@ type NodeConfig struct {
 	Images *Images `yaml:"images,omitempty"`
 	// ReportURL, if set, receives the agent's status as JSON POSTs.
 	ReportURL string `yaml:"reportURL,omitempty"`
+	// RemoveAfterJoin lists files and folders holding secrets that only
+	// the bootstrap needs (the kubeadm configuration files with the token
+	// and certificate key, the pre-made PKI, the OS's copy of the
+	// first-boot config): the agent removes them once the node is in its
+	// cluster, and notes each in RemovedFile.
+	RemoveAfterJoin []string `yaml:"removeAfterJoin,omitempty"`
 }
 
 // Cluster is the part of the cluster definition the agent needs.
@@ -332,6 +343,11 @@ func (nc *NodeConfig) Validate() error {
 	}
 	if nc.Kubeadm.CertificatesDir == "" {
 		add("kubeadm.certificatesDir", "required")
+	}
+	for i, p := range nc.RemoveAfterJoin {
+		if !path.IsAbs(p) || path.Clean(p) != p || p == "/" || p == nc.Kubeadm.CertificatesDir || strings.HasPrefix(nc.Kubeadm.CertificatesDir, p+"/") {
+			add(fmt.Sprintf("removeAfterJoin[%d]", i), "%q: give a clean absolute path outside kubeadm's certificatesDir", p)
+		}
 	}
 	if nc.Role == RoleInit {
 		if nc.Kubeadm.InitConfig == "" {

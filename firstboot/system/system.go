@@ -100,6 +100,24 @@ func (r Root) Replace(name string, data []byte, perm fs.FileMode) error {
 	return dir.Sync()
 }
 
+// RemoveAll removes a file or a folder tree and syncs its parent folder,
+// so that the removal survives a power loss.
+func (r Root) RemoveAll(name string) error {
+	p := r.path(name)
+	if err := os.RemoveAll(p); err != nil {
+		return err
+	}
+	dir, err := os.Open(filepath.Dir(p))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	return dir.Sync()
+}
+
 // MkdirAll creates a directory and its parents.
 func (r Root) MkdirAll(name string, perm fs.FileMode) error { return os.MkdirAll(r.path(name), perm) }
 

@@ -26,11 +26,15 @@ const InstallReportPath = "/var/lib/kiln-install/report"
 // installReport POSTs "installed" to the done URL (%s), naming the MAC the
 // machine booted with: it is in the config URL on the kernel command line
 // (the first argument replaces /proc/cmdline), absent when booted offline.
+// The URL carries the node's report key, so it reaches curl as a config
+// file on stdin (printf is the shell's own), never as an argument that
+// every process can read in /proc/PID/cmdline.
 const installReport = `#!/bin/sh
 # kiln: tell kiln serve this machine is installed.
 mac=$(sed -n 's/.*ignition\.config\.url=[^ ]*[?&]mac=\([0-9A-Fa-f:-]*\).*/\1/p' "${1:-/proc/cmdline}")
-exec curl -fsS --retry 5 --max-time 10 -H 'Content-Type: application/json' \
-	--data '{"phase":"installed","state":"done"}' "%s${mac:+&mac=$mac}"
+printf 'url = "%%s"\n' "%s${mac:+&mac=$mac}" |
+	curl -fsS --retry 5 --max-time 10 -H 'Content-Type: application/json' \
+		--data '{"phase":"installed","state":"done"}' --config -
 `
 
 // InstallInput is what an installer config needs.

@@ -139,6 +139,17 @@ func renderNode(in Input) (*node, error) {
 			return nil, err
 		}
 	}
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil, err
+	}
+	// What only the bootstrap needs: kubeadm keeps its own copies
+	// (certificates directory, kubelet.conf) of everything a member uses.
+	nc.RemoveAfterJoin = []string{JoinConfigPath}
+	if in.Role == nodeconfig.RoleInit {
+		nc.RemoveAfterJoin = append(nc.RemoveAfterJoin, InitConfigPath, PKIPath)
+	}
+	nc.RemoveAfterJoin = append(nc.RemoveAfterJoin, osp.FirstBootConfig...)
 	if err := nc.Validate(); err != nil {
 		return nil, fmt.Errorf("render node metadata: %w", err)
 	}

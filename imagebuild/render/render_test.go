@@ -526,19 +526,32 @@ func TestInstallReportScript(t *testing.T) {
 	dir := t.TempDir()
 	script := filepath.Join(dir, "report")
 	os.WriteFile(script, files[InstallReportPath], 0o700)
+	// curl, as the script finds it, notes its arguments first.
+	realCurl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin, args := filepath.Join(dir, "bin"), filepath.Join(dir, "curl-args")
+	os.Mkdir(bin, 0o755)
+	os.WriteFile(filepath.Join(bin, "curl"), []byte("#!/bin/sh\necho \"$@\" >> "+args+"\nexec "+realCurl+" \"$@\"\n"), 0o755)
 	for cmdline, want := range map[string]string{
 		"initrd=x.img flatcar.first_boot=1 ignition.config.url=http://b/config/w-1?mac=52-54-00-ab-cd-ef&token=t console=ttyS0\n": "key=k&mac=52-54-00-ab-cd-ef",
 		"initrd=x.img initrd=config.img flatcar.first_boot=1\n":                                                                   "key=k",
 	} {
 		f := filepath.Join(dir, "cmdline")
 		os.WriteFile(f, []byte(cmdline), 0o644)
-		if out, err := exec.Command("sh", script, f).CombinedOutput(); err != nil {
+		cmd := exec.Command("sh", script, f)
+		cmd.Env = append(os.Environ(), "PATH="+bin+":"+os.Getenv("PATH"))
+		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("report script: %v\n%s", err, out)
 		}
 		p := <-got
 		if p.query != want || p.body != `{"phase":"installed","state":"done"}` {
 			t.Errorf("command line %q: POST ?%s %s, want ?%s", cmdline, p.query, p.body, want)
 		}
+	}
+	if argv, err := os.ReadFile(args); err != nil || strings.Count(string(argv), "\n") != 2 || strings.Contains(string(argv), "key=") {
+		t.Errorf("curl's arguments carry the report key (or curl did not run twice): %v\n%s", err, argv)
 	}
 }
 
