@@ -65,7 +65,7 @@ func nodeMain(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	sock, err := criSocket()
+	sock, err := criSocket(o.dir)
 	if err != nil {
 		return err
 	}
@@ -119,8 +119,14 @@ func mountNode(dir string) error {
 }
 
 // criSocket reads nodeRegistration.criSocket from the node's rendered join
-// configuration (every role has one).
-func criSocket() (string, error) {
+// configuration (every role has one) on the first boot and keeps it in
+// the node's state directory: the agent removes the file once the node
+// joined.
+func criSocket(dir string) (string, error) {
+	kept := filepath.Join(dir, "cri-socket")
+	if data, err := os.ReadFile(kept); err == nil {
+		return string(data), nil
+	}
 	data, err := os.ReadFile("/etc/kiln/kubeadm-join.yaml")
 	if err != nil {
 		return "", err
@@ -137,7 +143,7 @@ func criSocket() (string, error) {
 	if !ok {
 		return "", fmt.Errorf("criSocket %q is not unix://", cfg.NodeRegistration.CRISocket)
 	}
-	return s, nil
+	return s, os.WriteFile(kept, []byte(s), 0o644)
 }
 
 // serveHealthz answers the kubelet health endpoint kubeadm polls.

@@ -1,16 +1,19 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -214,6 +217,9 @@ func scenarioKilledJoin(e *env) error {
 	return e.expectFullCluster(all)
 }
 
+// probeRe finds the probe count in the agent's foreign-CA report.
+var probeRe = regexp.MustCompile(`probe (\d+),`)
+
 func scenarioForeignCA(e *env) error {
 	other := filepath.Join(e.dir, "other-cluster")
 	if err := kilnInit(e.o, other, "keepalived-haproxy", netPrefix); err != nil {
@@ -236,7 +242,8 @@ func scenarioForeignCA(e *env) error {
 	// loudly.
 	if err := e.waitUntil(ctx, "the foreign node's agent to report the other cluster three times", func(context.Context) (bool, string) {
 		st, err := e.status("foreign")
-		return err == nil && st.State == "waiting" && strings.Contains(st.LastError, "probe 3,"), fmt.Sprintf("%s %s %q", st.Phase, st.State, st.LastError)
+		probe, _ := strconv.Atoi(probeRe.FindStringSubmatch(st.LastError + "probe 0,")[1])
+		return err == nil && st.State == "waiting" && probe >= 3, fmt.Sprintf("%s %s %q", st.Phase, st.State, st.LastError)
 	}); err != nil {
 		return err
 	}
@@ -455,6 +462,68 @@ func (e *env) expectRefused(n nodeSpec, advice string, final bool) error {
 	return nil
 }
 
+// expectNoBootstrapSecrets scans what each joined node keeps on its disk
+// (Ignition's and the agent's files under etc, opt and var/lib) for the
+// secrets only the bootstrap needs: the token's secret, the certificate
+// key and the pre-made CA and service-account private keys. Only kubeadm's
+// certificates directory may hold a CA key once the node joined; the
+// cluster's own stores (etcd's data, containerd's content) are not
+// scanned: the token is a Secret in the cluster until it expires.
+func (e *env) expectNoBootstrapSecrets(nodes []nodeSpec) error {
+	secretsDir := filepath.Join(e.cluster, "secrets")
+	var secrets []string
+	token, err := os.ReadFile(filepath.Join(secretsDir, "token"))
+	if err != nil {
+		return err
+	}
+	_, tokenSecret, _ := strings.Cut(strings.TrimSpace(string(token)), ".")
+	secrets = append(secrets, tokenSecret)
+	for _, f := range []string{"certificate-key", "pki/ca.key", "pki/front-proxy-ca.key", "pki/sa.key", "pki/etcd/ca.key"} {
+		data, err := os.ReadFile(filepath.Join(secretsDir, f))
+		if err != nil {
+			return err
+		}
+		// A PEM key's body line is enough to find any copy of it.
+		lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+		secrets = append(secrets, lines[len(lines)/2])
+	}
+	skip := []string{"etc/kubernetes/pki", "var/lib/etcd", "var/lib/containerd", "var/lib/kubelet/pods"}
+	var found []string
+	scanned := 0
+	for _, n := range nodes {
+		for _, top := range []string{"etc", "opt", "var/lib"} {
+			root := e.nodePath(n.name)
+			filepath.WalkDir(filepath.Join(root, top), func(p string, d fs.DirEntry, err error) error {
+				rel, _ := filepath.Rel(root, p)
+				if err != nil || d.IsDir() && slices.ContainsFunc(skip, func(s string) bool { return rel == s }) {
+					return filepath.SkipDir
+				}
+				info, ierr := d.Info()
+				if d.IsDir() || ierr != nil || !info.Mode().IsRegular() || info.Size() > 64<<20 {
+					return nil
+				}
+				data, rerr := os.ReadFile(p)
+				if rerr != nil {
+					return nil
+				}
+				scanned++
+				for _, s := range secrets {
+					if bytes.Contains(data, []byte(s)) {
+						found = append(found, n.name+":/"+rel)
+						break
+					}
+				}
+				return nil
+			})
+		}
+	}
+	if len(found) > 0 {
+		return fmt.Errorf("bootstrap secrets left on joined nodes: %s", strings.Join(found, ", "))
+	}
+	e.logf("no bootstrap secret on any joined node's disk (%d files scanned)", scanned)
+	return nil
+}
+
 func (e *env) deadline() (context.Context, context.CancelFunc) {
 	return context.WithDeadline(context.Background(), e.startOrNow().Add(e.o.timeout))
 }
@@ -615,6 +684,9 @@ func (e *env) expectFullCluster(nodes []nodeSpec) error {
 		e.logf("the virtual IP %s is on %s", vip, h[0])
 	}
 	if err := e.checkManifests(); err != nil {
+		errs = append(errs, err.Error())
+	}
+	if err := e.expectNoBootstrapSecrets(nodes); err != nil {
 		errs = append(errs, err.Error())
 	}
 	if e.o.real {
