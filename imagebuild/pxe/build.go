@@ -463,8 +463,11 @@ func (w *writer) file(rel string, data []byte, perm os.FileMode) error {
 	return w.err
 }
 
-// asset links src into the bundle (or copies it across filesystems) and
-// returns its sha256 and size.
+// asset copies src into the bundle and returns its sha256 and size. A
+// copy, never a hard link: the bundle must not share storage with the
+// cache or the input it came from, or a later change to either would
+// change what is served (Linux's copy_file_range makes the copy a reflink
+// where the filesystem can).
 func (w *writer) asset(rel, src string) (string, int64, error) {
 	dst := filepath.Join(w.dir, rel)
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
@@ -475,21 +478,22 @@ func (w *writer) asset(rel, src string) (string, int64, error) {
 		return "", 0, fault.Wrap(fault.Input, err)
 	}
 	defer in.Close()
-	h := sha256.New()
-	if os.Link(src, dst) == nil {
-		n, err := io.Copy(h, in)
-		if err != nil {
-			return "", 0, fault.Wrap(fault.IO, err)
-		}
-		return hex.EncodeToString(h.Sum(nil)), n, nil
-	}
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o644)
 	if err != nil {
 		return "", 0, fault.Wrap(fault.IO, err)
 	}
-	n, err := io.Copy(io.MultiWriter(out, h), in)
-	if cerr := out.Close(); err == nil {
-		err = cerr
+	defer out.Close()
+	if _, err := io.Copy(out, in); err != nil {
+		return "", 0, fault.Wrap(fault.IO, fmt.Errorf("copy %s: %w", src, err))
+	}
+	// The digest is of the copy: what kiln serve will send.
+	if _, err := out.Seek(0, io.SeekStart); err != nil {
+		return "", 0, fault.Wrap(fault.IO, err)
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, out)
+	if err == nil {
+		err = out.Close()
 	}
 	if err != nil {
 		return "", 0, fault.Wrap(fault.IO, fmt.Errorf("copy %s: %w", src, err))

@@ -110,6 +110,20 @@ func TestBuildBundle(t *testing.T) {
 	if m.ServerURL != "http://10.0.0.5:8080" || len(res.Nodes) != len(want) {
 		t.Errorf("server %q, %d results", m.ServerURL, len(res.Nodes))
 	}
+	// The assets are the bundle's own: changing an input afterwards
+	// changes nothing that is served.
+	for i, a := range m.Assets {
+		served := filepath.Join(o.Output, "assets", a.File)
+		in, _ := os.Stat(o.Assets[i].Path)
+		out, err := os.Stat(served)
+		if err != nil || os.SameFile(in, out) {
+			t.Errorf("asset %s shares storage with %s (%v)", a.File, o.Assets[i].Path, err)
+		}
+		os.WriteFile(o.Assets[i].Path, []byte("changed"), 0o644)
+		if data, _ := os.ReadFile(served); string(data) != "fake "+a.Kind {
+			t.Errorf("asset %s changed with its input: %q", a.File, data)
+		}
+	}
 	tokens := map[string]bool{m.StatusToken: true}
 	for _, n := range m.Nodes {
 		for _, tok := range []string{n.Token, n.ReportKey} {
