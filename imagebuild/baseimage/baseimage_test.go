@@ -249,3 +249,50 @@ func TestLocalDecompressesOnce(t *testing.T) {
 		t.Errorf("missing file: %v", err)
 	}
 }
+
+// Before: a file already in the download cache was used as it was. A
+// stranger who could write the cache planted an image there, named by its
+// own digest, and a mirror listing that digest then needed no signature.
+// After: a cached file is verified again on every use, digest and the
+// signature kept beside it; a planted or changed file is removed and the
+// release downloaded afresh.
+func TestPlantedCacheFile(t *testing.T) {
+	signer, _ := openpgp.NewEntity("test", "", "test@kiln.invalid", nil)
+	_, zimg := testImage(t)
+	target, _ := profiles.LookupTarget("flatcar-amd64")
+	p := "/stable/amd64-usr/1.2.3/flatcar_production_image.bin.bz2"
+	rel := newRelease(t, zimg, signer)
+	cache := &Cache{Dir: t.TempDir(), Client: rel.Client(), Progress: io.Discard}
+	src := Source{Target: target, Channel: "stable", Version: "1.2.3", Mirror: rel.URL + "/{channel}", Keyring: armoredPublic(t, signer)}
+
+	// The planted image, and a mirror that lists its digest.
+	evil := append(bytes.Clone(zimg), "planted"...)
+	sum := sha512.Sum512(evil)
+	rel.files[p+".DIGESTS"] = []byte(fmt.Sprintf("# SHA512 HASH\n%x  flatcar_production_image.bin.bz2\n", sum))
+	rel.files[p] = evil
+	planted := filepath.Join(cache.Dir, "files", fmt.Sprintf("sha512-%x", sum))
+	os.MkdirAll(filepath.Dir(planted), 0o755)
+	os.WriteFile(planted, evil, 0o644)
+	os.WriteFile(planted+".sig", []byte("not a signature"), 0o644)
+	if _, image, _, err := cache.FetchInstallImage(context.Background(), src); err == nil || !strings.Contains(err.Error(), "does not verify") {
+		t.Fatalf("planted cache file: got %s, %v; want refused", image, err)
+	}
+	if _, err := os.Stat(planted); err == nil {
+		t.Error("the planted file is still in the cache")
+	}
+
+	// A good cached file changed in place is downloaded again.
+	rel = newRelease(t, zimg, signer)
+	cache.Client = rel.Client()
+	src.Mirror = rel.URL + "/{channel}"
+	_, image, sig, err := cache.FetchInstallImage(context.Background(), src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(image, evil, 0o644)
+	if _, image, sig2, err := cache.FetchInstallImage(context.Background(), src); err != nil || sig2 != sig {
+		t.Fatalf("after a change in the cache: %v", err)
+	} else if got, _ := os.ReadFile(image); !bytes.Equal(got, zimg) {
+		t.Error("the changed cached file was used")
+	}
+}

@@ -74,7 +74,7 @@ func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, 
 	if err := c.download(ctx, rel.URL, part); err != nil {
 		return "", nil, false, err
 	}
-	if err := c.verify(ctx, part, rel, keyring); err != nil {
+	if _, err := c.verify(ctx, part, rel, keyring); err != nil {
 		os.Remove(part)
 		return "", nil, false, err
 	}
@@ -167,39 +167,39 @@ func contentRange(h string) (start, size int64, ok bool) {
 }
 
 // verify checks the downloaded file's digest and, for signed sources,
-// its detached OpenPGP signature.
-func (c *Cache) verify(ctx context.Context, part string, rel *Release, keyring openpgp.EntityList) error {
+// its detached OpenPGP signature, which it returns (nil: unsigned).
+func (c *Cache) verify(ctx context.Context, part string, rel *Release, keyring openpgp.EntityList) ([]byte, error) {
 	h, err := newHash(rel.Digest.Algo)
 	if err != nil {
-		return fault.Wrap(fault.Download, err)
+		return nil, fault.Wrap(fault.Download, err)
 	}
 	got, err := fileDigest(part, h)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if got != rel.Digest.Hex {
-		return fault.Wrap(fault.Download, fmt.Errorf("%s is corrupt: its %s is %s, the release lists %s; the download was deleted, run again to download it afresh", rel.URL, rel.Digest.Algo, got, rel.Digest.Hex))
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("%s is corrupt: its %s is %s, the release lists %s; the download was deleted, run again to download it afresh", rel.URL, rel.Digest.Algo, got, rel.Digest.Hex))
 	}
 	if rel.SignatureURL == "" {
-		return nil
+		return nil, nil
 	}
-	if _, err := c.fetchSignature(ctx, part, rel, keyring); err != nil {
-		return err
-	}
-	fmt.Fprintf(c.Progress, "verified %s (%s, OpenPGP signature good)\n", filepath.Base(rel.URL), rel.Digest.Algo)
-	return nil
-}
-
-// fetchSignature downloads rel's detached signature and checks that it
-// signs the file p with a key of keyring.
-func (c *Cache) fetchSignature(ctx context.Context, p string, rel *Release, keyring openpgp.EntityList) ([]byte, error) {
 	sig, err := getSmall(ctx, c.Client, rel.SignatureURL)
 	if err != nil {
 		return nil, fault.Wrap(fault.Download, fmt.Errorf("%s is unsigned or its signature cannot be fetched: %w", rel.URL, err))
 	}
+	if err := checkSignature(part, sig, keyring); err != nil {
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("%s: %w; the download was deleted", rel.URL, err))
+	}
+	fmt.Fprintf(c.Progress, "verified %s (%s, OpenPGP signature good)\n", filepath.Base(rel.URL), rel.Digest.Algo)
+	return sig, nil
+}
+
+// checkSignature checks that sig (armored or binary, detached) signs the
+// file p with a key of keyring.
+func checkSignature(p string, sig []byte, keyring openpgp.EntityList) error {
 	f, err := os.Open(p)
 	if err != nil {
-		return nil, fault.Wrap(fault.IO, err)
+		return fault.Wrap(fault.IO, err)
 	}
 	defer f.Close()
 	if bytes.HasPrefix(sig, []byte("-----BEGIN")) {
@@ -208,9 +208,9 @@ func (c *Cache) fetchSignature(ctx context.Context, p string, rel *Release, keyr
 		_, err = openpgp.CheckDetachedSignature(keyring, f, bytes.NewReader(sig), nil)
 	}
 	if err != nil {
-		return nil, fault.Wrap(fault.Download, fmt.Errorf("%s: the OpenPGP signature does not verify against the signing key: %w; the download was deleted", rel.URL, err))
+		return fmt.Errorf("the OpenPGP signature does not verify against the signing key: %w", err)
 	}
-	return sig, nil
+	return nil
 }
 
 // FetchInstallImage returns the cached, verified compressed OS image of
@@ -231,18 +231,7 @@ func (c *Cache) FetchInstallImage(ctx context.Context, s Source) (rel *Release, 
 	if image, err = c.FetchVerified(ctx, rel, keyring); err != nil {
 		return nil, "", "", err
 	}
-	sig = image + ".sig"
-	if _, err := os.Stat(sig); err == nil {
-		return rel, image, sig, nil
-	}
-	data, err := c.fetchSignature(ctx, image, rel, keyring)
-	if err != nil {
-		return nil, "", "", err
-	}
-	if err := atomicfile.Write(sig, data, 0o644, true); err != nil {
-		return nil, "", "", err
-	}
-	return rel, image, sig, nil
+	return rel, image, image + ".sig", nil
 }
 
 // newHash returns the hash of a digest algorithm: sha512 or sha256.
@@ -397,27 +386,66 @@ func CheckLocal(p string, d Digest) (string, error) {
 // FetchVerified returns the cached copy of a release file (kept as it was
 // downloaded, not decompressed), downloading (resumably) and verifying its
 // digest and, when the release has one, its signature against keyring.
+// The signature is kept beside the file (FILE.sig), and a cached file is
+// verified again on every use, digest and signature: a file planted in or
+// changed in the cache is removed and downloaded afresh, never used.
 func (c *Cache) FetchVerified(ctx context.Context, rel *Release, keyring openpgp.EntityList) (string, error) {
 	d := rel.Digest
 	dst := filepath.Join(c.Dir, "files", d.Algo+"-"+d.Hex)
 	if _, err := os.Stat(dst); err == nil {
-		return dst, nil
+		err := c.recheck(dst, rel, keyring)
+		if err == nil {
+			return dst, nil
+		}
+		fmt.Fprintf(c.Progress, "cached %s does not verify (%v): removed, downloading it again\n", filepath.Base(rel.URL), err)
+		os.Remove(dst)
+		os.Remove(dst + ".sig")
 	}
 	part := filepath.Join(c.Dir, "partial", d.Algo+"-"+d.Hex+".part")
 	if err := c.download(ctx, rel.URL, part); err != nil {
 		return "", err
 	}
-	if err := c.verify(ctx, part, rel, keyring); err != nil {
+	sig, err := c.verify(ctx, part, rel, keyring)
+	if err != nil {
 		os.Remove(part)
 		return "", err
 	}
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return "", fault.Wrap(fault.IO, err)
 	}
+	if sig != nil {
+		if err := atomicfile.Write(dst+".sig", sig, 0o644, true); err != nil {
+			return "", err
+		}
+	}
 	if err := os.Rename(part, dst); err != nil {
 		return "", fault.Wrap(fault.IO, err)
 	}
 	return dst, nil
+}
+
+// recheck verifies a cached release file again: its digest, and for a
+// signed release the signature kept beside it.
+func (c *Cache) recheck(p string, rel *Release, keyring openpgp.EntityList) error {
+	h, err := newHash(rel.Digest.Algo)
+	if err != nil {
+		return err
+	}
+	got, err := fileDigest(p, h)
+	if err != nil {
+		return err
+	}
+	if got != rel.Digest.Hex {
+		return fmt.Errorf("its %s is %s, the release lists %s", rel.Digest.Algo, got, rel.Digest.Hex)
+	}
+	if rel.SignatureURL == "" {
+		return nil
+	}
+	sig, err := os.ReadFile(p + ".sig")
+	if err != nil {
+		return fmt.Errorf("no kept signature: %w", err)
+	}
+	return checkSignature(p, sig, keyring)
 }
 
 // FetchPXE returns the cached, verified network-boot files of s's
