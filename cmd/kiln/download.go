@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"time"
 
@@ -17,14 +18,16 @@ import (
 
 // downloadOptions are the flags of commands that fetch vendor files.
 type downloadOptions struct {
-	mirror     string
-	signingKey string
-	cacheDir   string
-	timeout    time.Duration
+	mirror         string
+	insecureMirror bool
+	signingKey     string
+	cacheDir       string
+	timeout        time.Duration
 }
 
 func (o *downloadOptions) addFlags(f *pflag.FlagSet, what string) {
 	f.StringVar(&o.mirror, "mirror", "", "download the "+what+" from this mirror instead of the profile's origin")
+	f.BoolVar(&o.insecureMirror, "insecure-mirror", false, "accept a --mirror that nothing authenticates: plain http://, or Fedora CoreOS (whose files kiln checks only against the mirror's own stream)")
 	f.StringVar(&o.signingKey, "signing-key", "", "armored OpenPGP public key that signs the mirror's files (default: the profile's embedded key)")
 	f.StringVar(&o.cacheDir, "cache-dir", "", "download cache (default: kiln/ in the user cache folder)")
 	f.DurationVar(&o.timeout, "timeout", 2*time.Hour, "give up downloading after this long")
@@ -46,6 +49,9 @@ func (o *downloadOptions) cache(g *globals) (*baseimage.Cache, error) {
 // version, from the mirror if one is given.
 func (o *downloadOptions) source(t *profiles.Target, c *cluster.Cluster) (baseimage.Source, error) {
 	src := baseimage.Source{Target: t, Channel: c.OS.Channel, Version: c.OS.Version, Mirror: o.mirror}
+	if err := o.checkMirror(t); err != nil {
+		return src, err
+	}
 	if o.signingKey != "" {
 		var err error
 		if src.Keyring, err = os.ReadFile(o.signingKey); err != nil {
@@ -53,6 +59,27 @@ func (o *downloadOptions) source(t *profiles.Target, c *cluster.Cluster) (baseim
 		}
 	}
 	return src, nil
+}
+
+// checkMirror refuses a mirror that nothing authenticates, unless
+// --insecure-mirror says to accept it: over plain HTTP anyone on the path
+// chooses the names and versions (only the files' signatures hold), and a
+// Fedora CoreOS mirror supplies both the stream and the hashes kiln checks.
+func (o *downloadOptions) checkMirror(t *profiles.Target) error {
+	if o.mirror == "" || o.insecureMirror {
+		return nil
+	}
+	u, err := url.Parse(o.mirror)
+	if err != nil || u.Host == "" {
+		return fault.Wrap(fault.Input, fmt.Errorf("--mirror %q: give the mirror's URL, such as https://mirror.example/flatcar/{channel}", o.mirror))
+	}
+	if u.Scheme != "https" {
+		return fault.Wrap(fault.Input, fmt.Errorf("--mirror %s is not https://: anyone on the way can then choose which release you get; use an https:// mirror, or pass --insecure-mirror to accept it", o.mirror))
+	}
+	if t.Image.Source == profiles.SourceFCOSStream {
+		return fault.Wrap(fault.Input, fmt.Errorf("--mirror %s: Fedora CoreOS files from a mirror are checked only against the hashes that mirror's own stream lists (kiln does not check Fedora's signatures yet); pass --insecure-mirror to accept it, or download from Fedora's servers", o.mirror))
+	}
+	return nil
 }
 
 // loadForTarget loads the cluster, its secrets and the target profile,

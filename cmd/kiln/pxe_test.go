@@ -34,12 +34,18 @@ func TestPxe(t *testing.T) {
 		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--kernel", art}, exitInput, "give all of --kernel, --initramfs"},
 		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--kernel", art, "--initramfs", initrd, "--rootfs", art}, exitInput, "--rootfs"},
 		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--kernel", art, "--initramfs", filepath.Join(dir, "missing")}, exitInput, "--initramfs"},
+		// A mirror nothing authenticates, refused before any download.
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--mirror", "http://127.0.0.1:9/{channel}"}, exitInput, "is not https://: anyone on the way can then choose which release you get"},
+		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080", "--mirror", "mirror.example"}, exitInput, "give the mirror's URL"},
 	} {
 		kiln(t, append([]string{"-c", cf, "pxe"}, c.args...)...).expect(t, c.code, c.want)
 		if _, err := os.Stat(out); err == nil {
 			t.Fatalf("%v: a refused pxe wrote %s", c.args, out)
 		}
 	}
+	_, fcos := newCluster(t, "--os", "fcos")
+	kiln(t, "-c", fcos, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--profile", "fcos-x86_64", "--mirror", "https://127.0.0.1:9").
+		expect(t, exitInput, "Fedora CoreOS files from a mirror are checked only against the hashes that mirror's own stream lists")
 	r := kiln(t, append([]string{"-c", cf, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--format", "json"}, local...)...)
 	r.expect(t, exitOK)
 	var res struct {

@@ -414,7 +414,7 @@ func TestAirgapPXEInstall(t *testing.T) {
 	env := []string{"SSL_CERT_FILE=" + e.certFile}
 	bundle := filepath.Join(t.TempDir(), "b")
 	kilnOK(t, env, "-c", cf, "pxe", "--output", bundle, "--server-url", "http://10.0.0.5:8080", "--cache-dir", cache,
-		"--mirror", e.srv.URL+"/{channel}", "--signing-key", e.goodKey, "--file", artifact)
+		"--mirror", e.srv.URL+"/{channel}", "--insecure-mirror", "--signing-key", e.goodKey, "--file", artifact)
 	m, err := pxe.ReadManifest(bundle)
 	if err != nil {
 		t.Fatal(err)

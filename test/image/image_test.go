@@ -285,7 +285,7 @@ func (e *env) bake(t *testing.T, cluster string, args ...string) bakeResult {
 }
 
 func (e *env) flatcarArgs(cache string) []string {
-	return []string{"--profile", "flatcar-amd64", "--mirror", e.srv.URL + "/{channel}", "--signing-key", e.goodKey, "--cache-dir", cache}
+	return []string{"--profile", "flatcar-amd64", "--mirror", e.srv.URL + "/{channel}", "--insecure-mirror", "--signing-key", e.goodKey, "--cache-dir", cache}
 }
 
 func cachedImages(t *testing.T, cache string) []string {
@@ -394,7 +394,7 @@ func TestBadDownloadsRefused(t *testing.T) {
 func TestFCOSStreamBake(t *testing.T) {
 	e := setup(t)
 	cache, dest := t.TempDir(), t.TempDir()
-	br := e.bake(t, e.fcCluster, "--profile", "fcos-x86_64", "--role", "control-plane", "--mirror", e.srv.URL, "--cache-dir", cache, "--dest", dest, "--compress", "xz")
+	br := e.bake(t, e.fcCluster, "--profile", "fcos-x86_64", "--role", "control-plane", "--mirror", e.srv.URL, "--insecure-mirror", "--cache-dir", cache, "--dest", dest, "--compress", "xz")
 	checkImage(t, e, br, e.fcos, "control-plane", "amd64")
 	must(t, "sh", "-c", fmt.Sprintf("xz -dc %s | cmp - %s", br.Compressed, br.Image))
 

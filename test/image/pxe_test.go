@@ -389,9 +389,9 @@ func TestPXEDownloadsVerified(t *testing.T) {
 		return append([]string{"-c", cluster, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--cache-dir", t.TempDir(), "--format", "json"}, extra...)
 	}
 	flatcarOut := filepath.Join(t.TempDir(), "b")
-	kilnOK(t, env, pxeArgs(e.flCluster, flatcarOut, "--mirror", e.srv.URL+"/{channel}", "--signing-key", e.goodKey)...)
+	kilnOK(t, env, pxeArgs(e.flCluster, flatcarOut, "--mirror", e.srv.URL+"/{channel}", "--insecure-mirror", "--signing-key", e.goodKey)...)
 	fcosOut := filepath.Join(t.TempDir(), "b")
-	kilnOK(t, env, pxeArgs(e.fcCluster, fcosOut, "--profile", "fcos-x86_64", "--mirror", e.srv.URL)...)
+	kilnOK(t, env, pxeArgs(e.fcCluster, fcosOut, "--profile", "fcos-x86_64", "--mirror", e.srv.URL, "--insecure-mirror")...)
 	for _, b := range []struct{ dir, version string }{{flatcarOut, flatcarVersion}, {fcosOut, "42.1"}} {
 		m, err := pxe.ReadManifest(b.dir)
 		if err != nil {
@@ -422,7 +422,7 @@ func TestPXEDownloadsVerified(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			e.publishFlatcarFile(t, rel, kernel, c.served, c.sig)
 			out := filepath.Join(t.TempDir(), "b")
-			r := kilnRun(t, env, pxeArgs(e.flCluster, out, "--mirror", e.srv.URL+"/{channel}", "--signing-key", e.goodKey)...)
+			r := kilnRun(t, env, pxeArgs(e.flCluster, out, "--mirror", e.srv.URL+"/{channel}", "--insecure-mirror", "--signing-key", e.goodKey)...)
 			if r.code != 5 || !strings.Contains(r.stderr, c.want) {
 				t.Fatalf("exit %d, want 5 mentioning %q\n%s", r.code, c.want, r.stderr)
 			}

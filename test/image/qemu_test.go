@@ -43,7 +43,7 @@ func TestKernelsReadBakedImages(t *testing.T) {
 	}
 	e := setup(t)
 	flatcar := e.bake(t, e.flCluster, append(e.flatcarArgs(t.TempDir()), "--role", "init", "--dest", t.TempDir())...)
-	fcos := e.bake(t, e.fcCluster, "--profile", "fcos-x86_64", "--role", "control-plane", "--mirror", e.srv.URL, "--cache-dir", t.TempDir(), "--dest", t.TempDir())
+	fcos := e.bake(t, e.fcCluster, "--profile", "fcos-x86_64", "--role", "control-plane", "--mirror", e.srv.URL, "--insecure-mirror", "--cache-dir", t.TempDir(), "--dest", t.TempDir())
 	base, zipPath, fw := rpi4Inputs(t, e)
 	rpi := e.bakeRPi4(t, base, zipPath)
 
