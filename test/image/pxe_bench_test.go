@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -110,14 +111,12 @@ func (r loadResult) String() string {
 		float64(r.bytes)/(1<<30), r.wall.Seconds(), r.throughput()/(1<<30), r.p99(r.script)*1000, r.p99(r.initramfs))
 }
 
-// load runs the clients at once (one connection pool, as many connections
-// as clients): each GETs a script (checked byte for byte), then the
-// initramfs (length checked).
+// load runs the clients at once, each a machine of its own: its own
+// connection from its own loopback address (127.1.X.Y; kiln serve limits
+// connections per client address, as it should for machines): each GETs
+// a script (checked byte for byte), then the initramfs (length checked).
 func load(b *testing.B, clients int, scripts []target, initramfsURL string, size int64) loadResult {
 	b.Helper()
-	tr := &http.Transport{MaxIdleConnsPerHost: clients, DisableCompression: true}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: 10 * time.Minute}
 	res := loadResult{script: make([]time.Duration, clients), initramfs: make([]time.Duration, clients)}
 	var (
 		wg    sync.WaitGroup
@@ -125,7 +124,7 @@ func load(b *testing.B, clients int, scripts []target, initramfsURL string, size
 		errs  []error
 		total int64
 	)
-	get := func(url string) ([]byte, int64, error) {
+	get := func(client *http.Client, url string) ([]byte, int64, error) {
 		resp, err := client.Get(url)
 		if err != nil {
 			return nil, 0, err
@@ -146,9 +145,13 @@ func load(b *testing.B, clients int, scripts []target, initramfsURL string, size
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 1, byte(i/250), byte(i%250+1))}}
+			tr := &http.Transport{DialContext: d.DialContext, DisableCompression: true}
+			defer tr.CloseIdleConnections()
+			client := &http.Client{Transport: tr, Timeout: 10 * time.Minute}
 			tg := scripts[i%len(scripts)]
 			t0 := time.Now()
-			body, n1, err := get(tg.url)
+			body, n1, err := get(client, tg.url)
 			res.script[i] = time.Since(t0)
 			if err == nil && !bytes.Equal(body, tg.want) {
 				err = fmt.Errorf("%s: wrong script", tg.url)
@@ -156,7 +159,7 @@ func load(b *testing.B, clients int, scripts []target, initramfsURL string, size
 			var n2 int64
 			if err == nil {
 				t0 = time.Now()
-				_, n2, err = get(initramfsURL)
+				_, n2, err = get(client, initramfsURL)
 				res.initramfs[i] = time.Since(t0)
 				if err == nil && n2 != size {
 					err = fmt.Errorf("initramfs: %d of %d bytes", n2, size)
