@@ -27,8 +27,8 @@ type downloadOptions struct {
 
 func (o *downloadOptions) addFlags(f *pflag.FlagSet, what string) {
 	f.StringVar(&o.mirror, "mirror", "", "download the "+what+" from this mirror instead of the profile's origin")
-	f.BoolVar(&o.insecureMirror, "insecure-mirror", false, "accept a --mirror that nothing authenticates: plain http://, or Fedora CoreOS (whose files kiln checks only against the mirror's own stream)")
-	f.StringVar(&o.signingKey, "signing-key", "", "armored OpenPGP public key that signs the mirror's files (default: the profile's embedded key)")
+	f.BoolVar(&o.insecureMirror, "insecure-mirror", false, "accept a --mirror that nothing authenticates: plain http://, or Fedora CoreOS without --signing-key (whose files kiln then checks only against the mirror's own stream)")
+	f.StringVar(&o.signingKey, "signing-key", "", "armored OpenPGP public key that signs the files (default: Flatcar's embedded key; Fedora CoreOS: none, unless given)")
 	f.StringVar(&o.cacheDir, "cache-dir", "", "download cache (default: kiln/ in the user cache folder)")
 	f.DurationVar(&o.timeout, "timeout", 2*time.Hour, "give up downloading after this long")
 }
@@ -76,8 +76,8 @@ func (o *downloadOptions) checkMirror(t *profiles.Target) error {
 	if u.Scheme != "https" {
 		return fault.Wrap(fault.Input, fmt.Errorf("--mirror %s is not https://: anyone on the way can then choose which release you get; use an https:// mirror, or pass --insecure-mirror to accept it", o.mirror))
 	}
-	if t.Image.Source == profiles.SourceFCOSStream {
-		return fault.Wrap(fault.Input, fmt.Errorf("--mirror %s: Fedora CoreOS files from a mirror are checked only against the hashes that mirror's own stream lists (kiln does not check Fedora's signatures yet); pass --insecure-mirror to accept it, or download from Fedora's servers", o.mirror))
+	if t.Image.Source == profiles.SourceFCOSStream && o.signingKey == "" {
+		return fault.Wrap(fault.Input, fmt.Errorf("--mirror %s: Fedora CoreOS files from a mirror are checked only against the hashes that mirror's own stream lists; give Fedora's signing key for the release (--signing-key FILE, from fedoraproject.org/security) so kiln checks each file's signature, or pass --insecure-mirror to accept it unchecked", o.mirror))
 	}
 	return nil
 }

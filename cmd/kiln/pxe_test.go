@@ -1,10 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/ProtonMail/go-crypto/openpgp/armor"
 )
 
 func TestPxe(t *testing.T) {
@@ -46,6 +50,16 @@ func TestPxe(t *testing.T) {
 	_, fcos := newCluster(t, "--os", "fcos")
 	kiln(t, "-c", fcos, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--profile", "fcos-x86_64", "--mirror", "https://127.0.0.1:9").
 		expect(t, exitInput, "Fedora CoreOS files from a mirror are checked only against the hashes that mirror's own stream lists")
+	// With Fedora's key given, the mirror is used (here: not there).
+	fedora, _ := openpgp.NewEntity("fedora", "", "fedora@kiln.invalid", nil)
+	var key bytes.Buffer
+	w, _ := armor.Encode(&key, openpgp.PublicKeyType, nil)
+	fedora.Serialize(w)
+	w.Close()
+	keyFile := filepath.Join(dir, "fedora.asc")
+	os.WriteFile(keyFile, key.Bytes(), 0o644)
+	kiln(t, "-c", fcos, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--profile", "fcos-x86_64", "--mirror", "https://127.0.0.1:9", "--signing-key", keyFile, "--cache-dir", t.TempDir()).
+		expect(t, exitDownload, "127.0.0.1:9")
 	r := kiln(t, append([]string{"-c", cf, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--format", "json"}, local...)...)
 	r.expect(t, exitOK)
 	var res struct {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"crypto/sha256"
 	"crypto/sha512"
 	"fmt"
 	"io"
@@ -294,5 +295,44 @@ func TestPlantedCacheFile(t *testing.T) {
 		t.Fatalf("after a change in the cache: %v", err)
 	} else if got, _ := os.ReadFile(image); !bytes.Equal(got, zimg) {
 		t.Error("the changed cached file was used")
+	}
+}
+
+// Before: a Fedora CoreOS mirror supplied both the stream and the hashes
+// kiln checked, so a tampered artifact with a matching stream was taken.
+// After: with Fedora's key given (--signing-key), each file's signature
+// must verify too; the tampered one is refused, the genuine one is taken.
+func TestFCOSMirrorTamperedArtifact(t *testing.T) {
+	fedora, _ := openpgp.NewEntity("fedora", "", "fedora@kiln.invalid", nil)
+	_, genuine := testImage(t)
+	var sig bytes.Buffer
+	if err := openpgp.DetachSign(&sig, fedora, bytes.NewReader(genuine), nil); err != nil {
+		t.Fatal(err)
+	}
+	tampered := append(bytes.Clone(genuine), "tampered"...)
+	target, _ := profiles.LookupTarget("fcos-aarch64")
+	for name, served := range map[string][]byte{"genuine": genuine, "tampered": tampered} {
+		var srv *httptest.Server
+		srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch r.URL.Path {
+			case "/streams/stable.json":
+				// The mirror's stream lists the hash of what it serves.
+				fmt.Fprintf(w, `{"architectures":{"aarch64":{"artifacts":{"metal":{"release":"42.1","formats":{"raw.xz":{"disk":{"location":"%s/img.raw.xz","sha256":"%x","signature":"%s/img.raw.xz.sig"}}}}}}}}`, srv.URL, sha256.Sum256(served), srv.URL)
+			case "/img.raw.xz.sig":
+				w.Write(sig.Bytes())
+			default:
+				w.Write(served)
+			}
+		}))
+		c := &Cache{Dir: t.TempDir(), Client: srv.Client(), Progress: io.Discard}
+		src := Source{Target: target, Channel: "stable", Version: "current", Mirror: srv.URL, Keyring: armoredPublic(t, fedora)}
+		_, _, _, err := c.Fetch(context.Background(), src)
+		switch {
+		case name == "genuine" && err != nil:
+			t.Errorf("genuine artifact: %v", err)
+		case name == "tampered" && (err == nil || !strings.Contains(err.Error(), "does not verify")):
+			t.Errorf("tampered artifact with a matching stream: %v, want refused", err)
+		}
+		srv.Close()
 	}
 }

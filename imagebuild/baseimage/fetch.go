@@ -85,8 +85,11 @@ func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, 
 	return raw, rel, false, nil
 }
 
+// keyring is the key that signs s's files: the given one, else Flatcar's
+// embedded key; nil for Fedora CoreOS without a given key (its files are
+// then checked against the stream's hashes alone).
 func (s Source) keyring() (openpgp.EntityList, error) {
-	if s.Target.Image.Source != profiles.SourceFlatcarRelease {
+	if s.Target.Image.Source != profiles.SourceFlatcarRelease && s.Keyring == nil {
 		return nil, nil
 	}
 	armored := s.Keyring

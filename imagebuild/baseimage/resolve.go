@@ -2,7 +2,8 @@
 // images. A download is verified before anything uses it (Flatcar: the
 // SHA-512 in the release's .DIGESTS and the detached OpenPGP signature
 // against the profile's embedded key; Fedora CoreOS: the sha256 in the
-// stream metadata), resumed when interrupted, decompressed once and
+// stream metadata and, when a key is given, the signature the stream
+// names), resumed when interrupted, decompressed once and
 // cached sparse under its digest. Nothing unverified is ever cached.
 package baseimage
 
@@ -162,14 +163,16 @@ type stream struct {
 type streamFile struct {
 	Location string `json:"location"`
 	SHA256   string `json:"sha256"`
+	// Signature is the file's detached OpenPGP signature (Fedora's key).
+	Signature string `json:"signature"`
 }
 
 func resolveFCOS(ctx context.Context, c *http.Client, s Source) (*Release, error) {
-	version, files, err := resolveStream(ctx, c, s, "raw.xz", "disk")
+	_, files, err := resolveStream(ctx, c, s, "raw.xz", "disk")
 	if err != nil {
 		return nil, err
 	}
-	return &Release{Version: version, URL: files[0].URL, Digest: files[0].Digest}, nil
+	return &files[0], nil
 }
 
 // resolveStream finds the current release's files of one format of the
@@ -194,13 +197,22 @@ func resolveStream(ctx context.Context, c *http.Client, s Source, format string,
 		if f.Location == "" || len(f.SHA256) != 64 {
 			return "", nil, fault.Wrap(fault.Download, fmt.Errorf("stream %s lists no metal %s %s with a sha256 for %s", su, format, name, s.Target.Image.StreamArch))
 		}
-		loc := f.Location
-		if s.Mirror != "" {
-			if rest, ok := strings.CutPrefix(loc, s.Target.Image.Origin); ok {
-				loc = strings.TrimSuffix(s.Mirror, "/") + rest
+		onMirror := func(u string) string {
+			if rest, ok := strings.CutPrefix(u, s.Target.Image.Origin); ok && s.Mirror != "" {
+				return strings.TrimSuffix(s.Mirror, "/") + rest
 			}
+			return u
 		}
-		out = append(out, Release{Version: metal.Release, URL: loc, Digest: Digest{"sha256", strings.ToLower(f.SHA256)}})
+		r := Release{Version: metal.Release, URL: onMirror(f.Location), Digest: Digest{"sha256", strings.ToLower(f.SHA256)}}
+		// With a signing key given (Fedora's), the signature is checked
+		// too: the stream alone is only as good as where it came from.
+		if s.Keyring != nil {
+			if f.Signature == "" {
+				return "", nil, fault.Wrap(fault.Download, fmt.Errorf("stream %s lists no signature for the metal %s %s: kiln cannot check it against --signing-key", su, format, name))
+			}
+			r.SignatureURL = onMirror(f.Signature)
+		}
+		out = append(out, r)
 	}
 	return metal.Release, out, nil
 }
