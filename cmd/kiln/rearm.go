@@ -34,7 +34,9 @@ instead of its disk: run it to reinstall or replace a machine.
 
 NODE is a name kiln status lists. On a role default (default-ROLE) rearm
 lets one more machine fetch the config; add --mac to also reinstall the
-machine with that MAC.
+machine with that MAC (one kiln status lists on that entry). On a worker,
+whose config is served on every boot, rearm only sends installed
+machines back to their installer.
 
 Credentials and server as for kiln status.`,
 		Example: `  kiln rearm cp-2 --bundle pxe/
@@ -59,6 +61,9 @@ func runRearm(ctx context.Context, g *globals, o *rearmOptions, node string) err
 		return err
 	}
 	text := fmt.Sprintf("re-armed %s: its config may be fetched once more", res.Node)
+	if !res.HoldsKeys {
+		text = fmt.Sprintf("%s's config holds no cluster keys: it is served on every boot and needs no arming", res.Node)
+	}
 	if res.Cleared > 0 {
 		text += fmt.Sprintf("; %d installed or joined machine(s) will be provisioned again on their next network boot", res.Cleared)
 	}

@@ -233,7 +233,11 @@ func TestAttackKeysHandedOutOnce(t *testing.T) {
 	if code, _ := p.stolenConfig(t, "52:54:00:00:00:01"); code != http.StatusGone {
 		t.Errorf("cp1 twice after one kiln rearm: %d", code)
 	}
+	if r := kiln(t, "rearm", "default-worker", "--bundle", dir, "--server", p.server); r.code != 0 || !strings.Contains(r.stdout, "needs no arming") {
+		t.Errorf("kiln rearm of a worker entry: %d %q", r.code, r.stdout)
+	}
 	kiln(t, "rearm", "cp9", "--bundle", dir, "--server", p.server).expect(t, exitInput, `no node "cp9"`)
+	kiln(t, "rearm", "cp1", "--mac", "zz", "--bundle", dir, "--server", p.server).expect(t, exitInput, "--mac")
 	kiln(t, "rearm", "cp1", "--mac", "52:54:00:00:00:99", "--bundle", dir, "--server", p.server).expect(t, exitInput, "is not cp1's")
 	kiln(t, "rearm", "--bundle", dir, "--server", p.server).expect(t, exitInput, "takes 1 argument")
 	wrong := filepath.Join(t.TempDir(), "token")

@@ -325,8 +325,8 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 		if t != nil {
 			why = fmt.Sprintf("fetched by %s (MAC %s) at %s", t.From, t.MAC, t.At.Format(time.RFC3339))
 		}
-		s.log.Printf("refused config %s to %s (%s): its cluster keys were handed out already (%s); to serve them once more, run kiln rearm %s", n.Name, mac, r.RemoteAddr, why, n.Name)
-		http.Error(w, fmt.Sprintf("kiln: %s's config holds cluster keys and was handed out already (%s); it is served once per arming: to rebuild this machine, run kiln rearm %s", n.Name, why, n.Name), http.StatusGone)
+		s.log.Printf("refused config %s to %s (%s): its cluster keys were handed out already (%s); to serve them once more, run kiln rearm %s --bundle DIR", n.Name, mac, r.RemoteAddr, why, n.Name)
+		http.Error(w, fmt.Sprintf("kiln: %s's config holds cluster keys and was handed out already (%s); it is served once per arming: to rebuild this machine, run kiln rearm %s --bundle DIR on the server", n.Name, why, n.Name), http.StatusGone)
 		return
 	}
 	// Only what is told apart later is noted: which machine on a role
@@ -501,6 +501,9 @@ func (s *Server) operator(w http.ResponseWriter, r *http.Request) bool {
 type ArmResult struct {
 	Node string `json:"node"`
 	MAC  string `json:"mac,omitempty"`
+	// HoldsKeys: an init or control-plane config, handed out once per
+	// arming; other configs are served on every boot and need no arming.
+	HoldsKeys bool `json:"holdsKeys"`
 	// Cleared counts the machines that had reported installed or done and
 	// will be provisioned again.
 	Cleared int `json:"cleared"`
@@ -520,7 +523,8 @@ func (s *Server) arm(w http.ResponseWriter, r *http.Request, name string) {
 		if mac != "" {
 			mac, _ = pxe.NormalizeMAC(mac)
 		}
-		writeJSON(w, ArmResult{Node: name, MAC: mac, Cleared: cleared})
+		n, _ := s.m.Node(name)
+		writeJSON(w, ArmResult{Node: name, MAC: mac, HoldsKeys: n.Role.IsControlPlane(), Cleared: cleared})
 	}
 }
 

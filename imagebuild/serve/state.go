@@ -323,7 +323,7 @@ func (s *Server) Arm(name, mac string, now time.Time) (int, error) {
 	if mac != "" {
 		norm, err := pxe.NormalizeMAC(mac)
 		if err != nil {
-			return 0, fault.Wrap(fault.Input, fmt.Errorf("MAC %q: %w", mac, err))
+			return 0, fault.Wrap(fault.Input, fmt.Errorf("--mac: %w", err))
 		}
 		if mac = norm; !s.boundTo(n, mac) {
 			return 0, fault.Wrap(fault.Input, fmt.Errorf("MAC %s is not %s's (kiln status shows the machines of each node)", mac, name))
