@@ -336,8 +336,9 @@ func (r *run) checkInit() []error {
 // removeAfterJoin removes what only the bootstrap needed (node.yaml's
 // removeAfterJoin: the token, the certificate key, the pre-made CA keys,
 // the OS's copy of the first-boot config) and notes each removal in
-// nodeconfig.RemovedFile. It runs once DoneFile is written, and again on
-// every later start until nothing is left.
+// nodeconfig.RemovedFile, which it writes last. It runs once DoneFile is
+// written, and again on later starts (the unit runs until RemovedFile
+// exists) after a power loss or a failed removal.
 func (r *run) removeAfterJoin() error {
 	var removed []string
 	for _, p := range r.nc.RemoveAfterJoin {
@@ -350,11 +351,13 @@ func (r *run) removeAfterJoin() error {
 		r.log.printf("removed %s: the node is in its cluster and no longer needs it", p)
 		removed = append(removed, r.Clock.Now().UTC().Format(time.RFC3339)+" "+p+"\n")
 	}
-	if len(removed) == 0 {
-		return nil
-	}
+	// Written last, and also when nothing was left: its existence tells
+	// the agent's unit that the agent has nothing more to do.
 	old, err := r.FS.ReadFile(nodeconfig.RemovedFile)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	switch {
+	case err == nil && len(removed) == 0:
+		return nil
+	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return err
 	}
 	return r.FS.Replace(nodeconfig.RemovedFile, append(old, strings.Join(removed, "")...), 0o644)

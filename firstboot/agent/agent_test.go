@@ -449,4 +449,9 @@ func TestSecretsRemovedAfterJoin(t *testing.T) {
 	if n.fs.has("/etc/kiln/kubeadm-join.yaml") || n.fs.has("/oem/config.ign") || n.runner.count("kubeadm") != 0 {
 		t.Errorf("after a power loss: left %v, ran %v", n.fs.has("/etc/kiln/kubeadm-join.yaml"), n.runner.calls)
 	}
+	// Its unit runs until the record exists, also when nothing was left.
+	n.fs.RemoveAll(nodeconfig.RemovedFile)
+	if code := n.run(); code != ExitOK || !n.fs.has(nodeconfig.RemovedFile) {
+		t.Errorf("nothing left to remove: exit %d, record written %v", code, n.fs.has(nodeconfig.RemovedFile))
+	}
 }

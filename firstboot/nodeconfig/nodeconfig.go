@@ -41,6 +41,8 @@ const DoneFile = "/var/lib/kiln/done"
 
 // RemovedFile lists, one per line, when the agent removed each entry of
 // NodeConfig.RemoveAfterJoin ("2026-12-03T14:02:00Z /etc/kiln/kubeadm-join.yaml").
+// The agent writes it last, once nothing is left to remove: from then on
+// the agent's unit skips the node's boots.
 const RemovedFile = "/var/lib/kiln/removed-after-join"
 
 // Role is what a node does when it joins the cluster.

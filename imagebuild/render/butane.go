@@ -291,7 +291,8 @@ func agentUnit(osp *profiles.OS, nodeYAML string) string {
 Description=kiln first-boot agent: join this node to its Kubernetes cluster
 Wants=network-online.target
 After=network-online.target containerd.service systemd-sysext.service
-# Once the agent has finished, later boots skip it.
+# Once the agent has finished (joined, and removed the bootstrap secrets),
+# later boots skip it.
 ConditionPathExists=!%s
 StartLimitIntervalSec=1h
 StartLimitBurst=10
@@ -306,7 +307,7 @@ RestartPreventExitStatus=2 3
 
 [Install]
 WantedBy=multi-user.target
-`, nodeconfig.DoneFile, osp.AgentPath, nodeYAML)
+`, nodeconfig.RemovedFile, osp.AgentPath, nodeYAML)
 }
 
 // extractUnit unpacks a downloaded archive (gzip'd tar) into dir on every

@@ -29,7 +29,7 @@ import (
 //   - runs static pods as processes, answers the kubelet health endpoint,
 //     does the kubelet TLS bootstrap, keeps the Node Ready (kubelet.go);
 //   - runs kiln-firstboot as its systemd unit would (Restart=on-failure,
-//     RestartPreventExitStatus=2 3, ConditionPathExists=!/var/lib/kiln/done).
+//     RestartPreventExitStatus=2 3, ConditionPathExists=!/var/lib/kiln/removed-after-join).
 
 type nodeOptions struct {
 	dir       string // per-node state on the host
@@ -167,8 +167,8 @@ func superviseAgent(ctx context.Context, o nodeOptions) {
 	}
 	defer exits.Close()
 	for start := 1; start <= 10; start++ { // StartLimitBurst=10
-		if _, err := os.Stat("/var/lib/kiln/done"); err == nil {
-			log.Printf("agent: /var/lib/kiln/done exists; the unit's condition skips it")
+		if _, err := os.Stat("/var/lib/kiln/removed-after-join"); err == nil {
+			log.Printf("agent: /var/lib/kiln/removed-after-join exists; the unit's condition skips it")
 			return
 		}
 		out, err := os.OpenFile(filepath.Join(o.dir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
