@@ -176,7 +176,7 @@ func TestJoinRetriesTransientFailures(t *testing.T) {
 	n := newNode(t, nodeconfig.RoleControlPlane)
 	n.script(map[string][]result{"kubeadm join": {
 		failing("error execution phase control-plane-join/etcd: error creating local etcd static pod manifest file: etcd cluster is not healthy: context deadline exceeded"),
-		failing("[preflight] Some fatal errors occurred:\n\t[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: /etc/kubernetes/kubelet.conf already exists\n"),
+		failing("[preflight] Some fatal errors occurred:\n\t[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: /etc/kubernetes/kubelet.conf already exists\nerror: error execution phase preflight: preflight checks failed\n"),
 		ok,
 	}})
 	if code := n.run(); code != ExitOK {
@@ -201,7 +201,7 @@ func TestJoinStopsOnPermanentFailures(t *testing.T) {
 			`error execution phase control-plane-prepare/download-certs: error downloading certs: error decoding secret data with provided key: cipher: message authentication failed`,
 			1, "certificate key does not decrypt"},
 		"unfit host": {nodeconfig.RoleWorker,
-			"[preflight] Some fatal errors occurred:\n\t[ERROR Mem]: the system RAM (512 MB) is less than the minimum 1700 MB\n",
+			"[preflight] Some fatal errors occurred:\n\t[ERROR Mem]: the system RAM (512 MB) is less than the minimum 1700 MB\nerror: error execution phase preflight: preflight checks failed",
 			1, "fails kubeadm's preflight checks"},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -273,7 +273,7 @@ func TestCertificatesMissingAfterWindowIsPermanent(t *testing.T) {
 
 func TestCertificatesMissingEarlyIsRetried(t *testing.T) {
 	n := newNode(t, nodeconfig.RoleControlPlane)
-	n.script(map[string][]result{"kubeadm join": {failing(`Secret "kubeadm-certs" was not found in the "kube-system" Namespace.`), ok}})
+	n.script(map[string][]result{"kubeadm join": {failing(`error execution phase control-plane-prepare/download-certs: error downloading certs: error downloading the secret: Secret "kubeadm-certs" was not found in the "kube-system" Namespace.`), ok}})
 	if code := n.run(); code != ExitOK {
 		t.Fatalf("exit %d", code)
 	}

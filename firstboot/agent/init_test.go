@@ -137,7 +137,7 @@ func TestInitResumes(t *testing.T) {
 
 func TestInitStopsOnUnfitHost(t *testing.T) {
 	n := newInitNode(t)
-	n.script(map[string][]result{"kubeadm init": {failing("[preflight] Some fatal errors occurred:\n\t[ERROR NumCPU]: the number of available CPUs 1 is less than the required 2\n")}})
+	n.script(map[string][]result{"kubeadm init": {failing("[preflight] Some fatal errors occurred:\n\t[ERROR NumCPU]: the number of available CPUs 1 is less than the required 2\nerror: error execution phase preflight: preflight checks failed\n")}})
 	if code := n.run(); code != ExitPermanent {
 		t.Fatalf("exit %d", code)
 	}

@@ -83,34 +83,106 @@ func (c Class) Advice() string {
 }
 
 var (
-	patterns = []struct {
+	// unauthenticated are matched anywhere in kubeadm's error: they are
+	// never final, whoever said them.
+	unauthenticated = []struct {
 		class Class
 		re    *regexp.Regexp
 	}{
 		{TokenRejected, regexp.MustCompile(`is invalid for this cluster or it has expired|failed to verify JWS signature of received cluster info object`)},
 		{TokenUnknown, regexp.MustCompile(`could not find a JWS signature in the cluster-info ConfigMap`)},
 		{CAMismatch, regexp.MustCompile(`none of the public keys .* are pinned`)},
-		{CertificateKeyRejected, regexp.MustCompile(`error decoding secret data with provided key|error decoding certificate key`)},
-		{CertificatesMissing, regexp.MustCompile(`Secret "kubeadm-certs" was not found`)},
 	}
-	preflightRe = regexp.MustCompile(`\[ERROR ([^\]]+)\]`)
+	certificateKeyRe      = regexp.MustCompile(`error decoding secret data with provided key|error decoding certificate key`)
+	certificatesMissingRe = regexp.MustCompile(`Secret "kubeadm-certs" was not found`)
+	preflightErrorRe      = regexp.MustCompile(`^\t\[ERROR ([^\]]+)\]`)
+)
+
+const (
+	// phasePrefix starts kubeadm's error (cmd/kubeadm/app/cmd/phases/
+	// workflow), after an "error: " in v1.34 and later.
+	phasePrefix = "error execution phase "
+	// downloadCerts is the phase that reads the kubeadm-certs Secret,
+	// from the API server that discovery verified against the pinned CA.
+	downloadCerts = "control-plane-prepare/download-certs"
+	// fatalHeader opens kubeadm's list of failed preflight checks: inside
+	// the error up to v1.33, printed just before it ("preflight checks
+	// failed") since v1.34 (cmd/kubeadm/app/preflight/checks.go).
+	fatalHeader     = "[preflight] Some fatal errors occurred:"
+	preflightFailed = "preflight checks failed"
 )
 
 // Classify sorts kubeadm's output (stdout and stderr) from a failed run.
+//
+// Only kubeadm's own error is read: from the first line that starts with
+// "error execution phase PHASE: " on. Before it, at kubeadm's default
+// verbosity, the output holds no text from the endpoint; inside it, the
+// endpoint's words may follow (an API server's error message, with line
+// breaks of its choosing), so a final class needs kubeadm's own structure
+// too: CertificateKeyRejected and CertificatesMissing only in the
+// download-certs phase (after the endpoint proved to be the cluster), and
+// HostUnfit only from the list of failed checks that kubeadm's preflight
+// phase printed itself. Without such a line (a run cut short) nothing is
+// final.
 func Classify(output string) Class {
-	for _, p := range patterns {
-		if p.re.MatchString(output) {
+	lines := strings.Split(output, "\n")
+	at, phase, msg := -1, "", ""
+	for i, l := range lines {
+		if rest, ok := strings.CutPrefix(strings.TrimPrefix(l, "error: "), phasePrefix); ok {
+			at = i
+			phase, msg, _ = strings.Cut(rest, ": ")
+			msg = strings.Join(append([]string{msg}, lines[i+1:]...), "\n")
+			break
+		}
+	}
+	if at < 0 {
+		msg = output
+	}
+	for _, p := range unauthenticated {
+		if p.re.MatchString(msg) {
 			return p.class
 		}
 	}
-	if strings.Contains(output, "[preflight] Some fatal errors occurred") {
-		for _, m := range preflightRe.FindAllStringSubmatch(output, -1) {
-			if hostCheck(m[1]) {
+	switch {
+	case phase == downloadCerts && certificateKeyRe.MatchString(msg):
+		return CertificateKeyRejected
+	case phase == downloadCerts && certificatesMissingRe.MatchString(msg):
+		return CertificatesMissing
+	case phase == "preflight":
+		for _, check := range failedChecks(lines, at, msg) {
+			if hostCheck(check) {
 				return HostUnfit
 			}
 		}
 	}
 	return Transient
+}
+
+// failedChecks lists the checks of kubeadm's own list of failed preflight
+// checks, for the error on line at with message msg: the list inside the
+// error (up to v1.33) or the last one printed before it (v1.34 on). Only
+// the lines right under the header count.
+func failedChecks(lines []string, at int, msg string) []string {
+	from := -1
+	switch {
+	case strings.HasPrefix(msg, fatalHeader):
+		from = at + 1
+	case strings.HasPrefix(msg, preflightFailed+"\n") || msg == preflightFailed:
+		for i := at - 1; i >= 0 && from < 0; i-- {
+			if lines[i] == fatalHeader {
+				from = i + 1
+			}
+		}
+	}
+	var checks []string
+	for i := from; i >= 0 && i < len(lines); i++ {
+		m := preflightErrorRe.FindStringSubmatch(lines[i])
+		if m == nil {
+			break
+		}
+		checks = append(checks, m[1])
+	}
+	return checks
 }
 
 // hostCheck reports whether a failed preflight check is about the machine
