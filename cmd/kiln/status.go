@@ -204,6 +204,8 @@ func configCell(now time.Time, n *serve.NodeStatus) string {
 		return "armed"
 	case c.Fetches == 0:
 		return "-"
+	case len(c.Last) == 0: // a server that keeps no deliveries
+		return fmt.Sprintf("%d fetched", c.Fetches)
 	default:
 		return fmt.Sprintf("%d fetched, last %s", c.Fetches, since(c.Last[len(c.Last)-1].At))
 	}

@@ -14,12 +14,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -253,6 +255,14 @@ func allow(w http.ResponseWriter, r *http.Request, methods []string) bool {
 	return false
 }
 
+// busy answers 503 with Retry-After (seconds) and closes the connection:
+// a client refused for want of room does not keep a connection either.
+func busy(w http.ResponseWriter, retryAfter int, msg string) {
+	w.Header().Set("Retry-After", strconv.Itoa(retryAfter))
+	w.Header().Set("Connection", "close")
+	http.Error(w, msg, http.StatusServiceUnavailable)
+}
+
 // text answers with a plain-text body that must not be cached: scripts
 // carry tokens and change as machines install.
 func text(w http.ResponseWriter, code int, body string) {
@@ -277,7 +287,7 @@ func (s *Server) script(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case err != nil:
 		s.log.Printf("assign %s: %v", mac, err)
-		http.Error(w, "kiln: no assignment for "+mac+" (see kiln serve's log)", http.StatusServiceUnavailable)
+		busy(w, 60, "kiln: no assignment for "+mac+" (see kiln serve's log)")
 	case n == nil:
 		s.log.Printf("unknown MAC %s (from %s): add it to the cluster file's nodes[].mac and rebuild with kiln pxe, or run kiln serve with --pool", mac, r.RemoteAddr)
 		http.Error(w, "kiln: unknown MAC "+mac, http.StatusNotFound)
@@ -329,30 +339,29 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 		http.Error(w, fmt.Sprintf("kiln: %s's config holds cluster keys and was handed out already (%s); it is served once per arming: to rebuild this machine, run kiln rearm %s --bundle DIR on the server", n.Name, why, n.Name), http.StatusGone)
 		return
 	}
-	// Only what is told apart later is noted: which machine on a role
-	// default installed (boots its disk) or holds control-plane keys.
-	now := time.Now()
-	if n.Default && (n.Mode == pxe.ModeInstall || n.Role.IsControlPlane()) {
-		err = s.configFetched(a, host(r.RemoteAddr), now)
-	}
-	var snap *configsSnapshot
-	if err == nil && r.Method == http.MethodGet {
-		snap = s.delivered(n, Fetch{From: host(r.RemoteAddr), MAC: mac, At: now.UTC()})
-	}
-	s.mu.Unlock()
-	if err == nil {
-		err = s.writeConfigs(snap)
-	}
+	// The file is opened first: a delivery that cannot be sent does not
+	// use up the arming.
+	f, fi, err := s.open(filepath.Join(s.dir, n.Config))
 	if err != nil {
-		s.log.Printf("config %s for %s: %v", n.Name, mac, err)
-		http.Error(w, "kiln: could not save state (see kiln serve's log)", http.StatusInternalServerError)
+		s.mu.Unlock()
+		http.Error(w, "kiln: "+err.Error(), http.StatusInternalServerError)
 		return
 	}
-	if snap != nil {
-		s.log.Printf("handed %s's config (cluster keys) to %s (%s): it is not served again until kiln rearm %s", n.Name, mac, r.RemoteAddr, n.Name)
+	defer f.Close()
+	if r.Method == http.MethodGet {
+		if err := s.deliver(n, a, Fetch{From: host(r.RemoteAddr), MAC: mac, At: time.Now().UTC()}); err != nil {
+			s.log.Printf("config %s for %s: %v", n.Name, mac, err)
+			http.Error(w, "kiln: could not save state (see kiln serve's log)", http.StatusInternalServerError)
+			return
+		}
+		if n.Role.IsControlPlane() {
+			s.log.Printf("handed %s's config (cluster keys) to %s (%s): it is not served again until kiln rearm %s", n.Name, mac, r.RemoteAddr, n.Name)
+		}
+	} else {
+		s.mu.Unlock()
 	}
 	w.Header().Set("Cache-Control", "no-store")
-	s.serveFile(w, r, filepath.Join(s.dir, n.Config), "application/json")
+	s.send(w, r, f, fi, "application/json")
 }
 
 // asset serves a file the manifest lists under assets/, unless
@@ -365,31 +374,45 @@ func (s *Server) asset(w http.ResponseWriter, r *http.Request) {
 	}
 	if s.downloads.Add(1) > MaxDownloads {
 		s.downloads.Add(-1)
-		w.Header().Set("Retry-After", "10")
-		http.Error(w, fmt.Sprintf("kiln: %d downloads are running, the most kiln serve sends at once: retry", MaxDownloads), http.StatusServiceUnavailable)
+		busy(w, 10, fmt.Sprintf("kiln: %d downloads are running, the most kiln serve sends at once: retry", MaxDownloads))
 		return
 	}
 	defer s.downloads.Add(-1)
 	s.serveFile(w, r, file, "application/octet-stream")
 }
 
-// serveFile serves a file with Range and conditional requests;
-// http.ServeContent over an *os.File lets the kernel copy it (sendfile),
-// paced so that a reader that stalls is dropped.
+// serveFile serves a file with Range and conditional requests.
 func (s *Server) serveFile(w http.ResponseWriter, r *http.Request, path, contentType string) {
-	f, err := os.Open(path)
+	f, fi, err := s.open(path)
 	if err != nil {
-		s.log.Printf("%v: the bundle is incomplete, rebuild it with kiln pxe", err)
-		http.Error(w, "kiln: file missing on the server", http.StatusInternalServerError)
+		http.Error(w, "kiln: "+err.Error(), http.StatusInternalServerError)
 		return
 	}
 	defer f.Close()
+	s.send(w, r, f, fi, contentType)
+}
+
+// open opens a regular file of the bundle; its error is for the client,
+// the log says more.
+func (s *Server) open(path string) (*os.File, fs.FileInfo, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		s.log.Printf("%v: the bundle is incomplete, rebuild it with kiln pxe", err)
+		return nil, nil, errors.New("file missing on the server")
+	}
 	fi, err := f.Stat()
 	if err != nil || !fi.Mode().IsRegular() {
+		f.Close()
 		s.log.Printf("%s: not a regular file (%v): rebuild the bundle with kiln pxe", path, err)
-		http.Error(w, "kiln: file unreadable on the server", http.StatusInternalServerError)
-		return
+		return nil, nil, errors.New("file unreadable on the server")
 	}
+	return f, fi, nil
+}
+
+// send answers with an open file; http.ServeContent over an *os.File lets
+// the kernel copy it (sendfile), paced so that a reader that stalls is
+// dropped.
+func (s *Server) send(w http.ResponseWriter, r *http.Request, f *os.File, fi fs.FileInfo, contentType string) {
 	w.Header().Set("Content-Type", contentType)
 	http.ServeContent(&paced{ResponseWriter: w, chunkTime: time.Duration(paceChunk * int64(time.Second) / s.minRate)}, r, "", fi.ModTime(), f)
 }
@@ -477,8 +500,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
 		}
 	}
 	if err := s.record(n, st, host(r.RemoteAddr), mac, time.Now()); err != nil {
-		w.Header().Set("Retry-After", "60")
-		http.Error(w, "kiln: report not stored: "+err.Error()+" (see kiln serve's log)", http.StatusServiceUnavailable)
+		busy(w, 60, "kiln: report not stored: "+err.Error()+" (see kiln serve's log)")
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)

@@ -620,4 +620,73 @@ func TestDefaultMachinesBehindOneAddress(t *testing.T) {
 	if !strings.Contains(e.log.String(), "MAC 52:54:00:00:50:99 is not default-control-plane's") {
 		t.Errorf("the foreign MAC was not logged:\n%s", e.log.String())
 	}
+	// Re-arming one machine leaves the other installed one at its disk.
+	if code, body, _ := e.do(http.MethodPost, pxe.ReportPath+n.Name+"?key="+n.ReportKey+"&mac="+b, installed); code != http.StatusNoContent {
+		t.Fatalf("installer report of %s: %d %s", b, code, body)
+	}
+	e.arm(n.Name, a, 1)
+	if _, body := e.get(pxe.ScriptPath + "?mac=" + b); body != pxe.LocalBootScript(n) {
+		t.Errorf("re-arming %s sent %s at the same address back to its installer:\n%s", a, b, body)
+	}
+}
+
+// A key-carrying config is used up by a delivery only: a HEAD, a failed
+// save or a missing file leave it armed.
+func TestArmingSpentOnlyByADelivery(t *testing.T) {
+	dir := inventory(t)
+	e := start(t, dir)
+	cp1 := e.node("cp1")
+	p := configPath(cp1, macInit, cp1.Token)
+	for range 2 {
+		if code, _, _ := e.do(http.MethodHead, p, nil); code != http.StatusOK {
+			t.Fatalf("HEAD: %d", code)
+		}
+	}
+	// configs.json cannot be replaced while a folder is in its place.
+	state := filepath.Join(dir, pxe.StateDir, "configs.json")
+	if err := os.MkdirAll(filepath.Join(state, "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if code, body := e.get(p); code != http.StatusInternalServerError {
+		t.Fatalf("GET with the state unwritable: %d %s", code, body)
+	}
+	os.RemoveAll(state)
+	config := filepath.Join(dir, cp1.Config)
+	if err := os.Rename(config, config+".away"); err != nil {
+		t.Fatal(err)
+	}
+	if code, body := e.get(p); code != http.StatusInternalServerError {
+		t.Fatalf("GET with the config missing: %d %s", code, body)
+	}
+	os.Rename(config+".away", config)
+	if code, _ := e.get(p); code != http.StatusOK {
+		t.Fatalf("first delivery: %d, want 200", code)
+	}
+	if code, _ := e.get(p); code != http.StatusGone {
+		t.Fatalf("second delivery: %d, want 410", code)
+	}
+	if st := e.status(); st.Nodes[0].Name != "cp1" || st.Nodes[0].Config.Fetches != 1 {
+		t.Errorf("status counts %+v, want one delivery", st.Nodes[0].Config)
+	}
+}
+
+// A re-arm is on disk when it is answered: a server killed right after
+// still serves the installed machine its installer.
+func TestArmIsDurable(t *testing.T) {
+	dir := inventory(t)
+	e := start(t, dir)
+	cp1 := e.node("cp1")
+	e.report(cp1, `{"phase":"installed","state":"done"}`)
+	if err := e.srv.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	e.arm("cp1", "", 1)
+	// Read the state as a new server would, without closing this one.
+	data, err := os.ReadFile(filepath.Join(dir, pxe.StateDir, "reports.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(data), `"retired": true`) {
+		t.Errorf("reports.json after a re-arm still holds a retired record:\n%s", data)
+	}
 }

@@ -260,12 +260,32 @@ func (s *Server) saveAssignments() error {
 	return atomicfile.Write(s.statePath(assignmentsFile), append(data, '\n'), 0o600, true)
 }
 
-// configFetched notes where and when a role default's machine fetched its
-// config, and saves it (an fsync per such download: a boot storm of
-// install-mode machines is serialized here). s.mu is held.
-func (s *Server) configFetched(a *assignment, from string, now time.Time) error {
-	a.ConfigFrom, a.ConfigAt = from, now.UTC()
-	return s.saveAssignments()
+// deliver notes a delivery of n's config to the machine with assignment
+// a, and saves what must be on disk before it is sent: on a role default
+// of an installer or a control plane, where and when its machine fetched
+// it (a report that names no MAC is matched by that later; an fsync per
+// such download, so a boot storm of them is serialized here), and a
+// key-carrying config's used-up arming. If saving fails, the delivery is
+// undone and nothing is used up. s.mu is held, and released on return.
+func (s *Server) deliver(n *pxe.Node, a *assignment, f Fetch) error {
+	var err error
+	if n.Default && (n.Mode == pxe.ModeInstall || n.Role.IsControlPlane()) {
+		from, at := a.ConfigFrom, a.ConfigAt
+		a.ConfigFrom, a.ConfigAt = f.From, f.At
+		if err = s.saveAssignments(); err != nil {
+			a.ConfigFrom, a.ConfigAt = from, at
+			s.mu.Unlock()
+			return err
+		}
+	}
+	fetch, snap := s.delivered(n, f)
+	s.mu.Unlock()
+	if err = s.writeConfigs(snap); err != nil {
+		s.mu.Lock()
+		s.undeliver(n, fetch)
+		s.mu.Unlock()
+	}
+	return err
 }
 
 // taken returns the delivery that used up n's arming, if n's config holds
@@ -281,11 +301,11 @@ func (s *Server) taken(n *pxe.Node, mac string, a *assignment) (*Fetch, bool) {
 	return nil, s.retired(n, mac, a)
 }
 
-// delivered notes a delivery of n's config and returns the state to
-// write before the config is sent, for a key-carrying config: its
+// delivered notes a delivery of n's config and returns it and the state
+// to write before the config is sent, for a key-carrying config: its
 // delivery uses up its arming (from now on every fetch gets 410). Other
 // deliveries are written with the reports. s.mu is held.
-func (s *Server) delivered(n *pxe.Node, f Fetch) *configsSnapshot {
+func (s *Server) delivered(n *pxe.Node, f Fetch) (*Fetch, *configsSnapshot) {
 	c := s.configLog(n.Name)
 	c.Count++
 	c.Last = append(c.Last, f)
@@ -294,10 +314,25 @@ func (s *Server) delivered(n *pxe.Node, f Fetch) *configsSnapshot {
 	}
 	if !n.Role.IsControlPlane() {
 		s.configsChanged(false)
-		return nil
+		return nil, nil
 	}
 	c.Taken = &f
-	return s.configsChanged(true)
+	return c.Taken, s.configsChanged(true)
+}
+
+// undeliver takes back a key-carrying delivery that could not be saved:
+// its arming is not used up. s.mu is held.
+func (s *Server) undeliver(n *pxe.Node, f *Fetch) {
+	c := s.configs[n.Name]
+	if c == nil || f == nil || c.Taken != f {
+		return
+	}
+	c.Taken = nil
+	c.Count--
+	if i := slices.Index(c.Last, *f); i >= 0 {
+		c.Last = slices.Delete(c.Last, i, i+1)
+	}
+	s.configsChanged(false)
 }
 
 func (s *Server) configLog(name string) *configLog {
@@ -335,17 +370,19 @@ func (s *Server) Arm(name, mac string, now time.Time) (int, error) {
 	cleared := 0
 	a := s.assigned[mac]
 	for _, r := range s.reports {
-		if r.Node == n.Name && r.Retired && (!n.Default || mac != "" && (r.MAC == mac || a != nil && a.ConfigFrom != "" && r.From == a.ConfigFrom)) {
+		if r.Node == n.Name && r.Retired && (!n.Default || mac != "" && machineOf(r, mac, a)) {
 			r.Retired = false
 			cleared++
 		}
 	}
 	if cleared > 0 {
-		s.schedule()
+		s.dirty = true
 	}
 	snap := s.configsChanged(true)
 	s.mu.Unlock()
-	if err := s.writeConfigs(snap); err != nil {
+	// Both are on disk before the answer: a restart must not bring back
+	// a cleared record, which would keep the machine from its config.
+	if err := errors.Join(s.writeConfigs(snap), s.Flush()); err != nil {
 		return 0, err
 	}
 	on := ""
@@ -407,12 +444,21 @@ func (s *Server) retired(n *pxe.Node, mac string, a *assignment) bool {
 		return ok && r.Retired
 	}
 	for _, r := range s.reports {
-		byAddress := r.MAC == "" && a != nil && a.ConfigFrom != "" && r.From == a.ConfigFrom && r.Received.After(a.ConfigAt)
-		if r.Retired && r.Node == n.Name && (r.MAC != "" && r.MAC == mac || byAddress) {
+		if r.Retired && r.Node == n.Name && machineOf(r, mac, a) {
 			return true
 		}
 	}
 	return false
+}
+
+// machineOf reports whether a role default's record is of the machine
+// with this MAC and assignment: by the MAC its installer named, else by
+// the address it fetched its config from, reported from after that.
+func machineOf(r *record, mac string, a *assignment) bool {
+	if r.MAC != "" {
+		return r.MAC == mac
+	}
+	return a != nil && a.ConfigFrom != "" && r.From == a.ConfigFrom && r.Received.After(a.ConfigAt)
 }
 
 // boundTo reports whether a machine's MAC belongs to an entry: its own, or
@@ -540,13 +586,16 @@ func (s *Server) Flush() error {
 	s.dirty = false
 	s.mu.Unlock()
 	if err == nil {
-		err = errors.Join(atomicfile.Write(s.statePath(reportsFile), append(data, '\n'), 0o600, true), s.writeConfigs(configs))
+		if err = atomicfile.Write(s.statePath(reportsFile), append(data, '\n'), 0o600, true); err != nil {
+			err = fmt.Errorf("save reports: %w", err)
+		}
+		err = errors.Join(err, s.writeConfigs(configs))
 	}
 	if err != nil {
 		s.mu.Lock()
 		s.dirty = true
 		s.mu.Unlock()
-		return fmt.Errorf("save reports: %w", err)
+		return err
 	}
 	return nil
 }
