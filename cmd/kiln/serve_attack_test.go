@@ -92,10 +92,30 @@ func TestAttackSecretsInLogs(t *testing.T) {
 	}
 }
 
-// post sends a report.
+// post sends a report from 127.0.0.1.
 func (p *serveProc) post(t *testing.T, path, body string) int {
 	t.Helper()
-	resp, err := http.Post(p.server+path, "application/json", strings.NewReader(body))
+	return p.postFrom(t, "127.0.0.1", path, body)
+}
+
+// postFrom sends a report from a loopback address of its own: a machine
+// of its own to the server.
+func (p *serveProc) postFrom(t *testing.T, from, path, body string) int {
+	t.Helper()
+	c, err := p.dialFrom(t, from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	req, err := http.NewRequest(http.MethodPost, p.server+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Close = true
+	if err := req.Write(c); err != nil {
+		t.Fatalf("POST %s: %v", path, err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), req)
 	if err != nil {
 		t.Fatalf("POST %s: %v", path, err)
 	}
@@ -114,35 +134,36 @@ func configURL(n *pxe.Node, mac string) string {
 // which an installed control plane's report was answered 204 and dropped,
 // so its config with the cluster keys stayed on offer; 1500 reports made
 // the state file 92 MB. After: reports on a role default never displace
-// another entry's, records that gate key delivery are never dropped, a
-// report that is not kept is answered 503, and records are bounded.
+// another entry's, a live worker's reports (which decide nothing) give
+// way to new ones, records that gate what a machine is served are capped
+// per address and never dropped, a report that is not kept is answered
+// 503, and records are bounded.
 func TestAttackReportFlood(t *testing.T) {
 	dir, m := pxeBundle(t)
 	p := startServe(t, "--bundle", dir, "--pool", "worker")
 	cp1, _ := m.Node("cp1")
 	worker, _ := m.Node("default-worker")
 	flood := strings.Repeat("x", 60<<10)
-	report := func(host, phase string) int {
-		return p.post(t, pxe.ReportPath+worker.Name+"?key="+worker.ReportKey,
+	report := func(n *pxe.Node, from, host, phase string) int {
+		return p.postFrom(t, from, pxe.ReportPath+n.Name+"?key="+n.ReportKey,
 			fmt.Sprintf(`{"node":%q,"phase":%q,"state":"done","lastError":%q}`, host, phase, flood))
 	}
-	// Progress reports of invented machines: the oldest give way.
-	for i := range serve.MaxReports + 10 {
-		if code := report(fmt.Sprintf("ghost-%d", i), "kubeadm-join"); code != http.StatusNoContent {
+	// Invented live workers, from many addresses, in progress or done:
+	// the oldest give way, none is refused.
+	sent := 2*serve.MaxReports + 10
+	for i := range sent {
+		phase := "kubeadm-join"
+		if i%2 == 1 {
+			phase = "done"
+		}
+		from := fmt.Sprintf("127.1.%d.%d", i/serve.MaxReportsPerClient/250, i/serve.MaxReportsPerClient%250+1)
+		if code := report(worker, from, fmt.Sprintf("ghost-%d", i), phase); code != http.StatusNoContent {
 			t.Fatalf("report %d: %d", i, code)
 		}
 	}
-	// Invented machines that say they are done fill the table for good.
-	for i := range serve.MaxReports {
-		if code := report(fmt.Sprintf("done-%d", i), "done"); code != http.StatusNoContent {
-			t.Fatalf("done report %d: %d", i, code)
-		}
-	}
-	if code := report("one-more", "done"); code != http.StatusServiceUnavailable {
-		t.Errorf("report beyond the table: %d, want 503", code)
-	}
-	if code := report("done-7", "done"); code != http.StatusNoContent {
-		t.Errorf("a kept machine's next report: %d, want 204", code)
+	// A real worker that reports now is kept.
+	if code := report(worker, "127.0.0.9", "real-worker", "done"); code != http.StatusNoContent {
+		t.Errorf("a real worker's report after the flood: %d, want 204", code)
 	}
 	// The inventory's control plane is untouched by all of it.
 	if code := p.post(t, pxe.ReportPath+"cp1?key="+cp1.ReportKey+"&mac="+cp1.MAC, `{"phase":"installed","state":"done"}`); code != http.StatusNoContent {
@@ -159,7 +180,40 @@ func TestAttackReportFlood(t *testing.T) {
 	if limit := int64(serve.MaxReports+len(m.Nodes)) * 3 << 10; fi.Size() > limit {
 		t.Errorf("reports.json is %d bytes after the flood, more than %d", fi.Size(), limit)
 	}
-	t.Logf("reports.json after %d reports of 60 KiB: %.1f MiB", 2*serve.MaxReports+12, float64(fi.Size())/(1<<20))
+	t.Logf("reports.json after %d reports of 60 KiB: %.1f MiB", sent+2, float64(fi.Size())/(1<<20))
+
+	// On a control plane's role default, "joined" gates its keys: those
+	// records are never dropped, and one address holds at most
+	// MaxReportsPerClient of them.
+	dir, m = servetest.NewBundle(t,
+		pxe.Node{Name: "cp1", Role: nodeconfig.RoleInit, MAC: "52:54:00:00:00:01"},
+		pxe.Node{Name: "default-control-plane", Role: nodeconfig.RoleControlPlane, Default: true},
+	)
+	p = startServe(t, "--bundle", dir, "--pool", "control-plane")
+	cp, _ := m.Node("default-control-plane")
+	for i := range serve.MaxReportsPerClient {
+		if code := report(cp, "127.0.0.2", fmt.Sprintf("forged-%d", i), "done"); code != http.StatusNoContent {
+			t.Fatalf("done report %d: %d", i, code)
+		}
+	}
+	if code := report(cp, "127.0.0.2", "one-more", "done"); code != http.StatusServiceUnavailable {
+		t.Errorf("a report past the address's cap: %d, want 503", code)
+	}
+	if code := report(cp, "127.0.0.2", "forged-7", "done"); code != http.StatusNoContent {
+		t.Errorf("a kept machine's next report: %d, want 204", code)
+	}
+	if code := report(cp, "127.0.0.3", "real-cp", "done"); code != http.StatusNoContent {
+		t.Errorf("another machine's report: %d, want 204", code)
+	}
+	p.stop(t)
+	var rs struct{ Reports []struct{ Host string } }
+	data, err := os.ReadFile(filepath.Join(dir, pxe.StateDir, "reports.json"))
+	if err == nil {
+		err = json.Unmarshal(data, &rs)
+	}
+	if err != nil || len(rs.Reports) != serve.MaxReportsPerClient+1 {
+		t.Errorf("reports.json holds %d records (%v), want %d", len(rs.Reports), err, serve.MaxReportsPerClient+1)
+	}
 }
 
 // stolenConfig does what a stranger on the provisioning network can: ask

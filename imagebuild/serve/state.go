@@ -137,14 +137,16 @@ func (s *Server) readState(name string, v any) error {
 
 // Caps on what unauthenticated machines can make the server remember: an
 // assignment per unknown MAC (with --pool; at most MaxAssignmentsPerClient
-// asked for from one address), and per role default a record
-// per machine that reports on it (inventory entries have one record each).
+// asked for from one address), and per role default a record per machine
+// that reports on it, at most MaxReportsPerClient from one address
+// (inventory entries have one record each).
 // A record holds at most maxRecordText bytes of reported text, so the
 // reports file stays under about 2 KiB per record.
 const (
 	MaxAssignments          = 4096
 	MaxAssignmentsPerClient = 16
 	MaxReports              = 2048
+	MaxReportsPerClient     = 64
 	maxRecordText           = 2 << 10
 )
 
@@ -471,11 +473,10 @@ func (s *Server) boundTo(n *pxe.Node, mac string) bool {
 }
 
 // record keeps a report and schedules writing it. mac is the MAC the
-// report names (bound to n), if any. A role default's new machine takes
-// the place of its oldest machine that has not reported installed or
-// done once MaxReports of them have reported; when every record is such
-// a gate of key delivery, the report is refused with errReportsFull.
-// Records of other entries are never touched.
+// report names (bound to n), if any. A role default's new machine may
+// take the place of an older one that gates nothing (see makeRoom); when
+// there is none, the report is refused with errReportsFull. Records of
+// other entries are never touched.
 func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now time.Time) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -495,9 +496,11 @@ func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now
 				}
 			}
 		}
-		if n.Default && !s.makeRoom(n) {
-			s.log.Printf("refused a report for %s from %s: %d of its machines reported installed or done, the most kiln serve keeps (an invented flood? see kiln status)", n.Name, from, MaxReports)
-			return errReportsFull
+		if n.Default {
+			if err := s.makeRoom(n, from); err != nil {
+				s.log.Printf("refused a report for %s from %s: %v", n.Name, from, err)
+				return errReportsFull
+			}
 		}
 		s.reports[k] = r
 	}
@@ -522,29 +525,58 @@ func (s *Server) schedule() {
 	}
 }
 
-// makeRoom makes room for one more record of role default n: below
-// MaxReports there is; else its oldest record that gates nothing (not
-// retired) is dropped. s.mu is held.
-func (s *Server) makeRoom(n *pxe.Node) bool {
-	count, oldest := 0, ""
+// gates reports whether a record decides what a machine is served: an
+// installed or joined machine of a control-plane entry (its keys are not
+// handed out again) or of an installer (it boots its disk). A live
+// worker's "done" decides nothing: it boots from the network anyway.
+func gates(n *pxe.Node, r *record) bool {
+	return r.Retired && (n.Role.IsControlPlane() || n.Mode == pxe.ModeInstall)
+}
+
+// makeRoom makes room for one more record of role default n, from
+// address from: one address holds at most MaxReportsPerClient of its
+// records, all of them at most MaxReports. Past either, the oldest record
+// there that gates nothing is dropped; if every one gates, there is no
+// room. s.mu is held.
+func (s *Server) makeRoom(n *pxe.Node, from string) error {
+	count, byFrom := 0, 0
+	oldest, oldestFrom := "", ""
+	older := func(k, than string) bool { return than == "" || s.reports[k].Received.Before(s.reports[than].Received) }
 	for k, r := range s.reports {
 		if r.Node != n.Name {
 			continue
 		}
 		count++
-		if !r.Retired && (oldest == "" || r.Received.Before(s.reports[oldest].Received)) {
+		if r.From == from {
+			byFrom++
+		}
+		if gates(n, r) {
+			continue
+		}
+		if older(k, oldest) {
 			oldest = k
 		}
+		if r.From == from && older(k, oldestFrom) {
+			oldestFrom = k
+		}
 	}
+	drop := ""
 	switch {
-	case count < MaxReports:
-		return true
-	case oldest == "":
-		return false
+	case byFrom >= MaxReportsPerClient && oldestFrom == "":
+		return fmt.Errorf("%d machines at %s reported installed or joined on %s, the most kiln serve keeps from one address (an invented flood? see kiln status)", byFrom, from, n.Name)
+	case byFrom >= MaxReportsPerClient:
+		drop = oldestFrom
+	case count >= MaxReports && oldest == "":
+		return fmt.Errorf("%d machines reported installed or joined on %s, the most kiln serve keeps (an invented flood? see kiln status)", count, n.Name)
+	case count >= MaxReports:
+		drop = oldest
+	default:
+		return nil
 	}
-	s.log.Printf("forgot the report of %s from %s (%s): %s has %d machines, the most kiln serve keeps", s.reports[oldest].Host, s.reports[oldest].From, s.reports[oldest].Status.Phase, n.Name, MaxReports)
-	delete(s.reports, oldest)
-	return true
+	r := s.reports[drop]
+	s.log.Printf("forgot the report of %s from %s (%s) on %s: room for a new machine", r.Host, r.From, r.Status.Phase, n.Name)
+	delete(s.reports, drop)
+	return nil
 }
 
 // bound cuts every text a report carries to maxRecordText bytes in all,
