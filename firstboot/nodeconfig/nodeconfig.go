@@ -20,6 +20,7 @@ import (
 	"path"
 	"regexp"
 	"strconv"
+	"slices"
 	"strings"
 	"time"
 
@@ -346,9 +347,12 @@ func (nc *NodeConfig) Validate() error {
 	if nc.Kubeadm.CertificatesDir == "" {
 		add("kubeadm.certificatesDir", "required")
 	}
+	// What the node keeps after the join: kubeadm's certificates, this
+	// file and the agent's state.
+	kept := []string{nc.Kubeadm.CertificatesDir, DefaultPath, path.Dir(DoneFile)}
 	for i, p := range nc.RemoveAfterJoin {
-		if !path.IsAbs(p) || path.Clean(p) != p || p == "/" || p == nc.Kubeadm.CertificatesDir || strings.HasPrefix(nc.Kubeadm.CertificatesDir, p+"/") {
-			add(fmt.Sprintf("removeAfterJoin[%d]", i), "%q: give a clean absolute path outside kubeadm's certificatesDir", p)
+		if !path.IsAbs(p) || path.Clean(p) != p || slices.ContainsFunc(kept, func(k string) bool { return within(p, k) || within(k, p) }) {
+			add(fmt.Sprintf("removeAfterJoin[%d]", i), "%q: give a clean absolute path that neither holds nor lies in %s", p, strings.Join(kept, ", "))
 		}
 	}
 	if nc.Role == RoleInit {
@@ -519,4 +523,9 @@ func ParseCACertificate(pemText string) (*x509.Certificate, error) {
 func CACertHash(cert *x509.Certificate) string {
 	sum := sha256.Sum256(cert.RawSubjectPublicKeyInfo)
 	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// within reports whether clean absolute path p is dir or lies in it.
+func within(p, dir string) bool {
+	return p == dir || dir == "/" || strings.HasPrefix(p, dir+"/")
 }

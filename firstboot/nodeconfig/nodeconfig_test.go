@@ -66,3 +66,31 @@ func TestHostnameTemplateUsesTheClusterName(t *testing.T) {
 		t.Errorf("59 characters is fine: %v", err)
 	}
 }
+
+// removeAfterJoin may not reach what the node keeps: kubeadm's
+// certificates, node.yaml and the agent's state, nor a folder holding
+// them.
+func TestRemoveAfterJoinKeepsWhatTheNodeNeeds(t *testing.T) {
+	for p, ok := range map[string]bool{
+		"/etc/kiln/kubeadm-join.yaml":      true,
+		"/etc/kiln/pki":                    true,
+		"/oem/config.ign":                  true,
+		"/etc/kubernetes/pki":              false,
+		"/etc/kubernetes/pki/ca.key":       false,
+		"/etc/kubernetes":                  false,
+		"/etc/kiln/node.yaml":              false,
+		"/etc/kiln":                        false,
+		"/var/lib/kiln":                    false,
+		"/var/lib/kiln/removed-after-join": false,
+		"/var":                             false,
+		"/":                                false,
+		"relative/file":                    false,
+		"/etc/kiln/../kubernetes/pki":      false,
+	} {
+		nc := &NodeConfig{Kubeadm: Kubeadm{CertificatesDir: "/etc/kubernetes/pki"}, RemoveAfterJoin: []string{p}}
+		err := nc.Validate()
+		if got := err == nil || !strings.Contains(err.Error(), "removeAfterJoin[0]"); got != ok {
+			t.Errorf("removeAfterJoin %q: accepted %v, want %v (%v)", p, got, ok, err)
+		}
+	}
+}
