@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/kilnproject/kiln/imagebuild/pxe"
 )
@@ -99,4 +101,51 @@ func loggedURI(r *http.Request) string {
 		}
 	}
 	return s + "?" + strings.Join(parts, "&")
+}
+
+// Lines about what a client did (refusals, and what its reports
+// displaced) are logged at most logBurst a minute per client address: a
+// flood of bad requests cannot fill the server's log (the access log,
+// which the operator asks for, still has every request).
+const logBurst = 20
+
+// clientLines counts the lines logged about each client address, per
+// minute.
+type clientLines struct {
+	mu  sync.Mutex
+	per map[string]*lineWindow
+}
+
+type lineWindow struct {
+	start  time.Time
+	logged int
+}
+
+// logFrom logs a line about a request from address from, unless logBurst
+// were logged about that address this minute; the first line of the next
+// minute says how many were not.
+func (s *Server) logFrom(from, format string, args ...any) {
+	cl := &s.clientLines
+	now := time.Now()
+	cl.mu.Lock()
+	w := cl.per[from]
+	if w == nil || now.Sub(w.start) >= time.Minute {
+		if w != nil && w.logged > logBurst {
+			s.log.Printf("%d more lines about requests from %s were not logged", w.logged-logBurst, from)
+		}
+		if cl.per == nil || len(cl.per) > 4096 {
+			cl.per = map[string]*lineWindow{}
+		}
+		w = &lineWindow{start: now}
+		cl.per[from] = w
+	}
+	w.logged++
+	logged := w.logged
+	cl.mu.Unlock()
+	switch {
+	case logged < logBurst:
+		s.log.Printf(format, args...)
+	case logged == logBurst:
+		s.log.Printf(format+" (no more lines about this address this minute)", args...)
+	}
 }

@@ -106,6 +106,7 @@ type Server struct {
 	flushTimer     *time.Timer
 	flushMu        sync.Mutex // one writer of reports.json at a time
 	unlock         func()     // releases the bundle's state lock
+	clientLines    clientLines
 }
 
 // New reads the bundle's manifest and the server's state.
@@ -286,10 +287,10 @@ func (s *Server) script(w http.ResponseWriter, r *http.Request) {
 	s.mu.Unlock()
 	switch {
 	case err != nil:
-		s.log.Printf("assign %s: %v", mac, err)
+		s.logFrom(host(r.RemoteAddr), "assign %s: %v", mac, err)
 		busy(w, 60, "kiln: no assignment for "+mac+" (see kiln serve's log)")
 	case n == nil:
-		s.log.Printf("unknown MAC %s (from %s): add it to the cluster file's nodes[].mac and rebuild with kiln pxe, or run kiln serve with --pool", mac, r.RemoteAddr)
+		s.logFrom(host(r.RemoteAddr), "unknown MAC %s (from %s): add it to the cluster file's nodes[].mac and rebuild with kiln pxe, or run kiln serve with --pool", mac, r.RemoteAddr)
 		http.Error(w, "kiln: unknown MAC "+mac, http.StatusNotFound)
 	case installed:
 		s.log.Printf("%s (%s) is installed: it boots from its disk", n.Name, mac)
@@ -305,7 +306,7 @@ func (s *Server) script(w http.ResponseWriter, r *http.Request) {
 func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 	q := r.URL.Query()
 	refuse := func(why string) {
-		s.log.Printf("refused config %q to %s: %s", name, r.RemoteAddr, why)
+		s.logFrom(host(r.RemoteAddr), "refused config %q to %s: %s", name, r.RemoteAddr, why)
 		http.Error(w, "kiln: config refused", http.StatusForbidden)
 	}
 	n, ok := s.m.Node(name)
@@ -335,7 +336,7 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 		if t != nil {
 			why = fmt.Sprintf("fetched by %s (MAC %s) at %s", t.From, t.MAC, t.At.Format(time.RFC3339))
 		}
-		s.log.Printf("refused config %s to %s (%s): its cluster keys were handed out already (%s); to serve them once more, run kiln rearm %s --bundle DIR", n.Name, mac, r.RemoteAddr, why, n.Name)
+		s.logFrom(host(r.RemoteAddr), "refused config %s to %s (%s): its cluster keys were handed out already (%s); to serve them once more, run kiln rearm %s --bundle DIR", n.Name, mac, r.RemoteAddr, why, n.Name)
 		http.Error(w, fmt.Sprintf("kiln: %s's config holds cluster keys and was handed out already (%s); it is served once per arming: to rebuild this machine, run kiln rearm %s --bundle DIR on the server", n.Name, why, n.Name), http.StatusGone)
 		return
 	}
@@ -467,7 +468,7 @@ func (p *paced) Unwrap() http.ResponseWriter { return p.ResponseWriter }
 func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
 	n, ok := s.m.Node(name)
 	if !ok || subtle.ConstantTimeCompare([]byte(r.URL.Query().Get("key")), []byte(n.ReportKey)) != 1 {
-		s.log.Printf("refused report for %q from %s: unknown node or wrong key", name, r.RemoteAddr)
+		s.logFrom(host(r.RemoteAddr), "refused report for %q from %s: unknown node or wrong key", name, r.RemoteAddr)
 		http.Error(w, "kiln: report refused", http.StatusForbidden)
 		return
 	}
@@ -494,7 +495,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
 			return
 		}
 		if !s.boundTo(n, mac) {
-			s.log.Printf("refused report for %s from %s: MAC %s is not %s's", n.Name, r.RemoteAddr, mac, n.Name)
+			s.logFrom(host(r.RemoteAddr), "refused report for %s from %s: MAC %s is not %s's", n.Name, r.RemoteAddr, mac, n.Name)
 			http.Error(w, "kiln: report refused", http.StatusForbidden)
 			return
 		}
@@ -513,7 +514,7 @@ func (s *Server) operator(w http.ResponseWriter, r *http.Request) bool {
 	if strings.EqualFold(scheme, "Bearer") && subtle.ConstantTimeCompare([]byte(token), []byte(s.m.StatusToken)) == 1 {
 		return true
 	}
-	s.log.Printf("refused %s %s to %s: no or a wrong status token", r.Method, r.URL.Path, r.RemoteAddr)
+	s.logFrom(host(r.RemoteAddr), "refused %s %s to %s: no or a wrong status token", r.Method, r.URL.Path, r.RemoteAddr)
 	w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
 	http.Error(w, "kiln: this needs Authorization: Bearer with the bundle's statusToken", http.StatusUnauthorized)
 	return false

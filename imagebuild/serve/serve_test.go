@@ -690,3 +690,24 @@ func TestArmIsDurable(t *testing.T) {
 		t.Errorf("reports.json after a re-arm still holds a retired record:\n%s", data)
 	}
 }
+
+// A flood of bad requests from one address does not fill the server's
+// log; another machine's refusals are still logged.
+func TestRefusalsLoggedBoundedPerAddress(t *testing.T) {
+	e := start(t, inventory(t))
+	cp1 := e.node("cp1")
+	for range 100 {
+		if code, _ := e.get(configPath(cp1, macInit, "wrong")); code != http.StatusForbidden {
+			t.Fatalf("wrong token: %d", code)
+		}
+	}
+	e.from = "127.0.0.2"
+	e.get(configPath(cp1, macInit, "wrong"))
+	lines := strings.Count(e.log.String(), "refused config \"cp1\" to 127.0.0.1:")
+	if lines != 20 || !strings.Contains(e.log.String(), "no more lines about this address this minute") {
+		t.Errorf("%d refusals of 127.0.0.1 logged, want 20 and a note:\n%s", lines, e.log)
+	}
+	if !strings.Contains(e.log.String(), "refused config \"cp1\" to 127.0.0.2:") {
+		t.Errorf("the other address's refusal was not logged")
+	}
+}

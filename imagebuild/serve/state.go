@@ -498,7 +498,7 @@ func (s *Server) record(n *pxe.Node, st nodeconfig.Status, from, mac string, now
 		}
 		if n.Default {
 			if err := s.makeRoom(n, from); err != nil {
-				s.log.Printf("refused a report for %s from %s: %v", n.Name, from, err)
+				s.logFrom(from, "refused a report for %s from %s: %v", n.Name, from, err)
 				return errReportsFull
 			}
 		}
@@ -574,7 +574,7 @@ func (s *Server) makeRoom(n *pxe.Node, from string) error {
 		return nil
 	}
 	r := s.reports[drop]
-	s.log.Printf("forgot the report of %s from %s (%s) on %s: room for a new machine", r.Host, r.From, r.Status.Phase, n.Name)
+	s.logFrom(from, "forgot the report of %s from %s (%s) on %s: room for a new machine", r.Host, r.From, r.Status.Phase, n.Name)
 	delete(s.reports, drop)
 	return nil
 }
