@@ -102,14 +102,21 @@ Fedora CoreOS with a first-boot agent that runs kubeadm init or join.`,
 		newImagesCmd(g),
 		newRenderCmd(g),
 		newKubeconfigCmd(g),
-		newVersionCmd(g),
-		newProfilesCmd(g),
 		newBuildImageCmd(g),
 		newPxeCmd(g),
-		newServeCmd(g),
-		newStatusCmd(g),
-		newRearmCmd(g),
 	)
+	// These read no cluster file: their help does not offer -c/--secrets.
+	for _, cmd := range []*cobra.Command{newVersionCmd(g), newProfilesCmd(g), newServeCmd(g), newStatusCmd(g), newRearmCmd(g)} {
+		cmd.SetHelpFunc(func(c *cobra.Command, args []string) {
+			for _, name := range []string{"cluster", "secrets"} {
+				f := c.InheritedFlags().Lookup(name)
+				f.Hidden = true
+				defer func() { f.Hidden = false }()
+			}
+			root.HelpFunc()(c, args)
+		})
+		root.AddCommand(cmd)
+	}
 	return root
 }
 

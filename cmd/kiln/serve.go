@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -111,8 +112,8 @@ func runServe(ctx context.Context, g *globals, o *serveOptions) error {
 		defer f.Close()
 		access = f
 	}
-	if o.minRate < 1 {
-		return fault.Wrap(fault.Input, fmt.Errorf("--min-rate %d: give at least 1 (KiB/s)", o.minRate))
+	if o.minRate < 1 || o.minRate > maxMinRate {
+		return fault.Wrap(fault.Input, fmt.Errorf("--min-rate %d: give 1 to %d (KiB/s): machines that share a link each get a share of it, and a download below the floor is dropped", o.minRate, maxMinRate))
 	}
 	srv, err := serve.New(serve.Options{Dir: o.bundle, Pool: pool, AccessLog: access, Log: g.stderr, MinRate: o.minRate << 10})
 	if err != nil {
@@ -128,8 +129,16 @@ func runServe(ctx context.Context, g *globals, o *serveOptions) error {
 	if warning := checkServerURL(m.ServerURL, ln.Addr()); warning != "" {
 		fmt.Fprintf(g.stderr, "kiln serve: warning: %s\n", warning)
 	}
-	return srv.Serve(ctx, ln)
+	if err := srv.Serve(ctx, ln); err != nil {
+		return err
+	}
+	fmt.Fprintf(g.stderr, "kiln serve: stopped; assignments and reports are saved in %s\n", filepath.Join(o.bundle, pxe.StateDir))
+	return nil
 }
+
+// maxMinRate bounds --min-rate, in KiB/s: a floor near a whole
+// 100 Mbit/s link (12 MiB/s) drops machines that share one.
+const maxMinRate = 8 << 10
 
 // checkServerURL warns when the nodes' server URL cannot reach this
 // listener.

@@ -271,7 +271,7 @@ func TestAttackKeysHandedOutOnce(t *testing.T) {
 		t.Errorf("status does not say who took the keys: %v", taken)
 	}
 	r = kiln(t, "status", "--bundle", dir, "--server", p.server)
-	if !regexp.MustCompile(`(?m)^cp1 +init +52:54:00:00:00:01 +install +given \d+s ago to 127\.0\.0\.1 `).MatchString(r.stdout) {
+	if !regexp.MustCompile(`(?m)^cp1 +init +52:54:00:00:00:01 +install +given \d+s ago to 127\.0\.0\.1, 3 refused \(last \d+s ago from 127\.0\.0\.1\) `).MatchString(r.stdout) {
 		t.Errorf("status table:\n%s", r.stdout)
 	}
 

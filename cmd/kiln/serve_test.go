@@ -127,6 +127,9 @@ func TestServe(t *testing.T) {
 	kiln(t, "status", "--server", server, "--token-file", right).expect(t, 0)
 
 	p.stop(t)
+	if !strings.Contains(errOut.String(), "kiln serve: stopped; assignments and reports are saved in") {
+		t.Errorf("no word at SIGTERM:\n%s", errOut.String())
+	}
 	state, err := os.ReadFile(filepath.Join(dir, pxe.StateDir, "reports.json"))
 	if err != nil || !strings.Contains(string(state), "kubeadm-join") {
 		t.Errorf("reports not saved at shutdown: %v\n%s", err, state)
@@ -148,6 +151,11 @@ func TestServeBadInput(t *testing.T) {
 	kiln(t, "serve", "--bundle", t.TempDir()).expect(t, exitInput, "not a kiln PXE bundle")
 	kiln(t, "serve", "--bundle", dir, "--pool", "worker,boss").expect(t, exitInput, "--pool")
 	kiln(t, "serve", "--bundle", dir, "--pool", "init").expect(t, exitInput, "pool role init")
+	kiln(t, "serve", "--bundle", dir, "--min-rate", "0").expect(t, exitInput, "--min-rate 0: give 1 to 8192")
+	kiln(t, "serve", "--bundle", dir, "--min-rate", "100000").expect(t, exitInput, "--min-rate 100000")
+	if r := kiln(t, "serve", "--help"); strings.Contains(r.stdout, "--secrets") || !strings.Contains(r.stdout, "--min-rate") {
+		t.Errorf("serve --help offers flags it does not read:\n%s", r.stdout)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

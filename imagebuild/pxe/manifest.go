@@ -71,7 +71,8 @@ type Manifest struct {
 	// RootfsArg names the kernel argument for the live rootfs URL (Fedora
 	// CoreOS), if the OS has one.
 	RootfsArg string `json:"rootfsArg,omitempty"`
-	// StatusToken guards StatusPath.
+	// StatusToken is the operator's bearer token: it guards StatusPath
+	// (every node's state) and ArmPath (re-arming a node's keys).
 	StatusToken string  `json:"statusToken"`
 	Assets      []Asset `json:"assets"`
 	Nodes       []Node  `json:"nodes"`

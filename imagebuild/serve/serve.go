@@ -331,6 +331,9 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 		return
 	}
 	if t, gone := s.taken(n, mac, a); gone {
+		if r.Method == http.MethodGet {
+			s.refusedDelivery(n, Fetch{From: host(r.RemoteAddr), MAC: mac, At: time.Now().UTC()})
+		}
 		s.mu.Unlock()
 		why := "it reported installed or joined"
 		if t != nil {

@@ -92,6 +92,10 @@ type configLog struct {
 	// Count counts deliveries; Last holds the latest, oldest first.
 	Count int     `json:"count"`
 	Last  []Fetch `json:"last"`
+	// Refused counts the fetches answered 410 since the entry was last
+	// armed; LastRefused is the latest.
+	Refused     int    `json:"refused,omitempty"`
+	LastRefused *Fetch `json:"lastRefused,omitempty"`
 }
 
 type configsJSON struct {
@@ -337,6 +341,15 @@ func (s *Server) undeliver(n *pxe.Node, f *Fetch) {
 	s.configsChanged(false)
 }
 
+// refusedDelivery counts a fetch of a config whose keys were handed out
+// already, for kiln status; written with the reports. s.mu is held.
+func (s *Server) refusedDelivery(n *pxe.Node, f Fetch) {
+	c := s.configLog(n.Name)
+	c.Refused++
+	c.LastRefused = &f
+	s.configsChanged(false)
+}
+
 func (s *Server) configLog(name string) *configLog {
 	c := s.configs[name]
 	if c == nil {
@@ -368,7 +381,7 @@ func (s *Server) Arm(name, mac string, now time.Time) (int, error) {
 	}
 	s.mu.Lock()
 	c := s.configLog(n.Name)
-	c.Taken, c.Armed = nil, now.UTC()
+	c.Taken, c.Armed, c.Refused, c.LastRefused = nil, now.UTC(), 0, nil
 	cleared := 0
 	a := s.assigned[mac]
 	for _, r := range s.reports {

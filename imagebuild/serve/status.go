@@ -44,6 +44,11 @@ type ConfigStatus struct {
 	// Fetches counts deliveries; Last lists the latest, oldest first.
 	Fetches int     `json:"fetches"`
 	Last    []Fetch `json:"last,omitempty"`
+	// Refused counts fetches answered 410 since the last arming (a
+	// machine asking for keys handed out already); LastRefused is the
+	// latest.
+	Refused     int    `json:"refused,omitempty"`
+	LastRefused *Fetch `json:"lastRefused,omitempty"`
 }
 
 // Assignment is a machine the pool gave an entry.
@@ -104,10 +109,14 @@ func (s *Server) snapshot(now time.Time) Status {
 		slices.SortFunc(rs, func(a, b Report) int { return cmp.Or(cmp.Compare(a.Host, b.Host), cmp.Compare(a.From, b.From)) })
 		cs := ConfigStatus{HoldsKeys: n.Role.IsControlPlane()}
 		if c := s.configs[n.Name]; c != nil {
-			cs.Armed, cs.Fetches, cs.Last = c.Armed, c.Count, slices.Clone(c.Last)
+			cs.Armed, cs.Fetches, cs.Last, cs.Refused = c.Armed, c.Count, slices.Clone(c.Last), c.Refused
 			if c.Taken != nil {
 				t := *c.Taken
 				cs.Taken = &t
+			}
+			if c.LastRefused != nil {
+				t := *c.LastRefused
+				cs.LastRefused = &t
 			}
 		}
 		st.Nodes = append(st.Nodes, NodeStatus{Name: n.Name, Role: n.Role, MAC: n.MAC, Mode: n.Mode, Default: n.Default, Assigned: as, Reports: rs, Config: cs})
