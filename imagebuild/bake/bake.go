@@ -257,6 +257,9 @@ func (o Options) check() error {
 	tools := ext4Tools
 	if t.Inject.Method == profiles.InjectFlatcarOEM {
 		tools = append(tools, btrfsTools...)
+		if os.Geteuid() != 0 {
+			tools = append(tools, unshare)
+		}
 	}
 	if t.Firmware != nil {
 		tools = append(tools, fatTools...)

@@ -2,6 +2,7 @@ package bake
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -123,8 +124,8 @@ func rebuildBtrfs(ctx context.Context, r Runner, part, out, work string, fsys di
 	if err := os.Mkdir(tree, 0o755); err != nil {
 		return fault.Wrap(fault.IO, err)
 	}
-	if _, err := r.Run(ctx, btrfs.name, "restore", "-m", "-S", "-x", part, tree); err != nil {
-		return fault.Wrap(fault.Download, fmt.Errorf("read the base image's OEM btrfs: %w", err))
+	if _, err := asRootOwner(ctx, r, btrfs.name, "restore", "-m", "-S", "-x", part, tree); err != nil {
+		return fault.Wrap(cmp.Or(fault.KindOf(err), fault.Download), fmt.Errorf("read the base image's OEM btrfs: %w", err))
 	}
 	fi, err := os.Stat(part)
 	if err != nil {
@@ -153,8 +154,8 @@ func rebuildBtrfs(ctx context.Context, r Runner, part, out, work string, fsys di
 	if err != nil {
 		return fault.Wrap(fault.IO, err)
 	}
-	if _, err := r.Run(ctx, mkfsBtrfs.name, "-q", "-f", "-L", fsys.Label, "-U", fsys.UUID, "--rootdir", tree, out); err != nil {
-		return fault.Wrap(fault.IO, fmt.Errorf("build the OEM btrfs: %w", err))
+	if _, err := asRootOwner(ctx, r, mkfsBtrfs.name, "-q", "-f", "-L", fsys.Label, "-U", fsys.UUID, "--rootdir", tree, out); err != nil {
+		return fault.Wrap(cmp.Or(fault.KindOf(err), fault.IO), fmt.Errorf("build the OEM btrfs: %w", err))
 	}
 	if _, err := r.Run(ctx, btrfs.name, "check", "--readonly", out); err != nil {
 		return fault.Wrap(fault.IO, fmt.Errorf("btrfs check finds the new OEM filesystem damaged (please report this): %w", err))
