@@ -19,8 +19,8 @@ import (
 	"net"
 	"path"
 	"regexp"
-	"strconv"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
