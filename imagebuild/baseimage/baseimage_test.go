@@ -111,17 +111,61 @@ func armoredPublic(t *testing.T, e *openpgp.Entity) []byte {
 	return b.Bytes()
 }
 
+// testImage is a small Flatcar-like disk: a GPT with a USR-A partition
+// whose ext4 holds lib/os-release of release 1.2.3 (made with sgdisk and
+// mke2fs), and its zstd.
 func testImage(t *testing.T) (raw, compressed []byte) {
-	noise := make([]byte, 64<<10)
-	for i := range noise {
-		noise[i] = byte(i * 7919 >> 3)
+	return flatcarDisk(t, "1.2.3")
+}
+
+func flatcarDisk(t *testing.T, version string) (raw, compressed []byte) {
+	t.Helper()
+	dir := t.TempDir()
+	root := filepath.Join(dir, "usr")
+	os.MkdirAll(filepath.Join(root, "lib"), 0o755)
+	os.WriteFile(filepath.Join(root, "lib", "os-release"), []byte("NAME=\"Flatcar Container Linux by Kinvolk\"\nID=flatcar\nVERSION="+version+"\nVERSION_ID="+version+"\n"), 0o644)
+	img, usr := filepath.Join(dir, "disk.img"), filepath.Join(dir, "usr.img")
+	for _, c := range [][]string{
+		{"truncate", "-s", "8M", img},
+		{"sgdisk", "-n", "1:2048:+4M", "-c", "1:USR-A", img},
+		{"mke2fs", "-q", "-t", "ext4", "-d", root, usr, "4M"},
+		{"dd", "if=" + usr, "of=" + img, "bs=1M", "seek=1", "conv=notrunc", "status=none"},
+	} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", c, err, out)
+		}
 	}
-	raw = append(bytes.Repeat([]byte{0}, 1<<20), noise...)
+	raw, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var b bytes.Buffer
 	zw, _ := zstd.NewWriter(&b)
 	zw.Write(raw)
 	zw.Close()
 	return raw, b.Bytes()
+}
+
+// Before: the version came from the URL (and version.txt, .DIGESTS), none
+// signed, so a mirror could serve an older signed release under a newer
+// name. After: the release read from the image's own /usr must be the one
+// asked for, on the first download and on every cache hit.
+func TestFlatcarVersionBoundToTheImage(t *testing.T) {
+	signer, _ := openpgp.NewEntity("test", "", "test@kiln.invalid", nil)
+	_, older := flatcarDisk(t, "1.2.2")
+	rel := newRelease(t, older, signer) // 1.2.2's signed image, served as 1.2.3
+	target, _ := profiles.LookupTarget("flatcar-amd64")
+	src := Source{Target: target, Channel: "stable", Version: "current", Mirror: rel.URL + "/{channel}", Keyring: armoredPublic(t, signer)}
+	c := &Cache{Dir: t.TempDir(), Client: rel.Client(), Progress: io.Discard}
+	for range 2 {
+		_, _, _, err := c.Fetch(context.Background(), src)
+		if fault.KindOf(err) != fault.Download || !strings.Contains(err.Error(), "is Flatcar 1.2.2 inside (its /usr/lib/os-release), not 1.2.3") {
+			t.Fatalf("an older release under a newer name: %v", err)
+		}
+	}
+	if got, err := FlatcarImageVersion(context.Background(), c.rawPath(Digest{"sha512", fmt.Sprintf("%x", sha512.Sum512(older))}), t.TempDir()); err != nil || got != "1.2.2" {
+		t.Errorf("FlatcarImageVersion = %q, %v", got, err)
+	}
 }
 
 func TestFetchVerifiesResumesAndCaches(t *testing.T) {

@@ -54,15 +54,22 @@ func (c *Cache) rawPath(d Digest) string {
 }
 
 // Fetch returns the cached raw image of s's release, downloading,
-// verifying and decompressing it first if it is not cached yet. hit
-// reports a cache hit.
+// verifying and decompressing it first if it is not cached yet. A Flatcar
+// image must hold the release it was fetched as (checkFlatcarVersion).
+// hit reports a cache hit.
 func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, hit bool, err error) {
 	rel, err = Resolve(ctx, c.Client, s)
 	if err != nil {
 		return "", nil, false, err
 	}
 	raw = c.rawPath(rel.Digest)
+	flatcar := s.Target.Image.Source == profiles.SourceFlatcarRelease
 	if _, err := os.Stat(raw); err == nil {
+		if flatcar {
+			if err := c.checkFlatcarVersion(ctx, raw, rel); err != nil {
+				return "", nil, false, err
+			}
+		}
 		fmt.Fprintf(c.Progress, "base image %s %s: cached (%s)\n", s.Target.Name, rel.Version, raw)
 		return raw, rel, true, nil
 	}
@@ -82,6 +89,12 @@ func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, 
 		return "", nil, false, err
 	}
 	os.Remove(part)
+	if flatcar {
+		if err := c.checkFlatcarVersion(ctx, raw, rel); err != nil {
+			return "", nil, false, err
+		}
+		fmt.Fprintf(c.Progress, "base image %s: Flatcar %s inside, as asked for\n", filepath.Base(rel.URL), rel.Version)
+	}
 	return raw, rel, false, nil
 }
 

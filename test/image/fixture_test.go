@@ -107,6 +107,11 @@ func fillBtrfs(label string, files map[string][]byte) func(t *testing.T, path st
 			t.Fatal(err)
 		}
 		must(t, "mkfs.btrfs", "-q", "-L", label, "--rootdir", tree(t, files), path)
+		// mkfs.btrfs grows a file below its minimum size (about 109 MiB,
+		// more with data).
+		if fi, err := os.Stat(path); err != nil || fi.Size() != size {
+			t.Fatalf("%s: a %d MiB partition is too small for btrfs (%v)", label, size>>20, err)
+		}
 	}
 }
 
@@ -203,17 +208,17 @@ type fixture struct {
 }
 
 // flatcarFixture mirrors Flatcar's GPT at small sizes: an OEM btrfs that
-// already holds files, USR-A with its fixed GUID and data, the ESP with
-// the first-boot flag.
+// already holds files, USR-A with its fixed GUID and a btrfs /usr naming
+// its release (lib/os-release), the ESP with the first-boot flag.
 func flatcarFixture(t *testing.T, dir, arch string) fixture {
 	efi := map[string]string{"amd64": "EFI/boot/bootx64.efi", "arm64": "EFI/boot/bootaa64.efi"}[arch]
 	esp := map[string][]byte{efi: randomBytes(t, 64<<10), "flatcar/first_boot": {}}
 	oem := map[string][]byte{"grub.cfg": []byte("set linux_append=\"\"\n"), "oem-release": []byte("ID=kiln-fixture\n")}
 	f := fixture{path: filepath.Join(dir, "flatcar-"+arch+".bin"), files: map[string]map[string][]byte{"EFI-SYSTEM": esp, "OEM": oem}}
-	buildDisk(t, f.path, flatcarDiskGUID, 336, []part{
+	buildDisk(t, f.path, flatcarDiskGUID, 432, []part{
 		{num: 1, name: "EFI-SYSTEM", typ: typeESP, mib: 64, fill: fillFAT("32", esp, "EFI-SYSTEM")},
 		{num: 2, name: "BIOS-BOOT", typ: typeBIOS, mib: 2, fill: fillRandom(1 << 20)},
-		{num: 3, name: "USR-A", typ: typeUSR, guid: usrAGUID, mib: 32, fill: fillRandom(8 << 20)},
+		{num: 3, name: "USR-A", typ: typeUSR, guid: usrAGUID, mib: 128, fill: fillBtrfs("USR", map[string][]byte{"lib/os-release": []byte("ID=flatcar\nVERSION=" + flatcarVersion + "\nVERSION_ID=" + flatcarVersion + "\n"), "bin/stand-in": randomBytes(t, 8<<20)})},
 		{num: 4, name: "USR-B", typ: typeUSR, mib: 32},
 		{num: 6, name: "OEM", typ: typeLinux, mib: 128, fill: fillBtrfs("OEM", oem)},
 		{num: 7, name: "OEM-CONFIG", typ: typeOEMConfig, mib: 8},

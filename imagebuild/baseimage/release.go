@@ -1,0 +1,145 @@
+package baseimage
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/disk"
+	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/sparse"
+)
+
+// The release a Flatcar disk image holds is VERSION_ID in /usr/lib/os-release,
+// on its USR-A partition (lib/os-release there): btrfs, ext2 or ext4.
+const (
+	usrPartition = "USR-A"
+	osRelease    = "lib/os-release"
+)
+
+// FlatcarImageVersion reads the release a Flatcar disk image holds from
+// its own /usr (VERSION_ID of /usr/lib/os-release on USR-A), with btrfs
+// restore or debugfs on a sparse copy of the partition made in work.
+// Unlike the version a download's URL names, it is covered by the
+// image's signature.
+func FlatcarImageVersion(ctx context.Context, raw, work string) (string, error) {
+	l, err := disk.Read(raw)
+	if err != nil {
+		return "", fault.Wrap(fault.Download, err)
+	}
+	p, err := l.ByName(usrPartition)
+	if err != nil {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s: %w: is it a Flatcar disk image?", raw, err))
+	}
+	f, err := os.Open(raw)
+	if err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	defer f.Close()
+	section := io.NewSectionReader(f, p.Start, p.Size)
+	fsys, err := disk.Sniff(section)
+	if err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	dir, err := os.MkdirTemp(work, ".usr-")
+	if err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	defer os.RemoveAll(dir)
+	part := filepath.Join(dir, "usr.img")
+	if err := copySparse(part, section); err != nil {
+		return "", err
+	}
+	var data []byte
+	switch fsys.Kind {
+	case disk.FSBtrfs:
+		out := filepath.Join(dir, "usr")
+		if err = os.Mkdir(out, 0o700); err == nil {
+			err = run(ctx, "btrfs", "restore", "--path-regex", "^/(|lib(|/os-release))$", part, out)
+		}
+		if err == nil {
+			data, err = os.ReadFile(filepath.Join(out, osRelease))
+		}
+	case disk.FSExt4:
+		data, err = exec.CommandContext(ctx, "debugfs", "-R", "cat /"+osRelease, part).Output()
+	default:
+		err = fmt.Errorf("it holds no btrfs or ext filesystem")
+	}
+	if err != nil {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s: read /usr/%s from %s: %w", raw, osRelease, usrPartition, err))
+	}
+	v := osReleaseField(data, "VERSION_ID")
+	if v == "" {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s: /usr/%s on %s names no VERSION_ID: is it a Flatcar disk image?", raw, osRelease, usrPartition))
+	}
+	return v, nil
+}
+
+// copySparse copies r to a new file at p, leaving zero blocks as holes.
+func copySparse(p string, r io.Reader) error {
+	out, err := os.Create(p)
+	if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	defer out.Close()
+	w := sparse.NewWriter(out)
+	if _, err := io.Copy(w, r); err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	return fault.Wrap(fault.IO, w.Close())
+}
+
+// osReleaseField is a field of an os-release file (KEY=value, the value
+// maybe quoted).
+func osReleaseField(data []byte, key string) string {
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), key+"="); ok {
+			return strings.Trim(v, `"'`)
+		}
+	}
+	return ""
+}
+
+// checkFlatcarVersion binds a cached Flatcar image to the release it was
+// fetched as: the version read from the image itself (once, kept beside
+// it as raw.version) must be rel.Version. A mirror that serves an older
+// signed release under a newer release's name is refused here.
+func (c *Cache) checkFlatcarVersion(ctx context.Context, raw string, rel *Release) error {
+	side := raw + ".version"
+	have, err := os.ReadFile(side)
+	if errors.Is(err, fs.ErrNotExist) {
+		v, err := FlatcarImageVersion(ctx, raw, filepath.Dir(raw))
+		if err != nil {
+			return err
+		}
+		have = []byte(v + "\n")
+		if err := atomicfile.Write(side, have, 0o644, true); err != nil {
+			return fault.Wrap(fault.IO, err)
+		}
+	} else if err != nil {
+		return fault.Wrap(fault.IO, err)
+	}
+	if v := strings.TrimSpace(string(have)); v != rel.Version {
+		return fault.Wrap(fault.Download, fmt.Errorf("%s is Flatcar %s inside (its /usr/%s), not %s as its URL says: the server serves another signed release under this release's name; use the release server or a mirror you trust", rel.URL, v, osRelease, rel.Version))
+	}
+	return nil
+}
+
+// run runs a tool, its output in the error.
+func run(ctx context.Context, name string, args ...string) error {
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w\n%s", name, strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return nil
+}
