@@ -191,7 +191,7 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 			}
 			name := path.Base(strings.SplitN(rel.URL, "?", 2)[0])
 			opts.InstallImage = []pxe.AssetFile{
-				{Kind: pxe.AssetInstallImage, Path: image, Name: name},
+				{Kind: pxe.AssetInstallImage, Path: image, Name: name, Algo: rel.Digest.Algo, Hex: rel.Digest.Hex},
 				{Kind: pxe.AssetInstallSignature, Path: sig, Name: name + ".sig"},
 			}
 		}
@@ -269,7 +269,7 @@ func (o *pxeOptions) assets(ctx context.Context, g *globals, t *profiles.Target,
 	}
 	var out []pxe.AssetFile
 	for i, f := range files {
-		out = append(out, pxe.AssetFile{Kind: f.Kind, Path: paths[i], Name: path.Base(strings.SplitN(f.URL, "?", 2)[0])})
+		out = append(out, pxe.AssetFile{Kind: f.Kind, Path: paths[i], Name: path.Base(strings.SplitN(f.URL, "?", 2)[0]), Algo: f.Digest.Algo, Hex: f.Digest.Hex})
 	}
 	return out, version, nil
 }

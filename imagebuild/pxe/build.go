@@ -5,10 +5,12 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/sha512"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"net/url"
 	"os"
@@ -39,6 +41,10 @@ type AssetFile struct {
 	Kind string
 	// Path is the file on this machine; Name its file name in the bundle.
 	Path, Name string
+	// Algo and Hex, if set, are the digest Path was verified against
+	// (sha512 or sha256): the bundle's copy must have it too, so a file
+	// changed between its verification and the copy is not served.
+	Algo, Hex string
 }
 
 // Options say what bundle to build.
@@ -322,7 +328,7 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		case AssetInstallImage, AssetInstallSignature:
 			rel = filepath.Join(setDir, InstallDir, o.InstallVersion, a.Name)
 		}
-		sum, size, err := w.asset(filepath.Join("assets", rel), a.Path)
+		sum, size, err := w.asset(filepath.Join("assets", rel), a)
 		if err != nil {
 			return nil, err
 		}
@@ -463,17 +469,18 @@ func (w *writer) file(rel string, data []byte, perm os.FileMode) error {
 	return w.err
 }
 
-// asset copies src into the bundle and returns its sha256 and size. A
-// copy, never a hard link: the bundle must not share storage with the
-// cache or the input it came from, or a later change to either would
+// asset copies a.Path into the bundle and returns the copy's sha256 and
+// size, after checking the copy against a's verified digest if it has
+// one. A copy, never a hard link: the bundle must not share storage with
+// the cache or the input it came from, or a later change to either would
 // change what is served (Linux's copy_file_range makes the copy a reflink
 // where the filesystem can).
-func (w *writer) asset(rel, src string) (string, int64, error) {
+func (w *writer) asset(rel string, a AssetFile) (string, int64, error) {
 	dst := filepath.Join(w.dir, rel)
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return "", 0, fault.Wrap(fault.IO, err)
 	}
-	in, err := os.Open(src)
+	in, err := os.Open(a.Path)
 	if err != nil {
 		return "", 0, fault.Wrap(fault.Input, err)
 	}
@@ -484,19 +491,38 @@ func (w *writer) asset(rel, src string) (string, int64, error) {
 	}
 	defer out.Close()
 	if _, err := io.Copy(out, in); err != nil {
-		return "", 0, fault.Wrap(fault.IO, fmt.Errorf("copy %s: %w", src, err))
+		return "", 0, fault.Wrap(fault.IO, fmt.Errorf("copy %s: %w", a.Path, err))
 	}
-	// The digest is of the copy: what kiln serve will send.
+	// The digests are of the copy: what kiln serve will send.
 	if _, err := out.Seek(0, io.SeekStart); err != nil {
 		return "", 0, fault.Wrap(fault.IO, err)
 	}
 	h := sha256.New()
-	n, err := io.Copy(h, out)
+	hashes := io.Writer(h)
+	var verified hash.Hash
+	switch a.Algo {
+	case "":
+	case "sha512":
+		verified = sha512.New()
+	case "sha256":
+		verified = sha256.New()
+	default:
+		return "", 0, fmt.Errorf("asset %s: unknown digest %s", a.Name, a.Algo)
+	}
+	if verified != nil {
+		hashes = io.MultiWriter(h, verified)
+	}
+	n, err := io.Copy(hashes, out)
 	if err == nil {
 		err = out.Close()
 	}
 	if err != nil {
-		return "", 0, fault.Wrap(fault.IO, fmt.Errorf("copy %s: %w", src, err))
+		return "", 0, fault.Wrap(fault.IO, fmt.Errorf("copy %s: %w", a.Path, err))
+	}
+	if verified != nil {
+		if got := hex.EncodeToString(verified.Sum(nil)); got != a.Hex {
+			return "", 0, fault.Wrap(fault.Download, fmt.Errorf("%s changed after it was verified (the bundle's copy has %s %s, the release %s): is something writing to kiln's cache? Run kiln pxe again", a.Path, a.Algo, got, a.Hex))
+		}
 	}
 	return hex.EncodeToString(h.Sum(nil)), n, nil
 }

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha512"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -264,7 +266,9 @@ func TestBadInputWritesNothing(t *testing.T) {
 		"disk":         func(o *Options) { o.Disk = "sda" },
 		"default name": func(o *Options) { o.Cluster.Nodes[3].Name = "default-worker" },
 		"asset":        func(o *Options) { o.Assets[1].Path = "/nonexistent" },
-		"rpi4":         func(o *Options) { o.Target, _ = profiles.LookupTarget("flatcar-rpi4") },
+		// The initramfs no longer has the digest it was verified with.
+		"changed asset": func(o *Options) { o.Assets[1].Algo, o.Assets[1].Hex = "sha512", strings.Repeat("0", 128) },
+		"rpi4":          func(o *Options) { o.Target, _ = profiles.LookupTarget("flatcar-rpi4") },
 	} {
 		o := fixture(t, "flatcar", "flatcar-amd64")
 		edit(&o)
@@ -313,4 +317,24 @@ func TestScriptGolden(t *testing.T) {
 	}
 	golden.Check(t, "entry.ipxe", []byte(EntryScript()))
 	golden.Check(t, "local-boot.ipxe", []byte(LocalBootScript(n)))
+}
+
+// A boot file is served only if the bundle's copy has the digest it was
+// verified with: a file changed after its verification is refused.
+func TestAssetCopyMatchesVerifiedDigest(t *testing.T) {
+	o := fixture(t, "flatcar", "flatcar-amd64")
+	data, err := os.ReadFile(o.Assets[1].Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Assets[1].Algo, o.Assets[1].Hex = "sha512", fmt.Sprintf("%x", sha512.Sum512(data))
+	if _, err := Build(context.Background(), o); err != nil {
+		t.Fatalf("verified digest: %v", err)
+	}
+	o = fixture(t, "flatcar", "flatcar-amd64")
+	o.Assets[1].Algo, o.Assets[1].Hex = "sha512", fmt.Sprintf("%x", sha512.Sum512(data))
+	os.WriteFile(o.Assets[1].Path, []byte("planted after the check"), 0o644)
+	if _, err := Build(context.Background(), o); err == nil || !strings.Contains(err.Error(), "changed after it was verified") {
+		t.Errorf("changed file: %v", err)
+	}
 }
