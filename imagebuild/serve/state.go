@@ -216,7 +216,7 @@ func (s *Server) nodeFor(mac, from string) (*pxe.Node, *assignment, error) {
 	}
 	by := 0
 	for _, a := range s.assigned {
-		if a.By == from {
+		if client(a.By) == client(from) {
 			by++
 		}
 	}
@@ -560,7 +560,8 @@ func (s *Server) makeRoom(n *pxe.Node, from string) error {
 			continue
 		}
 		count++
-		if r.From == from {
+		same := client(r.From) == client(from)
+		if same {
 			byFrom++
 		}
 		if gates(n, r) {
@@ -569,7 +570,7 @@ func (s *Server) makeRoom(n *pxe.Node, from string) error {
 		if older(k, oldest) {
 			oldest = k
 		}
-		if r.From == from && older(k, oldestFrom) {
+		if same && older(k, oldestFrom) {
 			oldestFrom = k
 		}
 	}
