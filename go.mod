@@ -4,6 +4,7 @@ go 1.26.8
 
 require (
 	github.com/ProtonMail/go-crypto v1.5.2
+	github.com/cavaliergopher/cpio v1.0.1
 	github.com/clarketm/json v1.17.1
 	github.com/coreos/butane v0.25.1
 	github.com/coreos/ignition/v2 v2.24.0

@@ -21,6 +21,7 @@ import (
 	"github.com/ProtonMail/go-crypto/openpgp/armor"
 	"github.com/klauspost/compress/zstd"
 
+	"github.com/kilnproject/kiln/imagebuild/baseimage/flatcartest"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/profiles"
 )
@@ -378,5 +379,37 @@ func TestFCOSMirrorTamperedArtifact(t *testing.T) {
 			t.Errorf("tampered artifact with a matching stream: %v, want refused", err)
 		}
 		srv.Close()
+	}
+}
+
+// The PXE initramfs carries /usr: an older release's, signed, served
+// under a newer name, is refused; the right one is taken.
+func TestFlatcarPXEVersionBound(t *testing.T) {
+	signer, _ := openpgp.NewEntity("test", "", "test@kiln.invalid", nil)
+	target, _ := profiles.LookupTarget("flatcar-amd64")
+	for served, want := range map[string]string{"1.2.3": "", "1.2.2": "is Flatcar 1.2.2 inside (its /usr/lib/os-release), not 1.2.3"} {
+		_, zimg := testImage(t)
+		rel := newRelease(t, zimg, signer)
+		dir := "/stable/amd64-usr/1.2.3/"
+		for name, data := range map[string][]byte{"flatcar_production_pxe.vmlinuz": []byte("kernel"), "flatcar_production_pxe_image.cpio.gz": flatcartest.Initramfs(t, served)} {
+			var sig bytes.Buffer
+			if err := openpgp.DetachSign(&sig, signer, bytes.NewReader(data), nil); err != nil {
+				t.Fatal(err)
+			}
+			rel.files[dir+name] = data
+			rel.files[dir+name+".DIGESTS"] = []byte(fmt.Sprintf("# SHA512 HASH\n%x  %s\n", sha512.Sum512(data), name))
+			rel.files[dir+name+".sig"] = sig.Bytes()
+		}
+		src := Source{Target: target, Channel: "stable", Version: "current", Mirror: rel.URL + "/{channel}", Keyring: armoredPublic(t, signer)}
+		c := &Cache{Dir: t.TempDir(), Client: rel.Client(), Progress: io.Discard}
+		for range 2 { // downloaded, then cached
+			version, _, _, err := c.FetchPXE(context.Background(), src)
+			switch {
+			case want == "" && (err != nil || version != "1.2.3"):
+				t.Errorf("release %s: %q %v", served, version, err)
+			case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
+				t.Errorf("release %s served as 1.2.3: %v", served, err)
+			}
+		}
 	}
 }

@@ -55,7 +55,7 @@ func (c *Cache) rawPath(d Digest) string {
 
 // Fetch returns the cached raw image of s's release, downloading,
 // verifying and decompressing it first if it is not cached yet. A Flatcar
-// image must hold the release it was fetched as (checkFlatcarVersion).
+// image must hold the release it was fetched as (bindVersion).
 // hit reports a cache hit.
 func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, hit bool, err error) {
 	rel, err = Resolve(ctx, c.Client, s)
@@ -66,7 +66,7 @@ func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, 
 	flatcar := s.Target.Image.Source == profiles.SourceFlatcarRelease
 	if _, err := os.Stat(raw); err == nil {
 		if flatcar {
-			if err := c.checkFlatcarVersion(ctx, raw, rel); err != nil {
+			if err := c.bindVersion(ctx, raw, rel, FlatcarImageVersion); err != nil {
 				return "", nil, false, err
 			}
 		}
@@ -90,7 +90,7 @@ func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, 
 	}
 	os.Remove(part)
 	if flatcar {
-		if err := c.checkFlatcarVersion(ctx, raw, rel); err != nil {
+		if err := c.bindVersion(ctx, raw, rel, FlatcarImageVersion); err != nil {
 			return "", nil, false, err
 		}
 		fmt.Fprintf(c.Progress, "base image %s: Flatcar %s inside, as asked for\n", filepath.Base(rel.URL), rel.Version)
@@ -479,6 +479,13 @@ func (c *Cache) FetchPXE(ctx context.Context, s Source) (version string, files [
 		p, err := c.FetchVerified(ctx, &f.Release, keyring)
 		if err != nil {
 			return "", nil, nil, err
+		}
+		// Flatcar's initramfs carries /usr: it must be the release asked
+		// for (Fedora CoreOS's files are named by the stream's release).
+		if f.Kind == "initramfs" && s.Target.Image.Source == profiles.SourceFlatcarRelease {
+			if err := c.bindVersion(ctx, p, &f.Release, FlatcarPXEVersion); err != nil {
+				return "", nil, nil, err
+			}
 		}
 		paths = append(paths, p)
 	}

@@ -3,6 +3,7 @@ package baseimage
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
@@ -12,6 +13,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/cavaliergopher/cpio"
 
 	"github.com/kilnproject/kiln/imagebuild/atomicfile"
 	"github.com/kilnproject/kiln/imagebuild/disk"
@@ -110,15 +113,65 @@ func osReleaseField(data []byte, key string) string {
 	return ""
 }
 
-// checkFlatcarVersion binds a cached Flatcar image to the release it was
-// fetched as: the version read from the image itself (once, kept beside
-// it as raw.version) must be rel.Version. A mirror that serves an older
+// FlatcarPXEVersion reads the release a Flatcar PXE initramfs holds: the
+// gzip-compressed newc cpio carries /usr as usr.squashfs, whose
+// lib/os-release names it (VERSION_ID). work holds a copy of the squashfs
+// while it is read.
+func FlatcarPXEVersion(_ context.Context, initramfs, work string) (string, error) {
+	f, err := os.Open(initramfs)
+	if err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s: %w: is it a Flatcar PXE initramfs?", initramfs, err))
+	}
+	cr := cpio.NewReader(zr)
+	for {
+		h, err := cr.Next()
+		if err == io.EOF {
+			return "", fault.Wrap(fault.Download, fmt.Errorf("%s holds no %s: is it a Flatcar PXE initramfs?", initramfs, usrSquashfs))
+		}
+		if err != nil {
+			return "", fault.Wrap(fault.Download, fmt.Errorf("%s: read cpio: %w", initramfs, err))
+		}
+		if strings.TrimLeft(h.Name, "./") != usrSquashfs {
+			continue
+		}
+		tmp, err := os.CreateTemp(work, ".usr-*.squashfs")
+		if err != nil {
+			return "", fault.Wrap(fault.IO, err)
+		}
+		defer os.Remove(tmp.Name())
+		defer tmp.Close()
+		if _, err := io.Copy(tmp, cr); err != nil {
+			return "", fault.Wrap(fault.Download, fmt.Errorf("%s: read %s: %w", initramfs, usrSquashfs, err))
+		}
+		data, err := disk.SquashfsFile(tmp, osRelease)
+		if err != nil {
+			return "", fault.Wrap(fault.Download, fmt.Errorf("%s: %w", initramfs, err))
+		}
+		v := osReleaseField(data, "VERSION_ID")
+		if v == "" {
+			return "", fault.Wrap(fault.Download, fmt.Errorf("%s: /usr/%s in %s names no VERSION_ID", initramfs, osRelease, usrSquashfs))
+		}
+		return v, nil
+	}
+}
+
+// usrSquashfs is /usr in a Flatcar PXE initramfs.
+const usrSquashfs = "usr.squashfs"
+
+// bindVersion binds a cached Flatcar file to the release it was fetched
+// as: the version read from the file itself by read (once, kept beside
+// it as FILE.version) must be rel.Version. A mirror that serves an older
 // signed release under a newer release's name is refused here.
-func (c *Cache) checkFlatcarVersion(ctx context.Context, raw string, rel *Release) error {
-	side := raw + ".version"
+func (c *Cache) bindVersion(ctx context.Context, p string, rel *Release, read func(ctx context.Context, p, work string) (string, error)) error {
+	side := p + ".version"
 	have, err := os.ReadFile(side)
 	if errors.Is(err, fs.ErrNotExist) {
-		v, err := FlatcarImageVersion(ctx, raw, filepath.Dir(raw))
+		v, err := read(ctx, p, filepath.Dir(p))
 		if err != nil {
 			return err
 		}

@@ -1,6 +1,6 @@
-// Package disk reads a disk image's partition table and tells which
-// filesystem each partition holds. It is the only package that imports
-// go-diskfs.
+// Package disk reads a disk image's partition table, tells which
+// filesystem each partition holds, and reads files from squashfs. It is
+// the only package that imports go-diskfs.
 //
 // kiln uses go-diskfs to read GPT, which it does soundly, and never to
 // write: it does not write btrfs at all, and writing into an existing
@@ -16,9 +16,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 
 	diskfs "github.com/diskfs/go-diskfs"
+	"github.com/diskfs/go-diskfs/backend/file"
+	"github.com/diskfs/go-diskfs/filesystem/squashfs"
 	"github.com/diskfs/go-diskfs/partition/gpt"
 )
 
@@ -148,4 +151,23 @@ func Sniff(r io.ReaderAt) (FS, error) {
 		return FS{Kind: FSFAT, Label: cstr(buf[0x2b:0x36])}, nil
 	}
 	return FS{Kind: FSUnknown}, nil
+}
+
+// SquashfsFile reads the file at name (a slash-separated path without a
+// leading slash) from the squashfs filesystem that is all of f.
+func SquashfsFile(f *os.File, name string) ([]byte, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	sq, err := squashfs.Read(file.New(f, true), fi.Size(), 0, 0)
+	if err != nil {
+		return nil, fmt.Errorf("read squashfs %s: %w", f.Name(), err)
+	}
+	r, err := sq.Open(name)
+	if err != nil {
+		return nil, fmt.Errorf("squashfs %s: %s: %w", f.Name(), name, err)
+	}
+	defer r.Close()
+	return io.ReadAll(r)
 }

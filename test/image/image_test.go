@@ -26,6 +26,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/kilnproject/kiln/imagebuild/baseimage/flatcartest"
 )
 
 var repo, _ = filepath.Abs("../..")
@@ -81,6 +83,7 @@ func setup(t *testing.T) *env {
 	e.srv = newServer(t)
 	e.certFile = filepath.Join(dir, "ca.pem")
 	os.WriteFile(e.certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.srv.Certificate().Raw}), 0o644)
+	pxeFiles["flatcar_production_pxe_image.cpio.gz"] = flatcartest.Initramfs(t, flatcarVersion)
 	e.publish(t, e.flatcarBz2, e.sign(t, e.gnupg, e.flatcarBz2))
 	shared = e
 	return e
@@ -105,10 +108,10 @@ func (e *env) sign(t *testing.T, home string, data []byte) []byte {
 const flatcarVersion = "4593.1.0"
 
 // pxeFiles are the network-boot files the fixture releases hold: name in
-// the release -> content.
+// the release -> content. setup adds Flatcar's initramfs, whose /usr
+// names flatcarVersion.
 var pxeFiles = map[string][]byte{
 	"flatcar_production_pxe.vmlinuz":               bytes.Repeat([]byte("flatcar pxe kernel\n"), 4096),
-	"flatcar_production_pxe_image.cpio.gz":         bytes.Repeat([]byte("flatcar pxe initramfs\n"), 4096),
 	"fedora-coreos-42.1-live-kernel.x86_64":        bytes.Repeat([]byte("fcos live kernel\n"), 4096),
 	"fedora-coreos-42.1-live-initramfs.x86_64.img": bytes.Repeat([]byte("fcos live initramfs\n"), 4096),
 	"fedora-coreos-42.1-live-rootfs.x86_64.img":    bytes.Repeat([]byte("fcos live rootfs\n"), 4096),
