@@ -63,8 +63,10 @@ type Image struct {
 	// VersionURL resolves "current": a version.txt with FLATCAR_VERSION=
 	// (flatcar-release).
 	VersionURL string `yaml:"versionURL,omitempty" json:"versionURL,omitempty"`
-	// SigningKey names an embedded OpenPGP key (keys/NAME.asc) that signs
-	// the image (flatcar-release).
+	// SigningKey names embedded OpenPGP keys (keys/NAME.asc) that sign
+	// the release's files: Flatcar's image signing key; Fedora's primary
+	// keys, which sign Fedora CoreOS artifacts of their Fedora release
+	// (keys/README says where each came from).
 	SigningKey string `yaml:"signingKey,omitempty" json:"signingKey,omitempty"`
 	// StreamURL is the stream metadata (fcos-stream).
 	StreamURL string `yaml:"streamURL,omitempty" json:"streamURL,omitempty"`
@@ -154,6 +156,9 @@ func (t *Target) Validate() error {
 		}
 	case SourceFCOSStream:
 		checkURL("streamURL", im.StreamURL)
+		if _, err := SigningKey(im.SigningKey); err != nil {
+			add("image.signingKey: %w", err)
+		}
 		if im.StreamArch == "" {
 			add("image.streamArch: required")
 		}

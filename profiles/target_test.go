@@ -1,10 +1,14 @@
 package profiles
 
 import (
+	"bytes"
+	"encoding/hex"
 	"errors"
 	"strings"
 	"testing"
 	"testing/fstest"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
 )
 
 func TestEmbeddedTargetsLoad(t *testing.T) {
@@ -53,13 +57,43 @@ func TestSigningKeyEmbedded(t *testing.T) {
 	}
 }
 
+// The embedded Fedora keys are Fedora's primary keys for releases 42 to
+// 47, by fingerprint (keys/README: taken from Debian's signed archive;
+// 42 to 44 also match fedoraproject.org/security as quoted in public
+// repositories).
+func TestFedoraKeysEmbedded(t *testing.T) {
+	k, err := SigningKey("fedora")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ring, err := openpgp.ReadArmoredKeyRing(bytes.NewReader(k))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, e := range ring {
+		got = append(got, strings.ToUpper(hex.EncodeToString(e.PrimaryKey.Fingerprint)))
+	}
+	want := []string{
+		"B0F4950458F69E1150C6C5EDC8AC4916105EF944", // 42
+		"C6E7F081CF80E13146676E88829B606631645531", // 43
+		"36F612DCF27F7D1A48A835E4DBFCF71C6D9F90A6", // 44
+		"4F50A6114CD5C6976A7F1179655A4B02F577861E", // 45
+		"D924B10D3E810DABDD8B56B596E7E91491211FCE", // 46
+		"B2E766FA50CA6FA2D5ED06FC09D879E09488FB64", // 47
+	}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("fedora keys %v, want %v", got, want)
+	}
+}
+
 func TestBadTargetsRejected(t *testing.T) {
 	good := `name: x
 description: test
 os: fcos
 arch: amd64
 board: generic
-image: {source: fcos-stream, origin: 'https://o.test', streamURL: '{origin}/s/{channel}.json', streamArch: x86_64}
+image: {source: fcos-stream, origin: 'https://o.test', streamURL: '{origin}/s/{channel}.json', streamArch: x86_64, signingKey: fedora}
 inject: {method: fcos-boot, partition: boot}
 `
 	for _, ok := range []string{good, good + "pxe: {stream: true}\n"} {
@@ -75,6 +109,7 @@ inject: {method: fcos-boot, partition: boot}
 		"rpi4 no fw":      strings.Replace(strings.Replace(good, "board: generic", "board: rpi4", 1), "arch: amd64", "arch: arm64", 1),
 		"http origin":     strings.Replace(good, "https://o.test", "http://o.test", 1),
 		"unknown source":  strings.Replace(good, "source: fcos-stream", "source: ftp", 1),
+		"no signing key":  strings.Replace(good, ", signingKey: fedora", "", 1),
 		"method for os":   strings.Replace(good, "method: fcos-boot", "method: flatcar-oem", 1),
 		"unknown os":      strings.Replace(good, "os: fcos", "os: ubuntu", 1),
 		"no partition":    strings.Replace(good, ", partition: boot", "", 1),

@@ -27,8 +27,8 @@ type downloadOptions struct {
 
 func (o *downloadOptions) addFlags(f *pflag.FlagSet, what string) {
 	f.StringVar(&o.mirror, "mirror", "", "download the "+what+" from this mirror instead of the profile's origin")
-	f.BoolVar(&o.insecureMirror, "insecure-mirror", false, "accept a --mirror that nothing authenticates: plain http://, or Fedora CoreOS without --signing-key (whose files kiln then checks only against the mirror's own stream)")
-	f.StringVar(&o.signingKey, "signing-key", "", "armored OpenPGP public key that signs the files (default: Flatcar's embedded key; Fedora CoreOS: none, unless given)")
+	f.BoolVar(&o.insecureMirror, "insecure-mirror", false, "accept a --mirror that nothing authenticates: plain http://, or Fedora CoreOS files without signatures (then checked only against the mirror's own stream)")
+	f.StringVar(&o.signingKey, "signing-key", "", "armored OpenPGP public keys that sign the files (default: the embedded keys, Flatcar's or Fedora's 42 to 47)")
 	f.StringVar(&o.cacheDir, "cache-dir", "", "download cache (default: kiln/ in the user cache folder)")
 	f.DurationVar(&o.timeout, "timeout", 2*time.Hour, "give up downloading after this long")
 }
@@ -48,8 +48,9 @@ func (o *downloadOptions) cache(g *globals) (*baseimage.Cache, error) {
 // source says what to fetch for the target: the cluster's OS channel and
 // version, from the mirror if one is given.
 func (o *downloadOptions) source(t *profiles.Target, c *cluster.Cluster) (baseimage.Source, error) {
-	src := baseimage.Source{Target: t, Channel: c.OS.Channel, Version: c.OS.Version, Mirror: o.mirror}
-	if err := o.checkMirror(t); err != nil {
+	// Only a mirror may go without signatures, and only when asked.
+	src := baseimage.Source{Target: t, Channel: c.OS.Channel, Version: c.OS.Version, Mirror: o.mirror, Unsigned: o.mirror != "" && o.insecureMirror}
+	if err := o.checkMirror(); err != nil {
 		return src, err
 	}
 	if o.signingKey != "" {
@@ -61,11 +62,10 @@ func (o *downloadOptions) source(t *profiles.Target, c *cluster.Cluster) (baseim
 	return src, nil
 }
 
-// checkMirror refuses a mirror that nothing authenticates, unless
-// --insecure-mirror says to accept it: over plain HTTP anyone on the path
-// chooses the names and versions (only the files' signatures hold), and a
-// Fedora CoreOS mirror supplies both the stream and the hashes kiln checks.
-func (o *downloadOptions) checkMirror(t *profiles.Target) error {
+// checkMirror refuses a plain-HTTP mirror unless --insecure-mirror says
+// to accept it: anyone on the path then chooses the names and versions
+// (only the files' signatures hold).
+func (o *downloadOptions) checkMirror() error {
 	if o.mirror == "" || o.insecureMirror {
 		return nil
 	}
@@ -75,9 +75,6 @@ func (o *downloadOptions) checkMirror(t *profiles.Target) error {
 	}
 	if u.Scheme != "https" {
 		return fault.Wrap(fault.Input, fmt.Errorf("--mirror %s is not https://: anyone on the way can then choose which release you get; use an https:// mirror, or pass --insecure-mirror to accept it", o.mirror))
-	}
-	if t.Image.Source == profiles.SourceFCOSStream && o.signingKey == "" {
-		return fault.Wrap(fault.Input, fmt.Errorf("--mirror %s: Fedora CoreOS files from a mirror are checked only against the hashes that mirror's own stream lists; give Fedora's signing key for the release (--signing-key FILE, from fedoraproject.org/security) so kiln checks each file's signature, or pass --insecure-mirror to accept it unchecked", o.mirror))
 	}
 	return nil
 }

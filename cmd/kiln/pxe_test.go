@@ -48,9 +48,11 @@ func TestPxe(t *testing.T) {
 		}
 	}
 	_, fcos := newCluster(t, "--os", "fcos")
-	kiln(t, "-c", fcos, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--profile", "fcos-x86_64", "--mirror", "https://127.0.0.1:9").
-		expect(t, exitInput, "Fedora CoreOS files from a mirror are checked only against the hashes that mirror's own stream lists")
-	// With Fedora's key given, the mirror is used (here: not there).
+	// An https mirror of Fedora CoreOS needs no flag: its files are checked
+	// against Fedora's embedded keys, or the keys given (here: the mirror
+	// is not there).
+	kiln(t, "-c", fcos, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--profile", "fcos-x86_64", "--mirror", "https://127.0.0.1:9", "--cache-dir", t.TempDir()).
+		expect(t, exitDownload, "127.0.0.1:9")
 	fedora, _ := openpgp.NewEntity("fedora", "", "fedora@kiln.invalid", nil)
 	var key bytes.Buffer
 	w, _ := armor.Encode(&key, openpgp.PublicKeyType, nil)

@@ -254,8 +254,12 @@ func TestFCOSStream(t *testing.T) {
 	}))
 	defer srv.Close()
 	target, _ := profiles.LookupTarget("fcos-aarch64")
-	rel, err := Resolve(context.Background(), srv.Client(), Source{Target: target, Channel: "stable", Version: "current", Mirror: srv.URL})
-	if err != nil || rel.Version != "42.1" || rel.Digest.String() != "sha256:"+strings.Repeat("a", 64) {
+	// Fedora's embedded keys want a signature the stream does not name.
+	if _, err := Resolve(context.Background(), srv.Client(), Source{Target: target, Channel: "stable", Version: "current", Mirror: srv.URL}); err == nil || !strings.Contains(err.Error(), "lists no signature") {
+		t.Fatalf("resolve without a signature: %v", err)
+	}
+	rel, err := Resolve(context.Background(), srv.Client(), Source{Target: target, Channel: "stable", Version: "current", Mirror: srv.URL, Unsigned: true})
+	if err != nil || rel.Version != "42.1" || rel.Digest.String() != "sha256:"+strings.Repeat("a", 64) || rel.SignatureURL != "" {
 		t.Fatalf("resolve: %+v %v", rel, err)
 	}
 	_, err = Resolve(context.Background(), srv.Client(), Source{Target: target, Channel: "stable", Version: "41.9", Mirror: srv.URL})
@@ -263,7 +267,7 @@ func TestFCOSStream(t *testing.T) {
 		t.Errorf("old pinned version: %v", err)
 	}
 	c := &Cache{Dir: t.TempDir(), Client: srv.Client(), Progress: io.Discard}
-	if _, _, _, err := c.Fetch(context.Background(), Source{Target: target, Channel: "stable", Version: "current", Mirror: srv.URL}); err == nil || !strings.Contains(err.Error(), "corrupt") {
+	if _, _, _, err := c.Fetch(context.Background(), Source{Target: target, Channel: "stable", Version: "current", Mirror: srv.URL, Unsigned: true}); err == nil || !strings.Contains(err.Error(), "corrupt") {
 		t.Errorf("wrong sha256 accepted: %v", err)
 	}
 }
@@ -377,6 +381,12 @@ func TestFCOSMirrorTamperedArtifact(t *testing.T) {
 			t.Errorf("genuine artifact: %v", err)
 		case name == "tampered" && (err == nil || !strings.Contains(err.Error(), "does not verify")):
 			t.Errorf("tampered artifact with a matching stream: %v, want refused", err)
+		}
+		// Without a key given, Fedora's embedded keys are the judges: a
+		// signature by anyone else does not verify.
+		src.Keyring = nil
+		if _, _, _, err := (&Cache{Dir: t.TempDir(), Client: srv.Client(), Progress: io.Discard}).Fetch(context.Background(), src); err == nil || !strings.Contains(err.Error(), "does not verify") {
+			t.Errorf("%s artifact signed by a stranger, checked against Fedora's keys: %v, want refused", name, err)
 		}
 		srv.Close()
 	}

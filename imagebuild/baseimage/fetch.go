@@ -98,11 +98,11 @@ func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, 
 	return raw, rel, false, nil
 }
 
-// keyring is the key that signs s's files: the given one, else Flatcar's
-// embedded key; nil for Fedora CoreOS without a given key (its files are
-// then checked against the stream's hashes alone).
+// keyring is the keys that sign s's files: the given ones, else the
+// profile's embedded keys (Flatcar's, Fedora's); nil for unsigned
+// Fedora CoreOS files (Source.Unsigned).
 func (s Source) keyring() (openpgp.EntityList, error) {
-	if s.Target.Image.Source != profiles.SourceFlatcarRelease && s.Keyring == nil {
+	if !s.signed() {
 		return nil, nil
 	}
 	armored := s.Keyring

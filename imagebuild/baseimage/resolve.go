@@ -30,9 +30,21 @@ type Source struct {
 	Version string
 	// Mirror, if set, replaces the profile's origin.
 	Mirror string
-	// Keyring, if set, replaces the profile's embedded signing key
+	// Keyring, if set, replaces the profile's embedded signing keys
 	// (armored OpenPGP public keys).
 	Keyring []byte
+	// Unsigned accepts Fedora CoreOS files without their signature, checked against the stream's hashes alone (a mirror
+	// without signatures, by the user's explicit choice).
+	Unsigned bool
+}
+
+// signed reports whether s's files are checked against a signature:
+// Flatcar's always, Fedora CoreOS's unless Unsigned.
+func (s Source) signed() bool {
+	if s.Unsigned && s.Target.Image.Source == profiles.SourceFCOSStream {
+		return false
+	}
+	return s.Keyring != nil || s.Target.Image.SigningKey != ""
 }
 
 // Digest is a content hash.
@@ -204,11 +216,11 @@ func resolveStream(ctx context.Context, c *http.Client, s Source, format string,
 			return u
 		}
 		r := Release{Version: metal.Release, URL: onMirror(f.Location), Digest: Digest{"sha256", strings.ToLower(f.SHA256)}}
-		// With a signing key given (Fedora's), the signature is checked
-		// too: the stream alone is only as good as where it came from.
-		if s.Keyring != nil {
+		// The signature (Fedora's key) is checked too: the stream alone
+		// is only as good as where it came from.
+		if s.signed() {
 			if f.Signature == "" {
-				return "", nil, fault.Wrap(fault.Download, fmt.Errorf("stream %s lists no signature for the metal %s %s: kiln cannot check it against --signing-key", su, format, name))
+				return "", nil, fault.Wrap(fault.Download, fmt.Errorf("stream %s lists no signature for the metal %s %s: kiln cannot check it against Fedora's keys (a mirror without signatures needs --insecure-mirror)", su, format, name))
 			}
 			r.SignatureURL = onMirror(f.Signature)
 		}

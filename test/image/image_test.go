@@ -119,7 +119,8 @@ var pxeFiles = map[string][]byte{
 
 // publish serves a Flatcar release (image, .DIGESTS, .sig; the PXE kernel
 // and initramfs, each with its .DIGESTS and a good signature) and a Fedora
-// CoreOS stream (metal image and live PXE files). The digests always
+// CoreOS stream (metal image and live PXE files, each with a signature by
+// the test key). The digests always
 // describe the files' true bytes.
 func (e *env) publish(t *testing.T, image, sig []byte) {
 	rel := "/stable/amd64-usr/" + flatcarVersion + "/"
@@ -131,7 +132,8 @@ func (e *env) publish(t *testing.T, image, sig []byte) {
 	builds := e.srv.URL + "/prod/streams/stable/builds/42.1/x86_64/"
 	file := func(name string, data []byte) string {
 		e.srv.set(strings.TrimPrefix(builds+name, e.srv.URL), data)
-		return fmt.Sprintf(`{"location":%q,"sha256":"%x"}`, builds+name, sha256.Sum256(data))
+		e.srv.set(strings.TrimPrefix(builds+name+".sig", e.srv.URL), e.sign(t, e.gnupg, data))
+		return fmt.Sprintf(`{"location":%q,"sha256":"%x","signature":%q}`, builds+name, sha256.Sum256(data), builds+name+".sig")
 	}
 	stream := fmt.Sprintf(`{"stream":"stable","architectures":{"x86_64":{"artifacts":{"metal":{"release":"42.1","formats":{"raw.xz":{"disk":%s},"pxe":{"kernel":%s,"initramfs":%s,"rootfs":%s}}}}}}}`,
 		file("fedora-coreos-42.1-metal.x86_64.raw.xz", e.fcosXZ),
@@ -397,7 +399,11 @@ func TestBadDownloadsRefused(t *testing.T) {
 func TestFCOSStreamBake(t *testing.T) {
 	e := setup(t)
 	cache, dest := t.TempDir(), t.TempDir()
-	br := e.bake(t, e.fcCluster, "--profile", "fcos-x86_64", "--role", "control-plane", "--mirror", e.srv.URL, "--insecure-mirror", "--cache-dir", cache, "--dest", dest, "--compress", "xz")
+	// Signed like Fedora's (the test key stands in for Fedora's keys).
+	br, r := e.build(t, e.fcCluster, "--profile", "fcos-x86_64", "--role", "control-plane", "--mirror", e.srv.URL, "--signing-key", e.goodKey, "--cache-dir", cache, "--dest", dest, "--compress", "xz")
+	if r.code != 0 || !strings.Contains(r.stderr, "OpenPGP signature good") {
+		t.Fatalf("build-image: exit %d, want a checked signature\n%s", r.code, r.stderr)
+	}
 	checkImage(t, e, br, e.fcos, "control-plane", "amd64")
 	must(t, "sh", "-c", fmt.Sprintf("xz -dc %s | cmp - %s", br.Compressed, br.Image))
 
