@@ -167,6 +167,11 @@ func TestFlatcarVersionBoundToTheImage(t *testing.T) {
 	if got, err := FlatcarImageVersion(context.Background(), c.rawPath(Digest{"sha512", fmt.Sprintf("%x", sha512.Sum512(older))}), t.TempDir()); err != nil || got != "1.2.2" {
 		t.Errorf("FlatcarImageVersion = %q, %v", got, err)
 	}
+	// The same image as the one an installer takes from kiln serve: read
+	// from the compressed file, refused the same way.
+	if _, _, _, err := c.FetchInstallImage(context.Background(), src); err == nil || !strings.Contains(err.Error(), "is Flatcar 1.2.2 inside") {
+		t.Errorf("install image of an older release under a newer name: %v", err)
+	}
 }
 
 func TestFetchVerifiesResumesAndCaches(t *testing.T) {

@@ -232,19 +232,23 @@ func checkSignature(p string, sig []byte, keyring openpgp.EntityList) error {
 // FetchInstallImage returns the cached, verified compressed OS image of
 // s's release and its detached signature beside it (IMAGE.sig): what an
 // installer such as flatcar-install downloads and checks itself, for a
-// network-boot bundle to serve. Flatcar only (its releases are signed).
+// network-boot bundle to serve, holding the release asked for (bindVersion).
+// Flatcar only: its installer takes an image from kiln serve.
 func (c *Cache) FetchInstallImage(ctx context.Context, s Source) (rel *Release, image, sig string, err error) {
+	if s.Target.Image.Source != profiles.SourceFlatcarRelease {
+		return nil, "", "", fault.Wrap(fault.Unsupported, fmt.Errorf("%s's installer cannot install from kiln serve: boot those roles live (--mode ROLE=live)", s.Target.OS))
+	}
 	if rel, err = Resolve(ctx, c.Client, s); err != nil {
 		return nil, "", "", err
-	}
-	if rel.SignatureURL == "" {
-		return nil, "", "", fault.Wrap(fault.Unsupported, fmt.Errorf("%s releases are not signed: kiln cannot serve their installer image", s.Target.OS))
 	}
 	keyring, err := s.keyring()
 	if err != nil {
 		return nil, "", "", err
 	}
 	if image, err = c.FetchVerified(ctx, rel, keyring); err != nil {
+		return nil, "", "", err
+	}
+	if err := c.bindVersion(ctx, image, rel, FlatcarCompressedImageVersion); err != nil {
 		return nil, "", "", err
 	}
 	return rel, image, image + ".sig", nil

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -85,6 +86,74 @@ func FlatcarImageVersion(ctx context.Context, raw, work string) (string, error) 
 		return "", fault.Wrap(fault.Download, fmt.Errorf("%s: /usr/%s on %s names no VERSION_ID: is it a Flatcar disk image?", raw, osRelease, usrPartition))
 	}
 	return v, nil
+}
+
+// FlatcarCompressedImageVersion reads the release of a compressed Flatcar
+// disk image (what flatcar-install downloads) without decompressing all
+// of it: the partition table, then the stream up to the end of USR-A, go
+// into a sparse file of the disk's size in work, read as
+// FlatcarImageVersion does.
+func FlatcarCompressedImageVersion(ctx context.Context, p, work string) (string, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	defer f.Close()
+	r, _, err := Decompress(f)
+	if err != nil {
+		return "", err
+	}
+	head := make([]byte, 1<<20)
+	if _, err := io.ReadFull(r, head); err != nil {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s: %w", p, err))
+	}
+	// The GPT header (LBA 1) names the backup header's LBA, the disk's
+	// last sector.
+	if string(head[512:520]) != "EFI PART" {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s holds no GPT disk: is it a Flatcar image?", p))
+	}
+	size := (int64(binary.LittleEndian.Uint64(head[512+32:])) + 1) * 512
+	tmp, err := os.CreateTemp(work, ".head-*.raw")
+	if err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	defer os.Remove(tmp.Name())
+	defer tmp.Close()
+	if _, err := tmp.Write(head); err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	if err := tmp.Truncate(size); err != nil {
+		return "", fault.Wrap(fault.IO, err)
+	}
+	l, err := disk.Read(tmp.Name())
+	if err != nil {
+		return "", fault.Wrap(fault.Download, err)
+	}
+	usr, err := l.ByName(usrPartition)
+	if err != nil || usr.Start < int64(len(head)) {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s: no %s after the partition table (%v): is it a Flatcar image?", p, usrPartition, err))
+	}
+	if _, err := io.CopyN(io.Discard, r, usr.Start-int64(len(head))); err != nil {
+		return "", fault.Wrap(fault.Download, fmt.Errorf("%s: %w", p, err))
+	}
+	// Only data is written: the file stays sparse where USR-A is empty.
+	buf, zeros := head, make([]byte, len(head))
+	for off := usr.Start; off < usr.Start+usr.Size; {
+		n, err := io.ReadFull(r, buf[:min(int64(len(buf)), usr.Start+usr.Size-off)])
+		if err != nil {
+			return "", fault.Wrap(fault.Download, fmt.Errorf("%s: read %s: %w", p, usrPartition, err))
+		}
+		if !bytes.Equal(buf[:n], zeros[:n]) {
+			if _, err := tmp.WriteAt(buf[:n], off); err != nil {
+				return "", fault.Wrap(fault.IO, err)
+			}
+		}
+		off += int64(n)
+		if err := ctx.Err(); err != nil {
+			return "", err
+		}
+	}
+	return FlatcarImageVersion(ctx, tmp.Name(), work)
 }
 
 // copySparse copies r to a new file at p, leaving zero blocks as holes.
