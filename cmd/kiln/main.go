@@ -4,8 +4,13 @@ package main
 
 import (
 	"os"
+	"os/signal"
+	"syscall"
 )
 
 func main() {
+	// A closed stdout (kiln pxe | head) fails the write instead of killing
+	// kiln before it removes its work folders.
+	signal.Ignore(syscall.SIGPIPE)
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }

@@ -250,8 +250,9 @@ func TestAttackKeysHandedOutOnce(t *testing.T) {
 	if code, _ := p.stolenConfig(t, "02:00:00:00:00:01"); code != http.StatusOK {
 		t.Fatalf("first pool machine: %d", code)
 	}
-	if code, _ := p.stolenConfig(t, "02:00:00:00:00:02"); code != http.StatusGone {
-		t.Errorf("second invented MAC got the control-plane keys: %d", code)
+	// The next one gets no entry at all: the pool's only role is spent.
+	if code, _ := p.get(t, "GET", pxe.ScriptPath+"?mac=02:00:00:00:00:02"); code != http.StatusNotFound {
+		t.Errorf("second invented MAC after the control plane's keys were taken: %d, want 404", code)
 	}
 
 	// The operator sees it: who took which keys, and when.

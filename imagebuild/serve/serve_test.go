@@ -711,3 +711,18 @@ func TestRefusalsLoggedBoundedPerAddress(t *testing.T) {
 		t.Errorf("the other address's refusal was not logged")
 	}
 }
+
+// A pool of control-plane,worker gives the control plane's role default
+// to one machine per arming; the next machines become workers, not
+// control planes that would only get 410.
+func TestPoolFallsThroughSpentKeys(t *testing.T) {
+	e := start(t, defaults(t), nodeconfig.RoleControlPlane, nodeconfig.RoleWorker)
+	cp := e.node("default-control-plane")
+	e.script("52:54:00:00:60:01", cp.Name)
+	if code, _ := e.get(configPath(cp, "52:54:00:00:60:01", cp.Token)); code != http.StatusOK {
+		t.Fatalf("first machine's config: %d", code)
+	}
+	e.script("52:54:00:00:60:02", "default-worker")
+	e.arm(cp.Name, "", 0)
+	e.script("52:54:00:00:60:03", cp.Name)
+}

@@ -235,7 +235,7 @@ func (s *Server) nodeFor(mac, from string) (*pxe.Node, *assignment, error) {
 
 // free is the next pool entry: an inventory node without a MAC, in the
 // manifest's order, then a role default in the pool's order (init's only
-// once). s.mu is held.
+// once, a control plane's only while armed). s.mu is held.
 func (s *Server) free() *pxe.Node {
 	used := map[string]bool{}
 	for _, a := range s.assigned {
@@ -250,12 +250,20 @@ func (s *Server) free() *pxe.Node {
 	for _, r := range s.pool {
 		for i := range s.m.Nodes {
 			n := &s.m.Nodes[i]
-			if n.Default && n.Role == r && (r != nodeconfig.RoleInit || !used[n.Name]) {
+			if n.Default && n.Role == r && (r != nodeconfig.RoleInit || !used[n.Name]) && !s.spent(n) {
 				return n
 			}
 		}
 	}
 	return nil
+}
+
+// spent reports whether a role default's config holds keys that were
+// handed out since it was last armed: a machine given it now would only
+// get 410, so the pool's next role is tried. s.mu is held.
+func (s *Server) spent(n *pxe.Node) bool {
+	c := s.configs[n.Name]
+	return n.Role.IsControlPlane() && c != nil && c.Taken != nil
 }
 
 func (s *Server) saveAssignments() error {
@@ -404,7 +412,11 @@ func (s *Server) Arm(name, mac string, now time.Time) (int, error) {
 	if mac != "" {
 		on = " for " + mac
 	}
-	s.log.Printf("re-armed %s%s: its config may be fetched once more; %d installed or joined machine(s) cleared", n.Name, on, cleared)
+	what := "its config holds no cluster keys (served on every boot)"
+	if n.Role.IsControlPlane() {
+		what = "its config may be fetched once more"
+	}
+	s.log.Printf("re-armed %s%s: %s; %d installed or joined machine(s) cleared", n.Name, on, what, cleared)
 	return cleared, nil
 }
 
