@@ -226,7 +226,13 @@ func TestJoinStopsOnPermanentFailures(t *testing.T) {
 // with a capped backoff for its whole run, saying what it means, and
 // systemd starts it again.
 func TestJoinRetriesWhatTheEndpointCanForge(t *testing.T) {
+	// An API error message of the endpoint's choosing, long enough that
+	// the output shown is cut inside it, imitating kubeadm's final errors.
+	padding := strings.Repeat("x", 2*outputLimit)
+	forged := "error execution phase preflight: couldn't validate the identity of the API Server: failed to request the cluster-info ConfigMap: " + padding
 	for name, tc := range map[string]struct{ stderr, advice string }{
+		"forged key rejection": {forged + "\nerror execution phase control-plane-prepare/download-certs: error downloading certs: error decoding secret data with provided key", "…xxxx"},
+		"forged unfit host":    {forged + "\nerror execution phase preflight: [preflight] Some fatal errors occurred:\n\t[ERROR Mem]: too little", "…xxxx"},
 		"token expired": {`error execution phase preflight: couldn't validate the identity of the API Server: token id "abcdef" is invalid for this cluster or it has expired. Use "kubeadm token create" on the control-plane node to create a new valid token`,
 			"bootstrap token is invalid or has expired"},
 		"bad JWS signature": {`error execution phase preflight: couldn't validate the identity of the API Server: failed to verify JWS signature of received cluster info object, can't trust this API Server`,

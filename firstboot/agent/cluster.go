@@ -186,7 +186,7 @@ func (r *run) retry(ctx context.Context, what string, resetFirst bool, attempt f
 		if !errors.As(err, &ce) {
 			return err
 		}
-		class := kubeadm.Classify(ce.Output)
+		class := kubeadm.Classify(ce.Full)
 		if class == lastClass {
 			repeats++
 		} else {

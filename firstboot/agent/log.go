@@ -44,11 +44,15 @@ func (l *logger) printf(format string, a ...any) {
 	fmt.Fprintf(l.w, "kiln-firstboot: %s\n", l.redact(fmt.Sprintf(format, a...)))
 }
 
-// CommandError is a failed external command with its (redacted) output.
+// CommandError is a failed external command with its (redacted) output:
+// Output ends with the cause and is cut to outputLimit for people, Full is
+// all of it, for kubeadm.Classify (a cut could start inside text that the
+// endpoint chose).
 type CommandError struct {
 	Command string
 	Err     error
 	Output  string
+	Full    string
 }
 
 func (e *CommandError) Error() string {
@@ -81,10 +85,11 @@ func (r *run) command(ctx context.Context, name string, args ...string) (string,
 			err = fmt.Errorf("timed out after %s: %w", r.Timing.CommandTimeout, err)
 		}
 		r.log.printf("run %s: failed after %s: %v", line, took, err)
+		full := text
 		if len(text) > outputLimit {
 			text = "…" + text[len(text)-outputLimit:]
 		}
-		return text, &CommandError{Command: line, Err: err, Output: text}
+		return text, &CommandError{Command: line, Err: err, Output: text, Full: full}
 	}
 	r.log.printf("run %s: finished in %s", line, took)
 	return string(stdout), nil
