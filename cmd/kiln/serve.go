@@ -60,10 +60,9 @@ rebuild, start it again).
 A pool of init or control-plane hands cluster keys to whichever unknown
 machine asks first: use it only on a closed provisioning network.
 
-` + fmt.Sprintf(`One client (an IPv4 address, or an IPv6 /64) holds at most %d
-connections and gets at most %d pool machines; downloads that fall below
---min-rate are dropped, and at most %d run at once, so scripts are
-answered while downloads saturate the server.`,
+` + fmt.Sprintf(`One client address holds at most %d connections and gets at most %d pool
+machines; downloads that fall below --min-rate are dropped, and at most %d
+run at once, so scripts are answered while downloads saturate the server.`,
 			serve.MaxConnsPerClient, serve.MaxAssignmentsPerClient, serve.MaxDownloads) + `
 
 Each request is logged (tokens and keys redacted) to --access-log. serve

@@ -127,7 +127,6 @@ type lineWindow struct {
 func (s *Server) logFrom(from, format string, args ...any) {
 	cl := &s.clientLines
 	now := time.Now()
-	from = client(from)
 	cl.mu.Lock()
 	w := cl.per[from]
 	if w == nil || now.Sub(w.start) >= time.Minute {

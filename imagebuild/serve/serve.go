@@ -18,7 +18,6 @@ import (
 	"log"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -573,18 +572,6 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, s.snapshot(time.Now()))
 }
 
-// client is what the per-client limits count by: an IPv4 address, or an
-// IPv6 address's /64 (one network's share: a machine may pick any
-// address in its /64, so counting single addresses would limit nothing).
-func client(addr string) string {
-	ip, err := netip.ParseAddr(addr)
-	if err != nil || ip.Unmap().Is4() {
-		return addr
-	}
-	p, _ := ip.Prefix(64)
-	return p.String()
-}
-
 // host is the address part of a RemoteAddr.
 func host(remoteAddr string) string {
 	h, _, err := net.SplitHostPort(remoteAddr)
@@ -627,7 +614,7 @@ func (l *limited) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		addr := client(host(c.RemoteAddr().String()))
+		addr := host(c.RemoteAddr().String())
 		if why := l.admit(addr); why != "" {
 			c.Close()
 			l.refused(addr, why)

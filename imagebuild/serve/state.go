@@ -216,7 +216,7 @@ func (s *Server) nodeFor(mac, from string) (*pxe.Node, *assignment, error) {
 	}
 	by := 0
 	for _, a := range s.assigned {
-		if client(a.By) == client(from) {
+		if a.By == from {
 			by++
 		}
 	}
@@ -572,8 +572,7 @@ func (s *Server) makeRoom(n *pxe.Node, from string) error {
 			continue
 		}
 		count++
-		same := client(r.From) == client(from)
-		if same {
+		if r.From == from {
 			byFrom++
 		}
 		if gates(n, r) {
@@ -582,7 +581,7 @@ func (s *Server) makeRoom(n *pxe.Node, from string) error {
 		if older(k, oldest) {
 			oldest = k
 		}
-		if same && older(k, oldestFrom) {
+		if r.From == from && older(k, oldestFrom) {
 			oldestFrom = k
 		}
 	}
