@@ -200,6 +200,8 @@ func configCell(now time.Time, n *serve.NodeStatus) string {
 		return fmt.Sprintf("given %s to %s, %d refused (last %s from %s)", since(c.Taken.At), cell(c.Taken.From, 45), c.Refused, since(c.LastRefused.At), cell(c.LastRefused.From, 45))
 	case c.Taken != nil:
 		return fmt.Sprintf("given %s to %s", since(c.Taken.At), cell(c.Taken.From, 45))
+	case c.HoldsKeys && slices.ContainsFunc(n.Reports, func(r serve.Report) bool { return r.ConfigRetired }) && c.LastRefused != nil:
+		return fmt.Sprintf("retired, %d refused (last %s from %s)", c.Refused, since(c.LastRefused.At), cell(c.LastRefused.From, 45))
 	case c.HoldsKeys && slices.ContainsFunc(n.Reports, func(r serve.Report) bool { return r.ConfigRetired }):
 		return "retired"
 	case c.HoldsKeys:

@@ -420,6 +420,7 @@ func (c *Cache) FetchVerified(ctx context.Context, rel *Release, keyring openpgp
 		fmt.Fprintf(c.Progress, "cached %s does not verify (%v): removed, downloading it again\n", filepath.Base(rel.URL), err)
 		os.Remove(dst)
 		os.Remove(dst + ".sig")
+		os.Remove(dst + ".version")
 	}
 	part := filepath.Join(c.Dir, "partial", d.Algo+"-"+d.Hex+".part")
 	if err := c.download(ctx, rel.URL, part); err != nil {

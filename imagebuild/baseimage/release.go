@@ -63,6 +63,13 @@ func FlatcarImageVersion(ctx context.Context, raw, work string) (string, error) 
 	if err := copySparse(part, section); err != nil {
 		return "", err
 	}
+	tool, pkg := "btrfs", "btrfs-progs"
+	if fsys.Kind == disk.FSExt4 {
+		tool, pkg = "debugfs", "e2fsprogs"
+	}
+	if _, err := exec.LookPath(tool); err != nil {
+		return "", fault.Wrap(fault.Environment, fmt.Errorf("%s not found: kiln reads the release from the image's /usr with it; install %s", tool, pkg))
+	}
 	var data []byte
 	switch fsys.Kind {
 	case disk.FSBtrfs:
@@ -102,6 +109,9 @@ func FlatcarCompressedImageVersion(ctx context.Context, p, work string) (string,
 	r, _, err := Decompress(f)
 	if err != nil {
 		return "", err
+	}
+	if c, ok := r.(io.Closer); ok {
+		defer c.Close() // zstd's decoder goroutines
 	}
 	head := make([]byte, 1<<20)
 	if _, err := io.ReadFull(r, head); err != nil {

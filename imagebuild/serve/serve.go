@@ -293,7 +293,7 @@ func (s *Server) script(w http.ResponseWriter, r *http.Request) {
 		s.logFrom(host(r.RemoteAddr), "unknown MAC %s (from %s): add it to the cluster file's nodes[].mac and rebuild with kiln pxe, or run kiln serve with --pool", mac, r.RemoteAddr)
 		http.Error(w, "kiln: unknown MAC "+mac, http.StatusNotFound)
 	case installed:
-		s.log.Printf("%s (%s) is installed: it boots from its disk", n.Name, mac)
+		s.logFrom(host(r.RemoteAddr), "%s (%s) is installed: it boots from its disk", n.Name, mac)
 		text(w, http.StatusOK, pxe.LocalBootScript(n))
 	default:
 		text(w, http.StatusOK, s.m.Script(n, mac))

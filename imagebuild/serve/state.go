@@ -406,7 +406,7 @@ func (s *Server) Arm(name, mac string, now time.Time) (int, error) {
 	// Both are on disk before the answer: a restart must not bring back
 	// a cleared record, which would keep the machine from its config.
 	if err := errors.Join(s.writeConfigs(snap), s.Flush()); err != nil {
-		return 0, err
+		return 0, fmt.Errorf("%s is re-armed until kiln serve stops, but the state could not be saved: %w", n.Name, err)
 	}
 	on := ""
 	if mac != "" {
