@@ -107,6 +107,7 @@ keeps every token and kiln serve's state.`,
 	f.StringVar(&o.serverURL, "server-url", "", "URL the nodes reach kiln serve at, such as http://10.0.0.5:8080 (required)")
 	f.StringVar(&o.profile, "profile", "", "target profile: a generic flatcar or fcos profile (default: the cluster's OS for amd64)")
 	f.StringToStringVar(&o.modes, "mode", nil, "boot mode per role, ROLE=live|install (default: init and control-plane install, worker live)")
+	f.Lookup("mode").DefValue = "" // the help says the defaults; pflag would add "(default [])"
 	f.StringVar(&o.disk, "disk", pxe.DefaultDisk, "disk install-mode nodes install to")
 	f.StringVar(&o.kernel, "kernel", "", "use this PXE kernel instead of downloading")
 	f.StringVar(&o.initramfs, "initramfs", "", "use this PXE initramfs instead of downloading")

@@ -38,6 +38,8 @@ func newServeCmd(g *globals) *cobra.Command {
 boot file at SERVER-URL/boot.ipxe (SERVER-URL is the bundle's --server-url);
 each machine then gets:
 
+  /boot.ipxe               the entry script DHCP points iPXE at: it chains
+                           to /ipxe with the machine's MAC
   /ipxe?mac=MAC            its iPXE script, found by the MAC it boots from;
                            an install-mode node that reported installed
                            gets a script that boots its disk instead
@@ -95,6 +97,9 @@ func runServe(ctx context.Context, g *globals, o *serveOptions) error {
 	if o.bundle == "" {
 		return fault.Wrap(fault.Input, fmt.Errorf("--bundle is required: the folder kiln pxe --output wrote"))
 	}
+	if _, _, err := net.SplitHostPort(o.listen); err != nil {
+		return fault.Wrap(fault.Input, fmt.Errorf("--listen %q: %v: give HOST:PORT, such as :8080 or 10.0.0.5:8080", o.listen, strings.TrimPrefix(err.Error(), "address "+o.listen+": ")))
+	}
 	var pool []nodeconfig.Role
 	for _, s := range o.pool {
 		r, err := nodeconfig.ParseRole(strings.TrimSpace(s))
@@ -121,6 +126,7 @@ func runServe(ctx context.Context, g *globals, o *serveOptions) error {
 	}
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
+		srv.Close()
 		return fault.Wrap(fault.Environment, fmt.Errorf("--listen %s: %w: pick a free address or stop what uses it", o.listen, err))
 	}
 	m := srv.Manifest()

@@ -151,6 +151,7 @@ func TestServeBadInput(t *testing.T) {
 	kiln(t, "serve", "--bundle", t.TempDir()).expect(t, exitInput, "not a kiln PXE bundle")
 	kiln(t, "serve", "--bundle", dir, "--pool", "worker,boss").expect(t, exitInput, "--pool")
 	kiln(t, "serve", "--bundle", dir, "--pool", "init").expect(t, exitInput, "pool role init")
+	kiln(t, "serve", "--bundle", dir, "--listen", "18080").expect(t, exitInput, "give HOST:PORT, such as :8080")
 	kiln(t, "serve", "--bundle", dir, "--min-rate", "0").expect(t, exitInput, "--min-rate 0: give 1 to 8192")
 	kiln(t, "serve", "--bundle", dir, "--min-rate", "100000").expect(t, exitInput, "--min-rate 100000")
 	if r := kiln(t, "serve", "--help"); strings.Contains(r.stdout, "--secrets") || !strings.Contains(r.stdout, "--min-rate") {
