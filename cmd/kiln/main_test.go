@@ -183,7 +183,7 @@ func TestValidate(t *testing.T) {
 	}
 	data, _ := os.ReadFile(cf)
 	os.WriteFile(cf, bytes.Replace(data, []byte("controlPlanes: 3"), []byte("controlPlanes: 4\n  bogus: 1"), 1), 0o644)
-	kiln(t, "-c", cf, "validate").expect(t, exitInput, "field bogus not found")
+	kiln(t, "-c", cf, "validate").expect(t, exitInput, "kubernetes.bogus: unknown field (fields here: version,")
 }
 
 // TestPinAndRender pins from a local HTTP server standing in for the

@@ -310,7 +310,7 @@ func decode(data []byte) (*Cluster, error) {
 		Kind       string `yaml:"kind"`
 	}
 	if err := yaml.Unmarshal(data, &head); err != nil {
-		return nil, fault.Wrap(fault.Input, fmt.Errorf("parse cluster file: %w", err))
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("parse cluster file: %w", explain(data, err)))
 	}
 	if head.APIVersion != APIVersion || head.Kind != Kind {
 		return nil, fault.Wrap(fault.Input, fmt.Errorf("cluster file is apiVersion %q kind %q: expected apiVersion: %s and kind: %s (create one with `kiln init`)",
@@ -320,7 +320,7 @@ func decode(data []byte) (*Cluster, error) {
 	dec.KnownFields(true)
 	var c Cluster
 	if err := dec.Decode(&c); err != nil {
-		return nil, fault.Wrap(fault.Input, fmt.Errorf("parse cluster file: %w", err))
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("parse cluster file:\n%w", explain(data, err)))
 	}
 	c.SetDefaults()
 	return &c, nil

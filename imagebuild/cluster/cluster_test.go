@@ -166,6 +166,37 @@ func TestStrictDecoding(t *testing.T) {
 	}
 }
 
+// Decoding errors speak of the file: line and path, the fields allowed,
+// what a field wants; every one at once; never a Go type name.
+func TestDecodingErrorsInTheFilesTerms(t *testing.T) {
+	for name, c := range map[string]struct {
+		doc  string
+		want []string
+	}{
+		"every problem": {valid + "controlPlanes: 3\nkubernetes:\n  controlPlanes: three\n  tokenTTL: [1]\nnodes:\n  - name: cp-1\n    MAC: 52:54:00:00:00:01\n    role: [init]\n", []string{
+			"line 5: controlPlanes: unknown field (fields here: apiVersion, kind, name, controlPlaneEndpoint, kubernetes,",
+			`line 7: kubernetes.controlPlanes: wants a whole number, not text "three"`,
+			"line 8: kubernetes.tokenTTL: wants a duration such as 24h, not a list",
+			"line 11: nodes[0].MAC: unknown field; did you mean mac? (fields here: name, role, mac, ip)",
+			"line 12: nodes[0].role: wants text, not a list",
+		}},
+		"tab": {valid + "kubernetes:\n\tversion: v1.37.2\n", []string{"holds a tab: YAML indents with spaces only"}},
+	} {
+		_, err := Parse([]byte(c.doc))
+		if err == nil {
+			t.Fatalf("%s: accepted", name)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: error lacks %q:\n%v", name, w, err)
+			}
+		}
+		if strings.Contains(err.Error(), "cluster.") || strings.Contains(err.Error(), "nodeconfig.") {
+			t.Errorf("%s: a Go type name in %v", name, err)
+		}
+	}
+}
+
 func TestLoadSnippets(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "cluster.yaml")
