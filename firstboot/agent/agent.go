@@ -159,6 +159,7 @@ func (r *run) steps() []step {
 		{"sysctls", false, r.setSysctls},
 		{"swap", false, r.swapOff},
 		{"hostname", false, r.setHostname},
+		{"kubeadm-config", false, r.checkKubeadmConfig},
 		{"container-runtime", false, r.waitRuntime},
 	}
 	if r.nc.Images != nil {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io/fs"
 	"slices"
@@ -29,7 +30,12 @@ func (n *node) wantCalls(want ...string) {
 	}
 }
 
-var hostCalls = []string{"modprobe -a overlay br_netfilter", "swapoff -a"}
+// hostCalls are the commands of the host steps on a joining node;
+// initHostCalls on the init node, whose kubeadm checks both its files.
+var (
+	hostCalls     = []string{"modprobe -a overlay br_netfilter", "swapoff -a", "kubeadm config validate --config /etc/kiln/kubeadm-join.yaml"}
+	initHostCalls = []string{"modprobe -a overlay br_netfilter", "swapoff -a", "kubeadm config validate --config /etc/kiln/kubeadm-init.yaml", "kubeadm config validate --config /etc/kiln/kubeadm-join.yaml"}
+)
 
 func TestMissingMetadata(t *testing.T) {
 	n := newNode(t, nodeconfig.RoleWorker)
@@ -190,6 +196,34 @@ func TestJoinRetriesTransientFailures(t *testing.T) {
 	}
 }
 
+// TestKubeadmRejectsTheConfig: a configuration the node's kubeadm refuses
+// offline stops the agent for good before any bootstrap attempt (kubeadm
+// init or join would refuse it on every retry); a kubeadm that could not
+// run at all is a restart, not a verdict.
+func TestKubeadmRejectsTheConfig(t *testing.T) {
+	for _, role := range []nodeconfig.Role{nodeconfig.RoleInit, nodeconfig.RoleWorker} {
+		t.Run(string(role), func(t *testing.T) {
+			n := newNode(t, role)
+			n.script(map[string][]result{"kubeadm config validate": {failing(`error: hostport LB.Example.COM:6443: host 'LB.Example.COM' must be a valid IP address or a valid RFC-1123 DNS subdomain`)}})
+			if code := n.run(); code != ExitPermanent {
+				t.Fatalf("exit %d, want %d (permanent)", code, ExitPermanent)
+			}
+			s := n.status()
+			if !s.Permanent || !strings.Contains(s.LastError, "kubeadm rejects the configuration kiln rendered") || !strings.Contains(s.LastError, "RFC-1123") {
+				t.Errorf("status %+v", s)
+			}
+			if n.runner.bootstraps() != 0 {
+				t.Errorf("kubeadm init or join ran: %q", n.runner.calls)
+			}
+		})
+	}
+	n := newNode(t, nodeconfig.RoleWorker)
+	n.script(map[string][]result{"kubeadm config validate": {{err: errors.New(`exec: "kubeadm": executable file not found in $PATH`)}}})
+	if code := n.run(); code != ExitRetry {
+		t.Fatalf("kubeadm missing: exit %d, want %d (retry)", code, ExitRetry)
+	}
+}
+
 func TestJoinStopsOnPermanentFailures(t *testing.T) {
 	for name, tc := range map[string]struct {
 		role     nodeconfig.Role
@@ -300,7 +334,7 @@ func TestForeignCAIsRetried(t *testing.T) {
 		kubeadmBefore := -1
 		n.clock.onTick = func(*fakeClock) {
 			if n.prober.n == 12 && kubeadmBefore < 0 {
-				kubeadmBefore = n.runner.count("kubeadm")
+				kubeadmBefore = n.runner.bootstraps()
 			}
 		}
 		if code := n.run(); code != ExitOK {
@@ -452,7 +486,7 @@ func TestSecretsRemovedAfterJoin(t *testing.T) {
 	if code := n.run(); code != ExitOK {
 		t.Fatalf("after a power loss: exit %d", code)
 	}
-	if n.fs.has("/etc/kiln/kubeadm-join.yaml") || n.fs.has("/oem/config.ign") || n.runner.count("kubeadm") != 0 {
+	if n.fs.has("/etc/kiln/kubeadm-join.yaml") || n.fs.has("/oem/config.ign") || n.runner.bootstraps() != 0 {
 		t.Errorf("after a power loss: left %v, ran %v", n.fs.has("/etc/kiln/kubeadm-join.yaml"), n.runner.calls)
 	}
 	// Its unit runs until the record exists, also when nothing was left.

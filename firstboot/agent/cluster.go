@@ -72,6 +72,37 @@ func (r *run) bootstrap(ctx context.Context) error {
 	return r.state.save(r.FS)
 }
 
+// checkKubeadmConfig has the node's own kubeadm check the configuration
+// kiln rendered for it (`kubeadm config validate`, offline) before any
+// attempt depends on it. Nothing the network says reaches that check, so a
+// rejection is final: kubeadm init or join would refuse the same file on
+// every retry. kiln's tests hold every rendered config to the real kubeadm
+// of each supported minor, so a rejection means the cluster file holds a
+// value kiln's validation let through, or the file was edited.
+func (r *run) checkKubeadmConfig(ctx context.Context) error {
+	files := []string{r.nc.Kubeadm.JoinConfig}
+	if r.nc.Role == nodeconfig.RoleInit {
+		files = append([]string{r.nc.Kubeadm.InitConfig}, files...)
+	}
+	for _, f := range files {
+		_, err := r.command(ctx, "kubeadm", "config", "validate", "--config", f)
+		if err == nil {
+			continue
+		}
+		// Only a kubeadm that ran and said no: not one that could not
+		// start, was cut off or killed.
+		var exit interface{ ExitCode() int }
+		if ctx.Err() == nil && errors.As(err, &exit) && exit.ExitCode() > 0 {
+			return &PermanentError{
+				Advice: fmt.Sprintf("kubeadm rejects the configuration kiln rendered for this node (%s): fix what kubeadm names in the cluster file, check it with kiln validate, and rebuild this node's image (please report it: kiln validate should have caught it)", f),
+				Err:    err,
+			}
+		}
+		return err
+	}
+	return nil
+}
+
 // errClusterExists stops the init attempts: the endpoint serves the
 // cluster.
 var errClusterExists = errors.New("the endpoint serves this cluster")

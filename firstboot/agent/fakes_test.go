@@ -132,6 +132,9 @@ func (f *fakeRunner) count(prefix string) int {
 	return n
 }
 
+// bootstraps counts kubeadm init and join runs.
+func (f *fakeRunner) bootstraps() int { return f.count("kubeadm init") + f.count("kubeadm join") }
+
 // fakeProber returns results in turn, repeating the last.
 type fakeProber struct {
 	results []endpoint.Result

@@ -226,8 +226,14 @@ type result struct {
 	err            error
 }
 
+// exitStatus is a command that ran and exited non-zero, as *exec.ExitError.
+type exitStatus int
+
+func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+func (e exitStatus) ExitCode() int { return int(e) }
+
 var (
 	ok      = result{}
-	exit1   = errors.New("exit status 1")
+	exit1   = exitStatus(1)
 	failing = func(stderr string) result { return result{stderr: stderr, err: exit1} }
 )

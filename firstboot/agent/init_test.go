@@ -57,7 +57,7 @@ func TestInitCreatesCluster(t *testing.T) {
 	if code := n.run(); code != ExitOK {
 		t.Fatalf("exit %d", code)
 	}
-	n.wantCalls(append(hostCalls, initCmd, applyCmd, applyCmd,
+	n.wantCalls(append(initHostCalls, initCmd, applyCmd, applyCmd,
 		getNodes, getNodes, getNodes, uploadCmd, getNodes, deleteCmd)...)
 	if got := n.fs.read("/etc/kubernetes/pki/ca.crt"); got != earlier {
 		t.Errorf("existing ca.crt replaced: %q", got)
@@ -101,7 +101,7 @@ func TestInitJoinsExistingCluster(t *testing.T) {
 	if code := n.run(); code != ExitOK {
 		t.Fatalf("exit %d", code)
 	}
-	n.wantCalls(append(hostCalls, "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
+	n.wantCalls(append(initHostCalls, "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
 	if n.fs.has("/etc/kubernetes/pki/ca.key") {
 		t.Error("PKI placed for a join")
 	}
@@ -115,7 +115,7 @@ func TestInitResumes(t *testing.T) {
 		if code := n.run(); code != ExitOK {
 			t.Fatalf("exit %d", code)
 		}
-		n.wantCalls(append(hostCalls, "kubeadm reset -f", initCmd, applyCmd, getNodes, deleteCmd)...)
+		n.wantCalls(append(initHostCalls, "kubeadm reset -f", initCmd, applyCmd, getNodes, deleteCmd)...)
 	})
 	t.Run("after init, never again", func(t *testing.T) {
 		n := newInitNode(t)
@@ -128,7 +128,7 @@ func TestInitResumes(t *testing.T) {
 			t.Fatalf("exit %d", code)
 		}
 		// The last upload was an hour ago: upload at once.
-		n.wantCalls(append(hostCalls, getNodes, uploadCmd, getNodes, deleteCmd)...)
+		n.wantCalls(append(initHostCalls, getNodes, uploadCmd, getNodes, deleteCmd)...)
 		if s := n.status(); s.Estimated || s.TokenTimeLeft != "22h30m0s" {
 			t.Errorf("status %+v", s)
 		}
@@ -239,7 +239,7 @@ func TestInitWaitsForEndpointToSettle(t *testing.T) {
 		if code := n.run(); code != ExitOK {
 			t.Fatalf("exit %d", code)
 		}
-		n.wantCalls(append(hostCalls, "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
+		n.wantCalls(append(initHostCalls, "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
 		if !strings.Contains(n.log.String(), "no such host (is the network up?)") {
 			t.Error("the log does not say why the agent waits")
 		}
@@ -252,7 +252,7 @@ func TestInitWaitsForEndpointToSettle(t *testing.T) {
 		if code := n.run(); code != ExitOK {
 			t.Fatalf("exit %d", code)
 		}
-		n.wantCalls(append(hostCalls, initCmd, applyCmd, getNodes, deleteCmd)...)
+		n.wantCalls(append(initHostCalls, initCmd, applyCmd, getNodes, deleteCmd)...)
 		st, err := loadState(n.fs)
 		if err != nil || st.InitAt.Before(epoch.Add(time.Minute)) {
 			t.Errorf("init at %s, before the settle window ended: %v", st.InitAt, err)
@@ -273,7 +273,7 @@ func TestInitProbesBeforeEveryAttempt(t *testing.T) {
 	if code := n.run(); code != ExitOK {
 		t.Fatalf("exit %d", code)
 	}
-	n.wantCalls(append(hostCalls, initCmd, "kubeadm reset -f", "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
+	n.wantCalls(append(initHostCalls, initCmd, "kubeadm reset -f", "kubeadm join --config /etc/kiln/kubeadm-join.yaml")...)
 	if st, err := loadState(n.fs); err != nil || st.Bootstrap != "join" {
 		t.Errorf("state %+v %v", st, err)
 	}

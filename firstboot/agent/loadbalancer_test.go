@@ -81,7 +81,7 @@ func TestLoadBalancerNoInterface(t *testing.T) {
 	if s := n.status(); !strings.Contains(s.LastError, "no network interface is on the virtual IP 192.168.7.50's network") || !strings.Contains(s.LastError, "loadBalancer.interface") {
 		t.Errorf("status error %q", s.LastError)
 	}
-	if n.runner.count("kubeadm") != 0 {
+	if n.runner.bootstraps() != 0 {
 		t.Error("kubeadm ran without the load balancer")
 	}
 }

@@ -411,8 +411,14 @@ func (nc *NodeConfig) Validate() error {
 	return errors.Join(errs...)
 }
 
-// CheckEndpoint checks host:port where host is a DNS name, an IPv4 address
-// or a bracketed IPv6 address.
+// CheckEndpoint checks host:port as kubeadm reads a control-plane endpoint
+// (cmd/kubeadm/app/util.ParseHostPort, and net.SplitHostPort for the
+// join's discovery): host is a lowercase DNS name (an RFC 1123 subdomain,
+// without a final dot), an IPv4 address or a bracketed IPv6 address; port
+// is a decimal number from 1 to 65535. kiln is stricter than kubeadm in
+// two places: an IPv4 address may not have leading zeros (Go reads none,
+// kubeadm reads 010 as 10), nor may a name end in a number, and a DNS
+// label is at most 63 characters.
 func CheckEndpoint(ep string) error {
 	if ep == "" {
 		return errors.New("required, as host:port (for example lb.example.net:6443)")
@@ -424,8 +430,7 @@ func CheckEndpoint(ep string) error {
 		}
 		return fmt.Errorf("%q is not host:port: add the port, as %s:6443", ep, strings.TrimSuffix(ep, ":"))
 	}
-	p, err := strconv.Atoi(port)
-	if err != nil || p < 1 || p > 65535 {
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p < 1 {
 		return fmt.Errorf("%q: port %q must be a number from 1 to 65535", ep, port)
 	}
 	if host == "" {
@@ -440,15 +445,31 @@ func CheckEndpoint(ep string) error {
 	if strings.Contains(host, ":") {
 		return fmt.Errorf("%q: %q is not a valid IPv6 address", ep, host)
 	}
+	if labels := strings.Split(host, "."); allDigits(labels[len(labels)-1]) {
+		// No top-level domain is a number: this is an IPv4 address Go
+		// does not read (leading zeros, or not four parts), which kubeadm
+		// would read as another address than the resolver a node uses.
+		return fmt.Errorf("%q: %s is not an IPv4 address (four numbers 0 to 255, without leading zeros) nor a DNS name", ep, host)
+	}
 	if len(host) > 253 {
 		return fmt.Errorf("%q: host name longer than 253 characters", ep)
 	}
-	for _, label := range strings.Split(strings.TrimSuffix(host, "."), ".") {
-		if len(label) > 63 || !dnsLabelRe.MatchString(strings.ToLower(label)) {
-			return fmt.Errorf("%q: %q is not a valid DNS name (letters, digits and '-' between dots)", ep, host)
+	if h := strings.TrimSuffix(host, "."); h != host {
+		return fmt.Errorf("%q: kubeadm takes no final dot in a host name: use %s", ep, net.JoinHostPort(h, port))
+	}
+	if lower := strings.ToLower(host); lower != host {
+		return fmt.Errorf("%q: kubeadm takes host names in lowercase only (RFC 1123): use %s", ep, net.JoinHostPort(lower, port))
+	}
+	for _, label := range strings.Split(host, ".") {
+		if len(label) > 63 || !dnsLabelRe.MatchString(label) {
+			return fmt.Errorf("%q: %q is not a valid DNS name (lowercase letters, digits and '-' between dots, at most 63 between dots)", ep, host)
 		}
 	}
 	return nil
+}
+
+func allDigits(s string) bool {
+	return s != "" && strings.Trim(s, "0123456789") == ""
 }
 
 // MaxNodeName is the longest node name kiln accepts: the node name is also

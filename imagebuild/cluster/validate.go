@@ -86,8 +86,8 @@ func (c *Cluster) Validate() error {
 	} else if major != 1 || minor < MinMinor || minor > MaxMinor {
 		add("kubernetes.version", "%s is not supported: kiln supports v1.%d to v1.%d (default %s)", k.Version, MinMinor, MaxMinor, DefaultKubernetesVersion)
 	}
-	pods := checkSubnets(&errs, "kubernetes.podSubnet", k.PodSubnet, 0, 0)
-	svcs := checkSubnets(&errs, "kubernetes.serviceSubnet", k.ServiceSubnet, 12, 108)
+	pods := checkSubnets(&errs, "kubernetes.podSubnet", k.PodSubnet, podSizes)
+	svcs := checkSubnets(&errs, "kubernetes.serviceSubnet", k.ServiceSubnet, serviceSizes)
 	for _, p := range pods {
 		for _, s := range svcs {
 			if p.Overlaps(s) {
@@ -154,14 +154,37 @@ func (c *Cluster) Validate() error {
 	return fault.Wrap(fault.Input, &InvalidError{Problems: errs})
 }
 
-// checkSubnets parses a comma-separated list (one per IP family) of CIDRs.
-// min4/min6 > 0 bound the prefix length from below (service ranges
-// cannot be huge).
-func checkSubnets(errs *[]error, field, value string, min4, min6 int) []netip.Prefix {
+// subnetSizes bounds a subnet's prefix length per IP family, as kubeadm
+// does (cmd/kubeadm/app/apis/kubeadm/validation, v1.33 to v1.37).
+type subnetSizes struct {
+	min4, max4, min6, max6 int
+	// why explains the bounds.
+	why string
+}
+
+var (
+	// Pod subnets: kubeadm's controller manager gives each node a /24
+	// (IPv4) or /64 (IPv6) from it, and the range may hold at most 2^16
+	// of them (PodSubnetNodeMaskMaxDiff).
+	podSizes = subnetSizes{8, 24, 48, 64, "kubeadm gives each node a /24 (IPv6: /64) from it and allows at most 65536 of them"}
+	// Service subnets: at most 20 bits of addresses
+	// (MaximumBitsForServiceSubnet) and at least 10 addresses
+	// (MinimumAddressesInServiceSubnet).
+	serviceSizes = subnetSizes{12, 28, 108, 124, "kubeadm wants at least 10 and at most 2^20 service addresses"}
+)
+
+// checkSubnets parses a list of CIDRs separated by commas (one per IP
+// family, no spaces: kubeadm splits on the comma alone) and checks each
+// one's size.
+func checkSubnets(errs *[]error, field, value string, sizes subnetSizes) []netip.Prefix {
 	var out []netip.Prefix
 	seen := map[bool]bool{}
+	if strings.ContainsAny(value, " \t") {
+		*errs = append(*errs, fmt.Errorf("%s: %q: no spaces, kubeadm reads the ranges separated by a comma alone: use %q", field, value, strings.Join(strings.Fields(strings.ReplaceAll(value, ",", " ")), ",")))
+		return nil
+	}
 	for _, part := range strings.Split(value, ",") {
-		p, err := netip.ParsePrefix(strings.TrimSpace(part))
+		p, err := netip.ParsePrefix(part)
 		if err != nil {
 			*errs = append(*errs, fmt.Errorf("%s: %q is not a CIDR like 10.96.0.0/12", field, part))
 			continue
@@ -173,11 +196,12 @@ func checkSubnets(errs *[]error, field, value string, min4, min6 int) []netip.Pr
 			*errs = append(*errs, fmt.Errorf("%s: at most one IPv4 and one IPv6 range", field))
 		}
 		seen[p.Addr().Is4()] = true
-		if p.Addr().Is4() && p.Bits() < min4 {
-			*errs = append(*errs, fmt.Errorf("%s: %s is too large: the prefix must be /%d or longer", field, p, min4))
+		lo, hi := sizes.min6, sizes.max6
+		if p.Addr().Is4() {
+			lo, hi = sizes.min4, sizes.max4
 		}
-		if !p.Addr().Is4() && p.Bits() < min6 {
-			*errs = append(*errs, fmt.Errorf("%s: %s is too large: the prefix must be /%d or longer", field, p, min6))
+		if p.Bits() < lo || p.Bits() > hi {
+			*errs = append(*errs, fmt.Errorf("%s: %s: use a prefix from /%d to /%d (%s)", field, p, lo, hi, sizes.why))
 		}
 		out = append(out, p)
 	}

@@ -125,6 +125,8 @@ func kubeadm(args []string) error {
 		return join(args[1:])
 	case len(args) >= 1 && args[0] == "reset":
 		return reset(args[1:])
+	case len(args) >= 2 && args[0] == "config" && args[1] == "validate":
+		return configValidate(args[2:])
 	}
 	return fmt.Errorf("kubeadm stub: unsupported command %q", args)
 }
@@ -412,9 +414,32 @@ var (
 	hashRe    = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 )
 
+// configValidate is kubeadm config validate: the file alone, decoded
+// strictly and checked as loadConfig does, without looking at the node
+// (the container runtime need not run yet).
+func configValidate(args []string) error {
+	fs := flag.NewFlagSet("config validate", flag.ContinueOnError)
+	path := fs.String("config", "", "")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if _, err := decodeConfig(*path, false); err != nil {
+		return err
+	}
+	fmt.Println("ok")
+	return nil
+}
+
 // loadConfig reads a kubeadm configuration file that must hold the given
 // kinds, strictly, and checks the fields kubeadm would reject.
 func loadConfig(path string, kinds ...string) (*config, error) {
+	return decodeConfig(path, true, kinds...)
+}
+
+// decodeConfig reads a kubeadm configuration file that must hold the
+// given kinds; live: also check the node (its container runtime's socket),
+// as kubeadm init and join do.
+func decodeConfig(path string, live bool, kinds ...string) (*config, error) {
 	if path == "" {
 		return nil, errors.New("kubeadm stub: only --config is supported")
 	}
@@ -469,7 +494,7 @@ func loadConfig(path string, kinds ...string) (*config, error) {
 			return nil, fmt.Errorf("no %s found in %s", k, path)
 		}
 	}
-	return &cfg, validate(&cfg, seen)
+	return &cfg, validate(&cfg, seen, live)
 }
 
 func field(n *yaml.Node, key string) string {
@@ -484,13 +509,15 @@ func field(n *yaml.Node, key string) string {
 	return ""
 }
 
-func validate(cfg *config, seen map[string]bool) error {
+func validate(cfg *config, seen map[string]bool, live bool) error {
 	var errs []string
 	bad := func(f string, a ...any) { errs = append(errs, fmt.Sprintf(f, a...)) }
 	sock := func(kind, s string) {
 		if !strings.HasPrefix(s, "unix://") {
 			bad("%s.nodeRegistration.criSocket: %q must be a unix:// URL", kind, s)
-		} else if fi, err := os.Stat(node(strings.TrimPrefix(s, "unix://"))); err != nil || fi.Mode()&os.ModeSocket == 0 {
+			return
+		}
+		if fi, err := os.Stat(node(strings.TrimPrefix(s, "unix://"))); live && (err != nil || fi.Mode()&os.ModeSocket == 0) {
 			bad("[ERROR CRI]: container runtime is not running: %s", s)
 		}
 	}
