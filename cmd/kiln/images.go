@@ -19,6 +19,7 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/images"
 	"github.com/kilnproject/kiln/imagebuild/pin"
+	"github.com/kilnproject/kiln/profiles"
 )
 
 func newImagesCmd(g *globals) *cobra.Command {
@@ -278,14 +279,27 @@ func mib(n int64) float64 { return float64(n) / (1 << 20) }
 // clusterArches are the arches the cluster's downloads are pinned for, or
 // every arch kiln supports when none is.
 func clusterArches(c *cluster.Cluster) []string {
-	var out []string
+	if out := pinnedArches(c); len(out) > 0 {
+		return out
+	}
+	return slices.Clone(pin.Arches)
+}
+
+// pinnedArches are the arches for which every download the cluster's OS
+// needs is pinned (a validated cluster: its pins are not stale).
+func pinnedArches(c *cluster.Cluster) []string {
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return nil
+	}
+	out := []string{}
 	for _, a := range pin.Arches {
-		if slices.ContainsFunc(c.Kubernetes.Downloads, func(d cluster.Download) bool { return d.Arch == a && d.SHA512 != "" }) {
+		if !slices.ContainsFunc(osp.Downloads, func(pd profiles.Download) bool {
+			d, ok := c.Pinned(pd.Name, a)
+			return !ok || d.SHA512 == ""
+		}) {
 			out = append(out, a)
 		}
-	}
-	if len(out) == 0 {
-		return slices.Clone(pin.Arches)
 	}
 	return out
 }

@@ -163,7 +163,7 @@ func runInit(g *globals, o *initOptions, name string) error {
 	if err := c.Validate(); err != nil {
 		return nameFlags(err)
 	}
-	plan, err := pin.Plan(c, pin.Arches)
+	plan, _, err := pin.Plan(c, pin.Arches, false)
 	if err != nil {
 		return err
 	}
@@ -213,7 +213,7 @@ func runInit(g *globals, o *initOptions, name string) error {
 
 const clusterHeader = `# kiln cluster file, written by kiln init. Edit it, then check it with
 # kiln validate. kubernetes.downloads pins what nodes download: after
-# changing kubernetes.version or os.name, run kiln pin --refresh.
+# changing kubernetes.version or os.name, run kiln pin again.
 `
 
 // nameFlags rewrites cluster-file field paths in validation problems into

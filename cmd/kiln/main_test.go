@@ -8,10 +8,12 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -178,7 +180,7 @@ func TestValidate(t *testing.T) {
 	r := kiln(t, "-c", cf, "validate", "-o", "json")
 	r.expect(t, 0)
 	var res map[string]any
-	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res["cluster"] != "lab" || res["unpinnedDownloads"] != float64(2) {
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res["cluster"] != "lab" || fmt.Sprint(res["pinnedArches"]) != "[]" {
 		t.Fatalf("validate json: %v %v", err, r.stdout)
 	}
 	data, _ := os.ReadFile(cf)
@@ -234,6 +236,75 @@ func TestPinAndRender(t *testing.T) {
 	kiln(t, "-c", cf, "render", "--role", "worker", "--dest", dest).expect(t, exitInput, "--force")
 	kiln(t, "-c", cf, "render", "--role", "boss").expect(t, exitInput, "--role: unknown role")
 	kiln(t, "-c", cf, "render", "--role", "init", "--format", "pdf").expect(t, exitInput, "--format")
+}
+
+// TestPinsStayTruthful: each pin records the OS and Kubernetes version it
+// was made for. After changing either, validate names the stale pins and
+// the command; kiln pin replaces them (the file no longer validates, so it
+// must not need to); --refresh of one arch keeps the other's good pins;
+// and a cluster pinned for one arch hears nothing about the other.
+func TestPinsStayTruthful(t *testing.T) {
+	dir, cf := newCluster(t)
+	local := func(names ...string) []string {
+		var args []string
+		for _, n := range names {
+			p := filepath.Join(dir, n)
+			os.WriteFile(p, []byte("pretend "+n), 0o644)
+			args = append(args, "--file", n+"="+p)
+		}
+		return args
+	}
+	sysext := local("kubernetes-sysext")
+	kiln(t, append([]string{"-c", cf, "pin", "--arch", "amd64"}, sysext...)...).expect(t, 0)
+	kiln(t, append([]string{"-c", cf, "pin", "--arch", "arm64"}, sysext...)...).expect(t, 0)
+	r := kiln(t, "-c", cf, "validate")
+	if r.expect(t, 0); !strings.Contains(r.stdout, "downloads pinned for amd64, arm64") {
+		t.Errorf("validate: %s", r.stdout)
+	}
+
+	edit := func(from, to string) {
+		data, _ := os.ReadFile(cf)
+		if !bytes.Contains(data, []byte(from)) {
+			t.Fatalf("cluster file lacks %q", from)
+		}
+		os.WriteFile(cf, bytes.Replace(data, []byte(from), []byte(to), 1), 0o644)
+	}
+	edit("  version: v1.37.2", "  version: v1.36.3")
+	kiln(t, "-c", cf, "validate").expect(t, exitInput, "kubernetes.downloads[0]: kubernetes-sysext for amd64: pinned for Kubernetes v1.37.2, kubernetes.version is v1.36.3: run kiln pin")
+	kiln(t, "-c", cf, "render", "--role", "worker").expect(t, exitInput, "pinned for Kubernetes v1.37.2")
+	r = kiln(t, append([]string{"-c", cf, "pin", "--arch", "amd64"}, sysext...)...)
+	r.expect(t, 0, "kiln: note: dropped the pins of kubernetes-sysext for amd64, kubernetes-sysext for arm64 (pinned for Kubernetes v1.37.2, kubernetes.version is v1.36.3)")
+	data, _ := os.ReadFile(cf)
+	if !bytes.Contains(data, []byte("kubernetes-v1.36.3-x86-64.raw")) || bytes.Contains(data, []byte("v1.37.2-")) {
+		t.Errorf("pins not made for v1.36.3:\n%s", data)
+	}
+	// Pinned for amd64 only: nothing said about arm64.
+	r = kiln(t, "-c", cf, "validate")
+	r.expect(t, 0)
+	if !strings.Contains(r.stdout, "downloads pinned for amd64") || strings.Contains(r.stdout+r.stderr, "arm64") || strings.Contains(r.stdout+r.stderr, "not pinned") {
+		t.Errorf("validate nags about arm64:\n%s%s", r.stdout, r.stderr)
+	}
+
+	// --refresh of arm64 keeps amd64's good pin.
+	kiln(t, append([]string{"-c", cf, "pin", "--arch", "arm64", "--refresh"}, sysext...)...).expect(t, 0)
+	before, _ := os.ReadFile(cf)
+	kiln(t, append([]string{"-c", cf, "pin", "--arch", "arm64", "--refresh"}, local("kubernetes-sysext")...)...).expect(t, 0, "dropped the pins of kubernetes-sysext for arm64 (--refresh)")
+	after, _ := os.ReadFile(cf)
+	amd64 := regexp.MustCompile(`(?s)arch: amd64.*?sha512: [0-9a-f]+`)
+	if got, want := amd64.Find(after), amd64.Find(before); want == nil || !bytes.Equal(got, want) {
+		t.Errorf("refreshing arm64 changed amd64's pin: %q, was %q", got, want)
+	}
+
+	// After changing os.name, kiln pin --refresh works (the old OS's
+	// entries are stale, not an error) and pins the new OS's artifacts.
+	edit("  name: flatcar", "  name: fcos")
+	kiln(t, "-c", cf, "validate").expect(t, exitInput, "pinned for os.name flatcar, the cluster is fcos: run kiln pin")
+	r = kiln(t, append([]string{"-c", cf, "pin", "--refresh", "--arch", "amd64"}, local("kubeadm", "kubelet", "kubectl", "cni-plugins")...)...)
+	r.expect(t, 0, "dropped the pins of kubernetes-sysext for amd64, kubernetes-sysext for arm64 (pinned for os.name flatcar, the cluster is fcos)")
+	r = kiln(t, "-c", cf, "validate")
+	if r.expect(t, 0); !strings.Contains(r.stdout, "downloads pinned for amd64") {
+		t.Errorf("validate after the OS change: %s", r.stdout)
+	}
 }
 
 func TestPinDownloadFailure(t *testing.T) {

@@ -36,8 +36,11 @@ OS needs (Flatcar: the Kubernetes sysext image; Fedora CoreOS: kubeadm,
 kubelet, kubectl and the CNI plugins archive) and each arch, the URL nodes fetch it from and its SHA-512,
 which Ignition verifies on the node. It downloads each unpinned artifact
 once to hash it, or hashes local copies given with --file (offline).
-Entries already pinned are kept; --refresh recomputes them all (after
-changing kubernetes.version or os.name).`,
+Entries already pinned are kept. Each records the os.name and
+kubernetes.version it was made for: after changing either, kiln validate
+says the pins are stale and kiln pin replaces them (for every arch; an
+arch not given with --arch is left unpinned, not kept stale). --refresh
+recomputes the pins of the arches given, and keeps the others.`,
 		Example: `  kiln pin
   kiln pin --arch arm64
   kiln pin --arch amd64 --file kubernetes-sysext=./kubernetes-v1.37.2-x86-64.raw
@@ -48,7 +51,7 @@ changing kubernetes.version or os.name).`,
 	f := cmd.Flags()
 	f.StringArrayVar(&o.arches, "arch", []string{"amd64", "arm64"}, "arch to pin (repeatable): amd64, arm64")
 	f.StringArrayVar(&o.files, "file", nil, "NAME=PATH: hash a local copy of artifact NAME instead of downloading (repeatable)")
-	f.BoolVar(&o.refresh, "refresh", false, "drop every pin and recompute URLs and hashes from the OS profile")
+	f.BoolVar(&o.refresh, "refresh", false, "recompute the URLs and hashes of the arches given (--arch) from the OS profile; other arches' pins are kept")
 	f.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up downloading after this long")
 	addOutputFlag(cmd, &o.output)
 	return cmd
@@ -72,16 +75,34 @@ func runPin(ctx context.Context, g *globals, o *pinOptions) error {
 		}
 		src = files
 	}
-	raw, c, err := g.loadForPin()
+	// The file is read without validation first: a stale pin (made for
+	// another os.name or kubernetes.version) is what kiln pin repairs.
+	// Everything else must validate, with the plan's downloads in place.
+	raw, err := cluster.Read(g.clusterFile)
 	if err != nil {
 		return err
 	}
-	if o.refresh {
-		c.Kubernetes.Downloads = nil
+	decoded, err := cluster.Decode(raw)
+	if err != nil {
+		return fmt.Errorf("%s: %w", g.clusterFile, err)
 	}
-	plan, err := pin.Plan(c, o.arches)
+	plan, dropped, err := pin.Plan(decoded, o.arches, o.refresh)
 	if err != nil {
 		return err
+	}
+	planned, err := pin.Rewrite(raw, plan)
+	if err != nil {
+		return err
+	}
+	c, err := cluster.LoadData(g.clusterFile, planned)
+	if err != nil {
+		return err
+	}
+	if skip := preflightNote(c); skip != "" {
+		fmt.Fprintln(g.stderr, "kiln: note: "+skip)
+	}
+	if note := droppedNote(c, dropped); note != "" {
+		fmt.Fprintln(g.stderr, "kiln: note: "+note)
 	}
 	if len(o.files) > 0 && len(o.arches) > 1 {
 		return fault.Wrap(fault.Input, errors.New("--file hashes one arch's copy: also pass --arch amd64 or --arch arm64"))
@@ -121,6 +142,30 @@ func runPin(ctx context.Context, g *globals, o *pinOptions) error {
 		lines = append(lines, fmt.Sprintf("  %-18s %-6s %s", d.Name, d.Arch, state))
 	}
 	return emit(g.stdout, o.output, done, lines...)
+}
+
+// droppedNote says which pins kiln pin dropped, grouped by why, or "".
+func droppedNote(c *cluster.Cluster, dropped []cluster.Download) string {
+	var whys []string
+	byWhy := map[string][]string{}
+	for _, d := range dropped {
+		why := c.StalePin(d)
+		if why == "" {
+			why = "--refresh"
+		}
+		if byWhy[why] == nil {
+			whys = append(whys, why)
+		}
+		byWhy[why] = append(byWhy[why], d.Name+" for "+d.Arch)
+	}
+	var parts []string
+	for _, why := range whys {
+		parts = append(parts, strings.Join(byWhy[why], ", ")+" ("+why+")")
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return "dropped the pins of " + strings.Join(parts, "; ")
 }
 
 // loadForPin reads the cluster file as it is (its text, which a pin

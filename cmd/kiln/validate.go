@@ -62,19 +62,14 @@ each with its field path and the fix, then checks the secrets folder
 			if err != nil {
 				return err
 			}
-			unpinned := 0
-			for _, d := range c.Kubernetes.Downloads {
-				if d.SHA512 == "" {
-					unpinned++
-				}
-			}
+			arches := pinnedArches(c)
 			res := map[string]any{
 				"cluster":           c.Name,
 				"endpoint":          c.ControlPlaneEndpoint,
 				"kubernetesVersion": c.Kubernetes.Version,
 				"os":                c.OS.Name,
 				"caCertHash":        s.CACertHash(),
-				"unpinnedDownloads": unpinned,
+				"pinnedArches":      arches,
 			}
 			if len(c.Kubernetes.IgnorePreflightErrors) > 0 {
 				res["ignorePreflightErrors"] = c.Kubernetes.IgnorePreflightErrors
@@ -83,8 +78,12 @@ each with its field path and the fix, then checks the secrets folder
 				fmt.Sprintf("%s: valid (cluster %s, Kubernetes %s, %s, endpoint %s)", g.clusterFile, c.Name, c.Kubernetes.Version, c.OS.Name, c.ControlPlaneEndpoint),
 				"CA certificate hash: " + s.CACertHash(),
 			}
-			if unpinned > 0 {
-				lines = append(lines, fmt.Sprintf("%d download(s) not pinned yet: run kiln pin before rendering Ignition", unpinned))
+			// One arch is enough: a cluster that builds for one is not
+			// told about the other.
+			if len(arches) == 0 {
+				lines = append(lines, "downloads: no arch is pinned yet: run kiln pin --arch amd64 (or arm64, or both) before rendering Ignition")
+			} else {
+				lines = append(lines, "downloads pinned for "+strings.Join(arches, ", "))
 			}
 			list, err := images.List(c)
 			if err != nil && c.Airgap {

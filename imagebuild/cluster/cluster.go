@@ -170,10 +170,29 @@ type Kubernetes struct {
 
 // Download is one pinned artifact for one arch.
 type Download struct {
-	Name   string `yaml:"name" json:"name"`
-	Arch   string `yaml:"arch" json:"arch"`
-	URL    string `yaml:"url" json:"url"`
-	SHA512 string `yaml:"sha512" json:"sha512"`
+	Name string `yaml:"name" json:"name"`
+	Arch string `yaml:"arch" json:"arch"`
+	// OS and KubernetesVersion record what the pin was made for (os.name
+	// and kubernetes.version when kiln pin wrote it): a pin made for
+	// another is stale (StalePin).
+	OS                string `yaml:"os" json:"os"`
+	KubernetesVersion string `yaml:"kubernetesVersion" json:"kubernetesVersion"`
+	URL               string `yaml:"url" json:"url"`
+	SHA512            string `yaml:"sha512" json:"sha512"`
+}
+
+// StalePin says why d was not made for this cluster's os.name and
+// kubernetes.version, or "" if it was.
+func (c *Cluster) StalePin(d Download) string {
+	switch {
+	case d.OS == "" || d.KubernetesVersion == "":
+		return "no record of the OS and Kubernetes version it was pinned for (written by an older kiln)"
+	case d.OS != c.OS.Name:
+		return fmt.Sprintf("pinned for os.name %s, the cluster is %s", d.OS, c.OS.Name)
+	case d.KubernetesVersion != c.Kubernetes.Version:
+		return fmt.Sprintf("pinned for Kubernetes %s, kubernetes.version is %s", d.KubernetesVersion, c.Kubernetes.Version)
+	}
+	return ""
 }
 
 // OS is the node operating system.
@@ -326,8 +345,13 @@ func decode(data []byte) (*Cluster, error) {
 	return &c, nil
 }
 
-// Load reads and validates a cluster file and the Butane files it names.
-func Load(path string) (*Cluster, error) {
+// Decode decodes a cluster file strictly and applies defaults, without
+// validating it: for commands that repair what validation refuses (kiln
+// pin replaces stale pins).
+func Decode(data []byte) (*Cluster, error) { return decode(data) }
+
+// Read reads a cluster file's bytes.
+func Read(path string) ([]byte, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		if os.IsNotExist(err) {
@@ -335,6 +359,21 @@ func Load(path string) (*Cluster, error) {
 		}
 		return nil, fault.Wrap(fault.IO, fmt.Errorf("read cluster file: %w", err))
 	}
+	return data, nil
+}
+
+// Load reads and validates a cluster file and the Butane files it names.
+func Load(path string) (*Cluster, error) {
+	data, err := Read(path)
+	if err != nil {
+		return nil, err
+	}
+	return LoadData(path, data)
+}
+
+// LoadData validates data as the cluster file at path (whose folder the
+// Butane and add-on files it names are read from).
+func LoadData(path string, data []byte) (*Cluster, error) {
 	c, err := decode(data)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)

@@ -229,6 +229,10 @@ func (c *Cluster) validateDownloads(errs *[]error, osp *profiles.OS) {
 	seen := map[string]int{}
 	for i, d := range c.Kubernetes.Downloads {
 		field := fmt.Sprintf("kubernetes.downloads[%d]", i)
+		if why := c.StalePin(d); why != "" {
+			*errs = append(*errs, fmt.Errorf("%s: %s for %s: %s: run kiln pin (it pins every stale entry again)", field, d.Name, d.Arch, why))
+			continue
+		}
 		if _, ok := osp.Download(d.Name); !ok {
 			names := make([]string, 0, len(osp.Downloads))
 			for _, pd := range osp.Downloads {

@@ -25,28 +25,41 @@ import (
 // Arches are the architectures kiln pins downloads for.
 var Arches = []string{"amd64", "arm64"}
 
-// Plan returns the downloads the cluster's OS needs for the given arches:
-// already pinned entries are kept as they are, missing ones are added with
-// the profile's URL and no hash yet. Entries for other arches are kept.
-func Plan(c *cluster.Cluster, arches []string) ([]cluster.Download, error) {
+// Plan returns the downloads the cluster's OS needs for the given arches,
+// and the entries it dropped: stale ones (Cluster.StalePin: made for
+// another OS or Kubernetes version, for any arch) and, with refresh, those
+// of the given arches. Every other entry is kept as it is; missing ones
+// are added with the profile's URL and no hash yet. c need not be valid
+// (a stale pin is what makes it invalid); the caller validates the result.
+func Plan(c *cluster.Cluster, arches []string, refresh bool) (plan, dropped []cluster.Download, err error) {
 	osp, err := profiles.LookupOS(c.OS.Name)
 	if err != nil {
-		return nil, fault.Wrap(fault.Input, err)
+		return nil, nil, fault.Wrap(fault.Input, fmt.Errorf("os.name: %w", err))
 	}
-	out := append([]cluster.Download(nil), c.Kubernetes.Downloads...)
+	have := map[string]bool{}
+	for _, d := range c.Kubernetes.Downloads {
+		if c.StalePin(d) != "" || refresh && slices.Contains(arches, d.Arch) {
+			dropped = append(dropped, d)
+			continue
+		}
+		plan = append(plan, d)
+		have[d.Name+"/"+d.Arch] = true
+	}
 	for _, arch := range arches {
 		for _, d := range osp.Downloads {
-			if _, ok := c.Pinned(d.Name, arch); ok {
+			if have[d.Name+"/"+arch] {
 				continue
 			}
-			out = append(out, cluster.Download{
-				Name: d.Name,
-				Arch: arch,
-				URL:  d.Expand(d.URL, c.Kubernetes.Version, osp.Arches[arch]),
+			plan = append(plan, cluster.Download{
+				Name:              d.Name,
+				Arch:              arch,
+				OS:                c.OS.Name,
+				KubernetesVersion: c.Kubernetes.Version,
+				URL:               d.Expand(d.URL, c.Kubernetes.Version, osp.Arches[arch]),
 			})
 		}
 	}
-	return out, nil
+	return plan, dropped, nil
 }
 
 // Source opens an artifact's content.

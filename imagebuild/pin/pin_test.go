@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -30,20 +31,64 @@ func TestPlanKeepsPinsAndAddsMissing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Kubernetes.Downloads = []cluster.Download{{Name: "kubeadm", Arch: "amd64", URL: "https://mirror.lab/kubeadm", SHA512: strings.Repeat("a", 128)}}
-	plan, err := Plan(c, []string{"amd64"})
+	c.Kubernetes.Downloads = []cluster.Download{{Name: "kubeadm", Arch: "amd64", OS: "fcos", KubernetesVersion: "v1.36.3", URL: "https://mirror.lab/kubeadm", SHA512: strings.Repeat("a", 128)}}
+	plan, dropped, err := Plan(c, []string{"amd64"}, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(plan) != 4 || plan[0].URL != "https://mirror.lab/kubeadm" {
-		t.Fatalf("plan = %+v", plan)
+	if len(plan) != 4 || plan[0].URL != "https://mirror.lab/kubeadm" || len(dropped) != 0 {
+		t.Fatalf("plan = %+v, dropped %+v", plan, dropped)
 	}
-	if plan[1].URL != "https://dl.k8s.io/release/v1.36.3/bin/linux/amd64/kubelet" || plan[1].SHA512 != "" {
+	if plan[1].URL != "https://dl.k8s.io/release/v1.36.3/bin/linux/amd64/kubelet" || plan[1].SHA512 != "" || plan[1].OS != "fcos" || plan[1].KubernetesVersion != "v1.36.3" {
 		t.Errorf("kubelet entry = %+v", plan[1])
 	}
 	// The CNI plugins follow their own release, not kubernetes.version.
 	if plan[3].Name != "cni-plugins" || plan[3].URL != "https://github.com/containernetworking/plugins/releases/download/v1.9.1/cni-plugins-linux-amd64-v1.9.1.tgz" {
 		t.Errorf("cni-plugins entry = %+v", plan[3])
+	}
+}
+
+// TestPlanReplacesStalePins: pins made for another Kubernetes version or
+// OS (or with no record) are dropped and planned again, for any arch; with
+// refresh, the given arches' pins too, and never another arch's good pin.
+func TestPlanReplacesStalePins(t *testing.T) {
+	c, err := cluster.Parse([]byte(clusterFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := strings.Repeat("a", 128)
+	good := cluster.Download{Name: "kubeadm", Arch: "arm64", OS: "fcos", KubernetesVersion: "v1.36.3", URL: "https://mirror.lab/kubeadm-arm64", SHA512: sum}
+	c.Kubernetes.Downloads = []cluster.Download{
+		{Name: "kubeadm", Arch: "amd64", OS: "fcos", KubernetesVersion: "v1.35.4", URL: "https://dl.k8s.io/release/v1.35.4/bin/linux/amd64/kubeadm", SHA512: sum},
+		{Name: "kubernetes-sysext", Arch: "amd64", OS: "flatcar", KubernetesVersion: "v1.36.3", URL: "https://x/sysext", SHA512: sum},
+		{Name: "kubelet", Arch: "amd64", URL: "https://x/kubelet", SHA512: sum},
+		{Name: "kubelet", Arch: "arm64", OS: "fcos", KubernetesVersion: "v1.35.4", URL: "https://x/kubelet-arm64", SHA512: sum},
+		good,
+	}
+	for _, refresh := range []bool{false, true} {
+		plan, dropped, err := Plan(c, []string{"amd64"}, refresh)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(dropped) != 4 {
+			t.Errorf("refresh %t: dropped %+v", refresh, dropped)
+		}
+		if !slices.Contains(plan, good) {
+			t.Errorf("refresh %t: the good arm64 pin was dropped", refresh)
+		}
+		for _, d := range plan {
+			if c.StalePin(d) != "" {
+				t.Errorf("refresh %t: stale entry planned: %+v", refresh, d)
+			}
+			if d.Arch == "amd64" && d.SHA512 != "" {
+				t.Errorf("refresh %t: amd64 entry not planned again: %+v", refresh, d)
+			}
+		}
+	}
+	// Refreshing arm64 drops its good pin and plans it again.
+	plan, _, err := Plan(c, []string{"arm64"}, true)
+	if err != nil || slices.Contains(plan, good) {
+		t.Errorf("refresh arm64 kept its pin: %v %+v", err, plan)
 	}
 }
 
@@ -85,7 +130,7 @@ func TestHashRefusesTruncated(t *testing.T) {
 }
 
 func TestRewriteKeepsTheRestOfTheFile(t *testing.T) {
-	dl := []cluster.Download{{Name: "kubeadm", Arch: "amd64", URL: "https://x/kubeadm", SHA512: strings.Repeat("b", 128)}}
+	dl := []cluster.Download{{Name: "kubeadm", Arch: "amd64", OS: "fcos", KubernetesVersion: "v1.36.3", URL: "https://x/kubeadm", SHA512: strings.Repeat("b", 128)}}
 	out, err := Rewrite([]byte(clusterFile), dl)
 	if err != nil {
 		t.Fatal(err)

@@ -53,7 +53,7 @@ func fixture(t *testing.T, osName, profile string) Options {
 	}
 	var downloads []string
 	for _, d := range osp.Downloads {
-		downloads = append(downloads, "    - {name: "+d.Name+", arch: amd64, url: 'https://e.test/"+d.Name+"', sha512: "+strings.Repeat("ab", 64)+"}")
+		downloads = append(downloads, "    - {name: "+d.Name+", arch: amd64, os: "+osName+", kubernetesVersion: "+cluster.DefaultKubernetesVersion+", url: 'https://e.test/"+d.Name+"', sha512: "+strings.Repeat("ab", 64)+"}")
 	}
 	c, err := cluster.Parse([]byte(strings.NewReplacer("DOWNLOADS", strings.Join(downloads, "\n"), "OS", osName).Replace(clusterYAML)))
 	if err != nil {
