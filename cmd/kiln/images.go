@@ -240,10 +240,8 @@ else amd64 and arm64.`,
 			if len(arches) == 0 {
 				arches = clusterArches(c)
 			}
-			for _, a := range arches {
-				if !slices.Contains(pin.Arches, a) {
-					return fault.Wrap(fault.Input, fmt.Errorf("--arch %q: use amd64 or arm64", a))
-				}
+			if err := checkArches(arches...); err != nil {
+				return err
 			}
 			list, st, src, err := o.open(ctx, c)
 			if err != nil {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -152,6 +153,10 @@ func runInit(g *globals, o *initOptions, name string) error {
 		data, err := os.ReadFile(p)
 		if err != nil {
 			return fault.Wrap(fault.Input, fmt.Errorf("--ssh-key: %w", err))
+		}
+		if bytes.Contains(data, []byte("PRIVATE KEY")) {
+			// Not a word of it goes anywhere: nodes get public keys only.
+			return fault.Wrap(fault.Input, fmt.Errorf("--ssh-key %s is a private key: pass its public key instead (%s.pub, or ssh-keygen -y -f %s > key.pub)", p, p, p))
 		}
 		for _, line := range strings.Split(string(data), "\n") {
 			if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {

@@ -142,6 +142,13 @@ func TestInitBadInput(t *testing.T) {
 		expect(t, exitInput, "3 problems", "--endpoint:", "--kubernetes-version: v1.30.1 is not supported", "--os: unknown OS")
 	kiln(t, "init", "--endpoint", "lb:6443").expect(t, exitInput, "kiln init takes 1 argument(s), not 0: the cluster NAME")
 	kiln(t, "init", "lab", "--endpoint", "lb:6443", "--ssh-key", filepath.Join(dir, "none.pub")).expect(t, exitInput, "--ssh-key")
+	private := filepath.Join(t.TempDir(), "id_ed25519")
+	os.WriteFile(private, []byte("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----\n"), 0o600)
+	r := kiln(t, "init", "lab", "--endpoint", "lb:6443", "--ssh-key", private, "--dir", dir)
+	r.expect(t, exitInput, "--ssh-key "+private+" is a private key: pass its public key instead ("+private+".pub")
+	if strings.Contains(r.stderr, "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ") {
+		t.Error("the private key's text was printed")
+	}
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-plane", "cp-1=10.0.0.11", "--dir", dir).
 		expect(t, exitInput, "--image: kiln has no default digest for keepalived", "--image keepalived=")
 	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-planes", "3", "--control-plane", "cp-1=10.0.0.11", "--dir", dir).
@@ -155,6 +162,44 @@ func TestInitBadInput(t *testing.T) {
 	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
 		t.Errorf("failed init left files: %v", entries)
 	}
+}
+
+// TestValidateChecksSnippets: a Butane snippet that would override kiln's
+// own files is kiln validate's finding, before any pin (not only
+// render's).
+func TestValidateChecksSnippets(t *testing.T) {
+	dir, cf := newCluster(t)
+	os.WriteFile(filepath.Join(dir, "extra.bu"), []byte("variant: flatcar\nversion: 1.1.0\nstorage:\n  files:\n    - path: /etc/kiln/node.yaml\n      contents:\n        inline: x\n"), 0o644)
+	data, _ := os.ReadFile(cf)
+	os.WriteFile(cf, append(data, []byte("butane: [extra.bu]\n")...), 0o644)
+	kiln(t, "-c", cf, "validate").expect(t, exitInput, "butane[0] (extra.bu): /etc/kiln/node.yaml is written by kiln", "(in the init config)")
+	r := kiln(t, "-c", cf, "validate", "-o", "json")
+	if r.expect(t, exitInput); !strings.Contains(r.stdout, `"valid": false`) || !strings.Contains(r.stdout, "/etc/kiln/node.yaml is written by kiln") {
+		t.Errorf("validate -o json: %s", r.stdout)
+	}
+	os.WriteFile(filepath.Join(dir, "extra.bu"), []byte("variant: flatcar\nversion: 1.1.0\nstorage:\n  files:\n    - path: /etc/motd.d/lab.conf\n      contents:\n        local: motd.txt\n"), 0o644)
+	kiln(t, "-c", cf, "validate").expect(t, exitInput, "motd.txt")
+	// local: sources resolve against the cluster file's folder, wherever
+	// kiln runs from; none may leave it.
+	os.WriteFile(filepath.Join(dir, "motd.txt"), []byte("welcome to the lab\n"), 0o644)
+	kiln(t, "-c", cf, "validate").expect(t, 0)
+	kiln(t, "-c", cf, "pin", "--arch", "amd64", "--file", "kubernetes-sysext="+cf).expect(t, 0)
+	r = kiln(t, "-c", cf, "render", "--role", "worker")
+	if r.expect(t, 0); !strings.Contains(r.stdout, "data:,welcome%20to%20the%20lab%0A") {
+		t.Errorf("the local: file's content is not in the config")
+	}
+	os.WriteFile(filepath.Join(dir, "extra.bu"), []byte("variant: flatcar\nversion: 1.1.0\nstorage:\n  files:\n    - path: /etc/motd.d/lab.conf\n      contents:\n        local: ../outside.txt\n"), 0o644)
+	kiln(t, "-c", cf, "validate").expect(t, exitInput, "butane[0]")
+}
+
+// TestArchNames: --arch takes Go's and the OCI spec's names; the kernel's
+// (uname -m) get the name to use, on every command that takes it.
+func TestArchNames(t *testing.T) {
+	_, cf := newCluster(t)
+	kiln(t, "-c", cf, "render", "--role", "worker", "--arch", "x86_64").expect(t, exitInput, `--arch "x86_64": kiln names it amd64`, "use --arch amd64")
+	kiln(t, "-c", cf, "pin", "--arch", "aarch64").expect(t, exitInput, `--arch "aarch64": kiln names it arm64`, "use --arch arm64")
+	kiln(t, "-c", cf, "images", "pull", "--arch", "x86-64").expect(t, exitInput, "use --arch amd64")
+	kiln(t, "-c", cf, "render", "--role", "worker", "--arch", "riscv64").expect(t, exitInput, `--arch "riscv64": use amd64 or arm64`)
 }
 
 func TestUsageErrors(t *testing.T) {
@@ -186,6 +231,30 @@ func TestValidate(t *testing.T) {
 	data, _ := os.ReadFile(cf)
 	os.WriteFile(cf, bytes.Replace(data, []byte("controlPlanes: 3"), []byte("controlPlanes: 4\n  bogus: 1"), 1), 0o644)
 	kiln(t, "-c", cf, "validate").expect(t, exitInput, "kubernetes.bogus: unknown field (fields here: version,")
+
+	// -o json: the problems on stdout, by line and field; the error on
+	// stderr and in the exit code as always.
+	for _, tc := range []struct{ from, to, want string }{
+		{"controlPlanes: 4\n  bogus: 1", "controlPlanes: x\n  bogus: 1", `[{"line":13,"field":"kubernetes.controlPlanes","message":"wants a whole number, not text \"x\""},{"line":14,"field":"kubernetes.bogus","message":"unknown field (fields here: `},
+		{"controlPlanes: x\n  bogus: 1", "controlPlanes: 4", `[{"field":"kubernetes.controlPlanes","message":"4: use an odd number;`},
+	} {
+		data, _ := os.ReadFile(cf)
+		os.WriteFile(cf, bytes.Replace(data, []byte(tc.from), []byte(tc.to), 1), 0o644)
+		r := kiln(t, "-c", cf, "validate", "-o", "json")
+		r.expect(t, exitInput)
+		var res struct {
+			Valid    *bool
+			Problems json.RawMessage
+		}
+		if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Valid == nil || *res.Valid {
+			t.Fatalf("validate -o json of a bad file: %v\n%s", err, r.stdout)
+		}
+		var compact bytes.Buffer
+		json.Compact(&compact, res.Problems)
+		if !strings.HasPrefix(compact.String(), tc.want) {
+			t.Errorf("problems %s, want them to start %s", compact.String(), tc.want)
+		}
+	}
 }
 
 // TestPinAndRender pins from a local HTTP server standing in for the

@@ -58,10 +58,8 @@ recomputes the pins of the arches given, and keeps the others.`,
 }
 
 func runPin(ctx context.Context, g *globals, o *pinOptions) error {
-	for _, a := range o.arches {
-		if !slices.Contains(pin.Arches, a) {
-			return fault.Wrap(fault.Input, fmt.Errorf("--arch %q: use amd64 or arm64", a))
-		}
+	if err := checkArches(o.arches...); err != nil {
+		return err
 	}
 	var src pin.Source = pin.HTTP{Client: &http.Client{Timeout: o.timeout}}
 	if len(o.files) > 0 {

@@ -67,6 +67,9 @@ Output that holds secrets is written with mode 0600 when --dest is used.`,
 }
 
 func runRender(g *globals, o *renderOptions) error {
+	if err := checkArches(o.arch); err != nil {
+		return err
+	}
 	c, s, err := g.load()
 	if err != nil {
 		return err

@@ -156,6 +156,23 @@ func addOutputFlag(cmd *cobra.Command, o *outputFormat) {
 	cmd.Flags().VarP(o, "output", "o", "result format: text or json")
 }
 
+// checkArches checks --arch values: Go's and the OCI spec's names, amd64
+// and arm64, with a hint for the kernel's names (uname -m).
+func checkArches(arches ...string) error {
+	for _, a := range arches {
+		switch a {
+		case "amd64", "arm64":
+		case "x86_64", "x86-64", "x64":
+			return fault.Wrap(fault.Input, fmt.Errorf("--arch %q: kiln names it amd64 (the Go and OCI name of x86_64): use --arch amd64", a))
+		case "aarch64", "arm64v8", "armv8":
+			return fault.Wrap(fault.Input, fmt.Errorf("--arch %q: kiln names it arm64 (the Go and OCI name of aarch64): use --arch arm64", a))
+		default:
+			return fault.Wrap(fault.Input, fmt.Errorf("--arch %q: use amd64 or arm64", a))
+		}
+	}
+	return nil
+}
+
 // emit prints a result: JSON, or the text lines.
 func emit(w io.Writer, o outputFormat, result any, text ...string) error {
 	if o == "json" {

@@ -7,7 +7,9 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kilnproject/kiln/imagebuild/cluster"
+	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/images"
+	"github.com/kilnproject/kiln/imagebuild/render"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
 )
 
@@ -59,11 +61,26 @@ each with its field path and the fix, then checks the secrets folder
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, s, err := g.load()
+			if err == nil {
+				err = render.CheckSnippets(c, s)
+			}
+			if err != nil && out == "json" && fault.KindOf(err) == fault.Input {
+				// The problems as JSON on stdout; the error, as always, on
+				// stderr and in the exit code.
+				problems := cluster.Problems(err)
+				if problems == nil {
+					problems = []cluster.Problem{{Message: err.Error()}}
+				}
+				if jerr := emit(g.stdout, out, map[string]any{"valid": false, "problems": problems}); jerr != nil {
+					return jerr
+				}
+			}
 			if err != nil {
 				return err
 			}
 			arches := pinnedArches(c)
 			res := map[string]any{
+				"valid":             true,
 				"cluster":           c.Name,
 				"endpoint":          c.ControlPlaneEndpoint,
 				"kubernetesVersion": c.Kubernetes.Version,

@@ -238,6 +238,9 @@ type KubeadmPatch struct {
 type Snippet struct {
 	Path string
 	Data []byte
+	// Dir is where its local: sources are read from: the cluster file's
+	// folder.
+	Dir string
 }
 
 // SetDefaults fills every omitted field with its default.
@@ -395,7 +398,7 @@ func LoadData(path string, data []byte) (*Cluster, error) {
 	}
 	for i, p := range c.Butane {
 		if b := read(fmt.Sprintf("butane[%d]", i), p); b != nil {
-			c.Snippets = append(c.Snippets, Snippet{Path: p, Data: b})
+			c.Snippets = append(c.Snippets, Snippet{Path: p, Data: b, Dir: dir})
 		}
 	}
 	for i := range c.Addons {

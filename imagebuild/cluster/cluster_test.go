@@ -79,7 +79,7 @@ func TestValidation(t *testing.T) {
 		{"bad os", "name: lab\ncontrolPlaneEndpoint: lb:6443\nos:\n  name: ubuntu\n", []string{"os.name: unknown OS \"ubuntu\": use one of fcos, flatcar"}},
 		{"bad channel", "name: lab\ncontrolPlaneEndpoint: lb:6443\nos:\n  name: fcos\n  channel: lts\n", []string{"os.channel: \"lts\" is not a fcos channel"}},
 		{"bad os version", "name: lab\ncontrolPlaneEndpoint: lb:6443\nos:\n  version: 42\n", []string{"os.version"}},
-		{"ssh private", "name: lab\ncontrolPlaneEndpoint: lb:6443\nssh:\n  authorizedKeys: ['-----BEGIN OPENSSH PRIVATE KEY-----']\n", []string{"ssh.authorizedKeys[0]"}},
+		{"ssh private", "name: lab\ncontrolPlaneEndpoint: lb:6443\nssh:\n  authorizedKeys: ['-----BEGIN OPENSSH PRIVATE KEY-----']\n", []string{"ssh.authorizedKeys[0]: this is a private key: use the public key (.pub)"}},
 		{"ssh type", "name: lab\ncontrolPlaneEndpoint: lb:6443\nssh:\n  authorizedKeys: ['ssh-dss AAAA x']\n", []string{"ssh.authorizedKeys[0]: key type \"ssh-dss\""}},
 		{"template var", "name: lab\ncontrolPlaneEndpoint: lb:6443\nhostname:\n  template: 'n-{serial}'\n", []string{"hostname.template", "unknown variable {serial}"}},
 		{"template case", "name: lab\ncontrolPlaneEndpoint: lb:6443\nhostname:\n  template: 'Node-{mac}'\n", []string{"hostname.template", "invalid node name"}},

@@ -47,11 +47,68 @@ func explain(data []byte, err error) error {
 	}
 	paths := map[int][]string{} // line -> paths of keys and values on it
 	index(&root, "", paths)
-	var problems []string
+	var problems decodeError
 	for _, msg := range te.Errors {
 		problems = append(problems, restate(msg, paths))
 	}
-	return errors.New(strings.Join(problems, "\n"))
+	return problems
+}
+
+// decodeError lists a decoding's problems, one per line, each "line N:
+// path: what is wrong".
+type decodeError []string
+
+func (e decodeError) Error() string { return strings.Join(e, "\n") }
+
+// Problem is one problem of a cluster file, as kiln validate -o json
+// prints it: the line (decoding problems only, 0 when not known), the
+// field's path in the file (nodes[1].mac; empty when the problem is the
+// file's syntax) and what is wrong, with the fix.
+type Problem struct {
+	Line    int    `json:"line,omitempty"`
+	Field   string `json:"field,omitempty"`
+	Message string `json:"message"`
+}
+
+var (
+	syntaxRe       = regexp.MustCompile(`yaml: line \d+: .*`)
+	problemLineRe  = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
+	problemFieldRe = regexp.MustCompile(`^([A-Za-z][A-Za-z0-9_.\[\]-]*): (.*)$`)
+)
+
+// Problems lists the problems err reports about a cluster file (Load's,
+// Parse's or Validate's), each split into line, field and message; nil if
+// err reports none.
+func Problems(err error) []Problem {
+	var texts []string
+	var inv *InvalidError
+	var dec decodeError
+	switch {
+	case errors.As(err, &inv):
+		for _, p := range inv.Problems {
+			texts = append(texts, p.Error())
+		}
+	case errors.As(err, &dec):
+		texts = dec
+	case syntaxRe.MatchString(err.Error()):
+		texts = []string{syntaxRe.FindString(err.Error())}
+	default:
+		return nil
+	}
+	out := make([]Problem, 0, len(texts))
+	for _, t := range texts {
+		var p Problem
+		if m := problemLineRe.FindStringSubmatch(t); m != nil {
+			p.Line, _ = strconv.Atoi(m[1])
+			t = m[2]
+		}
+		if m := problemFieldRe.FindStringSubmatch(t); m != nil {
+			p.Field, t = m[1], m[2]
+		}
+		p.Message = t
+		out = append(out, p)
+	}
+	return out
 }
 
 func lines(data []byte) []string { return strings.Split(string(data), "\n") }

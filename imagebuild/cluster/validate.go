@@ -209,6 +209,9 @@ func checkSubnets(errs *[]error, field, value string, sizes subnetSizes) []netip
 }
 
 func checkSSHKey(key string) error {
+	if strings.Contains(key, "PRIVATE KEY") {
+		return errors.New("this is a private key: use the public key (.pub)")
+	}
 	f := strings.Fields(key)
 	if len(f) < 2 {
 		return errors.New("not an OpenSSH public key line (type, base64 key, optional comment): paste the content of your .pub file")
@@ -218,9 +221,6 @@ func checkSSHKey(key string) error {
 	}
 	if _, err := base64.StdEncoding.DecodeString(f[1]); err != nil {
 		return errors.New("the key is not valid base64: paste the whole line of your .pub file")
-	}
-	if strings.Contains(key, "PRIVATE KEY") {
-		return errors.New("this is a private key: use the public key (.pub)")
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	json "github.com/clarketm/json"
+	"slices"
 	"strings"
 
 	butane "github.com/coreos/butane/config"
@@ -13,7 +14,11 @@ import (
 	"github.com/coreos/vcontext/report"
 	"gopkg.in/yaml.v3"
 
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/profiles"
 )
 
 // Ignition renders the role's Ignition 3.4.0 config: kiln's Butane
@@ -24,27 +29,81 @@ func Ignition(in Input) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	base, err := translate(bu)
+	base, err := translate(bu, "")
 	if err != nil {
 		// kiln's own Butane must always translate cleanly.
 		return nil, fmt.Errorf("translate kiln's butane: %w", err)
 	}
+	if base, err = mergeSnippets(base, butaneVariant(bu), in.Cluster.Snippets); err != nil {
+		return nil, err
+	}
+	return encode(base)
+}
+
+// mergeSnippets merges the cluster's Butane snippets into kiln's config,
+// refusing a snippet of another variant, one that does not translate
+// cleanly, and one that would override kiln's own files or units.
+func mergeSnippets(base types.Config, variant string, snippets []cluster.Snippet) (types.Config, error) {
 	managed := managedPaths(base)
-	variant := butaneVariant(bu)
-	for i, sn := range in.Cluster.Snippets {
+	for i, sn := range snippets {
 		if v := butaneVariant(sn.Data); v != variant {
-			return nil, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): variant %q, but the cluster's OS takes variant %q", i, sn.Path, v, variant))
+			return base, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): variant %q, but the cluster's OS takes variant %q", i, sn.Path, v, variant))
 		}
-		cfg, err := translate(sn.Data)
+		cfg, err := translate(sn.Data, sn.Dir)
 		if err != nil {
-			return nil, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): %w", i, sn.Path, err))
+			return base, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): %w", i, sn.Path, err))
 		}
 		if err := checkSnippet(cfg, managed); err != nil {
-			return nil, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): %w", i, sn.Path, err))
+			return base, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): %w", i, sn.Path, err))
 		}
 		base = v3_4.Merge(base, cfg)
 	}
-	return encode(base)
+	return base, nil
+}
+
+// CheckSnippets is kiln validate's check of the cluster's Butane
+// snippets: for every role, what rendering its Ignition config would
+// refuse of them (see mergeSnippets), before anything is pinned. Only the
+// paths and units of kiln's own config matter here, so downloads not
+// pinned yet get placeholder pins and the agent a placeholder binary; the
+// config built is thrown away. A cluster whose config cannot be built yet
+// for another reason (an air-gapped one without its image pins) is not
+// checked: render reports that reason itself.
+func CheckSnippets(c *cluster.Cluster, s *secrets.Secrets) error {
+	if len(c.Snippets) == 0 {
+		return nil
+	}
+	osp, err := profiles.LookupOS(c.OS.Name)
+	if err != nil {
+		return err
+	}
+	cc := *c
+	placeholder := strings.Repeat("0", 128)
+	cc.Kubernetes.Downloads = slices.Clone(c.Kubernetes.Downloads)
+	for i := range cc.Kubernetes.Downloads {
+		if d := &cc.Kubernetes.Downloads[i]; d.SHA512 == "" {
+			d.SHA512 = placeholder
+		}
+	}
+	for _, d := range osp.Downloads {
+		if _, ok := cc.Pinned(d.Name, "amd64"); !ok {
+			cc.Kubernetes.Downloads = append(cc.Kubernetes.Downloads, cluster.Download{Name: d.Name, Arch: "amd64", URL: "https://placeholder.invalid/" + d.Name, SHA512: placeholder})
+		}
+	}
+	for _, role := range nodeconfig.Roles {
+		bu, err := Butane(Input{Cluster: &cc, Secrets: s, Role: role, Arch: "amd64", Agent: []byte("placeholder")})
+		if err != nil {
+			return nil
+		}
+		base, err := translate(bu, "")
+		if err != nil {
+			return fmt.Errorf("translate kiln's butane: %w", err)
+		}
+		if _, err := mergeSnippets(base, butaneVariant(bu), c.Snippets); err != nil {
+			return fmt.Errorf("%w (in the %s config)", err, role)
+		}
+	}
+	return nil
 }
 
 // encode writes a config as Ignition reads it, after validating it
@@ -63,9 +122,11 @@ func encode(cfg types.Config) ([]byte, error) {
 
 // translate turns Butane into an Ignition 3.4.0 config. Any Butane spec
 // version that yields Ignition 3.0 to 3.4 is accepted; warnings count as
-// errors, so typos in snippets do not pass silently.
-func translate(bu []byte) (types.Config, error) {
-	ign, rpt, err := butane.TranslateBytes(bu, common.TranslateBytesOptions{})
+// errors, so typos in snippets do not pass silently. local: sources are
+// read from filesDir (Butane refuses paths that leave it); "": none are
+// allowed.
+func translate(bu []byte, filesDir string) (types.Config, error) {
+	ign, rpt, err := butane.TranslateBytes(bu, common.TranslateBytesOptions{TranslateOptions: common.TranslateOptions{FilesDir: filesDir}})
 	if err != nil {
 		return types.Config{}, reportError(err, rpt)
 	}
@@ -123,7 +184,7 @@ func checkSnippet(cfg types.Config, managed map[string]bool) error {
 	var errs []error
 	check := func(p string) {
 		if managed[p] || strings.HasPrefix(p, KilnDir+"/") || p == KilnDir {
-			errs = append(errs, fmt.Errorf("%s is written by kiln: remove it from the snippet (use kubeadmPatches to change kubeadm settings)", p))
+			errs = append(errs, fmt.Errorf("%s is written by kiln itself: remove it from the snippet (use kubeadmPatches to change kubeadm settings)", p))
 		}
 	}
 	for _, f := range cfg.Storage.Files {
@@ -139,7 +200,7 @@ func checkSnippet(cfg types.Config, managed map[string]bool) error {
 		// Enabling a unit or adding drop-ins is fine; replacing the
 		// contents kiln wrote, or touching the agent's unit, is not.
 		if u.Name == AgentUnit || managed["unit:"+u.Name] && u.Contents != nil {
-			errs = append(errs, fmt.Errorf("unit %s is written by kiln: remove it from the snippet (a drop-in can extend it)", u.Name))
+			errs = append(errs, fmt.Errorf("unit %s is written by kiln itself: remove it from the snippet (a drop-in can extend it)", u.Name))
 		}
 	}
 	return errors.Join(errs...)

@@ -129,7 +129,7 @@ ExecStart=%s
 	if err := enc.Encode(doc); err != nil {
 		return nil, err
 	}
-	cfg, err := translate(buf.Bytes())
+	cfg, err := translate(buf.Bytes(), "")
 	if err != nil {
 		return nil, fmt.Errorf("translate the installer's butane: %w", err)
 	}

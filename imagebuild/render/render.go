@@ -1,7 +1,9 @@
 // Package render turns a cluster file and its secrets into everything one
 // node role needs: its node metadata, kubeadm configuration, Butane and
-// Ignition config. Rendering is pure: no disk, no network, no clock; the
-// same inputs give byte-identical outputs.
+// Ignition config. Rendering is pure: no network, no clock, and no disk
+// but the files a Butane snippet names with local: (read from the cluster
+// file's folder, as Butane's --files-dir does); the same inputs give
+// byte-identical outputs.
 //
 // It is the only package that imports the coreos Butane and Ignition
 // libraries.
