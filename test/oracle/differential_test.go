@@ -5,6 +5,7 @@ package oracle
 import (
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -81,17 +82,25 @@ func TestValidateAgreesWithKubeadm(t *testing.T) {
 	}
 }
 
-// FuzzValidateAgreesWithKubeadm: the same check on generated values,
-// seeded with the table; testdata/fuzz holds the corpus a longer run
-// found (`go test -tags oracle -run '^$' -fuzz FuzzValidateAgreesWithKubeadm
-// -fuzztime 10m ./test/oracle/`), which plain `go test` replays.
+// FuzzValidateAgreesWithKubeadm: the same check on generated values. The
+// endpoint and DNS domain are free text; the IPv4 pod and service subnets
+// are built from an address and a prefix length (the fuzzer walks every
+// size), and podExtra is appended to the pod subnet (a second family, or
+// anything). testdata/fuzz holds the corpus a longer run found (`go test
+// -tags oracle -run '^$' -fuzz FuzzValidateAgreesWithKubeadm -fuzztime 10m
+// ./test/oracle/`), which plain `go test` replays.
 func FuzzValidateAgreesWithKubeadm(f *testing.F) {
-	for _, c := range differentialTable {
-		f.Add(c.endpoint, c.podSubnet, c.serviceSubnet, c.dnsDomain)
-	}
-	f.Fuzz(func(t *testing.T, endpoint, pods, services, domain string) {
-		checkAgreement(t, candidate{endpoint, pods, services, domain})
+	f.Add("lb.example.com:6443", uint32(0x0af40000), uint8(16), "", uint32(0x0a600000), uint8(12), "cluster.local")
+	f.Add("LB.example.com:6443", uint32(0x0af40000), uint8(25), ",fd00:10:244::/56", uint32(0x0a600000), uint8(29), "cluster.local")
+	f.Add("[2001:db8::10]:6443", uint32(0x0a000000), uint8(8), ", fd00::/64", uint32(0xac100000), uint8(28), "Cluster.local.")
+	f.Fuzz(func(t *testing.T, endpoint string, podAddr uint32, podBits uint8, podExtra string, svcAddr uint32, svcBits uint8, domain string) {
+		checkAgreement(t, candidate{endpoint, cidr4(podAddr, podBits) + podExtra, cidr4(svcAddr, svcBits), domain})
 	})
+}
+
+// cidr4 writes an IPv4 subnet; bits may be out of range (33 and up).
+func cidr4(addr uint32, bits uint8) string {
+	return fmt.Sprintf("%d.%d.%d.%d/%d", addr>>24, addr>>16&0xff, addr>>8&0xff, addr&0xff, bits%40)
 }
 
 // kubeadmEdges are the oldest and newest supported minors.
