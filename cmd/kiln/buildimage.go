@@ -182,16 +182,17 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 		who = o.node
 	}
 	res, err := bake.Bake(ctx, bake.Options{
-		Target:   t,
-		Base:     base,
-		Config:   config,
-		Firmware: firmware,
-		Payload:  payload,
-		Output:   filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, who, t.Name)),
-		Compress: o.compress,
-		Force:    o.force,
-		Runner:   bake.Exec{},
-		Progress: g.stderr,
+		Target:    t,
+		Base:      base,
+		BaseGiven: o.baseImage != "",
+		Config:    config,
+		Firmware:  firmware,
+		Payload:   payload,
+		Output:    filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, who, t.Name)),
+		Compress:  o.compress,
+		Force:     o.force,
+		Runner:    bake.Exec{},
+		Progress:  g.stderr,
 	})
 	if err != nil {
 		return err

@@ -34,6 +34,9 @@ type Options struct {
 	Target *profiles.Target
 	// Base is the raw (decompressed) vendor image.
 	Base string
+	// BaseGiven: Base is the user's file (--base-image), so a base image
+	// kiln cannot bake is bad input (exit 2), not a bad download.
+	BaseGiven bool
 	// Config is the rendered Ignition config.
 	Config []byte
 	// Firmware is the board firmware archive (rpi4 targets only).
@@ -85,6 +88,15 @@ func Outputs(image, compress string) (compressed, bmap, sum string) {
 
 // Bake runs one bake.
 func Bake(ctx context.Context, o Options) (*Result, error) {
+	res, err := bake(ctx, o)
+	// A bake downloads nothing: a Download fault is the base image's.
+	if o.BaseGiven && fault.KindOf(err) == fault.Download {
+		err = fault.Wrap(fault.Input, fmt.Errorf("--base-image %s: %w", o.Base, err))
+	}
+	return res, err
+}
+
+func bake(ctx context.Context, o Options) (*Result, error) {
 	start := time.Now()
 	t := o.Target
 	if err := o.check(); err != nil {

@@ -280,10 +280,6 @@ func TestFCOSStream(t *testing.T) {
 func TestLocalDecompressesOnce(t *testing.T) {
 	raw, zimg := testImage(t)
 	dir := t.TempDir()
-	var gz bytes.Buffer
-	gw := gzip.NewWriter(&gz)
-	gw.Write(raw)
-	gw.Close()
 	for name, data := range map[string][]byte{"img.zst": zimg, "img.raw": raw} {
 		p := filepath.Join(dir, name)
 		os.WriteFile(p, data, 0o644)
@@ -302,6 +298,44 @@ func TestLocalDecompressesOnce(t *testing.T) {
 	c := &Cache{Dir: t.TempDir(), Progress: io.Discard}
 	if _, err := c.Local(filepath.Join(dir, "missing.bin")); fault.KindOf(err) != fault.Input {
 		t.Errorf("missing file: %v", err)
+	}
+}
+
+// TestLocalNotADiskImage: a --base-image that is no disk image, or is in a
+// format kiln does not read, is bad input (exit 2), named as such, and
+// leaves nothing in the cache.
+func TestLocalNotADiskImage(t *testing.T) {
+	raw, _ := testImage(t)
+	dir := t.TempDir()
+	var gz bytes.Buffer
+	gw := gzip.NewWriter(&gz)
+	gw.Write(raw)
+	gw.Close()
+	enc, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := []byte("#!/bin/sh\necho not an image\n")
+	whole := enc.EncodeAll(raw, nil)
+	for name, tc := range map[string]struct {
+		data []byte
+		want string
+	}{
+		"img.gz":    {gz.Bytes(), "is gzip-compressed, which kiln does not read: gunzip it"},
+		"notes.txt": {text, "is not a disk image kiln can bake"},
+		"text.zst":  {enc.EncodeAll(text, nil), "is not a disk image kiln can bake"},
+		"cut.zst":   {whole[:len(whole)/2], "--base-image"},
+	} {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, tc.data, 0o644)
+		c := &Cache{Dir: filepath.Join(dir, "cache-"+name), Progress: io.Discard}
+		_, err := c.Local(p)
+		if fault.KindOf(err) != fault.Input || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v (kind %v), want bad input saying %q", name, err, fault.KindOf(err), tc.want)
+		}
+		if left, _ := filepath.Glob(filepath.Join(c.Dir, "*", "*")); len(left) > 0 {
+			t.Errorf("%s: left in the cache: %v", name, left)
+		}
 	}
 }
 

@@ -24,6 +24,7 @@ import (
 	"github.com/ulikunitz/xz"
 
 	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/disk"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/progress"
 	"github.com/kilnproject/kiln/imagebuild/sparse"
@@ -354,13 +355,19 @@ func (c *Cache) Local(p string) (string, error) {
 	if err != nil {
 		return "", fault.Wrap(fault.Input, fmt.Errorf("--base-image: %w", err))
 	}
+	var magic [2]byte
+	_, _ = io.ReadFull(f, magic[:])
+	_, _ = f.Seek(0, io.SeekStart)
 	_, kind, err := Decompress(f)
 	f.Close()
 	if err != nil {
-		return "", err
+		return "", fault.Wrap(fault.Input, fmt.Errorf("--base-image %s: %w", p, err))
 	}
 	if kind == "raw" {
-		return p, nil
+		if magic == [2]byte{0x1f, 0x8b} {
+			return "", fault.Wrap(fault.Input, fmt.Errorf("--base-image %s is gzip-compressed, which kiln does not read: gunzip it, or give the raw, .bz2, .xz or .zst image", p))
+		}
+		return p, checkDiskImage(p, p)
 	}
 	sum, err := fileDigest(p, sha256.New())
 	if err != nil {
@@ -374,9 +381,25 @@ func (c *Cache) Local(p string) (string, error) {
 		if errors.Is(err, os.ErrNotExist) {
 			return "", fault.Wrap(fault.Input, err)
 		}
+		if fault.KindOf(err) == fault.Download { // it does not decompress
+			err = fault.Wrap(fault.Input, fmt.Errorf("--base-image %s: %w", p, err))
+		}
+		return "", err
+	}
+	if err := checkDiskImage(raw, p); err != nil {
+		os.Remove(raw)
 		return "", err
 	}
 	return raw, nil
+}
+
+// checkDiskImage refuses a --base-image (given) whose content (at raw)
+// has no GPT: bad input, not a failed download.
+func checkDiskImage(raw, given string) error {
+	if _, err := disk.Read(raw); err != nil {
+		return fault.Wrap(fault.Input, fmt.Errorf("--base-image %s is not a disk image kiln can bake (%v): give the vendor's image file, raw or compressed with bzip2, xz or zstd", given, err))
+	}
+	return nil
 }
 
 // FetchFile returns the cached copy of a file pinned by its digest (such
