@@ -49,6 +49,7 @@ func TestBuildImageInputErrors(t *testing.T) {
 		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", base}, exitInput, "--base-image"},
 		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art, "--firmware", art}, exitInput, "takes no firmware"},
 		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art, "--compress", "gz"}, exitInput, "--compress"},
+		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art}, exitInput, "--base-image " + art + ": base image: not a disk image kiln can bake"},
 	} {
 		r := kiln(t, append([]string{"-c", cf, "build-image"}, c.args...)...)
 		r.expect(t, c.code, c.want)

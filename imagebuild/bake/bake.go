@@ -116,7 +116,7 @@ func bake(ctx context.Context, o Options) (*Result, error) {
 	}
 	layout, err := disk.Read(o.Base)
 	if err != nil {
-		return nil, fault.Wrap(fault.Download, fmt.Errorf("base image: %w", err))
+		return nil, fault.Wrap(fault.Download, fmt.Errorf("base image: %w", disk.NotAnImage(err)))
 	}
 	outDir := filepath.Dir(o.Output)
 	if err := os.MkdirAll(outDir, 0o755); err != nil {

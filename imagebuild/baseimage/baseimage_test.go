@@ -301,9 +301,10 @@ func TestLocalDecompressesOnce(t *testing.T) {
 	}
 }
 
-// TestLocalNotADiskImage: a --base-image that is no disk image, or is in a
-// format kiln does not read, is bad input (exit 2), named as such, and
-// leaves nothing in the cache.
+// TestLocalNotADiskImage: a compressed --base-image that holds no disk
+// image, or one in a format kiln does not read, is bad input (exit 2),
+// named as such, and leaves nothing in the cache. (A raw one is the
+// bake's to read: TestBuildImageInputErrors.)
 func TestLocalNotADiskImage(t *testing.T) {
 	raw, _ := testImage(t)
 	dir := t.TempDir()
@@ -321,10 +322,9 @@ func TestLocalNotADiskImage(t *testing.T) {
 		data []byte
 		want string
 	}{
-		"img.gz":    {gz.Bytes(), "is gzip-compressed, which kiln does not read: gunzip it"},
-		"notes.txt": {text, "is not a disk image kiln can bake"},
-		"text.zst":  {enc.EncodeAll(text, nil), "is not a disk image kiln can bake"},
-		"cut.zst":   {whole[:len(whole)/2], "--base-image"},
+		"img.gz":   {gz.Bytes(), "is gzip-compressed, which kiln does not read: gunzip it"},
+		"text.zst": {enc.EncodeAll(text, nil), "text.zst: not a disk image kiln can bake"},
+		"cut.zst":  {whole[:len(whole)/2], "--base-image"},
 	} {
 		p := filepath.Join(dir, name)
 		os.WriteFile(p, tc.data, 0o644)

@@ -43,6 +43,12 @@ type Layout struct {
 	Partitions []Partition `json:"partitions"`
 }
 
+// NotAnImage restates a Read error of a file that is no disk image at
+// all, with what to give instead.
+func NotAnImage(err error) error {
+	return fmt.Errorf("not a disk image kiln can bake (%v): give the vendor's image file, raw or compressed with bzip2, xz or zstd", err)
+}
+
 // Read reads the GPT of the image at path.
 func Read(path string) (*Layout, error) {
 	d, err := diskfs.Open(path, diskfs.WithOpenMode(diskfs.ReadOnly))
