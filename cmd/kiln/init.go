@@ -150,7 +150,7 @@ func runInit(g *globals, o *initOptions, name string) error {
 		c.Images[name] = ref
 	}
 	for _, p := range o.sshKeys {
-		data, err := os.ReadFile(p)
+		data, err := cluster.ReadLimited(p, "an SSH public key file", 1<<20)
 		if err != nil {
 			return fault.Wrap(fault.Input, fmt.Errorf("--ssh-key: %w", err))
 		}

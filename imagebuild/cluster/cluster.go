@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -353,14 +354,45 @@ func decode(data []byte) (*Cluster, error) {
 // pin replaces stale pins).
 func Decode(data []byte) (*Cluster, error) { return decode(data) }
 
+// Size limits of the files a cluster is described by: far above any real
+// one, low enough that a wrong path (a disk image, /dev/zero) is a clear
+// error instead of a long read into memory.
+const (
+	MaxClusterFile = 1 << 20  // the cluster file
+	MaxSnippet     = 4 << 20  // a Butane file (its local: sources are Butane's to read)
+	MaxAddon       = 16 << 20 // an add-on's manifests (CRD bundles run to a few MiB)
+)
+
 // Read reads a cluster file's bytes.
 func Read(path string) ([]byte, error) {
-	data, err := os.ReadFile(path)
+	data, err := ReadLimited(path, "a cluster file", MaxClusterFile)
 	if err != nil {
 		if os.IsNotExist(err) {
 			return nil, fault.Wrap(fault.Input, fmt.Errorf("no cluster file at %s: create one with `kiln init NAME --endpoint HOST:PORT`, or pass --cluster", path))
 		}
+		if fault.KindOf(err) == fault.Input {
+			return nil, err
+		}
 		return nil, fault.Wrap(fault.IO, fmt.Errorf("read cluster file: %w", err))
+	}
+	return data, nil
+}
+
+// ReadLimited reads an input file of at most limit bytes; what names such
+// a file in the error (fault.Input) for a bigger one. Other errors are the
+// os package's.
+func ReadLimited(path, what string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(data)) > limit {
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("%s is larger than %d MiB, the most %s may be: is it the right file?", path, limit>>20, what))
 	}
 	return data, nil
 }
@@ -385,25 +417,25 @@ func LoadData(path string, data []byte) (*Cluster, error) {
 	// problem: those files' and the validation's.
 	dir := filepath.Dir(path)
 	var problems []error
-	read := func(field, p string) []byte {
+	read := func(field, p, what string, limit int64) []byte {
 		full := p
 		if !filepath.IsAbs(p) {
 			full = filepath.Join(dir, p)
 		}
-		b, err := os.ReadFile(full)
+		b, err := ReadLimited(full, what, limit)
 		if err != nil {
 			problems = append(problems, fmt.Errorf("%s: %w", field, err))
 		}
 		return b
 	}
 	for i, p := range c.Butane {
-		if b := read(fmt.Sprintf("butane[%d]", i), p); b != nil {
+		if b := read(fmt.Sprintf("butane[%d]", i), p, "a Butane file", MaxSnippet); b != nil {
 			c.Snippets = append(c.Snippets, Snippet{Path: p, Data: b, Dir: dir})
 		}
 	}
 	for i := range c.Addons {
 		if a := &c.Addons[i]; a.Path != "" {
-			a.Data = read(fmt.Sprintf("addons[%d].path", i), a.Path)
+			a.Data = read(fmt.Sprintf("addons[%d].path", i), a.Path, "an add-on", MaxAddon)
 		}
 	}
 	if err := c.Validate(); err != nil {

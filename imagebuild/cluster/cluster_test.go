@@ -229,6 +229,30 @@ func TestLoadSnippets(t *testing.T) {
 	}
 }
 
+// TestInputSizeLimits: a cluster file, Butane file or add-on past its
+// limit (a wrong path: a disk image, a device) is bad input naming the
+// file and the limit, read no further than the limit.
+func TestInputSizeLimits(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "cluster.yaml")
+	big := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(big, make([]byte, MaxSnippet+1), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ file, want string }{
+		{valid + "butane: [disk.img]\n", "butane[0]: " + big + " is larger than 4 MiB, the most a Butane file may be: is it the right file?"},
+		{valid + "addons: [{path: /dev/zero}]\n", "addons[0].path: /dev/zero is larger than 16 MiB, the most an add-on may be"},
+	} {
+		os.WriteFile(path, []byte(tc.file), 0o644)
+		if _, err := Load(path); fault.KindOf(err) != fault.Input || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("got %v, want %q", err, tc.want)
+		}
+	}
+	if _, err := Load("/dev/zero"); fault.KindOf(err) != fault.Input || !strings.Contains(err.Error(), "/dev/zero is larger than 1 MiB, the most a cluster file may be") {
+		t.Errorf("cluster file /dev/zero: %v", err)
+	}
+}
+
 // TestLoadAddons: one report names a missing add-on file, add-on files
 // kubectl could not apply, and the file's other problems; a manifest of
 // Kubernetes objects loads.
