@@ -4,10 +4,8 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/signal"
 	"path"
 	"path/filepath"
-	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -79,7 +77,7 @@ loaders are never changed. Progress goes to stderr; -o json prints the result.`,
   kiln build-image --role worker --profile flatcar-amd64 --airgap --file kubernetes-sysext=kubernetes-v1.37.2-x86-64.raw`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			ctx, stop := interruptible(cmd.Context())
 			defer stop()
 			return runBuildImage(ctx, g, o)
 		},
@@ -156,7 +154,7 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 	}
 	base, version := o.baseImage, "(local file)"
 	if base != "" {
-		if base, err = cache.Local(base); err != nil {
+		if base, err = cache.Local(ctx, base); err != nil {
 			return err
 		}
 	} else {

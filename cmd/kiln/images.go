@@ -4,19 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"os/signal"
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kilnproject/kiln/imagebuild/baseimage"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
-	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/images"
 	"github.com/kilnproject/kiln/imagebuild/pin"
 	"github.com/kilnproject/kiln/profiles"
@@ -104,7 +100,7 @@ func (o *imageSourceOptions) addFlags(cmd *cobra.Command) {
 // context bounds a run by --timeout and stops it on Ctrl-C or SIGTERM
 // (blobs half-fetched are not kept; the next run resumes).
 func (o *imageSourceOptions) context(parent context.Context) (context.Context, context.CancelFunc) {
-	ctx, stop := signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
+	ctx, stop := interruptible(parent)
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	return ctx, func() { cancel(); stop() }
 }
@@ -251,7 +247,7 @@ else amd64 and arm64.`,
 			start := time.Now()
 			res, err := st.Pull(ctx, list, arches, src, g.stderr)
 			if errors.Is(err, context.Canceled) {
-				return fault.Wrap(fault.Download, errors.New("interrupted: blobs verified so far stay in the cache, nothing half-fetched is kept; run kiln images pull again to resume"))
+				return fmt.Errorf("interrupted: blobs verified so far stay in the cache, nothing half-fetched is kept; run kiln images pull again to resume (%w)", err)
 			}
 			if err != nil {
 				return err

@@ -46,7 +46,11 @@ recomputes the pins of the arches given, and keeps the others.`,
   kiln pin --arch amd64 --file kubernetes-sysext=./kubernetes-v1.37.2-x86-64.raw
   kiln pin --refresh -o json`,
 		Args: noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error { return runPin(cmd.Context(), g, o) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := interruptible(cmd.Context())
+			defer stop()
+			return runPin(ctx, g, o)
+		},
 	}
 	f := cmd.Flags()
 	f.StringArrayVar(&o.arches, "arch", []string{"amd64", "arm64"}, "arch to pin (repeatable): amd64, arm64")

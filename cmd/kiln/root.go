@@ -1,12 +1,16 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -22,6 +26,9 @@ const (
 	exitEnvironment = 4
 	exitDownload    = 5
 	exitIO          = 6
+	// exitInterrupted: stopped by SIGINT or SIGTERM (128 + SIGINT, as a
+	// shell reports a process its Ctrl-C ended).
+	exitInterrupted = 130
 )
 
 // globals are the options every command shares.
@@ -48,8 +55,29 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		return exitOK
 	}
+	if errors.Is(err, context.Canceled) {
+		// Every long operation stops at the signal and removes what it
+		// had begun; one that keeps something says what itself.
+		msg := err.Error()
+		if !strings.HasPrefix(msg, "interrupted") {
+			msg = "interrupted, nothing written"
+		}
+		fmt.Fprintf(stderr, "kiln: %s\n", msg)
+		return exitInterrupted
+	}
 	fmt.Fprintf(stderr, "kiln: %v\n", err)
 	return exitCode(err)
+}
+
+// interruptible is the context of a long operation: done at the first
+// SIGINT or SIGTERM, which the operation answers by stopping, removing its
+// work and returning context.Canceled (exit 130). A second signal then
+// ends kiln at once, as if it had no handler (the next run removes what
+// that leaves).
+func interruptible(parent context.Context) (context.Context, context.CancelFunc) {
+	ctx, stop := signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
+	context.AfterFunc(ctx, stop)
+	return ctx, stop
 }
 
 func exitCode(err error) int {

@@ -26,6 +26,7 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/disk"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/sparse"
+	"github.com/kilnproject/kiln/imagebuild/workdir"
 	"github.com/kilnproject/kiln/profiles"
 )
 
@@ -86,6 +87,9 @@ func Outputs(image, compress string) (compressed, bmap, sum string) {
 	return compressed, stem + ".bmap", stem + ".sha256"
 }
 
+// workPattern names a bake's work folder in its output folder.
+const workPattern = ".kiln-work-*"
+
 // Bake runs one bake.
 func Bake(ctx context.Context, o Options) (*Result, error) {
 	res, err := bake(ctx, o)
@@ -96,7 +100,7 @@ func Bake(ctx context.Context, o Options) (*Result, error) {
 	return res, err
 }
 
-func bake(ctx context.Context, o Options) (*Result, error) {
+func bake(ctx context.Context, o Options) (_ *Result, ferr error) {
 	start := time.Now()
 	t := o.Target
 	if err := o.check(); err != nil {
@@ -122,11 +126,26 @@ func bake(ctx context.Context, o Options) (*Result, error) {
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
 		return nil, fault.Wrap(fault.IO, err)
 	}
-	work, err := os.MkdirTemp(outDir, ".kiln-work-*")
+	// A bake that was killed (SIGKILL, a second Ctrl-C) left its work
+	// folder here: remove it, say so.
+	if err := workdir.Sweep(outDir, workPattern, o.Progress); err != nil {
+		fmt.Fprintf(o.Progress, "could not remove a killed bake's work folder: %v\n", err)
+	}
+	sp, err := estimateSpace(o, layout)
+	if err != nil {
+		return nil, err
+	}
+	if err := sp.check(); err != nil {
+		return nil, err
+	}
+	// A full disk is reported as such, whichever tool hit it.
+	defer func() { ferr = sp.noSpace(ferr) }()
+	wd, err := workdir.Make(outDir, workPattern)
 	if err != nil {
 		return nil, fault.Wrap(fault.IO, err)
 	}
-	defer os.RemoveAll(work)
+	defer wd.Remove()
+	work := wd.Path
 
 	// Every output is first written under a temporary name in work/ and
 	// renamed into place only when all are complete, image last.
@@ -134,7 +153,7 @@ func bake(ctx context.Context, o Options) (*Result, error) {
 	for _, f := range finals {
 		temps[f] = filepath.Join(work, "out-"+filepath.Base(f))
 	}
-	img, reflinked, err := cloneBase(o.Base, temps[o.Output], o.Progress)
+	img, reflinked, err := cloneBase(ctx, o.Base, temps[o.Output], o.Progress)
 	if err != nil {
 		return nil, err
 	}
@@ -211,7 +230,7 @@ func bake(ctx context.Context, o Options) (*Result, error) {
 		return nil, fault.Wrap(fault.IO, fmt.Errorf("the baked image's partition table differs from the base (please report this): %w", err))
 	}
 
-	sum, err := summarize(img, o.Compress, temps[compressed], o.Progress)
+	sum, err := summarize(ctx, img, o.Compress, temps[compressed], o.Progress)
 	if err != nil {
 		return nil, err
 	}
@@ -280,7 +299,7 @@ func (o Options) check() error {
 }
 
 // cloneBase copies the base image to path, sparse or reflinked.
-func cloneBase(base, path string, prog io.Writer) (*os.File, bool, error) {
+func cloneBase(ctx context.Context, base, path string, prog io.Writer) (*os.File, bool, error) {
 	src, err := os.Open(base)
 	if err != nil {
 		return nil, false, fault.Wrap(fault.Input, fmt.Errorf("base image: %w", err))
@@ -290,9 +309,12 @@ func cloneBase(base, path string, prog io.Writer) (*os.File, bool, error) {
 	if err != nil {
 		return nil, false, fault.Wrap(fault.IO, err)
 	}
-	reflinked, err := sparse.Clone(dst, src)
+	reflinked, err := sparse.Clone(ctx, dst, src)
 	if err != nil {
 		dst.Close()
+		if ctx.Err() != nil {
+			return nil, false, err
+		}
 		return nil, false, fault.Wrap(fault.IO, fmt.Errorf("copy base image: %w", err))
 	}
 	how := "sparse copy"

@@ -2,6 +2,7 @@ package bake
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
 
+	"github.com/kilnproject/kiln/imagebuild/cancel"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/progress"
 	"github.com/kilnproject/kiln/imagebuild/sparse"
@@ -36,7 +38,7 @@ const bmapBlock = 4096
 // summarize reads the finished image once: its sha256, a bmap (format
 // 2.0, sha256 per range) of its data blocks, and, if compress is set, a
 // compressed copy written to compressedPath.
-func summarize(img *os.File, compress, compressedPath string, prog io.Writer) (*summary, error) {
+func summarize(ctx context.Context, img *os.File, compress, compressedPath string, prog io.Writer) (*summary, error) {
 	fi, err := img.Stat()
 	if err != nil {
 		return nil, fault.Wrap(fault.IO, err)
@@ -68,7 +70,7 @@ func summarize(img *os.File, compress, compressedPath string, prog io.Writer) (*
 			return nil, fault.Wrap(fault.IO, err)
 		}
 		defer cfile.Close()
-		if cw, err = compressor(compress, io.MultiWriter(cfile, csum)); err != nil {
+		if cw, err = compressor(ctx, compress, io.MultiWriter(cfile, csum)); err != nil {
 			return nil, err
 		}
 		sinks = append(sinks, cw)
@@ -87,6 +89,9 @@ func summarize(img *os.File, compress, compressedPath string, prog io.Writer) (*
 	pos := int64(0)
 	writeZeros := func(n int64) error {
 		for n > 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 			k := min(n, int64(len(zeros)))
 			if _, err := out.Write(zeros[:k]); err != nil {
 				return err
@@ -97,11 +102,11 @@ func summarize(img *os.File, compress, compressedPath string, prog io.Writer) (*
 	}
 	for _, r := range ranges {
 		if err := writeZeros(r.Off - pos); err != nil {
-			return nil, fault.Wrap(fault.IO, err)
+			return nil, ioOrStop(ctx, err)
 		}
 		rh := sha256.New()
-		if _, err := io.Copy(io.MultiWriter(out, rh), io.NewSectionReader(img, r.Off, r.Len)); err != nil {
-			return nil, fault.Wrap(fault.IO, fmt.Errorf("read image: %w", err))
+		if _, err := io.Copy(io.MultiWriter(out, rh), cancel.Reader(ctx, io.NewSectionReader(img, r.Off, r.Len))); err != nil {
+			return nil, ioOrStop(ctx, fmt.Errorf("read image: %w", err))
 		}
 		first, last := r.Off/bmapBlock, (r.Off+r.Len-1)/bmapBlock
 		span := fmt.Sprintf("%d-%d", first, last)
@@ -113,13 +118,13 @@ func summarize(img *os.File, compress, compressedPath string, prog io.Writer) (*
 		pos = r.Off + r.Len
 	}
 	if err := writeZeros(size - pos); err != nil {
-		return nil, fault.Wrap(fault.IO, err)
+		return nil, ioOrStop(ctx, err)
 	}
 	meter.Done()
 	s := &summary{sha256: hex.EncodeToString(whole.Sum(nil)), mapped: mapped}
 	if cw != nil {
 		if err := cw.Close(); err != nil {
-			return nil, fault.Wrap(fault.IO, fmt.Errorf("compress: %w", err))
+			return nil, ioOrStop(ctx, fmt.Errorf("compress: %w", err))
 		}
 		if err := cfile.Sync(); err != nil {
 			return nil, fault.Wrap(fault.IO, err)
@@ -128,6 +133,15 @@ func summarize(img *os.File, compress, compressedPath string, prog io.Writer) (*
 	}
 	s.bmap = bmapDoc(size, mapped, body.String())
 	return s, nil
+}
+
+// ioOrStop marks err as an I/O fault, unless ctx ended (the user stopped
+// kiln: the error is then context.Canceled's, as the exit code wants).
+func ioOrStop(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return fault.Wrap(fault.IO, err)
 }
 
 // bmapDoc renders a bmap file (format 2.0, as bmaptool reads it). Its
@@ -153,13 +167,14 @@ func bmapDoc(size, mapped int64, ranges string) []byte {
 	return bytes.Replace([]byte(doc), []byte(strings.Repeat("0", 64)), []byte(hex.EncodeToString(sum[:])), 1)
 }
 
-// compressor returns a multi-threaded compressing writer.
-func compressor(format string, w io.Writer) (io.WriteCloser, error) {
+// compressor returns a multi-threaded compressing writer; xz's stops
+// waiting for its workers when ctx is done.
+func compressor(ctx context.Context, format string, w io.Writer) (io.WriteCloser, error) {
 	switch format {
 	case "zst":
 		return zstd.NewWriter(w, zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)), zstd.WithEncoderLevel(zstd.SpeedDefault))
 	case "xz":
-		return newParallelXZ(w, runtime.GOMAXPROCS(0)), nil
+		return newParallelXZ(ctx, w, runtime.GOMAXPROCS(0)), nil
 	default:
 		return nil, fault.Wrap(fault.Input, fmt.Errorf("--compress %q: use zst or xz", format))
 	}
@@ -169,6 +184,8 @@ func compressor(format string, w io.Writer) (io.WriteCloser, error) {
 // several cores and writes them in order. Concatenated streams are one
 // valid .xz file (xz -d and bmaptool read it).
 type parallelXZ struct {
+	// ctx ends the waits for workers: a 16 MiB chunk takes seconds.
+	ctx     context.Context
 	w       io.Writer
 	buf     []byte
 	pending []chan result
@@ -185,8 +202,8 @@ type result struct {
 
 const xzChunk = 16 << 20
 
-func newParallelXZ(w io.Writer, workers int) *parallelXZ {
-	return &parallelXZ{w: w, sem: make(chan struct{}, max(workers, 1))}
+func newParallelXZ(ctx context.Context, w io.Writer, workers int) *parallelXZ {
+	return &parallelXZ{ctx: ctx, w: w, sem: make(chan struct{}, max(workers, 1))}
 }
 
 func (p *parallelXZ) Write(b []byte) (int, error) {
@@ -222,7 +239,11 @@ func (p *parallelXZ) flush() error {
 		ch <- result{p.zero, nil}
 		return nil
 	}
-	p.sem <- struct{}{}
+	select {
+	case p.sem <- struct{}{}:
+	case <-p.ctx.Done():
+		return p.ctx.Err()
+	}
 	go func() {
 		defer func() { <-p.sem }()
 		data, err := xzChunkOf(chunk)
@@ -237,7 +258,12 @@ func (p *parallelXZ) flush() error {
 }
 
 func (p *parallelXZ) drainOne() error {
-	r := <-p.pending[0]
+	var r result
+	select {
+	case r = <-p.pending[0]:
+	case <-p.ctx.Done():
+		return p.ctx.Err()
+	}
 	p.pending = p.pending[1:]
 	if r.err != nil {
 		return r.err

@@ -2,6 +2,7 @@ package bake
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
@@ -36,7 +37,7 @@ func TestParallelXZRoundTrip(t *testing.T) {
 	data := append(make([]byte, 3*xzChunk+5), []byte("tail of the image")...)
 	copy(data[xzChunk:], bytes.Repeat([]byte("data"), 1000))
 	var out bytes.Buffer
-	w := newParallelXZ(&out, 2)
+	w := newParallelXZ(context.Background(), &out, 2)
 	for off := 0; off < len(data); off += 1 << 20 {
 		w.Write(data[off:min(off+1<<20, len(data))])
 	}
@@ -59,7 +60,7 @@ func TestSummarizeMapsDataOnly(t *testing.T) {
 	defer f.Close()
 	f.WriteAt(bytes.Repeat([]byte{1}, 5000), 1<<20)
 	f.Truncate(4 << 20)
-	s, err := summarize(f, "zst", p+".zst", io.Discard)
+	s, err := summarize(context.Background(), f, "zst", p+".zst", io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}

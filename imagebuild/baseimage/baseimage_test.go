@@ -284,7 +284,7 @@ func TestLocalDecompressesOnce(t *testing.T) {
 		p := filepath.Join(dir, name)
 		os.WriteFile(p, data, 0o644)
 		c := &Cache{Dir: filepath.Join(dir, "cache"), Progress: io.Discard}
-		got, err := c.Local(p)
+		got, err := c.Local(context.Background(), p)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -296,7 +296,7 @@ func TestLocalDecompressesOnce(t *testing.T) {
 		}
 	}
 	c := &Cache{Dir: t.TempDir(), Progress: io.Discard}
-	if _, err := c.Local(filepath.Join(dir, "missing.bin")); fault.KindOf(err) != fault.Input {
+	if _, err := c.Local(context.Background(), filepath.Join(dir, "missing.bin")); fault.KindOf(err) != fault.Input {
 		t.Errorf("missing file: %v", err)
 	}
 }
@@ -329,7 +329,7 @@ func TestLocalNotADiskImage(t *testing.T) {
 		p := filepath.Join(dir, name)
 		os.WriteFile(p, tc.data, 0o644)
 		c := &Cache{Dir: filepath.Join(dir, "cache-"+name), Progress: io.Discard}
-		_, err := c.Local(p)
+		_, err := c.Local(context.Background(), p)
 		if fault.KindOf(err) != fault.Input || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v (kind %v), want bad input saying %q", name, err, fault.KindOf(err), tc.want)
 		}

@@ -24,10 +24,12 @@ import (
 	"github.com/ulikunitz/xz"
 
 	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/cancel"
 	"github.com/kilnproject/kiln/imagebuild/disk"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/progress"
 	"github.com/kilnproject/kiln/imagebuild/sparse"
+	"github.com/kilnproject/kiln/imagebuild/workdir"
 	"github.com/kilnproject/kiln/profiles"
 )
 
@@ -86,7 +88,7 @@ func (c *Cache) Fetch(ctx context.Context, s Source) (raw string, rel *Release, 
 		os.Remove(part)
 		return "", nil, false, err
 	}
-	if err := c.store(part, raw, rel.URL); err != nil {
+	if err := c.store(ctx, part, raw, rel.URL); err != nil {
 		return "", nil, false, err
 	}
 	os.Remove(part)
@@ -279,7 +281,7 @@ func fileDigest(p string, h hash.Hash) (string, error) {
 }
 
 // store decompresses src into the cache file raw, sparse, atomically.
-func (c *Cache) store(src, raw, name string) error {
+func (c *Cache) store(ctx context.Context, src, raw, name string) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return fault.Wrap(fault.IO, err)
@@ -288,7 +290,11 @@ func (c *Cache) store(src, raw, name string) error {
 	if err := os.MkdirAll(filepath.Dir(raw), 0o755); err != nil {
 		return fault.Wrap(fault.IO, err)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(raw), ".unpack-*")
+	// A killed decompression left its file of gigabytes here.
+	if err := workdir.Sweep(filepath.Dir(raw), ".unpack-*", c.Progress); err != nil {
+		fmt.Fprintf(c.Progress, "could not remove a killed decompression's file: %v\n", err)
+	}
+	tmp, err := workdir.File(filepath.Dir(raw), ".unpack-*")
 	if err != nil {
 		return fault.Wrap(fault.IO, err)
 	}
@@ -301,12 +307,15 @@ func (c *Cache) store(src, raw, name string) error {
 	}()
 	fi, _ := in.Stat()
 	p := progress.New(c.Progress, "decompress "+filepath.Base(name), fi.Size())
-	r, kind, err := Decompress(io.TeeReader(in, p))
+	r, kind, err := Decompress(io.TeeReader(cancel.Reader(ctx, in), p))
 	if err != nil {
 		return err
 	}
 	w := sparse.NewWriter(tmp)
-	if _, err := io.Copy(w, r); err != nil {
+	if _, err := io.Copy(w, cancel.Reader(ctx, r)); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
 		return fault.Wrap(fault.Download, fmt.Errorf("decompress %s (%s): %w", name, kind, err))
 	}
 	p.Done()
@@ -350,7 +359,7 @@ func Decompress(r io.Reader) (io.Reader, string, error) {
 // Local prepares a base image given as a file (--base-image): a raw image
 // is used as it is; a compressed one is decompressed once into the cache,
 // under the sha256 of the file.
-func (c *Cache) Local(p string) (string, error) {
+func (c *Cache) Local(ctx context.Context, p string) (string, error) {
 	f, err := os.Open(p)
 	if err != nil {
 		return "", fault.Wrap(fault.Input, fmt.Errorf("--base-image: %w", err))
@@ -377,7 +386,7 @@ func (c *Cache) Local(p string) (string, error) {
 	if _, err := os.Stat(raw); err == nil {
 		return raw, nil
 	}
-	if err := c.store(p, raw, p); err != nil {
+	if err := c.store(ctx, p, raw, p); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return "", fault.Wrap(fault.Input, err)
 		}

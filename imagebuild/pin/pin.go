@@ -16,6 +16,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/kilnproject/kiln/imagebuild/cancel"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	prog "github.com/kilnproject/kiln/imagebuild/progress"
@@ -133,8 +134,11 @@ func hashOne(ctx context.Context, d cluster.Download, src Source, progress io.Wr
 	defer r.Close()
 	h := sha512.New()
 	meter := prog.New(progress, d.Name+" "+d.Arch, size)
-	n, err := io.Copy(io.MultiWriter(h, meter), r)
+	n, err := io.Copy(io.MultiWriter(h, meter), cancel.Reader(ctx, r))
 	meter.Done()
+	if ctx.Err() != nil {
+		return "", ctx.Err()
+	}
 	if err != nil {
 		return "", fault.Wrap(fault.Download, fmt.Errorf("read %s for %s: %w", d.Name, d.Arch, err))
 	}

@@ -21,10 +21,12 @@ import (
 
 	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/atomicfile"
+	"github.com/kilnproject/kiln/imagebuild/cancel"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/render"
 	"github.com/kilnproject/kiln/imagebuild/secrets"
+	"github.com/kilnproject/kiln/imagebuild/workdir"
 	"github.com/kilnproject/kiln/profiles"
 )
 
@@ -308,15 +310,20 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err := os.MkdirAll(parent, 0o755); err != nil {
 		return nil, fault.Wrap(fault.IO, err)
 	}
-	tmp, err := os.MkdirTemp(parent, ".pxe-*")
+	// A kiln pxe that was killed left its staging folder here.
+	if err := workdir.Sweep(parent, ".pxe-*", o.Progress); err != nil {
+		fmt.Fprintf(o.Progress, "could not remove a killed run's staging folder: %v\n", err)
+	}
+	wd, err := workdir.Make(parent, ".pxe-*")
 	if err != nil {
 		return nil, fault.Wrap(fault.IO, err)
 	}
-	defer os.RemoveAll(tmp)
+	defer wd.Remove()
+	tmp := wd.Path
 	if err := os.Chmod(tmp, 0o755); err != nil {
 		return nil, fault.Wrap(fault.IO, err)
 	}
-	w := &writer{dir: tmp}
+	w := &writer{ctx: ctx, dir: tmp}
 
 	setDir := fmt.Sprintf("%s-%s-%s", o.Target.OS, o.Target.Arch, o.OSVersion)
 	payloadSums := map[string]string{}
@@ -389,6 +396,9 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if w.err != nil {
 		return nil, w.err
 	}
+	if err := wd.Release(); err != nil { // the folder becomes the bundle
+		return nil, fault.Wrap(fault.IO, err)
+	}
 	// Keep kiln serve's state across rebuilds.
 	oldState, newState := filepath.Join(o.Output, StateDir), filepath.Join(tmp, StateDir)
 	moved := os.Rename(oldState, newState) == nil
@@ -450,6 +460,7 @@ const OfflineConfig = "config.img"
 
 // writer writes the bundle's files, keeping the first error.
 type writer struct {
+	ctx context.Context // asset copies stop when it is done
 	dir string
 	err error
 }
@@ -512,9 +523,12 @@ func (w *writer) asset(rel string, a AssetFile) (string, int64, error) {
 	if verified != nil {
 		hashes = io.MultiWriter(h, verified)
 	}
-	n, err := io.Copy(hashes, out)
+	n, err := io.Copy(hashes, cancel.Reader(w.ctx, out))
 	if err == nil {
 		err = out.Close()
+	}
+	if w.ctx.Err() != nil {
+		return "", 0, w.ctx.Err()
 	}
 	if err != nil {
 		return "", 0, fault.Wrap(fault.IO, fmt.Errorf("copy %s: %w", a.Path, err))

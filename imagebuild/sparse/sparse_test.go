@@ -2,6 +2,7 @@ package sparse
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"testing"
@@ -67,7 +68,7 @@ func TestCloneAndRegions(t *testing.T) {
 	w.Write(src)
 	w.Close()
 	b := create(t, "b")
-	if _, err := Clone(b, a); err != nil {
+	if _, err := Clone(context.Background(), b, a); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(read(t, b), src) {
