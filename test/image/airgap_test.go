@@ -71,7 +71,7 @@ func siteLayout(t testing.TB, cluster string, size func(name string) int64) stri
 
 // airgapCluster is a copy of the Flatcar cluster with airgap: true, its
 // images pinned from a site layout and pulled into cache.
-func airgapCluster(t *testing.T, e *env, cache string) string {
+func airgapCluster(t testing.TB, e *env, cache string) string {
 	t.Helper()
 	return airgapClusterSized(t, e, cache, t.TempDir(), nil)
 }
@@ -166,7 +166,7 @@ func TestAirgapImageCarriesEverything(t *testing.T) {
 // to config version 3): the pod sandbox is the pinned pause image the
 // archive carries, registries are looked up only in kiln's hosts folder,
 // whose _default entry names a host that cannot exist.
-func checkContainerdConfig(t *testing.T, ign []byte, all []imageEntry) {
+func checkContainerdConfig(t testing.TB, ign []byte, all []imageEntry) {
 	t.Helper()
 	conf := filepath.Join(t.TempDir(), "config.toml")
 	if err := os.WriteFile(conf, ignitionFile(t, ign, "/etc/containerd/config.toml"), 0o644); err != nil {
@@ -195,7 +195,7 @@ func checkContainerdConfig(t *testing.T, ign []byte, all []imageEntry) {
 
 // ignitionFile returns the contents of the file at path in an Ignition
 // config (a data URL, maybe gzip'd).
-func ignitionFile(t *testing.T, ign []byte, path string) []byte {
+func ignitionFile(t testing.TB, ign []byte, path string) []byte {
 	t.Helper()
 	cfg, _, err := v3_4.Parse(ign)
 	if err != nil {
@@ -230,7 +230,7 @@ func ignitionFile(t *testing.T, ign []byte, path string) []byte {
 // archive into the k8s.io namespace with the command the agent runs, and
 // returns what `ctr images ls` lists: reference -> digest. Every image
 // must carry the CRI's pinned label.
-func containerdImport(t *testing.T, archive string) map[string]string {
+func containerdImport(t testing.TB, archive string) map[string]string {
 	t.Helper()
 	bin := filepath.Join(kilnToolsDir(), "bin")
 	root := t.TempDir()

@@ -25,10 +25,9 @@ import (
 //
 //	go test -tags oracle -run '^$' -bench BakeThreeRoles -benchtime 1x ./test/image/
 func BenchmarkBakeThreeRoles(b *testing.B) {
-	t := &testing.T{}
-	e := setup(t)
+	e := setup(b)
 	dir := b.TempDir()
-	base := bigFlatcarBase(b, t, dir)
+	base := bigFlatcarBase(b, dir)
 	roles := []string{"init", "control-plane", "worker"}
 	b.ResetTimer()
 	var kilnTime, toolTime time.Duration
@@ -36,7 +35,7 @@ func BenchmarkBakeThreeRoles(b *testing.B) {
 		out := b.TempDir()
 		start := time.Now()
 		for _, role := range roles {
-			r := kilnRun(t, nil, "-c", e.flCluster, "build-image", "--profile", "flatcar-amd64", "--role", role, "--base-image", base, "--dest", out, "--cache-dir", filepath.Join(dir, "cache"))
+			r := kilnRun(b, nil, "-c", e.flCluster, "build-image", "--profile", "flatcar-amd64", "--role", role, "--base-image", base, "--dest", out, "--cache-dir", filepath.Join(dir, "cache"))
 			if r.code != 0 {
 				b.Fatalf("bake %s: %s", role, r.stderr)
 			}
@@ -45,7 +44,7 @@ func BenchmarkBakeThreeRoles(b *testing.B) {
 
 		start = time.Now()
 		for _, role := range roles {
-			toolBake(b, base, filepath.Join(out, "tools-"+role+".img"), render(t, e.flCluster, role, "amd64"))
+			toolBake(b, base, filepath.Join(out, "tools-"+role+".img"), render(b, e.flCluster, role, "amd64"))
 		}
 		toolTime += time.Since(start)
 	}
@@ -56,7 +55,7 @@ func BenchmarkBakeThreeRoles(b *testing.B) {
 
 // bigFlatcarBase makes a Flatcar-sized base image in dir (8.5 GiB sparse,
 // a 1 GiB btrfs OEM as from release 4593 on, 256 MiB of USR data).
-func bigFlatcarBase(b *testing.B, t *testing.T, dir string) string {
+func bigFlatcarBase(t testing.TB, dir string) string {
 	base := filepath.Join(dir, "flatcar-big.bin")
 	oem := map[string][]byte{"grub.cfg": []byte("set linux_append=\"\"\n")}
 	buildDisk(t, base, flatcarDiskGUID, 8704, []part{
@@ -68,9 +67,6 @@ func bigFlatcarBase(b *testing.B, t *testing.T, dir string) string {
 		{num: 7, name: "OEM-CONFIG", typ: typeOEMConfig, mib: 64},
 		{num: 9, name: "ROOT", typ: typeRoot, fill: fillExt4("ROOT", map[string][]byte{"README": {}}, nil)},
 	})
-	if t.Failed() {
-		b.Fatal("fixture failed")
-	}
 	return base
 }
 
@@ -91,19 +87,15 @@ var realisticMiB = map[string]int64{
 //
 //	go test -tags oracle -run '^$' -bench AirgapBake -benchtime 1x ./test/image/
 func BenchmarkAirgapBake(b *testing.B) {
-	t := &testing.T{}
-	e := setup(t)
+	e := setup(b)
 	dir := b.TempDir()
-	base := bigFlatcarBase(b, t, dir)
+	base := bigFlatcarBase(b, dir)
 	sysext := filepath.Join(dir, "sysext.raw")
-	os.WriteFile(sysext, randomBytes(t, 100<<20), 0o644)
+	os.WriteFile(sysext, randomBytes(b, 100<<20), 0o644)
 	cache := filepath.Join(dir, "cache")
 	cf := airgapClusterSized(b, e, cache, dir, func(name string) int64 { return realisticMiB[name] << 20 })
 	repinSysext(b, cf, sysext)
 	plainCF := plainCopy(b, cf)
-	if t.Failed() {
-		b.Fatal("setup failed")
-	}
 	for _, role := range []string{"init", "control-plane", "worker"} {
 		b.Run(role, func(b *testing.B) {
 			var plain, airgap time.Duration
@@ -169,8 +161,7 @@ func toolBake(b *testing.B, base, out string, config []byte) {
 	}
 	work := b.TempDir()
 	os.WriteFile(filepath.Join(work, "config.ign"), config, 0o600)
-	t := &testing.T{}
-	e := readTable(t, base).byName(t, "OEM")
+	e := readTable(b, base).byName(b, "OEM")
 	off, size := e.Start*512, e.Size*512
 	sh(fmt.Sprintf(`cd %[1]s
 cp --sparse=always %[2]s %[3]s
@@ -188,8 +179,7 @@ bmaptool -q create -o %[3]s.bmap %[3]s`, work, base, out, off, size))
 // ulikunitz/xz, klauspost/compress/zstd) with bzip2 -dc, xz -dc and
 // zstd -dc on the same 128 MiB of disk-like data, in the same run.
 func BenchmarkDecompress(b *testing.B) {
-	t := &testing.T{}
-	raw := append(randomBytes(t, 32<<20), make([]byte, 64<<20)...)
+	raw := append(randomBytes(b, 32<<20), make([]byte, 64<<20)...)
 	raw = append(raw, bytes.Repeat([]byte("#!/bin/sh\necho kiln\n"), 32<<20/20)...)
 	dir := b.TempDir()
 	src := filepath.Join(dir, "raw")

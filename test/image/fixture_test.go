@@ -34,11 +34,11 @@ type part struct {
 	name, typ string
 	guid      string // empty: random
 	mib       int    // 0: rest of the disk
-	fill      func(t *testing.T, path string, size int64)
+	fill      func(t testing.TB, path string, size int64)
 }
 
 // must runs a tool and fails the test with its output if it fails.
-func must(t *testing.T, name string, args ...string) []byte {
+func must(t testing.TB, name string, args ...string) []byte {
 	t.Helper()
 	cmd := exec.Command(name, args...)
 	cmd.Env = append(os.Environ(), "MTOOLS_SKIP_CHECK=1")
@@ -51,7 +51,7 @@ func must(t *testing.T, name string, args ...string) []byte {
 	return out
 }
 
-func randomBytes(t *testing.T, n int) []byte {
+func randomBytes(t testing.TB, n int) []byte {
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {
 		t.Fatal(err)
@@ -60,7 +60,7 @@ func randomBytes(t *testing.T, n int) []byte {
 }
 
 // tree writes files (path -> content) under a new folder.
-func tree(t *testing.T, files map[string][]byte) string {
+func tree(t testing.TB, files map[string][]byte) string {
 	dir := t.TempDir()
 	for p, data := range files {
 		full := filepath.Join(dir, p)
@@ -74,16 +74,16 @@ func tree(t *testing.T, files map[string][]byte) string {
 	return dir
 }
 
-func fillRandom(n int) func(t *testing.T, path string, size int64) {
-	return func(t *testing.T, path string, size int64) {
+func fillRandom(n int) func(t testing.TB, path string, size int64) {
+	return func(t testing.TB, path string, size int64) {
 		if err := os.WriteFile(path, randomBytes(t, n), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
 }
 
-func fillFAT(bits string, files map[string][]byte, label string) func(t *testing.T, path string, size int64) {
-	return func(t *testing.T, path string, size int64) {
+func fillFAT(bits string, files map[string][]byte, label string) func(t testing.TB, path string, size int64) {
+	return func(t testing.TB, path string, size int64) {
 		must(t, "mkfs.vfat", "-C", "-F", bits, "-s", "1", "-n", label, path, fmt.Sprint(size/1024))
 		dir := tree(t, files)
 		entries, err := os.ReadDir(dir)
@@ -98,8 +98,8 @@ func fillFAT(bits string, files map[string][]byte, label string) func(t *testing
 	}
 }
 
-func fillBtrfs(label string, files map[string][]byte) func(t *testing.T, path string, size int64) {
-	return func(t *testing.T, path string, size int64) {
+func fillBtrfs(label string, files map[string][]byte) func(t testing.TB, path string, size int64) {
+	return func(t testing.TB, path string, size int64) {
 		if err := os.WriteFile(path, nil, 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -115,8 +115,8 @@ func fillBtrfs(label string, files map[string][]byte) func(t *testing.T, path st
 	}
 }
 
-func fillExt4(label string, files map[string][]byte, links map[string]string) func(t *testing.T, path string, size int64) {
-	return func(t *testing.T, path string, size int64) {
+func fillExt4(label string, files map[string][]byte, links map[string]string) func(t testing.TB, path string, size int64) {
+	return func(t testing.TB, path string, size int64) {
 		dir := tree(t, files)
 		for name, target := range links {
 			if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
@@ -131,7 +131,7 @@ func fillExt4(label string, files map[string][]byte, links map[string]string) fu
 
 // buildDisk makes a GPT disk image with sgdisk and writes each
 // partition's filesystem (made by its standard tool) into place.
-func buildDisk(t *testing.T, path, diskGUID string, totalMiB int, parts []part) {
+func buildDisk(t testing.TB, path, diskGUID string, totalMiB int, parts []part) {
 	t.Helper()
 	if err := os.WriteFile(path, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -181,7 +181,7 @@ type sfdiskTable struct {
 
 type sfEntry struct{ Start, Size int64 }
 
-func readTable(t *testing.T, path string) sfdiskTable {
+func readTable(t testing.TB, path string) sfdiskTable {
 	t.Helper()
 	var tab sfdiskTable
 	if err := json.Unmarshal(must(t, "sfdisk", "--json", path), &tab); err != nil {
@@ -190,7 +190,7 @@ func readTable(t *testing.T, path string) sfdiskTable {
 	return tab
 }
 
-func (s sfdiskTable) byName(t *testing.T, name string) sfEntry {
+func (s sfdiskTable) byName(t testing.TB, name string) sfEntry {
 	t.Helper()
 	for _, p := range s.PartitionTable.Partitions {
 		if p.Name == name {
@@ -210,7 +210,7 @@ type fixture struct {
 // flatcarFixture mirrors Flatcar's GPT at small sizes: an OEM btrfs that
 // already holds files, USR-A with its fixed GUID and a btrfs /usr naming
 // its release (lib/os-release), the ESP with the first-boot flag.
-func flatcarFixture(t *testing.T, dir, arch string) fixture {
+func flatcarFixture(t testing.TB, dir, arch string) fixture {
 	efi := map[string]string{"amd64": "EFI/boot/bootx64.efi", "arm64": "EFI/boot/bootaa64.efi"}[arch]
 	esp := map[string][]byte{efi: randomBytes(t, 64<<10), "flatcar/first_boot": {}}
 	oem := map[string][]byte{"grub.cfg": []byte("set linux_append=\"\"\n"), "oem-release": []byte("ID=kiln-fixture\n")}
@@ -230,7 +230,7 @@ func flatcarFixture(t *testing.T, dir, arch string) fixture {
 // fcosFixture mirrors Fedora CoreOS's metal image at small sizes: an ext4
 // boot made by mke2fs with metadata_csum and 1 KiB blocks, holding a
 // kernel, a BLS entry, a symlink and ignition.firstboot with GRUB settings.
-func fcosFixture(t *testing.T, dir string) fixture {
+func fcosFixture(t testing.TB, dir string) fixture {
 	boot := map[string][]byte{
 		"loader.1/entries/ostree-1.conf":        []byte("title Fedora CoreOS\nlinux /ostree/fedora-coreos-1/vmlinuz\n"),
 		"ostree/fedora-coreos-1/vmlinuz":        randomBytes(t, 2<<20),

@@ -49,7 +49,7 @@ var (
 	setupMu sync.Mutex
 )
 
-func setup(t *testing.T) *env {
+func setup(t testing.TB) *env {
 	t.Helper()
 	setupMu.Lock()
 	defer setupMu.Unlock()
@@ -89,14 +89,14 @@ func setup(t *testing.T) *env {
 	return e
 }
 
-func gpgHome(t *testing.T, dir, name string) string {
+func gpgHome(t testing.TB, dir, name string) string {
 	home := filepath.Join(dir, "gnupg-"+name)
 	os.MkdirAll(home, 0o700)
 	must(t, "gpg", "--homedir", home, "--batch", "--passphrase", "", "--quick-gen-key", "kiln "+name+" <"+name+"@kiln.invalid>", "ed25519", "sign", "never")
 	return home
 }
 
-func (e *env) sign(t *testing.T, home string, data []byte) []byte {
+func (e *env) sign(t testing.TB, home string, data []byte) []byte {
 	f := filepath.Join(e.dir, "to-sign")
 	os.WriteFile(f, data, 0o644)
 	os.Remove(f + ".sig")
@@ -122,7 +122,7 @@ var pxeFiles = map[string][]byte{
 // CoreOS stream (metal image and live PXE files, each with a signature by
 // the test key). The digests always
 // describe the files' true bytes.
-func (e *env) publish(t *testing.T, image, sig []byte) {
+func (e *env) publish(t testing.TB, image, sig []byte) {
 	rel := "/stable/amd64-usr/" + flatcarVersion + "/"
 	e.srv.set("/stable/amd64-usr/current/version.txt", []byte("FLATCAR_BUILD=4593\nFLATCAR_VERSION="+flatcarVersion+"\n"))
 	e.publishFlatcarFile(t, rel+"flatcar_production_image.bin.bz2", e.flatcarBz2, image, sig)
@@ -145,7 +145,7 @@ func (e *env) publish(t *testing.T, image, sig []byte) {
 
 // publishFlatcarFile serves served at path, with a .DIGESTS holding the
 // SHA-512 of truth and the signature sig (none if nil).
-func (e *env) publishFlatcarFile(t *testing.T, path string, truth, served, sig []byte) {
+func (e *env) publishFlatcarFile(t testing.TB, path string, truth, served, sig []byte) {
 	name := filepath.Base(path)
 	e.srv.set(path, served)
 	e.srv.set(path+".DIGESTS", []byte(fmt.Sprintf("# MD5 HASH\n0123  %s\n# SHA512 HASH\n%x  %s\n", name, sha512.Sum512(truth), name)))
@@ -187,7 +187,7 @@ type server struct {
 	cutBytes int
 }
 
-func newServer(t *testing.T) *server {
+func newServer(t testing.TB) *server {
 	s := &server{files: map[string][]byte{}, hits: map[string]int{}, ranges: map[string][]string{}}
 	s.Server = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
@@ -267,7 +267,7 @@ type bakeResult struct {
 	FirmwareSHA256                      string
 }
 
-func (e *env) build(t *testing.T, cluster string, args ...string) (bakeResult, result) {
+func (e *env) build(t testing.TB, cluster string, args ...string) (bakeResult, result) {
 	t.Helper()
 	r := kilnRun(t, []string{"SSL_CERT_FILE=" + e.certFile}, append([]string{"-c", cluster, "build-image", "-o", "json"}, args...)...)
 	var br bakeResult
@@ -280,7 +280,7 @@ func (e *env) build(t *testing.T, cluster string, args ...string) (bakeResult, r
 }
 
 // bake is build that must succeed.
-func (e *env) bake(t *testing.T, cluster string, args ...string) bakeResult {
+func (e *env) bake(t testing.TB, cluster string, args ...string) bakeResult {
 	t.Helper()
 	br, r := e.build(t, cluster, args...)
 	if r.code != 0 {
@@ -293,7 +293,7 @@ func (e *env) flatcarArgs(cache string) []string {
 	return []string{"--profile", "flatcar-amd64", "--mirror", e.srv.URL + "/{channel}", "--insecure-mirror", "--signing-key", e.goodKey, "--cache-dir", cache}
 }
 
-func cachedImages(t *testing.T, cache string) []string {
+func cachedImages(t testing.TB, cache string) []string {
 	m, _ := filepath.Glob(filepath.Join(cache, "base", "*.raw"))
 	return m
 }
@@ -460,7 +460,7 @@ func TestRaspberryPi4Firmware(t *testing.T) {
 
 // rpi4Inputs: the arm64 fixture compressed with zstd (an offline
 // --base-image) and a stand-in pftf firmware zip with its files.
-func rpi4Inputs(t *testing.T, e *env) (base, zipPath string, fw map[string][]byte) {
+func rpi4Inputs(t testing.TB, e *env) (base, zipPath string, fw map[string][]byte) {
 	base = filepath.Join(t.TempDir(), "flatcar-arm64.bin.zst")
 	must(t, "zstd", "-q", "-T0", e.arm.path, "-o", base)
 	fw = map[string][]byte{
@@ -474,12 +474,12 @@ func rpi4Inputs(t *testing.T, e *env) (base, zipPath string, fw map[string][]byt
 }
 
 // bakeRPi4 bakes a worker image for the flatcar-rpi4 profile, offline.
-func (e *env) bakeRPi4(t *testing.T, base, zipPath string) bakeResult {
+func (e *env) bakeRPi4(t testing.TB, base, zipPath string) bakeResult {
 	t.Helper()
 	return e.bake(t, e.flCluster, "--profile", "flatcar-rpi4", "--role", "worker", "--base-image", base, "--firmware", zipPath, "--cache-dir", t.TempDir(), "--dest", t.TempDir())
 }
 
-func writeZip(t *testing.T, path string, files map[string][]byte) {
+func writeZip(t testing.TB, path string, files map[string][]byte) {
 	f, err := os.Create(path)
 	if err != nil {
 		t.Fatal(err)
@@ -497,14 +497,14 @@ func writeZip(t *testing.T, path string, files map[string][]byte) {
 
 // render is what kiln render prints for the role: the reference the
 // baked config must equal byte for byte.
-func render(t *testing.T, cluster, role, arch string) []byte {
+func render(t testing.TB, cluster, role, arch string) []byte {
 	return []byte(kilnOK(t, nil, "-c", cluster, "render", "--role", role, "--arch", arch, "--format", "ignition"))
 }
 
 // checkImage: GPT sound and unchanged (sgdisk -v, sfdisk), untouched
 // partitions byte-identical to the base, .sha256 right, bmaptool copy
 // with our .bmap reproduces the image.
-func checkImage(t *testing.T, e *env, br bakeResult, base fixture, role, arch string) {
+func checkImage(t testing.TB, e *env, br bakeResult, base fixture, role, arch string) {
 	t.Helper()
 	if v := string(must(t, "sgdisk", "-v", br.Image)); !strings.Contains(v, "No problems found") {
 		t.Errorf("sgdisk -v:\n%s", v)
@@ -535,7 +535,7 @@ func checkImage(t *testing.T, e *env, br bakeResult, base fixture, role, arch st
 // checkFlatcar: the OEM btrfs is clean, keeps its files and label, holds
 // config.ign equal to kiln render's output; the ESP keeps the first-boot
 // flag.
-func checkFlatcar(t *testing.T, e *env, br bakeResult, base fixture, cluster, role, arch string) {
+func checkFlatcar(t testing.TB, e *env, br bakeResult, base fixture, cluster, role, arch string) {
 	t.Helper()
 	oem := extract(t, br.Image, "OEM")
 	must(t, "btrfs", "check", "--readonly", oem)
@@ -566,7 +566,7 @@ func fsid(dump string) string {
 	return ""
 }
 
-func sectors(t *testing.T, path string, start, count int64) []byte {
+func sectors(t testing.TB, path string, start, count int64) []byte {
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
@@ -580,7 +580,7 @@ func sectors(t *testing.T, path string, start, count int64) []byte {
 }
 
 // extract copies a partition of an image to its own file.
-func extract(t *testing.T, img, name string) string {
+func extract(t testing.TB, img, name string) string {
 	e := readTable(t, img).byName(t, name)
 	out := filepath.Join(t.TempDir(), name+".img")
 	must(t, "dd", "if="+img, "of="+out, "bs=1M", "iflag=skip_bytes,count_bytes", fmt.Sprintf("skip=%d", e.Start*512), fmt.Sprintf("count=%d", e.Size*512), "conv=sparse", "status=none")
@@ -589,7 +589,7 @@ func extract(t *testing.T, img, name string) string {
 
 // mountAndCompare mounts a partition of the image read-only with the
 // running kernel's own driver and compares files byte for byte.
-func mountAndCompare(t *testing.T, img, name, fstype string, files map[string][]byte) {
+func mountAndCompare(t testing.TB, img, name, fstype string, files map[string][]byte) {
 	t.Helper()
 	if known, _ := os.ReadFile("/proc/filesystems"); !bytes.Contains(known, []byte("\t"+fstype+"\n")) {
 		t.Logf("this kernel has no %s driver: %s checked with the userspace tools only", fstype, name)

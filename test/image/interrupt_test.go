@@ -28,7 +28,7 @@ const stopTimeout = time.Second
 // cache and compresses its result with xz, sends sig after delay, and
 // returns the exit code, stderr and the time from the signal to the exit
 // (0 if it finished first).
-func bakeUntil(t *testing.T, e *env, base, dest, cache string, delay time.Duration, sig syscall.Signal) (int, string, time.Duration) {
+func bakeUntil(t testing.TB, e *env, base, dest, cache string, delay time.Duration, sig syscall.Signal) (int, string, time.Duration) {
 	t.Helper()
 	cmd := exec.Command(filepath.Join(repo, "bin", "kiln"), "-c", e.flCluster, "build-image", "--role", "worker", "--profile", "flatcar-amd64",
 		"--base-image", base, "--cache-dir", cache, "--dest", dest, "--compress", "xz")
@@ -59,7 +59,7 @@ func bakeUntil(t *testing.T, e *env, base, dest, cache string, delay time.Durati
 	return 0, "", 0
 }
 
-func exitCode(t *testing.T, err error) int {
+func exitCode(t testing.TB, err error) int {
 	if ee, ok := err.(*exec.ExitError); ok {
 		return ee.ExitCode()
 	}

@@ -174,7 +174,7 @@ func TestRealPXEClient(t *testing.T) {
 
 // startMatchbox runs the real matchbox (test/tools/build.sh matchbox) on
 // the bundle's export and assets until the test ends.
-func startMatchbox(t *testing.T, bundle string, port int) {
+func startMatchbox(t testing.TB, bundle string, port int) {
 	t.Helper()
 	bin := filepath.Join(filepath.Dir(toolsDir()), "bin", "matchbox")
 	cmd := exec.Command(bin, "-address", fmt.Sprintf("127.0.0.1:%d", port),
@@ -197,7 +197,7 @@ func startMatchbox(t *testing.T, bundle string, port int) {
 	}
 }
 
-func httpGet(t *testing.T, url string) []byte {
+func httpGet(t testing.TB, url string) []byte {
 	t.Helper()
 	resp, err := http.Get(url)
 	if err != nil {
@@ -212,7 +212,7 @@ func httpGet(t *testing.T, url string) []byte {
 }
 
 // sameIgnition: both parse as Ignition 3.4 configs, and they are equal.
-func sameIgnition(t *testing.T, got, want []byte) {
+func sameIgnition(t testing.TB, got, want []byte) {
 	t.Helper()
 	g, rg, err1 := v3_4.Parse(got)
 	w, rw, err2 := v3_4.Parse(want)
@@ -231,7 +231,7 @@ const ovmf = "/usr/share/ovmf/OVMF.fd"
 // virtio NIC of the given MAC from kiln serve on the host's port, and
 // returns its serial console once QEMU exits or a line contains stop (QEMU
 // is then killed).
-func pxeBoot(t *testing.T, port int, mac, stop string, args ...string) string {
+func pxeBoot(t testing.TB, port int, mac, stop string, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), pxeTimeout)
 	defer cancel()
@@ -328,7 +328,7 @@ func startServe(t testing.TB, bundle string, port int, args ...string) string {
 
 // expectRequests checks the access log's requests after the first skip
 // lines: "METHOD URI STATUS" each, in order, and nothing else.
-func expectRequests(t *testing.T, accessLog string, skip int, want []string) {
+func expectRequests(t testing.TB, accessLog string, skip int, want []string) {
 	t.Helper()
 	var got []string
 	for _, line := range readLines(t, accessLog)[skip:] {

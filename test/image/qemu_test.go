@@ -121,7 +121,7 @@ func kilnToolsDir() string {
 // virtio disks; its /init mounts each partition with the kernel's driver
 // and prints the files base64-encoded between markers on the serial
 // console. The files must equal the expected bytes.
-func bootAndRead(t *testing.T, g guest, reads []readBack) {
+func bootAndRead(t testing.TB, g guest, reads []readBack) {
 	t.Helper()
 	kdir := filepath.Join(toolsDir(), g.arch)
 	var imgs []string
@@ -253,7 +253,7 @@ echo 1 >/proc/sys/kernel/printk
 // writeInitramfs writes a newc cpio: busybox, /init and the modules with
 // their dependencies in load order (numbered, so the shell's glob keeps
 // the order).
-func writeInitramfs(t *testing.T, path, kdir, init string, modules []string) {
+func writeInitramfs(t testing.TB, path, kdir, init string, modules []string) {
 	t.Helper()
 	busybox, err := os.ReadFile(filepath.Join(kdir, "busybox"))
 	if err != nil {
@@ -287,7 +287,7 @@ func writeInitramfs(t *testing.T, path, kdir, init string, modules []string) {
 // (modules.builtin); a softdep pre: names an optional algorithm (btrfs
 // asks for xxhash64, blake2b-256... which only some checksum types use)
 // and is loaded when a module file of that name exists.
-func moduleOrder(t *testing.T, moddir string, want []string) []string {
+func moduleOrder(t testing.TB, moddir string, want []string) []string {
 	t.Helper()
 	norm := func(n string) string { return strings.ReplaceAll(n, "-", "_") }
 	files := map[string]string{}
@@ -336,7 +336,7 @@ func moduleOrder(t *testing.T, moddir string, want []string) []string {
 }
 
 // modDeps reads depends= and softdep=pre: from a module's .modinfo.
-func modDeps(t *testing.T, ko string) (depends, softPre []string) {
+func modDeps(t testing.TB, ko string) (depends, softPre []string) {
 	f, err := elf.Open(ko)
 	if err != nil {
 		t.Fatal(err)

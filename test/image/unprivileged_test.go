@@ -19,7 +19,7 @@ const nobody = 65534
 
 // asNobody runs bin/kiln as the unprivileged user nobody (setpriv: uid,
 // gid and no supplementary groups), with HOME in dir.
-func asNobody(t *testing.T, e *env, dir string, args ...string) result {
+func asNobody(t testing.TB, e *env, dir string, args ...string) result {
 	t.Helper()
 	cmd := exec.Command("setpriv", append([]string{fmt.Sprintf("--reuid=%d", nobody), fmt.Sprintf("--regid=%d", nobody), "--clear-groups", "--", filepath.Join(repo, "bin", "kiln")}, args...)...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + dir, "SSL_CERT_FILE=" + e.certFile}
@@ -37,7 +37,7 @@ func asNobody(t *testing.T, e *env, dir string, args ...string) result {
 
 // nobodysCopy copies a cluster folder (its secrets too) to a folder of
 // nobody's and returns the copy's cluster file.
-func nobodysCopy(t *testing.T, cluster string) (string, string) {
+func nobodysCopy(t testing.TB, cluster string) (string, string) {
 	t.Helper()
 	home, err := os.MkdirTemp("", "kiln-nobody-") // t.TempDir's parent is root's only
 	if err != nil {
@@ -121,7 +121,7 @@ func TestPXEUnprivileged(t *testing.T) {
 
 // checkRootOwnedBtrfs reads a btrfs image back with btrfs restore (as
 // root, owners included) and wants every file root's.
-func checkRootOwnedBtrfs(t *testing.T, fs string) {
+func checkRootOwnedBtrfs(t testing.TB, fs string) {
 	t.Helper()
 	back := t.TempDir()
 	must(t, "btrfs", "restore", "-m", fs, back)
