@@ -21,8 +21,16 @@ $(AGENT_DIR)/kiln-firstboot-linux-%.gz: $(GOFILES) $(EMBEDDED) go.mod go.sum
 
 agents: $(AGENTS)
 
-$(BIN)/kiln: $(AGENTS) $(GOFILES) $(EMBEDDED) go.mod go.sum
-	$(GO) build -trimpath -o $@ ./cmd/kiln
+# kiln version names the checkout: git describe (a tag, or the short
+# commit; -dirty for uncommitted changes) and the full commit. The stamp
+# file changes only when they do, and then rebuilds bin/kiln.
+VERSION   := $(shell git describe --tags --always --dirty 2>/dev/null || echo unknown)
+COMMIT    := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+STAMP     := $(BIN)/.version
+$(shell mkdir -p $(BIN); echo '$(VERSION) $(COMMIT)' | cmp -s - $(STAMP) || echo '$(VERSION) $(COMMIT)' > $(STAMP))
+
+$(BIN)/kiln: $(AGENTS) $(GOFILES) $(EMBEDDED) go.mod go.sum $(STAMP)
+	$(GO) build -trimpath -ldflags '-X main.version=$(VERSION) -X main.commit=$(COMMIT)' -o $@ ./cmd/kiln
 
 # Fast tests: unit, golden and black-box tests of the built binaries.
 test: build
@@ -84,7 +92,7 @@ lint:
 # Kubernetes download pinned, and a ready-to-flash Flatcar image for the
 # first control plane. Needs the internet once (pin and base image).
 demo: build
-	test -f demo/cluster.yaml || $(BIN)/kiln init demo --endpoint 192.168.1.50:6443 --dir demo
+	test -f demo/cluster.yaml || $(BIN)/kiln init demo --endpoint 192.168.1.50:6443 --dest demo
 	$(BIN)/kiln -c demo/cluster.yaml pin --arch amd64
 	$(BIN)/kiln -c demo/cluster.yaml build-image --role init --profile flatcar-amd64 --dest demo --force
 

@@ -36,7 +36,7 @@ type initOptions struct {
 	nodes            []string // --control-plane NAME=IP
 	images           []string // --image NAME=REFERENCE@sha256:DIGEST
 	ignorePreflight  []string
-	dir              string
+	dest             string
 	force            bool
 	output           outputFormat
 }
@@ -79,7 +79,7 @@ Existing secrets are never replaced unless you pass --force: nodes built
 from the old secrets would no longer join.`,
 		Example: `  kiln init demo --endpoint 192.168.1.50:6443
   kiln init lab --endpoint k8s.lab.example:6443 --os fcos --control-planes 3 --ssh-key ~/.ssh/id_ed25519.pub
-  kiln init edge --endpoint [2001:db8::10]:6443 --kubernetes-version v1.34.4 --dir clusters/edge
+  kiln init edge --endpoint [2001:db8::10]:6443 --kubernetes-version v1.34.4 --dest clusters/edge
   kiln init pis --endpoint 192.168.1.50:6443 --load-balancer kube-vip
   kiln init rack --endpoint 10.0.0.50:6443 --load-balancer keepalived-haproxy \
     --control-plane cp-1=10.0.0.11 --control-plane cp-2=10.0.0.12 --control-plane cp-3=10.0.0.13 \
@@ -102,7 +102,10 @@ from the old secrets would no longer join.`,
 	f.StringArrayVar(&o.nodes, "control-plane", nil, "inventory control plane NAME=IP, the first one the init node (repeatable; their number sets --control-planes)")
 	f.StringArrayVar(&o.images, "image", nil, "pin an image of kiln's manifests NAME=REFERENCE@sha256:DIGEST (repeatable; NAME one of "+strings.Join(manifests.ImageNames(), ", ")+")")
 	f.StringSliceVar(&o.ignorePreflight, "ignore-preflight-errors", nil, "kubeadm preflight checks every node skips, comma separated (kubernetes.ignorePreflightErrors; e.g. Mem for boards under 1700 MB)")
-	f.StringVar(&o.dir, "dir", ".", "folder for cluster.yaml and secrets/")
+	f.StringVar(&o.dest, "dest", ".", "folder for cluster.yaml and secrets/")
+	// --dir is what init took before every output folder became --dest.
+	f.StringVar(&o.dest, "dir", ".", "")
+	f.MarkDeprecated("dir", "use --dest")
 	f.BoolVar(&o.force, "force", false, "replace an existing cluster file and secrets")
 	addOutputFlag(cmd, &o.output)
 	return cmd
@@ -174,8 +177,8 @@ func runInit(g *globals, o *initOptions, name string) error {
 	}
 	c.Kubernetes.Downloads = plan
 
-	clusterFile := filepath.Join(o.dir, "cluster.yaml")
-	secretsDir := filepath.Join(o.dir, "secrets")
+	clusterFile := filepath.Join(o.dest, "cluster.yaml")
+	secretsDir := filepath.Join(o.dest, "secrets")
 	if g.secretsDir != "" {
 		secretsDir = g.secretsDir
 	}

@@ -53,14 +53,14 @@ func (r result) expect(t *testing.T, code int, stderrHas ...string) {
 func newCluster(t *testing.T, extra ...string) (dir, clusterFile string) {
 	t.Helper()
 	dir = t.TempDir()
-	r := kiln(t, append([]string{"init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", dir}, extra...)...)
+	r := kiln(t, append([]string{"init", "lab", "--endpoint", "lb.lab.test:6443", "--dest", dir}, extra...)...)
 	r.expect(t, 0)
 	return dir, filepath.Join(dir, "cluster.yaml")
 }
 
 func TestInit(t *testing.T) {
 	dir := t.TempDir()
-	r := kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", dir)
+	r := kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dest", dir)
 	r.expect(t, 0)
 	s, err := secrets.Load(filepath.Join(dir, "secrets"))
 	if err != nil {
@@ -76,12 +76,12 @@ func TestInit(t *testing.T) {
 	}
 	// A second init refuses and leaves everything as it was.
 	before, _ := os.ReadFile(filepath.Join(dir, "secrets", "token"))
-	kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", dir).expect(t, exitInput, "already exists", "--force")
+	kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dest", dir).expect(t, exitInput, "already exists", "--force")
 	after, _ := os.ReadFile(filepath.Join(dir, "secrets", "token"))
 	if !bytes.Equal(before, after) {
 		t.Fatal("refused init changed the token")
 	}
-	r = kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", dir, "--force", "-o", "json")
+	r = kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dest", dir, "--force", "-o", "json")
 	r.expect(t, 0)
 	var res initResult
 	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.CACertHash == s.CACertHash() {
@@ -94,7 +94,7 @@ func TestInit(t *testing.T) {
 func TestInitLoadBalancer(t *testing.T) {
 	pin := "keepalived=registry.example/keepalived:2.2@sha256:" + strings.Repeat("ab", 32)
 	dir := t.TempDir()
-	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--dir", dir,
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--dest", dir,
 		"--control-plane", "cp-1=10.0.0.11", "--control-plane", "cp-2=10.0.0.12", "--control-plane", "cp-3=10.0.0.13", "--image", pin).expect(t, 0)
 	c, err := cluster.Load(filepath.Join(dir, "cluster.yaml"))
 	if err != nil {
@@ -137,27 +137,27 @@ func TestIgnorePreflightErrors(t *testing.T) {
 
 func TestInitBadInput(t *testing.T) {
 	dir := t.TempDir()
-	kiln(t, "init", "lab", "--dir", dir).expect(t, exitInput, "--endpoint: required")
-	kiln(t, "init", "lab", "--endpoint", "lb", "--kubernetes-version", "v1.30.1", "--os", "arch", "--dir", dir).
+	kiln(t, "init", "lab", "--dest", dir).expect(t, exitInput, "--endpoint: required")
+	kiln(t, "init", "lab", "--endpoint", "lb", "--kubernetes-version", "v1.30.1", "--os", "arch", "--dest", dir).
 		expect(t, exitInput, "3 problems", "--endpoint:", "--kubernetes-version: v1.30.1 is not supported", "--os: unknown OS")
 	kiln(t, "init", "--endpoint", "lb:6443").expect(t, exitInput, "kiln init takes 1 argument(s), not 0: the cluster NAME")
 	kiln(t, "init", "lab", "--endpoint", "lb:6443", "--ssh-key", filepath.Join(dir, "none.pub")).expect(t, exitInput, "--ssh-key")
 	private := filepath.Join(t.TempDir(), "id_ed25519")
 	os.WriteFile(private, []byte("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----\n"), 0o600)
-	r := kiln(t, "init", "lab", "--endpoint", "lb:6443", "--ssh-key", private, "--dir", dir)
+	r := kiln(t, "init", "lab", "--endpoint", "lb:6443", "--ssh-key", private, "--dest", dir)
 	r.expect(t, exitInput, "--ssh-key "+private+" is a private key: pass its public key instead ("+private+".pub")
 	if strings.Contains(r.stderr, "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ") {
 		t.Error("the private key's text was printed")
 	}
-	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-plane", "cp-1=10.0.0.11", "--dir", dir).
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-plane", "cp-1=10.0.0.11", "--dest", dir).
 		expect(t, exitInput, "--image: kiln has no default digest for keepalived", "--image keepalived=")
-	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-planes", "3", "--control-plane", "cp-1=10.0.0.11", "--dir", dir).
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "keepalived-haproxy", "--control-planes", "3", "--control-plane", "cp-1=10.0.0.11", "--dest", dir).
 		expect(t, exitInput, "--control-plane: loadBalancer.type keepalived-haproxy balances over every control plane's address: list all 3")
-	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:443", "--load-balancer", "keepalived-haproxy", "--dir", dir).expect(t, exitInput, "--endpoint: port 443")
-	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--control-plane", "cp-1", "--dir", dir).expect(t, exitInput, "--control-plane \"cp-1\": want NAME=IP")
-	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--image", "flannel", "--dir", dir).expect(t, exitInput, "--image \"flannel\": want NAME=")
-	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "f5", "--dir", dir).expect(t, exitInput, "--load-balancer: ")
-	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--ignore-preflight-errors", "Mem,mem", "--dir", dir).
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:443", "--load-balancer", "keepalived-haproxy", "--dest", dir).expect(t, exitInput, "--endpoint: port 443")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--control-plane", "cp-1", "--dest", dir).expect(t, exitInput, "--control-plane \"cp-1\": want NAME=IP")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--image", "flannel", "--dest", dir).expect(t, exitInput, "--image \"flannel\": want NAME=")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--load-balancer", "f5", "--dest", dir).expect(t, exitInput, "--load-balancer: ")
+	kiln(t, "init", "lab", "--endpoint", "10.0.0.50:6443", "--ignore-preflight-errors", "Mem,mem", "--dest", dir).
 		expect(t, exitInput, "--ignore-preflight-errors: mem is already listed at [0]")
 	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
 		t.Errorf("failed init left files: %v", entries)

@@ -20,7 +20,7 @@ import (
 )
 
 type pxeOptions struct {
-	output      string
+	dest        string
 	profile     string
 	serverURL   string
 	modes       map[string]string
@@ -33,13 +33,13 @@ type pxeOptions struct {
 	download    downloadOptions
 	files       []string
 	force       bool
-	format      outputFormat
+	output      outputFormat
 }
 
 func newPxeCmd(g *globals) *cobra.Command {
 	o := &pxeOptions{}
 	cmd := &cobra.Command{
-		Use:   "pxe --output DIR --server-url URL",
+		Use:   "pxe --dest DIR --server-url URL",
 		Short: "Build a network-boot bundle for every node, served by kiln serve",
 		Long: `pxe writes everything a rack of machines needs to boot from the network into
 one folder, all or nothing, for kiln serve (or matchbox, or no server at all
@@ -87,11 +87,11 @@ variants still fetch the payload from --server-url.
 --server-url is where the nodes reach kiln serve; it is written into the
 scripts and configs (config and status report URLs). Rebuilding with --force
 keeps every token and kiln serve's state.`,
-		Example: `  kiln pxe --output pxe/ --server-url http://10.0.0.5:8080
+		Example: `  kiln pxe --dest pxe/ --server-url http://10.0.0.5:8080
   kiln serve --bundle pxe/ --listen :8080
-  kiln pxe --output pxe/ --server-url http://10.0.0.5:8080 --mode worker=install --disk /dev/nvme0n1
-  kiln pxe --output pxe/ --server-url http://10.0.0.5:8080 --profile flatcar-arm64 --kernel-arg console=ttyAMA0
-  kiln pxe --output pxe/ --server-url http://10.0.0.5:8080 \
+  kiln pxe --dest pxe/ --server-url http://10.0.0.5:8080 --mode worker=install --disk /dev/nvme0n1
+  kiln pxe --dest pxe/ --server-url http://10.0.0.5:8080 --profile flatcar-arm64 --kernel-arg console=ttyAMA0
+  kiln pxe --dest pxe/ --server-url http://10.0.0.5:8080 \
       --kernel flatcar_production_pxe.vmlinuz --initramfs flatcar_production_pxe_image.cpio.gz`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -101,7 +101,7 @@ keeps every token and kiln serve's state.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.output, "output", "", "bundle folder to write (required)")
+	f.StringVar(&o.dest, "dest", "", "bundle folder to write (required)")
 	f.StringVar(&o.serverURL, "server-url", "", "URL the nodes reach kiln serve at, such as http://10.0.0.5:8080 (required)")
 	f.StringVar(&o.profile, "profile", "", "target profile: a generic flatcar or fcos profile (default: the cluster's OS for amd64)")
 	f.StringToStringVar(&o.modes, "mode", nil, "boot mode per role, ROLE=live|install (default: init and control-plane install, worker live)")
@@ -115,14 +115,13 @@ keeps every token and kiln serve's state.`,
 	o.download.addFlags(f, "PXE files")
 	f.StringArrayVar(&o.files, "file", nil, "NAME=PATH: a local copy of download NAME for an air-gapped cluster's payload, checked against its pin (repeatable)")
 	f.BoolVar(&o.force, "force", false, "rebuild an existing bundle (keeps its tokens and kiln serve's state)")
-	o.format = "text"
-	f.Var(&o.format, "format", "result format: text or json")
+	addOutputFlag(cmd, &o.output)
 	return cmd
 }
 
 func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
-	if o.output == "" || o.serverURL == "" {
-		return fault.Wrap(fault.Input, errors.New("--output and --server-url are required, for example --output pxe/ --server-url http://10.0.0.5:8080"))
+	if o.dest == "" || o.serverURL == "" {
+		return fault.Wrap(fault.Input, errors.New("--dest and --server-url are required, for example --dest pxe/ --server-url http://10.0.0.5:8080"))
 	}
 	modes := map[nodeconfig.Role]string{}
 	for r, m := range o.modes {
@@ -138,7 +137,7 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	}
 	opts := pxe.Options{
 		Cluster: c, Secrets: s, Target: t, ServerURL: o.serverURL, Modes: modes, Disk: o.disk,
-		KernelArgs: o.kernelArgs, MatchboxURL: o.matchboxURL, Output: o.output, Force: o.force, Progress: g.stderr,
+		KernelArgs: o.kernelArgs, MatchboxURL: o.matchboxURL, Dest: o.dest, Force: o.force, Progress: g.stderr,
 	}
 	if err := opts.Check(); err != nil {
 		return err
@@ -164,7 +163,7 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 		if err != nil {
 			return err
 		}
-		scratch := filepath.Dir(filepath.Clean(o.output))
+		scratch := filepath.Dir(filepath.Clean(o.dest))
 		if err := os.MkdirAll(scratch, 0o755); err != nil {
 			return fault.Wrap(fault.IO, err)
 		}
@@ -217,7 +216,7 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	if o.matchboxURL != "" {
 		lines = append(lines, "matchbox: see "+filepath.Join(res.Dir, pxe.MatchboxDir, "README"))
 	}
-	return emit(g.stdout, o.format, res, lines...)
+	return emit(g.stdout, o.output, res, lines...)
 }
 
 // assets returns the boot files: the local files given, or the release's

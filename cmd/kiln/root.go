@@ -115,6 +115,8 @@ Fedora CoreOS with a first-boot agent that runs kubeadm init or join.`,
 		Args:          noArgs,
 		RunE:          func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
+	root.Version = readBuildInfo().String()
+	root.SetVersionTemplate("kiln {{.Version}}\n")
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
@@ -173,7 +175,7 @@ func (o *outputFormat) String() string { return string(*o) }
 func (o *outputFormat) Type() string   { return "text|json" }
 func (o *outputFormat) Set(s string) error {
 	if s != "text" && s != "json" {
-		return errors.New("use text or json")
+		return errors.New("use text or json (-o is the result's format; a command's output folder or file is --dest)")
 	}
 	*o = outputFormat(s)
 	return nil

@@ -25,6 +25,7 @@ type serveOptions struct {
 	pool      []string
 	accessLog string
 	minRate   int64
+	tlsProxy  bool
 }
 
 func newServeCmd(g *globals) *cobra.Command {
@@ -67,7 +68,9 @@ run at once, so scripts are answered while downloads saturate the server.`,
 
 Each request is logged (tokens and keys redacted) to --access-log. serve
 runs until SIGINT or SIGTERM, then lets running requests finish for a few
-seconds and saves its state. It speaks plain HTTP (iPXE's usual). A token
+seconds and saves its state. It speaks plain HTTP (iPXE's usual); a bundle
+made for an https:// server URL is refused unless --tls-proxy says a TLS
+proxy at that URL forwards to kiln serve. A token
 only proves that a request came through the script served for that MAC,
 and a MAC can be claimed by any machine on the network: run kiln serve on a
 provisioning network that workloads (pods) cannot reach.`,
@@ -87,13 +90,14 @@ provisioning network that workloads (pods) cannot reach.`,
 	f.StringVar(&o.listen, "listen", ":8080", "address to listen on, HOST:PORT")
 	f.StringSliceVar(&o.pool, "pool", nil, "give machines the inventory does not name an entry of these roles, in order (init, control-plane, worker)")
 	f.StringVar(&o.accessLog, "access-log", "", "append the access log to this file (default: stderr)")
+	f.BoolVar(&o.tlsProxy, "tls-proxy", false, "the bundle's https:// server URL is a TLS proxy that forwards to this kiln serve")
 	f.Int64Var(&o.minRate, "min-rate", serve.DefaultMinRate>>10, "drop a download slower than this many KiB/s over any MiB (a client that stopped reading)")
 	return cmd
 }
 
 func runServe(ctx context.Context, g *globals, o *serveOptions) error {
 	if o.bundle == "" {
-		return fault.Wrap(fault.Input, fmt.Errorf("--bundle is required: the folder kiln pxe --output wrote"))
+		return fault.Wrap(fault.Input, fmt.Errorf("--bundle is required: the folder kiln pxe --dest wrote"))
 	}
 	if _, _, err := net.SplitHostPort(o.listen); err != nil {
 		return fault.Wrap(fault.Input, fmt.Errorf("--listen %q: %v: give HOST:PORT, such as :8080 or 10.0.0.5:8080", o.listen, strings.TrimPrefix(err.Error(), "address "+o.listen+": ")))
@@ -122,15 +126,19 @@ func runServe(ctx context.Context, g *globals, o *serveOptions) error {
 	if err != nil {
 		return err
 	}
+	m := srv.Manifest()
+	if err := checkScheme(m.ServerURL, o.tlsProxy); err != nil {
+		srv.Close()
+		return err
+	}
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
 		srv.Close()
 		return fault.Wrap(fault.Environment, fmt.Errorf("--listen %s: %w: pick a free address or stop what uses it", o.listen, err))
 	}
-	m := srv.Manifest()
 	fmt.Fprintf(g.stdout, "serving %s (cluster %s, %d entries) on http://%s; nodes use %s (DHCP boot file: %s)\n",
 		o.bundle, m.Cluster, len(m.Nodes), ln.Addr(), m.ServerURL, strings.TrimSuffix(m.ServerURL, "/")+pxe.EntryPath)
-	if warning := checkServerURL(m.ServerURL, ln.Addr()); warning != "" {
+	if warning := checkServerURL(m.ServerURL, ln.Addr()); warning != "" && !o.tlsProxy {
 		fmt.Fprintf(g.stderr, "kiln serve: warning: %s\n", warning)
 	}
 	if err := srv.Serve(ctx, ln); err != nil {
@@ -144,16 +152,29 @@ func runServe(ctx context.Context, g *globals, o *serveOptions) error {
 // 100 Mbit/s link (12 MiB/s) drops machines that share one.
 const maxMinRate = 8 << 10
 
-// checkServerURL warns when the nodes' server URL cannot reach this
-// listener.
+// checkScheme refuses a bundle whose nodes use https://, which kiln serve
+// (plain HTTP) cannot answer, unless the operator says a TLS proxy at that
+// URL forwards to it.
+func checkScheme(serverURL string, tlsProxy bool) error {
+	u, err := url.Parse(serverURL)
+	switch {
+	case err != nil:
+		return fault.Wrap(fault.Input, fmt.Errorf("the bundle's server URL %q: %v: rebuild the bundle with kiln pxe --server-url http://...", serverURL, err))
+	case u.Scheme == "https" && !tlsProxy:
+		return fault.Wrap(fault.Input, fmt.Errorf("the bundle's nodes use %s, but kiln serve speaks plain HTTP: rebuild the bundle with kiln pxe --server-url http://..., or put a TLS proxy at that URL in front of kiln serve and pass --tls-proxy", serverURL))
+	case u.Scheme == "http" && tlsProxy:
+		return fault.Wrap(fault.Input, fmt.Errorf("--tls-proxy: the bundle's nodes use %s, plain HTTP, which no TLS proxy answers: drop --tls-proxy", serverURL))
+	}
+	return nil
+}
+
+// checkServerURL warns when the nodes' http:// server URL cannot reach
+// this listener.
 func checkServerURL(serverURL string, addr net.Addr) string {
 	u, err := url.Parse(serverURL)
 	tcp, ok := addr.(*net.TCPAddr)
 	if err != nil || !ok {
 		return ""
-	}
-	if u.Scheme != "http" {
-		return fmt.Sprintf("the bundle's server URL %s is not http://, but kiln serve speaks plain HTTP: put a TLS proxy in front of it, or rebuild the bundle with kiln pxe --server-url http://...", serverURL)
 	}
 	port := u.Port()
 	if port == "" {

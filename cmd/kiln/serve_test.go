@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"net"
 	"net/http"
@@ -163,6 +164,24 @@ func TestServeBadInput(t *testing.T) {
 	}
 	defer ln.Close()
 	kiln(t, "serve", "--bundle", dir, "--listen", ln.Addr().String()).expect(t, exitEnvironment, "--listen")
+	kiln(t, "serve", "--bundle", dir, "--listen", "127.0.0.1:0", "--tls-proxy").expect(t, exitInput, "--tls-proxy: the bundle's nodes use http://10.0.0.5:8080, plain HTTP")
+
+	// A bundle whose nodes use https:// is refused before kiln serve
+	// listens, unless a TLS proxy is said to forward to it.
+	manifest := filepath.Join(dir, pxe.ManifestFile)
+	data, err := os.ReadFile(manifest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(manifest, bytes.Replace(data, []byte(`"http://10.0.0.5:8080"`), []byte(`"https://boot.lab.test"`), 1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	kiln(t, "serve", "--bundle", dir, "--listen", ln.Addr().String()).
+		expect(t, exitInput, "the bundle's nodes use https://boot.lab.test, but kiln serve speaks plain HTTP", "--tls-proxy")
+	p := startServe(t, "--bundle", dir, "--tls-proxy")
+	if !strings.Contains(p.out.String(), "nodes use https://boot.lab.test") || strings.Contains(p.errOut.String(), "warning") {
+		t.Errorf("kiln serve --tls-proxy:\n%s\n%s", p.out.String(), p.errOut.String())
+	}
 }
 
 func TestStatusErrors(t *testing.T) {

@@ -81,7 +81,7 @@ type Options struct {
 	// MatchboxURL, if set, is the matchbox endpoint the export in
 	// matchbox/ points nodes at.
 	MatchboxURL string
-	Output      string
+	Dest        string
 	Force       bool
 	Progress    io.Writer
 }
@@ -154,12 +154,12 @@ func (o *Options) Check() error {
 	if err := errors.Join(errs...); err != nil {
 		return fault.Wrap(fault.Input, err)
 	}
-	if _, err := os.Stat(o.Output); err == nil {
+	if _, err := os.Stat(o.Dest); err == nil {
 		if !o.Force {
-			return fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to rebuild it (tokens and kiln serve's state are kept; stop kiln serve first)", o.Output))
+			return fault.Wrap(fault.Input, fmt.Errorf("%s already exists: pass --force to rebuild it (tokens and kiln serve's state are kept; stop kiln serve first)", o.Dest))
 		}
-		if _, err := os.Stat(filepath.Join(o.Output, ManifestFile)); err != nil {
-			return fault.Wrap(fault.Input, fmt.Errorf("%s exists but is not a bundle (no %s): remove it or pick another --output", o.Output, ManifestFile))
+		if _, err := os.Stat(filepath.Join(o.Dest, ManifestFile)); err != nil {
+			return fault.Wrap(fault.Input, fmt.Errorf("%s exists but is not a bundle (no %s): remove it or pick another --dest", o.Dest, ManifestFile))
 		}
 	}
 	if o.Target.PXE == nil {
@@ -236,12 +236,12 @@ func (o *Options) entries(prev *Manifest) ([]Node, error) {
 // previous is the bundle a rebuild replaces (nil if there is none; Check
 // has made sure an existing output may be replaced).
 func (o *Options) previous() (*Manifest, error) {
-	if _, err := os.Stat(o.Output); err != nil {
+	if _, err := os.Stat(o.Dest); err != nil {
 		return nil, nil
 	}
-	prev, err := ReadManifest(o.Output)
+	prev, err := ReadManifest(o.Dest)
 	if err != nil {
-		return nil, fmt.Errorf("%s exists but is not a bundle kiln can rebuild (%w): remove it or pick another --output", o.Output, err)
+		return nil, fmt.Errorf("%s exists but is not a bundle kiln can rebuild (%w): remove it or pick another --dest", o.Dest, err)
 	}
 	return prev, nil
 }
@@ -261,7 +261,7 @@ func randomHex() (string, error) {
 	return hex.EncodeToString(b), nil
 }
 
-// Build writes the bundle to o.Output: all of it, or nothing (it is built
+// Build writes the bundle to o.Dest: all of it, or nothing (it is built
 // beside the output and renamed into place; kiln serve's state in a
 // bundle it replaces is kept).
 func Build(ctx context.Context, o Options) (*Result, error) {
@@ -280,7 +280,7 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	if prev != nil {
-		unlock, err := LockState(o.Output)
+		unlock, err := LockState(o.Dest)
 		if err != nil {
 			return nil, err
 		}
@@ -306,7 +306,7 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 
-	parent := filepath.Dir(filepath.Clean(o.Output))
+	parent := filepath.Dir(filepath.Clean(o.Dest))
 	if err := os.MkdirAll(parent, 0o755); err != nil {
 		return nil, fault.Wrap(fault.IO, err)
 	}
@@ -356,7 +356,7 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		return nil, fault.Wrap(fault.Input, ErrNoInstallImage)
 	}
 
-	res := &Result{Dir: o.Output, Profile: o.Target.Name, Server: m.ServerURL, Assets: m.Assets}
+	res := &Result{Dir: o.Dest, Profile: o.Target.Name, Server: m.ServerURL, Assets: m.Assets}
 	for i := range m.Nodes {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -400,9 +400,9 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		return nil, fault.Wrap(fault.IO, err)
 	}
 	// Keep kiln serve's state across rebuilds.
-	oldState, newState := filepath.Join(o.Output, StateDir), filepath.Join(tmp, StateDir)
+	oldState, newState := filepath.Join(o.Dest, StateDir), filepath.Join(tmp, StateDir)
 	moved := os.Rename(oldState, newState) == nil
-	if err := atomicfile.ReplaceDir(tmp, o.Output); err != nil {
+	if err := atomicfile.ReplaceDir(tmp, o.Dest); err != nil {
 		if moved {
 			os.Rename(newState, oldState)
 		}

@@ -181,7 +181,7 @@ func ReadManifest(dir string) (*Manifest, error) {
 	data, err := os.ReadFile(p)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, fault.Wrap(fault.Input, fmt.Errorf("%s is not a kiln PXE bundle (no %s): make one with kiln pxe --output %s", dir, ManifestFile, dir))
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("%s is not a kiln PXE bundle (no %s): make one with kiln pxe --dest %s", dir, ManifestFile, dir))
 		}
 		return nil, fault.Wrap(fault.IO, err)
 	}

@@ -78,7 +78,7 @@ func fixture(t *testing.T, osName, profile string) Options {
 	}
 	return Options{
 		Cluster: c, Secrets: testSecrets, Target: tg, Agent: []byte("agent"), OSVersion: "1.2.3", Assets: assets,
-		ServerURL: "http://10.0.0.5:8080/", Output: filepath.Join(dir, "bundle"),
+		ServerURL: "http://10.0.0.5:8080/", Dest: filepath.Join(dir, "bundle"),
 	}
 }
 
@@ -90,7 +90,7 @@ func TestBuildBundle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := ReadManifest(o.Output)
+	m, err := ReadManifest(o.Dest)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +115,7 @@ func TestBuildBundle(t *testing.T) {
 	// The assets are the bundle's own: changing an input afterwards
 	// changes nothing that is served.
 	for i, a := range m.Assets {
-		served := filepath.Join(o.Output, "assets", a.File)
+		served := filepath.Join(o.Dest, "assets", a.File)
 		in, _ := os.Stat(o.Assets[i].Path)
 		out, err := os.Stat(served)
 		if err != nil || os.SameFile(in, out) {
@@ -136,11 +136,11 @@ func TestBuildBundle(t *testing.T) {
 		}
 	}
 	// Everything that carries a token or a config is private.
-	filepath.WalkDir(o.Output, func(p string, d os.DirEntry, err error) error {
+	filepath.WalkDir(o.Dest, func(p string, d os.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
 			return err
 		}
-		rel, _ := filepath.Rel(o.Output, p)
+		rel, _ := filepath.Rel(o.Dest, p)
 		fi, _ := d.Info()
 		private := !strings.HasPrefix(rel, "assets/") && !strings.HasPrefix(rel, "matchbox/profiles/") && !strings.HasPrefix(rel, "matchbox/groups/") && rel != "matchbox/README"
 		if private && fi.Mode().Perm() != 0o600 {
@@ -149,7 +149,7 @@ func TestBuildBundle(t *testing.T) {
 		return nil
 	})
 	cp2, _ := m.Node("cp-2")
-	script, err := os.ReadFile(filepath.Join(o.Output, "ipxe", "cp-2.ipxe"))
+	script, err := os.ReadFile(filepath.Join(o.Dest, "ipxe", "cp-2.ipxe"))
 	if err != nil || string(script) != m.Script(cp2, cp2.MAC) {
 		t.Errorf("ipxe/cp-2.ipxe differs from what kiln serve hands out (%v)", err)
 	}
@@ -160,13 +160,13 @@ func TestBuildBundle(t *testing.T) {
 	if string(script) != wantScript {
 		t.Errorf("script:\n%s\nwant:\n%s", script, wantScript)
 	}
-	offline, _ := os.ReadFile(filepath.Join(o.Output, "offline", "w-1", "boot.ipxe"))
+	offline, _ := os.ReadFile(filepath.Join(o.Dest, "offline", "w-1", "boot.ipxe"))
 	if !strings.Contains(string(offline), "initrd config.img\n") || !strings.Contains(string(offline), "kernel ../../assets/flatcar-amd64-1.2.3/kernel.bin initrd=initramfs.bin initrd=config.img ") || strings.Contains(string(offline), "token") {
 		t.Errorf("offline script:\n%s", offline)
 	}
 	for _, f := range []string{"cp-1", "cp-2", "w-1", "default-worker"} {
 		var g mbGroup
-		data, err := os.ReadFile(filepath.Join(o.Output, "matchbox", "groups", "rack-"+f+".json"))
+		data, err := os.ReadFile(filepath.Join(o.Dest, "matchbox", "groups", "rack-"+f+".json"))
 		if err == nil {
 			err = json.Unmarshal(data, &g)
 		}
@@ -175,10 +175,10 @@ func TestBuildBundle(t *testing.T) {
 			t.Errorf("matchbox group %s: %+v %v", f, g, err)
 		}
 	}
-	if _, err := os.Stat(filepath.Join(o.Output, "matchbox", "groups", "rack-cp-3.json")); err == nil {
+	if _, err := os.Stat(filepath.Join(o.Dest, "matchbox", "groups", "rack-cp-3.json")); err == nil {
 		t.Error("a pool slot got a matchbox group")
 	}
-	profile, _ := os.ReadFile(filepath.Join(o.Output, "matchbox", "profiles", "rack-w-1.json"))
+	profile, _ := os.ReadFile(filepath.Join(o.Dest, "matchbox", "profiles", "rack-w-1.json"))
 	if !strings.Contains(string(profile), `"ignition.config.url=http://matchbox.test:8080/ignition?uuid=${uuid}&mac=${mac:hexhyp}"`) {
 		t.Errorf("matchbox profile does not point at matchbox:\n%s", profile)
 	}
@@ -192,9 +192,9 @@ func TestInstallerCarriesNodeConfig(t *testing.T) {
 	if _, err := Build(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}
-	m, _ := ReadManifest(o.Output)
+	m, _ := ReadManifest(o.Dest)
 	w, _ := m.Node("w-1")
-	cfg, _ := os.ReadFile(filepath.Join(o.Output, w.Config))
+	cfg, _ := os.ReadFile(filepath.Join(o.Dest, w.Config))
 	for _, want := range []string{"flatcar-install -d /dev/nvme0n1 -C stable -V 4593.2.3 -i /var/lib/kiln-install/config.ign", "ExecStart=-/var/lib/kiln-install/report"} {
 		if !bytes.Contains(cfg, []byte(want)) {
 			t.Errorf("w-1's installer lacks %q", want)
@@ -207,10 +207,10 @@ func TestFCOSBundle(t *testing.T) {
 	if _, err := Build(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(filepath.Join(o.Output, MatchboxDir)); err == nil {
+	if _, err := os.Stat(filepath.Join(o.Dest, MatchboxDir)); err == nil {
 		t.Error("a matchbox export was written without --matchbox-url")
 	}
-	m, _ := ReadManifest(o.Output)
+	m, _ := ReadManifest(o.Dest)
 	w, _ := m.Node("w-1")
 	s := m.Script(w, w.MAC)
 	if !strings.Contains(s, " ignition.firstboot ignition.platform.id=metal coreos.live.rootfs_url=http://10.0.0.5:8080/assets/fcos-amd64-1.2.3/rootfs.bin ignition.config.url=") {
@@ -227,8 +227,8 @@ func TestRebuildKeepsTokensAndState(t *testing.T) {
 	if _, err := Build(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}
-	before, _ := ReadManifest(o.Output)
-	state := filepath.Join(o.Output, StateDir, "assignments.json")
+	before, _ := ReadManifest(o.Dest)
+	state := filepath.Join(o.Dest, StateDir, "assignments.json")
 	os.MkdirAll(filepath.Dir(state), 0o700)
 	os.WriteFile(state, []byte("{}"), 0o600)
 	if _, err := Build(context.Background(), o); err == nil || !strings.Contains(err.Error(), "--force") {
@@ -236,7 +236,7 @@ func TestRebuildKeepsTokensAndState(t *testing.T) {
 	}
 	o.Force = true
 	// Not while kiln serve holds the bundle.
-	unlock, err := LockState(o.Output)
+	unlock, err := LockState(o.Dest)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,7 +247,7 @@ func TestRebuildKeepsTokensAndState(t *testing.T) {
 	if _, err := Build(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}
-	after, _ := ReadManifest(o.Output)
+	after, _ := ReadManifest(o.Dest)
 	if after.StatusToken != before.StatusToken || after.Nodes[0].Token != before.Nodes[0].Token || after.Nodes[0].ReportKey != before.Nodes[0].ReportKey {
 		t.Error("a rebuild changed the tokens")
 	}
@@ -275,7 +275,7 @@ func TestBadInputWritesNothing(t *testing.T) {
 		if _, err := Build(context.Background(), o); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
-		left, _ := filepath.Glob(filepath.Join(filepath.Dir(o.Output), "*"))
+		left, _ := filepath.Glob(filepath.Join(filepath.Dir(o.Dest), "*"))
 		var extra []string
 		for _, l := range left {
 			if !strings.HasSuffix(l, ".bin") {

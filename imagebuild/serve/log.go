@@ -87,7 +87,7 @@ func (r redactor) Write(b []byte) (int, error) {
 
 // loggedURI is the request's path and query with every query value but a
 // MAC's replaced, so that a log also holds no secret kiln serve does not
-// know of.
+// know of. An empty value stays empty: a missing token shows as missing.
 func loggedURI(r *http.Request) string {
 	s := r.URL.EscapedPath()
 	if r.URL.RawQuery == "" {
@@ -96,7 +96,7 @@ func loggedURI(r *http.Request) string {
 	parts := strings.Split(r.URL.RawQuery, "&")
 	for i, p := range parts {
 		k, v, hasValue := strings.Cut(p, "=")
-		if _, err := pxe.NormalizeMAC(v); hasValue && (k != "mac" || err != nil) {
+		if _, err := pxe.NormalizeMAC(v); hasValue && v != "" && (k != "mac" || err != nil) {
 			parts[i] = k + "=REDACTED"
 		}
 	}

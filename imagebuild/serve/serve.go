@@ -314,7 +314,10 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, name string) {
 		refuse("no such node")
 		return
 	}
-	if subtle.ConstantTimeCompare([]byte(q.Get("token")), []byte(n.Token)) != 1 {
+	if token := q.Get("token"); token == "" {
+		refuse("no token")
+		return
+	} else if subtle.ConstantTimeCompare([]byte(token), []byte(n.Token)) != 1 {
 		refuse("wrong token")
 		return
 	}
@@ -470,8 +473,13 @@ func (p *paced) Unwrap() http.ResponseWriter { return p.ResponseWriter }
 // report records a node's status.
 func (s *Server) report(w http.ResponseWriter, r *http.Request, name string) {
 	n, ok := s.m.Node(name)
-	if !ok || subtle.ConstantTimeCompare([]byte(r.URL.Query().Get("key")), []byte(n.ReportKey)) != 1 {
-		s.logFrom(host(r.RemoteAddr), "refused report for %q from %s: unknown node or wrong key", name, r.RemoteAddr)
+	key := r.URL.Query().Get("key")
+	if !ok || key == "" || subtle.ConstantTimeCompare([]byte(key), []byte(n.ReportKey)) != 1 {
+		why := "unknown node or wrong key"
+		if key == "" {
+			why = "no key"
+		}
+		s.logFrom(host(r.RemoteAddr), "refused report for %q from %s: %s", name, r.RemoteAddr, why)
 		http.Error(w, "kiln: report refused", http.StatusForbidden)
 		return
 	}
@@ -517,7 +525,11 @@ func (s *Server) operator(w http.ResponseWriter, r *http.Request) bool {
 	if strings.EqualFold(scheme, "Bearer") && subtle.ConstantTimeCompare([]byte(token), []byte(s.m.StatusToken)) == 1 {
 		return true
 	}
-	s.logFrom(host(r.RemoteAddr), "refused %s %s to %s: no or a wrong status token", r.Method, r.URL.Path, r.RemoteAddr)
+	why := "a wrong status token"
+	if !strings.EqualFold(scheme, "Bearer") || token == "" {
+		why = "no status token (Authorization: Bearer)"
+	}
+	s.logFrom(host(r.RemoteAddr), "refused %s %s to %s: %s", r.Method, r.URL.Path, r.RemoteAddr, why)
 	w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
 	http.Error(w, "kiln: this needs Authorization: Bearer with the bundle's statusToken", http.StatusUnauthorized)
 	return false

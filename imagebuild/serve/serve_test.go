@@ -330,12 +330,15 @@ func TestConfig(t *testing.T) {
 			t.Errorf("refusals differ: %q vs %q", b, refusals[0])
 		}
 	}
-	for _, why := range []string{"wrong token", "is not cp1's", "no such node"} {
+	for _, why := range []string{"wrong token", "no token", "is not cp1's", "no such node"} {
 		if !strings.Contains(e.log.String(), why) {
 			t.Errorf("log lacks the cause %q:\n%s", why, e.log)
 		}
 	}
 	e.stop()
+	if want := " GET /config/cp1?mac=" + macInit + "&token= 403 "; !strings.Contains(e.access.String(), want) {
+		t.Errorf("access log lacks the missing token as missing, %q:\n%s", want, e.access)
+	}
 	if want := " GET /config/cp1?mac=" + macInit + "&token=REDACTED 200 "; !strings.Contains(e.access.String(), want) {
 		t.Errorf("access log lacks %q:\n%s", want, e.access)
 	}
@@ -510,6 +513,14 @@ func TestReportsAndStatus(t *testing.T) {
 	for _, h := range [][]string{nil, {"Authorization", "Bearer wrong"}, {"Authorization", e.m.StatusToken}} {
 		if code, _, _ := e.do(http.MethodGet, pxe.StatusPath, nil, h...); code != http.StatusUnauthorized {
 			t.Errorf("status with %v: %d, want 401", h, code)
+		}
+	}
+	if code, _, _ := e.do(http.MethodPost, pxe.ReportPath+"w1", []byte(`{}`)); code != http.StatusForbidden {
+		t.Errorf("no key: %d, want 403", code)
+	}
+	for _, why := range []string{"w1\" from 127.0.0.1:", ": unknown node or wrong key", ": no key", ": no status token (Authorization: Bearer)", ": a wrong status token"} {
+		if !strings.Contains(e.log.String(), why) {
+			t.Errorf("log lacks %q:\n%s", why, e.log)
 		}
 	}
 	check := func(st serve.Status) {

@@ -349,7 +349,7 @@ func TestAirgapPXE(t *testing.T) {
 	port := freePort(t)
 	server := fmt.Sprintf("http://10.0.2.2:%d", port)
 	bundle := filepath.Join(dir, "bundle")
-	kilnOK(t, nil, "-c", cf, "pxe", "--output", bundle, "--server-url", server, "--cache-dir", cache,
+	kilnOK(t, nil, "-c", cf, "pxe", "--dest", bundle, "--server-url", server, "--cache-dir", cache,
 		"--file", "kubernetes-sysext="+filepath.Join(e.dir, "artifact"),
 		"--kernel", filepath.Join(kdir, "vmlinuz"), "--initramfs", initrd, "--kernel-arg", "console=ttyS0", "--kernel-arg", "panic=-1",
 		"--mode", "init=live", "--mode", "control-plane=live") // installers need the release's image: TestAirgapPXEInstall
@@ -413,7 +413,7 @@ func TestAirgapPXEInstall(t *testing.T) {
 	artifact := "kubernetes-sysext=" + filepath.Join(e.dir, "artifact")
 	env := []string{"SSL_CERT_FILE=" + e.certFile}
 	bundle := filepath.Join(t.TempDir(), "b")
-	kilnOK(t, env, "-c", cf, "pxe", "--output", bundle, "--server-url", "http://10.0.0.5:8080", "--cache-dir", cache,
+	kilnOK(t, env, "-c", cf, "pxe", "--dest", bundle, "--server-url", "http://10.0.0.5:8080", "--cache-dir", cache,
 		"--mirror", e.srv.URL+"/{channel}", "--insecure-mirror", "--signing-key", e.goodKey, "--file", artifact)
 	m, err := pxe.ReadManifest(bundle)
 	if err != nil {
@@ -441,7 +441,7 @@ func TestAirgapPXEInstall(t *testing.T) {
 		t.Error("kiln serve does not serve the install image as published")
 	}
 
-	r := kilnRun(t, env, "-c", cf, "pxe", "--output", filepath.Join(t.TempDir(), "b"), "--server-url", "http://10.0.0.5:8080", "--cache-dir", cache,
+	r := kilnRun(t, env, "-c", cf, "pxe", "--dest", filepath.Join(t.TempDir(), "b"), "--server-url", "http://10.0.0.5:8080", "--cache-dir", cache,
 		"--kernel", image, "--initramfs", image+".sig", "--file", artifact)
 	if r.code != 2 || !strings.Contains(r.stderr, "--mode ROLE=live") {
 		t.Fatalf("local PXE files, install-mode nodes: exit %d, want 2 naming the fix:\n%s", r.code, r.stderr)

@@ -160,7 +160,7 @@ func (e *env) publishFlatcarFile(t testing.TB, path string, truth, served, sig [
 // newCluster makes a cluster with its downloads pinned from local files.
 func newCluster(t testing.TB, dir, osName string, artifacts ...string) string {
 	cdir := filepath.Join(dir, "cluster-"+osName)
-	kilnOK(t, nil, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dir", cdir, "--os", osName)
+	kilnOK(t, nil, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dest", cdir, "--os", osName)
 	art := filepath.Join(dir, "artifact")
 	os.WriteFile(art, []byte("stand-in artifact\n"), 0o644)
 	for _, arch := range []string{"amd64", "arm64"} {

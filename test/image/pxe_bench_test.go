@@ -47,7 +47,7 @@ func BenchmarkServeVsNginx(b *testing.B) {
 	writeRandom(b, initramfs, 64<<20)
 	kilnPort, nginxPort := freePort(b), freePort(b)
 	bundle := filepath.Join(dir, "bundle")
-	kilnOK(b, nil, "-c", cf, "pxe", "--output", bundle, "--server-url", fmt.Sprintf("http://127.0.0.1:%d", kilnPort), "--kernel", kernel, "--initramfs", initramfs)
+	kilnOK(b, nil, "-c", cf, "pxe", "--dest", bundle, "--server-url", fmt.Sprintf("http://127.0.0.1:%d", kilnPort), "--kernel", kernel, "--initramfs", initramfs)
 	m, err := pxe.ReadManifest(bundle)
 	if err != nil {
 		b.Fatal(err)

@@ -87,7 +87,7 @@ func TestRealPXEClient(t *testing.T) {
 	appendFile(t, cf, "nodes:\n  - {name: cp-1, role: init, mac: \"52:54:00:00:00:01\"}\n  - {name: w-1, role: worker, mac: \""+knownMAC+"\"}\n")
 	port, mbPort := freePort(t), freePort(t)
 	bundle := filepath.Join(dir, "bundle")
-	kilnOK(t, nil, "-c", cf, "pxe", "--output", bundle, "--server-url", fmt.Sprintf("http://10.0.2.2:%d", port),
+	kilnOK(t, nil, "-c", cf, "pxe", "--dest", bundle, "--server-url", fmt.Sprintf("http://10.0.2.2:%d", port),
 		"--matchbox-url", fmt.Sprintf("http://10.0.2.2:%d", mbPort),
 		"--kernel", filepath.Join(kdir, "vmlinuz"), "--initramfs", initrd,
 		"--kernel-arg", "console=ttyS0", "--kernel-arg", "panic=-1", "--kernel-arg", "loglevel=4")
@@ -386,7 +386,7 @@ func TestPXEDownloadsVerified(t *testing.T) {
 	t.Cleanup(func() { e.publish(t, e.flatcarBz2, e.sign(t, e.gnupg, e.flatcarBz2)) })
 	env := []string{"SSL_CERT_FILE=" + e.certFile}
 	pxeArgs := func(cluster, out string, extra ...string) []string {
-		return append([]string{"-c", cluster, "pxe", "--output", out, "--server-url", "http://10.0.0.5:8080", "--cache-dir", t.TempDir(), "--format", "json"}, extra...)
+		return append([]string{"-c", cluster, "pxe", "--dest", out, "--server-url", "http://10.0.0.5:8080", "--cache-dir", t.TempDir(), "-o", "json"}, extra...)
 	}
 	flatcarOut := filepath.Join(t.TempDir(), "b")
 	kilnOK(t, env, pxeArgs(e.flCluster, flatcarOut, "--mirror", e.srv.URL+"/{channel}", "--insecure-mirror", "--signing-key", e.goodKey)...)

@@ -109,7 +109,7 @@ func TestPXEUnprivileged(t *testing.T) {
 	os.Chmod(e.dir, 0o755)
 	home, cluster := nobodysCopy(t, e.flCluster)
 	bundle := filepath.Join(home, "pxe")
-	r := asNobody(t, e, home, "-c", cluster, "pxe", "--output", bundle, "--server-url", "http://10.0.0.5:8080",
+	r := asNobody(t, e, home, "-c", cluster, "pxe", "--dest", bundle, "--server-url", "http://10.0.0.5:8080",
 		"--mirror", e.srv.URL+"/{channel}", "--insecure-mirror", "--signing-key", e.goodKey)
 	if r.code != 0 {
 		t.Fatalf("kiln pxe as nobody: exit %d\n%s", r.code, r.stderr)

@@ -61,7 +61,7 @@ func kiln(t *testing.T, args ...string) []byte {
 func newCluster(t *testing.T, args ...string) string {
 	t.Helper()
 	dir := t.TempDir()
-	kiln(t, append([]string{"init", "oracle", "--endpoint", "lb.oracle.test:6443", "--dir", dir}, args...)...)
+	kiln(t, append([]string{"init", "oracle", "--endpoint", "lb.oracle.test:6443", "--dest", dir}, args...)...)
 	return filepath.Join(dir, "cluster.yaml")
 }
 

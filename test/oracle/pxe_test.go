@@ -40,7 +40,7 @@ func TestPXEBundleConfigs(t *testing.T) {
 				}
 			})
 			dir := filepath.Dir(cf)
-			args := []string{"-c", cf, "pxe", "--output", filepath.Join(dir, "bundle"), "--profile", c.profile,
+			args := []string{"-c", cf, "pxe", "--dest", filepath.Join(dir, "bundle"), "--profile", c.profile,
 				"--server-url", "http://boot.test:8080", "--disk", "/dev/vdb"}
 			for _, k := range []string{"kernel", "initramfs", "rootfs"} {
 				if k == "rootfs" && c.os != "fcos" {

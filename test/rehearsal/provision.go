@@ -288,7 +288,7 @@ type bundleManifest struct {
 
 // startServe builds the scenario's bundle and starts kiln serve on it:
 //
-//	kiln -c CLUSTER/cluster.yaml pxe --output DIR/pxe --server-url http://LISTEN:PORT
+//	kiln -c CLUSTER/cluster.yaml pxe --dest DIR/pxe --server-url http://LISTEN:PORT
 //	    --kernel DIR/boot/flatcar_production_pxe.vmlinuz --initramfs DIR/boot/flatcar_production_pxe_image.cpio.gz
 //	    --mode init=live --mode control-plane=live
 //	    --file kubernetes-sysext=CLUSTER/kubernetes-sysext.stand-in --cache-dir CACHE
@@ -322,7 +322,7 @@ func startServe(s serveSpec) (*serveProc, error) {
 		}
 	}
 	start := time.Now()
-	args := []string{"-c", filepath.Join(s.cluster, "cluster.yaml"), "pxe", "--output", p.Bundle, "--server-url", url,
+	args := []string{"-c", filepath.Join(s.cluster, "cluster.yaml"), "pxe", "--dest", p.Bundle, "--server-url", url,
 		"--kernel", kernel, "--initramfs", initramfs, "--mode", "init=live", "--mode", "control-plane=live",
 		"--file", "kubernetes-sysext=" + filepath.Join(s.cluster, "kubernetes-sysext.stand-in"), "--cache-dir", s.cache}
 	if _, err := os.Stat(p.Bundle); err == nil {

@@ -398,7 +398,7 @@ data:
 // (netPrefix; `provision check` has its own): the endpoint is PREFIX10,
 // a node PREFIX<octet>.
 func kilnInit(o runOptions, dir, lb, prefix string) error {
-	args := []string{"init", cluster, "--endpoint", prefix + "10:6443", "--kubernetes-version", o.version, "--dir", dir, "--load-balancer", lb}
+	args := []string{"init", cluster, "--endpoint", prefix + "10:6443", "--kubernetes-version", o.version, "--dest", dir, "--load-balancer", lb}
 	if o.ignorePreflight != "" {
 		args = append(args, "--ignore-preflight-errors", o.ignorePreflight)
 	}
