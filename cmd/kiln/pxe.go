@@ -30,6 +30,7 @@ type pxeOptions struct {
 	rootfs      string
 	kernelArgs  []string
 	matchboxURL string
+	knownOnly   bool
 	download    downloadOptions
 	files       []string
 	force       bool
@@ -112,6 +113,7 @@ keeps every token and kiln serve's state.`,
 	f.StringVar(&o.rootfs, "rootfs", "", "use this live rootfs instead of downloading (Fedora CoreOS)")
 	f.StringArrayVar(&o.kernelArgs, "kernel-arg", nil, "extra kernel argument for every node (repeatable), such as console=ttyS0,115200n8")
 	f.StringVar(&o.matchboxURL, "matchbox-url", "", "also write a matchbox export (matchbox/) for the matchbox at this URL, such as http://10.0.0.6:8080")
+	f.BoolVar(&o.knownOnly, "matchbox-known-only", false, "leave the catch-all worker group out of the matchbox export: matchbox boots only the MACs the cluster file names")
 	o.download.addFlags(f, "PXE files")
 	f.StringArrayVar(&o.files, "file", nil, "NAME=PATH: a local copy of download NAME for an air-gapped cluster's payload, checked against its pin (repeatable)")
 	f.BoolVar(&o.force, "force", false, "rebuild an existing bundle (keeps its tokens and kiln serve's state)")
@@ -122,6 +124,9 @@ keeps every token and kiln serve's state.`,
 func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	if o.dest == "" || o.serverURL == "" {
 		return fault.Wrap(fault.Input, errors.New("--dest and --server-url are required, for example --dest pxe/ --server-url http://10.0.0.5:8080"))
+	}
+	if o.knownOnly && o.matchboxURL == "" {
+		return fault.Wrap(fault.Input, errors.New("--matchbox-known-only shapes the matchbox export: give --matchbox-url too"))
 	}
 	modes := map[nodeconfig.Role]string{}
 	for r, m := range o.modes {
@@ -137,7 +142,7 @@ func runPxe(ctx context.Context, g *globals, o *pxeOptions) error {
 	}
 	opts := pxe.Options{
 		Cluster: c, Secrets: s, Target: t, ServerURL: o.serverURL, Modes: modes, Disk: o.disk,
-		KernelArgs: o.kernelArgs, MatchboxURL: o.matchboxURL, Dest: o.dest, Force: o.force, Progress: g.stderr,
+		KernelArgs: o.kernelArgs, MatchboxURL: o.matchboxURL, MatchboxKnownOnly: o.knownOnly, Dest: o.dest, Force: o.force, Progress: g.stderr,
 	}
 	if err := opts.Check(); err != nil {
 		return err

@@ -29,6 +29,7 @@ func TestPxe(t *testing.T) {
 	}{
 		{[]string{"--server-url", "http://10.0.0.5:8080"}, exitInput, "--dest and --server-url are required"},
 		{[]string{"--dest", out, "--server-url", "10.0.0.5:8080"}, exitInput, "--server-url"},
+		{[]string{"--dest", out, "--server-url", "http://10.0.0.5:8080", "--matchbox-known-only"}, exitInput, "give --matchbox-url too"},
 		{[]string{"--output", out, "--server-url", "http://10.0.0.5:8080"}, exitInput, "-o is the result's format; a command's output folder or file is --dest"},
 		{[]string{"--dest", out, "--server-url", "http://10.0.0.5:8080", "--profile", "flatcar-rpi4"}, exitUnsupported, "cannot boot from the network"},
 		{[]string{"--dest", out, "--server-url", "http://10.0.0.5:8080", "--profile", "fcos-x86_64"}, exitInput, "os.name flatcar"},

@@ -81,9 +81,14 @@ type Options struct {
 	// MatchboxURL, if set, is the matchbox endpoint the export in
 	// matchbox/ points nodes at.
 	MatchboxURL string
-	Dest        string
-	Force       bool
-	Progress    io.Writer
+	// MatchboxKnownOnly leaves the worker role default's catch-all group
+	// out of the matchbox export: only machines whose MAC the cluster
+	// file names boot from matchbox.
+	MatchboxKnownOnly bool
+	// Dest is the bundle folder.
+	Dest     string
+	Force    bool
+	Progress io.Writer
 }
 
 // Result describes a built bundle.

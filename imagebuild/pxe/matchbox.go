@@ -39,9 +39,8 @@ const matchboxReadme = `kiln's export for matchbox (https://matchbox.psdn.io): c
 groups/ and ignition/ into matchbox's data folder (-data-path), and the
 bundle's assets/ folder into matchbox's assets folder (-assets-path).
 
-Nodes with a MAC in the cluster file get a group selecting that MAC. The
-worker role default is matchbox's catch-all group (no selector): every
-other machine boots as a worker. Matchbox hands configs out by MAC alone,
+Nodes with a MAC in the cluster file get a group selecting that MAC.
+%s Matchbox hands configs out by MAC alone,
 with no per-node token: keep its port on the provisioning network only.
 Matchbox does not know when a node has installed: install-mode nodes must
 boot from their disk first (network second), or they install again on
@@ -50,7 +49,8 @@ it the agents' reports are dropped and nothing else changes.
 `
 
 // matchbox writes the export: a profile and Ignition config per entry,
-// a group per MAC, and the worker default as the catch-all group.
+// a group per MAC, and the worker default as the catch-all group unless
+// o.MatchboxKnownOnly.
 func (o *Options) matchbox(w *writer, m *Manifest) error {
 	base := strings.TrimSuffix(o.MatchboxURL, "/")
 	assetURL := func(a Asset) string { return "/assets/" + a.File }
@@ -78,7 +78,7 @@ func (o *Options) matchbox(w *writer, m *Manifest) error {
 		switch {
 		case n.MAC != "":
 			g.Selector = map[string]string{"mac": n.MAC}
-		case n.Default && n.Role == "worker":
+		case n.Default && n.Role == "worker" && !o.MatchboxKnownOnly:
 		default:
 			continue // pool slots and other defaults: no group
 		}
@@ -86,7 +86,11 @@ func (o *Options) matchbox(w *writer, m *Manifest) error {
 			return err
 		}
 	}
-	return w.file(filepath.Join(MatchboxDir, "README"), []byte(matchboxReadme), 0o644)
+	catchAll := "The worker role default is matchbox's catch-all group (no selector):\nevery other machine boots as a worker."
+	if o.MatchboxKnownOnly {
+		catchAll = "No other machine gets a group (kiln pxe --matchbox-known-only):\nmatchbox boots no machine the cluster file does not name."
+	}
+	return w.file(filepath.Join(MatchboxDir, "README"), fmt.Appendf(nil, matchboxReadme, catchAll), 0o644)
 }
 
 func (w *writer) json(rel string, v any, perm os.FileMode) error {

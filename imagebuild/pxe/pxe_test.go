@@ -184,6 +184,32 @@ func TestBuildBundle(t *testing.T) {
 	}
 }
 
+// TestMatchboxKnownOnly: without the catch-all group, matchbox boots only
+// the machines the cluster file names.
+func TestMatchboxKnownOnly(t *testing.T) {
+	o := fixture(t, "flatcar", "flatcar-amd64")
+	o.MatchboxURL = "http://matchbox.test:8080"
+	o.MatchboxKnownOnly = true
+	if _, err := Build(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	groups, err := os.ReadDir(filepath.Join(o.Dest, MatchboxDir, "groups"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, g := range groups {
+		names = append(names, g.Name())
+	}
+	if strings.Join(names, " ") != "rack-cp-1.json rack-cp-2.json rack-w-1.json" {
+		t.Errorf("groups %v, want one per MAC and no catch-all", names)
+	}
+	readme, _ := os.ReadFile(filepath.Join(o.Dest, MatchboxDir, "README"))
+	if !strings.Contains(string(readme), "matchbox boots no machine the cluster file does not name") || strings.Contains(string(readme), "catch-all") {
+		t.Errorf("README:\n%s", readme)
+	}
+}
+
 func TestInstallerCarriesNodeConfig(t *testing.T) {
 	o := fixture(t, "flatcar", "flatcar-amd64")
 	o.Modes = map[nodeconfig.Role]string{nodeconfig.RoleWorker: ModeInstall}
