@@ -88,13 +88,28 @@ lint:
 	$(GO) vet -tags oracle ./test/...
 	cd test/rehearsal && $(GO) vet ./...
 
-# The main job on a fresh machine: a demo cluster (kept if it exists), its
-# Kubernetes download pinned, and a ready-to-flash Flatcar image for the
-# first control plane. Needs the internet once (pin and base image).
+# The main job on a fresh machine: a demo cluster in $(DEMO) (kept if it
+# exists), its Kubernetes download pinned, and a ready-to-flash Flatcar
+# image for the first control plane. It downloads two files once; offline,
+# it uses local copies of them, found at DEMO_SYSEXT and DEMO_BASE_IMAGE,
+# and says where to put them when they are missing.
+DEMO            ?= demo
+DEMO_SYSEXT     ?= $(DEMO)/kubernetes-sysext.raw
+DEMO_BASE_IMAGE ?= $(DEMO)/flatcar_production_image.bin.bz2
+FLATCAR_IMAGE_URL := https://stable.release.flatcar-linux.net/amd64-usr/current/flatcar_production_image.bin.bz2
 demo: build
-	test -f demo/cluster.yaml || $(BIN)/kiln init demo --endpoint 192.168.1.50:6443 --dest demo
-	$(BIN)/kiln -c demo/cluster.yaml pin --arch amd64
-	$(BIN)/kiln -c demo/cluster.yaml build-image --role init --profile flatcar-amd64 --dest demo --force
+	test -f $(DEMO)/cluster.yaml || $(BIN)/kiln init demo --endpoint 192.168.1.50:6443 --dest $(DEMO)
+	@sysext=; base=; \
+	if [ -f "$(DEMO_SYSEXT)" ]; then sysext="--file kubernetes-sysext=$(DEMO_SYSEXT)"; echo "make demo: using $(DEMO_SYSEXT)"; fi; \
+	if [ -f "$(DEMO_BASE_IMAGE)" ]; then base="--base-image $(DEMO_BASE_IMAGE)"; echo "make demo: using $(DEMO_BASE_IMAGE)"; fi; \
+	offline() { \
+		echo "make demo: a download failed (offline?). Fetch what is named below where the internet is reachable,"; \
+		echo "put it here and run make demo again (it then runs offline), or set DEMO_SYSEXT and DEMO_BASE_IMAGE:"; \
+		[ -n "$$1" ] && echo "  $(DEMO_SYSEXT)  the Kubernetes sysext, from the URL in kiln's message above"; \
+		echo "  $(DEMO_BASE_IMAGE)  the Flatcar image, from $(FLATCAR_IMAGE_URL)"; \
+	}; \
+	$(BIN)/kiln -c $(DEMO)/cluster.yaml pin --arch amd64 $$sysext || { rc=$$?; [ $$rc -eq 5 ] && offline sysext; exit $$rc; }; \
+	$(BIN)/kiln -c $(DEMO)/cluster.yaml build-image --role init --profile flatcar-amd64 --dest $(DEMO) --force $$base || { rc=$$?; [ $$rc -eq 5 ] && offline; exit $$rc; }
 
 clean:
 	rm -rf $(BIN) $(AGENT_DIR)/*.gz
