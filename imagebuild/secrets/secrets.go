@@ -310,25 +310,53 @@ func (s *Secrets) Write(dir string, force bool) error {
 	return nil
 }
 
-// Load reads and checks the secrets in dir. It refuses secret files that
-// other users can read.
+// maxFile bounds a secret file, in bytes: the largest, an RSA key, is
+// about 3 KiB, so a bigger file is the wrong file.
+const maxFile = 64 << 10
+
+// Load reads and checks the secrets in dir. It refuses a folder (dir or
+// its pki/) or a secret file that other users can read, and a file larger
+// than maxFile, each with the fix (fault.Input).
 func Load(dir string) (*Secrets, error) {
-	if _, err := os.Stat(dir); err != nil {
-		if os.IsNotExist(err) {
+	for _, d := range []string{dir, filepath.Join(dir, pkiDir)} {
+		fi, err := os.Stat(d)
+		switch {
+		case os.IsNotExist(err) && d == dir:
 			return nil, fault.Wrap(fault.Input, fmt.Errorf("no secrets at %s: run `kiln init` first, or pass --secrets", dir))
+		case err != nil:
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("secrets: %w", err))
+		case !fi.IsDir():
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("secrets: %s is not a folder: give --secrets the folder kiln init wrote", d))
+		case fi.Mode().Perm()&0o077 != 0:
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("secrets: the folder %s is mode %04o: other users can reach the cluster's keys; run chmod 700 %s", d, fi.Mode().Perm(), d))
 		}
-		return nil, fault.Wrap(fault.IO, err)
 	}
 	read := func(name string) ([]byte, error) {
 		p := filepath.Join(dir, name)
-		fi, err := os.Stat(p)
+		f, err := os.Open(p)
 		if err != nil {
 			return nil, fault.Wrap(fault.Input, fmt.Errorf("secrets: %w", err))
 		}
-		if fi.Mode().Perm()&0o077 != 0 {
+		defer f.Close()
+		fi, err := f.Stat()
+		switch {
+		case err != nil:
+			return nil, fault.Wrap(fault.IO, fmt.Errorf("secrets: %w", err))
+		case !fi.Mode().IsRegular():
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("secrets: %s is not a regular file", p))
+		case fi.Mode().Perm()&0o077 != 0:
 			return nil, fault.Wrap(fault.Input, fmt.Errorf("secrets: %s is mode %04o: others can read it; run chmod 600 %s", p, fi.Mode().Perm(), p))
+		case fi.Size() > maxFile:
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("secrets: %s is %d bytes, more than any secret kiln writes (%d KiB at most): is it the right file?", p, fi.Size(), maxFile>>10))
 		}
-		return os.ReadFile(p)
+		data, err := io.ReadAll(io.LimitReader(f, maxFile+1))
+		if err != nil {
+			return nil, fault.Wrap(fault.IO, fmt.Errorf("secrets: %w", err))
+		}
+		if len(data) > maxFile {
+			return nil, fault.Wrap(fault.Input, fmt.Errorf("secrets: %s grew past %d KiB while kiln read it", p, maxFile>>10))
+		}
+		return data, nil
 	}
 	s := &Secrets{PKI: map[string][]byte{}}
 	for _, name := range PKIFiles {

@@ -124,6 +124,14 @@ func TestLoadRefusesBadSecrets(t *testing.T) {
 		want   string
 	}{
 		{"readable by others", func(d string) { os.Chmod(filepath.Join(d, "pki", CAKey), 0o644) }, "chmod 600"},
+		{"folder readable by others", func(d string) { os.Chmod(d, 0o755) }, "the folder %s is mode 0755: other users can reach the cluster's keys; run chmod 700 %s"},
+		{"pki folder readable by others", func(d string) { os.Chmod(filepath.Join(d, "pki"), 0o750) }, "the folder %s/pki is mode 0750: other users can reach the cluster's keys; run chmod 700 %s/pki"},
+		{"not a folder", func(d string) { os.RemoveAll(d); os.WriteFile(d, nil, 0o600) }, "%s is not a folder"},
+		{"huge file", func(d string) { os.WriteFile(filepath.Join(d, TokenFile), make([]byte, 1<<20), 0o600) }, "is 1048576 bytes, more than any secret kiln writes (64 KiB at most)"},
+		{"a device", func(d string) {
+			os.Remove(filepath.Join(d, TokenFile))
+			os.Symlink("/dev/zero", filepath.Join(d, TokenFile))
+		}, "is not a regular file"},
 		{"missing file", func(d string) { os.Remove(filepath.Join(d, "pki", SAPub)) }, SAPub},
 		{"bad token", func(d string) { os.WriteFile(filepath.Join(d, TokenFile), []byte("abc.def\n"), 0o600) }, "not a bootstrap token"},
 		{"bad certificate key", func(d string) { os.WriteFile(filepath.Join(d, CertificateKeyFile), []byte("xyz\n"), 0o600) }, "64 lowercase hex"},
@@ -139,8 +147,9 @@ func TestLoadRefusesBadSecrets(t *testing.T) {
 			}
 			tt.mutate(dir)
 			_, err := Load(dir)
-			if err == nil || fault.KindOf(err) != fault.Input || !strings.Contains(err.Error(), tt.want) {
-				t.Fatalf("got %v, want an input error containing %q", err, tt.want)
+			want := strings.ReplaceAll(tt.want, "%s", dir) // %s: the secrets folder
+			if err == nil || fault.KindOf(err) != fault.Input || !strings.Contains(err.Error(), want) {
+				t.Fatalf("got %v, want an input error containing %q", err, want)
 			}
 		})
 	}
