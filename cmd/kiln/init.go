@@ -200,7 +200,11 @@ func runInit(g *globals, o *initOptions, name string) error {
 	if err := s.Write(secretsDir, o.force); err != nil {
 		return err
 	}
-	if err := atomicfile.Write(clusterFile, append([]byte(clusterHeader), body...), 0o644, o.force); err != nil {
+	file := append([]byte(clusterHeader), body...)
+	if len(c.Nodes) == 0 {
+		file = append(file, exampleInventory...)
+	}
+	if err := atomicfile.Write(clusterFile, file, 0o644, o.force); err != nil {
 		return err
 	}
 	res := initResult{ClusterFile: clusterFile, SecretsDir: secretsDir, CACertHash: s.CACertHash(), TokenID: s.TokenID()}
@@ -222,6 +226,30 @@ func runInit(g *globals, o *initOptions, name string) error {
 const clusterHeader = `# kiln cluster file, written by kiln init. Edit it, then check it with
 # kiln validate. kubernetes.downloads pins what nodes download: after
 # changing kubernetes.version or os.name, run kiln pin again.
+`
+
+// exampleInventory ends a cluster file that names no node: what an
+// inventory looks like, commented out.
+const exampleInventory = `# nodes: the machines kiln knows by name (none yet). A machine the
+# inventory does not name boots as its role's default and is named by
+# hostname.template. A node's mac lets kiln pxe and kiln serve know the
+# machine; kiln render --node NAME and kiln build-image --node NAME build
+# for it alone (its role and hostname). ip is its fixed address, which
+# keepalived-haproxy balances to on control planes (kiln does not set it on
+# the machine). One init node at most; kiln validate checks the rest.
+#
+# nodes:
+#   - name: cp-1
+#     role: init
+#     mac: 52:54:00:00:00:01
+#     ip: 192.168.1.11
+#   - name: cp-2
+#     role: control-plane
+#     mac: 52:54:00:00:00:02
+#     ip: 192.168.1.12
+#   - name: worker-1
+#     role: worker
+#     mac: 52:54:00:00:00:11
 `
 
 // nameFlags rewrites cluster-file field paths in validation problems into

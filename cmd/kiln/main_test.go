@@ -74,6 +74,22 @@ func TestInit(t *testing.T) {
 			t.Errorf("init printed a secret")
 		}
 	}
+	// The commented example inventory is a valid one once uncommented.
+	cf := filepath.Join(dir, "cluster.yaml")
+	file, _ := os.ReadFile(cf)
+	_, example, found := strings.Cut(string(file), "\n#\n# nodes:\n")
+	if !found {
+		t.Fatalf("cluster.yaml has no example inventory:\n%s", file)
+	}
+	inventory := "nodes:\n" + strings.ReplaceAll(example, "#   ", "  ")
+	if strings.Contains(inventory, "#") {
+		t.Fatalf("example inventory does not end the file:\n%s", inventory)
+	}
+	os.WriteFile(cf, append(file, inventory...), 0o644)
+	kiln(t, "-c", cf, "validate").expect(t, 0)
+	kiln(t, "-c", cf, "render", "--node", "cp-2", "--format", "node").expect(t, 0)
+	os.WriteFile(cf, file, 0o644)
+
 	// A second init refuses and leaves everything as it was.
 	before, _ := os.ReadFile(filepath.Join(dir, "secrets", "token"))
 	kiln(t, "init", "lab", "--endpoint", "lb.lab.test:6443", "--dest", dir).expect(t, exitInput, "already exists", "--force")
