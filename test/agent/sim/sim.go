@@ -48,6 +48,10 @@ type Member struct {
 	ControlPlane bool
 	// Joined is false while a join is under way.
 	Joined bool
+	// EtcdID and PeerURL are a control plane's etcd member, from the
+	// moment its kubeadm join added it.
+	EtcdID  uint64
+	PeerURL string
 }
 
 // Cluster is the shared state.
@@ -69,6 +73,7 @@ type Cluster struct {
 	certsExpiry time.Time
 	members     map[string]*Member
 	etcdBusy    string
+	etcd        *etcd
 	applied     []string
 	// SlowJoin makes a node's kubeadm join hold in the middle for this
 	// long (a window to SIGKILL it in).
@@ -86,6 +91,10 @@ func New(scale float64) (*Cluster, error) {
 		return nil, err
 	}
 	c.addr = addr
+	if err := c.startEtcd(); err != nil {
+		c.rpc.Close()
+		return nil, err
+	}
 	return c, nil
 }
 
@@ -142,6 +151,7 @@ func (c *Cluster) StartLB() error {
 // Close stops everything.
 func (c *Cluster) Close() {
 	c.rpc.Close()
+	c.etcd.srv.Close()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.lb != nil {
@@ -238,6 +248,9 @@ type Request struct {
 	UploadCerts  bool
 	ControlPlane bool
 	Files        []string
+	// Bootstrapped (reset) says the node's kubelet had bootstrapped: its
+	// kubelet.conf was there.
+	Bootstrapped bool
 }
 
 // Reply is every RPC's output.
@@ -248,6 +261,14 @@ type Reply struct {
 	TokenValid   bool
 	Hold         time.Duration
 	NodeListJSON string
+	// A control plane's etcd member (init, join-start): its peer URL,
+	// every member's (the manifest's --initial-cluster), etcd's CA and an
+	// apiserver-etcd-client certificate, PEM.
+	EtcdPeerURL        string
+	EtcdInitialCluster string
+	EtcdCA             []byte
+	EtcdClientCert     []byte
+	EtcdClientKey      []byte
 }
 
 // Call performs one RPC from a stub.
@@ -305,11 +326,12 @@ func (c *Cluster) handle(op string, req Request) (Reply, error) {
 			c.tokenExpiry = now.Add(req.TokenTTL)
 		}
 		c.members = map[string]*Member{req.Node: {ControlPlane: true, Joined: true}}
+		c.addMember(c.members[req.Node])
 		c.certKey, c.certsExpiry = "", time.Time{}
 		if req.UploadCerts {
 			c.certKey, c.certsExpiry = req.CertKey, now.Add(c.certsTTL())
 		}
-		return Reply{}, nil
+		return c.etcdFiles(req.Node), nil
 	case "upload-certs":
 		if !c.lbUp {
 			return Reply{}, c.connRefused()
@@ -331,14 +353,29 @@ func (c *Cluster) handle(op string, req Request) (Reply, error) {
 		}
 		return Reply{}, nil
 	case "join-start":
-		if req.ControlPlane {
-			if c.etcdBusy != "" && c.etcdBusy != req.Node {
-				return Reply{}, errors.New("error execution phase control-plane-join/etcd: error creating local etcd static pod manifest file: etcd cluster is not healthy: context deadline exceeded")
-			}
-			c.etcdBusy = req.Node
+		if !req.ControlPlane {
+			c.members[req.Node] = &Member{}
+			return Reply{Hold: c.slowJoin[req.Node]}, nil
 		}
-		c.members[req.Node] = &Member{ControlPlane: req.ControlPlane}
-		return Reply{Hold: c.slowJoin[req.Node]}, nil
+		// kubeadm adds the member (a learner) and writes its manifest. A
+		// learner this node's unfinished join left behind has its peer
+		// URL: kubeadm keeps it, and the new etcd, with that member's ID
+		// and no data, crashes; while it is a learner, no other control
+		// plane can add one. (A voter of the same name is a machine
+		// replaced at another address here: its peer URL differs.)
+		if m, ok := c.members[req.Node]; ok && m.PeerURL != "" && !m.Joined {
+			return Reply{}, errors.New("error execution phase control-plane-join/etcd: error creating local etcd static pod manifest file: etcd cluster is not healthy: failed to dial endpoint https://" + c.etcd.host + ":2379 with maintenance client: context deadline exceeded")
+		}
+		if c.etcdBusy != "" && c.etcdBusy != req.Node {
+			return Reply{}, errors.New("error execution phase control-plane-join/etcd: error creating local etcd static pod manifest file: etcdserver: too many learner members in cluster")
+		}
+		c.etcdBusy = req.Node
+		m := &Member{ControlPlane: true}
+		c.members[req.Node] = m
+		c.addMember(m)
+		rep := c.etcdFiles(req.Node)
+		rep.Hold = c.slowJoin[req.Node]
+		return rep, nil
 	case "join-finish":
 		m, ok := c.members[req.Node]
 		if !ok {
@@ -350,6 +387,13 @@ func (c *Cluster) handle(op string, req Request) (Reply, error) {
 		}
 		return Reply{}, nil
 	case "reset":
+		// kubeadm reset removes a control plane's etcd member only through
+		// the node's kubelet.conf and Node object: before the kubelet has
+		// bootstrapped, the member stays (the agent must remove it).
+		if m, ok := c.members[req.Node]; ok && m.PeerURL != "" && !req.Bootstrapped {
+			c.events = append(c.events, "reset-kept-etcd-member "+req.Node)
+			return Reply{}, nil
+		}
 		delete(c.members, req.Node)
 		if c.etcdBusy == req.Node {
 			c.etcdBusy = ""

@@ -169,7 +169,8 @@ func initCmd(args []string) error {
 	}
 	upload := fs.Lookup("upload-certs").Value.String() == "true"
 	id, secret, _ := strings.Cut(tok.Token, ".")
-	if err := writeNodeFiles(true); err != nil {
+	if err := writeFiles("/etc/kubernetes/kubelet.conf", "/var/lib/kubelet/config.yaml", "/etc/kubernetes/admin.conf",
+		"/etc/kubernetes/manifests/kube-apiserver.yaml", "/etc/kubernetes/manifests/etcd.yaml"); err != nil {
 		return err
 	}
 	// kubeadm's kubelet-start phase restarts the kubelet.
@@ -276,14 +277,29 @@ func join(args []string) error {
 			return fmt.Errorf("error execution phase control-plane-prepare/download-certs: %w", err)
 		}
 	}
+	// kubeadm's phases in order: control-plane-prepare (the control
+	// plane's kubeconfigs and manifests), the etcd member (added, its
+	// manifest and certificates written), and only then the kubelet's TLS
+	// bootstrap (kubelet.conf; the Node object), which waits for the local
+	// API server on a control plane (ControlPlaneKubeletLocalMode).
+	if cp {
+		if err := writeFiles("/etc/kubernetes/admin.conf", "/etc/kubernetes/manifests/kube-apiserver.yaml"); err != nil {
+			return err
+		}
+	}
 	start, err := sim.Call("join-start", sim.Request{Node: hostname(), ControlPlane: cp})
 	if err != nil {
 		return err
 	}
-	if err := writeNodeFiles(cp); err != nil {
-		return err
+	if cp {
+		if err := writeEtcd(start); err != nil {
+			return err
+		}
 	}
 	time.Sleep(start.Hold)
+	if err := writeFiles("/etc/kubernetes/kubelet.conf", "/var/lib/kubelet/config.yaml"); err != nil {
+		return err
+	}
 	if _, err := sim.Call("join-finish", sim.Request{Node: hostname()}); err != nil {
 		return err
 	}
@@ -302,6 +318,8 @@ func reset(args []string) error {
 	if fs.Lookup("f").Value.String() != "true" && fs.Lookup("force").Value.String() != "true" {
 		return errors.New("[reset] Are you sure you want to proceed? [y/N]: aborted reset operation")
 	}
+	_, err = os.Stat(node("/etc/kubernetes/kubelet.conf"))
+	bootstrapped := err == nil
 	for _, p := range []string{"/etc/kubernetes/manifests", "/etc/kubernetes/pki", "/var/lib/kubelet", "/var/lib/etcd"} {
 		entries, _ := os.ReadDir(node(p))
 		for _, e := range entries {
@@ -311,7 +329,7 @@ func reset(args []string) error {
 	for _, f := range []string{"admin.conf", "super-admin.conf", "kubelet.conf", "bootstrap-kubelet.conf", "controller-manager.conf", "scheduler.conf"} {
 		os.Remove(node("/etc/kubernetes/" + f))
 	}
-	_, err = sim.Call("reset", sim.Request{Node: hostname()})
+	_, err = sim.Call("reset", sim.Request{Node: hostname(), Bootstrapped: bootstrapped})
 	return err
 }
 
@@ -329,11 +347,28 @@ func preflight(files ...string) error {
 	return fmt.Errorf("error execution phase preflight: [preflight] Some fatal errors occurred:\n%s\n[preflight] If you know what you are doing, you can make a check non-fatal with `--ignore-preflight-errors=...`", strings.Join(errs, "\n"))
 }
 
-func writeNodeFiles(controlPlane bool) error {
-	files := []string{"/etc/kubernetes/kubelet.conf", "/var/lib/kubelet/config.yaml"}
-	if controlPlane {
-		files = append(files, "/etc/kubernetes/admin.conf", "/etc/kubernetes/manifests/kube-apiserver.yaml", "/etc/kubernetes/manifests/etcd.yaml")
+// writeEtcd writes a control plane's etcd manifest (the flags that name
+// its peers) and the certificates kubeadm leaves beside it.
+func writeEtcd(rep sim.Reply) error {
+	manifest := fmt.Sprintf("# written by the kubeadm stub\nspec:\n  containers:\n  - command:\n    - etcd\n    - --initial-advertise-peer-urls=%s\n    - --initial-cluster=%s\n", rep.EtcdPeerURL, rep.EtcdInitialCluster)
+	for f, data := range map[string][]byte{
+		"/etc/kubernetes/manifests/etcd.yaml":           []byte(manifest),
+		"/etc/kubernetes/pki/etcd/ca.crt":               rep.EtcdCA,
+		"/etc/kubernetes/pki/apiserver-etcd-client.crt": rep.EtcdClientCert,
+		"/etc/kubernetes/pki/apiserver-etcd-client.key": rep.EtcdClientKey,
+	} {
+		if err := os.MkdirAll(filepath.Dir(node(f)), 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(node(f), data, 0o600); err != nil {
+			return err
+		}
 	}
+	return nil
+}
+
+// writeFiles writes stand-ins for the files kubeadm writes.
+func writeFiles(files ...string) error {
 	for _, f := range files {
 		if err := os.MkdirAll(filepath.Dir(node(f)), 0o755); err != nil {
 			return err
