@@ -17,6 +17,7 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/pxe"
 	"github.com/kilnproject/kiln/imagebuild/serve"
 	"github.com/kilnproject/kiln/imagebuild/serve/servetest"
+	"github.com/kilnproject/kiln/test/testport"
 )
 
 func pxeBundle(t *testing.T) (string, *pxe.Manifest) {
@@ -190,12 +191,11 @@ func TestStatusErrors(t *testing.T) {
 	kiln(t, "status", "--bundle", dir, "--token-file", "x").expect(t, exitInput, "one of them")
 	kiln(t, "status", "--token-file", filepath.Join(dir, "none")).expect(t, exitInput, "--token-file")
 	kiln(t, "status", "--bundle", dir, "--server", "10.0.0.5:8080").expect(t, exitInput, "--server")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, release, err := testport.Refusing()
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close()
+	defer release()
 	kiln(t, "status", "--bundle", dir, "--server", "http://"+addr).expect(t, exitEnvironment, "cannot reach kiln serve at http://"+addr)
 }
 

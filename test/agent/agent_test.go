@@ -51,7 +51,7 @@ func TestInitThenWorker(t *testing.T) {
 	cp1.nc.Manifests = []string{"/etc/kiln/manifests/cni.yaml"}
 	data, _ := cp1.nc.Encode()
 	cp1.write(nodeconfig.DefaultPath, data, 0o600)
-	cp1.write("/etc/kiln/manifests/cni.yaml", []byte("kind: List\n"), 0o644)
+	cp1.write("/etc/kiln/manifests/cni.yaml", []byte("apiVersion: v1\nkind: List\nitems: []\n"), 0o644)
 	deadline := time.Now().Add(60 * time.Second)
 	cp1.start(c)
 	w1.start(c)
@@ -233,29 +233,47 @@ func TestBadMetadata(t *testing.T) {
 	}
 }
 
-// The stubs must refuse what the real kubeadm refuses.
+// The stubs must refuse what the real tools refuse.
 func TestStubKubeadmRules(t *testing.T) {
 	c := newCluster(t, clusterOptions{})
 	n := c.node("cp-1", nodeconfig.RoleInit)
+	n.write("/etc/kiln/no-api-version.yaml", []byte("kind: List\nitems: []\n"), 0o644)
+	n.write("/etc/kubernetes/admin.conf", []byte("stand-in\n"), 0o600)
+	apply := []string{"kubectl", "--kubeconfig", "/etc/kubernetes/admin.conf", "apply", "--server-side", "--field-manager", "kiln", "-f"}
 	for _, tc := range []struct {
 		args []string
 		want string
 	}{
-		{[]string{"init", "--config", "/etc/kiln/kubeadm-init.yaml", "--certificate-key", "00"}, "can not mix '--config' with arguments [certificate-key]"},
-		{[]string{"init", "--config", "/etc/kiln/kubeadm-init.yaml", "--cert-dir", "/x"}, "can not mix '--config' with arguments [cert-dir]"},
-		{[]string{"join", "--config", "/etc/kiln/kubeadm-init.yaml"}, "no JoinConfiguration"},
-		{[]string{"reset"}, "aborted reset operation"},
+		{[]string{"kubeadm", "init", "--config", "/etc/kiln/kubeadm-init.yaml", "--certificate-key", "00"}, "can not mix '--config' with arguments [certificate-key]"},
+		{[]string{"kubeadm", "init", "--config", "/etc/kiln/kubeadm-init.yaml", "--cert-dir", "/x"}, "can not mix '--config' with arguments [cert-dir]"},
+		{[]string{"kubeadm", "join", "--config", "/etc/kiln/kubeadm-init.yaml"}, "no JoinConfiguration"},
+		{[]string{"kubeadm", "reset"}, "aborted reset operation"},
+		{[]string{"swapoff"}, "swapoff: bad usage"},
+		{[]string{"systemctl", "restart", "kubelt"}, "Failed to restart kubelt.service: Unit kubelt.service not found."},
+		{[]string{"modprobe", "-a", "overlay", "br_netfiler"}, "Module br_netfiler not found"},
+		{append(apply, "/etc/kiln/missing.yaml"), `the path "/etc/kiln/missing.yaml" does not exist`},
+		{append(apply, "/etc/kiln/no-api-version.yaml"), "error validating data: [apiVersion not set]"},
 	} {
-		cmd := exec.Command(filepath.Join(bin.stubs, "kubeadm"), tc.args...)
+		cmd := exec.Command(filepath.Join(bin.stubs, tc.args[0]), tc.args[1:]...)
 		cmd.Env = []string{sim.EnvRoot + "=" + n.root, sim.EnvURL + "=" + c.sim.URL()}
 		out, err := cmd.CombinedOutput()
 		if err == nil || !strings.Contains(string(out), tc.want) {
-			t.Errorf("kubeadm %v: %v\n%s", tc.args, err, out)
+			t.Errorf("%v: %v\n%s", tc.args, err, out)
 		}
+	}
+	// kubeadm's preflight: etcd's data folder must be empty, and every
+	// static pod manifest absent.
+	n.write("/var/lib/etcd/member/wal/0.wal", []byte("left over\n"), 0o600)
+	n.write("/etc/kubernetes/manifests/kube-scheduler.yaml", []byte("left over\n"), 0o600)
+	cmd := exec.Command(filepath.Join(bin.stubs, "kubeadm"), "init", "--config", "/etc/kiln/kubeadm-init.yaml")
+	cmd.Env = []string{sim.EnvRoot + "=" + n.root, sim.EnvURL + "=" + c.sim.URL()}
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "[ERROR DirAvailable--var-lib-etcd]: /var/lib/etcd is not empty") ||
+		!strings.Contains(string(out), "[ERROR FileAvailable--etc-kubernetes-manifests-kube-scheduler.yaml]") {
+		t.Errorf("init over leftovers: %v\n%s", err, out)
 	}
 	v3 := strings.ReplaceAll(n.read("/etc/kiln/kubeadm-join.yaml"), "v1beta4", "v1beta3")
 	n.write("/etc/kiln/kubeadm-join.yaml", []byte(v3), 0o600)
-	cmd := exec.Command(filepath.Join(bin.stubs, "kubeadm"), "join", "--config", "/etc/kiln/kubeadm-join.yaml")
+	cmd = exec.Command(filepath.Join(bin.stubs, "kubeadm"), "join", "--config", "/etc/kiln/kubeadm-join.yaml")
 	cmd.Env = []string{sim.EnvRoot + "=" + n.root, sim.EnvURL + "=" + c.sim.URL()}
 	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "old API spec") {
 		t.Errorf("v1beta3 accepted: %s", out)

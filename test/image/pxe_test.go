@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -23,6 +24,7 @@ import (
 	"github.com/coreos/ignition/v2/config/v3_4"
 
 	"github.com/kilnproject/kiln/imagebuild/pxe"
+	"github.com/kilnproject/kiln/test/testport"
 )
 
 // The network-boot oracle: QEMU's iPXE ROM (Debian's ipxe-qemu) is a real
@@ -354,14 +356,17 @@ func readLines(t testing.TB, p string) []string {
 	return strings.Split(strings.TrimSuffix(string(data), "\n"), "\n")
 }
 
+// freePort is a port for a kiln serve the test starts later, that no
+// other test's connection takes meanwhile (testport.Unassigned).
 func freePort(t testing.TB) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := testport.Unassigned("127.0.0.1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	_, port, _ := net.SplitHostPort(addr)
+	n, _ := strconv.Atoi(port)
+	return n
 }
 
 func appendFile(t testing.TB, p, text string) {

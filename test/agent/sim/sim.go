@@ -23,17 +23,17 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
-	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/kilnproject/kiln/test/testport"
 )
 
 // Env names the stubs read.
@@ -86,7 +86,7 @@ type Cluster struct {
 func New(scale float64) (*Cluster, error) {
 	c := &Cluster{scale: scale, members: map[string]*Member{}, slowJoin: map[string]time.Duration{}}
 	c.rpc = httptest.NewServer(http.HandlerFunc(c.serveRPC))
-	addr, err := reservePort()
+	addr, err := testport.Unassigned("127.0.0.1")
 	if err != nil {
 		return nil, err
 	}
@@ -96,29 +96,6 @@ func New(scale float64) (*Cluster, error) {
 		return nil, err
 	}
 	return c, nil
-}
-
-// reservePort finds a loopback port for the load balancer to open later,
-// below the kernel's ephemeral range: the agents' own connections take
-// their source ports from that range, and one that drew the balancer's
-// port would take it (or connect to itself) while the balancer is down.
-func reservePort() (string, error) {
-	low := 32768
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil {
-				low = n
-			}
-		}
-	}
-	for range 100 {
-		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(10000+mrand.IntN(low-10000)))
-		if l, err := net.Listen("tcp", addr); err == nil {
-			l.Close()
-			return addr, nil
-		}
-	}
-	return "", fmt.Errorf("no free loopback port below %d", low)
 }
 
 // URL is the RPC address for the stubs.

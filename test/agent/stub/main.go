@@ -35,8 +35,10 @@ func main() {
 		err = kubectl(os.Args[1:])
 	case "modprobe":
 		err = modprobe(os.Args[1:])
-	case "swapoff", "systemctl":
-		// Accepted and recorded: nothing to simulate.
+	case "swapoff":
+		err = swapoff(os.Args[1:])
+	case "systemctl":
+		err = systemctl(os.Args[1:])
 	default:
 		err = fmt.Errorf("stub: unknown command %q", name)
 	}
@@ -48,6 +50,31 @@ func main() {
 
 // node maps a node path into the simulated node's root.
 func node(p string) string { return filepath.Join(os.Getenv(sim.EnvRoot), p) }
+
+// swapoff takes -a, as the agent calls it; anything else is swapoff's
+// usage error.
+func swapoff(args []string) error {
+	if len(args) != 1 || args[0] != "-a" {
+		return fmt.Errorf("swapoff: bad usage %q\nTry 'swapoff --help' for more information.", args)
+	}
+	return nil
+}
+
+// systemctl knows the units a kubeadm node has and the verbs used on
+// them; an unknown unit fails as systemd says.
+func systemctl(args []string) error {
+	if len(args) == 1 && args[0] == "daemon-reload" {
+		return nil
+	}
+	if len(args) != 2 || !slices.Contains([]string{"start", "stop", "restart", "enable", "disable", "is-active"}, args[0]) {
+		return fmt.Errorf("systemctl stub: unexpected systemctl %q", args)
+	}
+	unit := strings.TrimSuffix(args[1], ".service")
+	if !slices.Contains([]string{"kubelet", "containerd"}, unit) {
+		return fmt.Errorf("Failed to %s %s.service: Unit %s.service not found.", args[0], unit, unit)
+	}
+	return nil
+}
 
 func logCall(name string, args []string) {
 	f, err := os.OpenFile(node("/var/log/stub-calls.log"), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
@@ -68,10 +95,16 @@ func scaled(d time.Duration) time.Duration {
 	return time.Duration(float64(d) / f)
 }
 
-// modprobe -a loads modules; br_netfilter brings its sysctls.
+// modprobe -a loads modules; br_netfilter brings its sysctls. A module
+// Flatcar and Fedora CoreOS do not ship fails as modprobe fails.
 func modprobe(args []string) error {
 	if len(args) < 2 || args[0] != "-a" {
 		return fmt.Errorf("modprobe stub: expected -a MODULE..., got %q", args)
+	}
+	for _, m := range args[1:] {
+		if !slices.Contains([]string{"overlay", "br_netfilter", "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "nf_conntrack"}, m) {
+			return fmt.Errorf("modprobe: FATAL: Module %s not found in directory /lib/modules/6.6.0-flatcar", m)
+		}
 	}
 	if slices.Contains(args[1:], "br_netfilter") {
 		dir := node("/proc/sys/net/bridge")
@@ -147,8 +180,7 @@ func initCmd(args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := preflight(
-		"/etc/kubernetes/manifests/kube-apiserver.yaml", "/etc/kubernetes/admin.conf", "/etc/kubernetes/kubelet.conf"); err != nil {
+	if err := preflight(append(controlPlaneFiles, "/etc/kubernetes/admin.conf", "/etc/kubernetes/kubelet.conf")...); err != nil {
 		return err
 	}
 	pki := node(cfg.Cluster.CertificatesDir)
@@ -170,7 +202,8 @@ func initCmd(args []string) error {
 	upload := fs.Lookup("upload-certs").Value.String() == "true"
 	id, secret, _ := strings.Cut(tok.Token, ".")
 	if err := writeFiles("/etc/kubernetes/kubelet.conf", "/var/lib/kubelet/config.yaml", "/etc/kubernetes/admin.conf",
-		"/etc/kubernetes/manifests/kube-apiserver.yaml", "/etc/kubernetes/manifests/etcd.yaml"); err != nil {
+		"/etc/kubernetes/manifests/kube-apiserver.yaml", "/etc/kubernetes/manifests/kube-controller-manager.yaml",
+		"/etc/kubernetes/manifests/kube-scheduler.yaml", "/etc/kubernetes/manifests/etcd.yaml", "/var/lib/etcd/member/wal/0.wal"); err != nil {
 		return err
 	}
 	// kubeadm's kubelet-start phase restarts the kubelet.
@@ -235,7 +268,9 @@ func join(args []string) error {
 	cp := j.ControlPlane != nil
 	checks := []string{"/etc/kubernetes/kubelet.conf", "/etc/kubernetes/bootstrap-kubelet.conf"}
 	if cp {
-		checks = append(checks, "/etc/kubernetes/manifests/kube-apiserver.yaml")
+		checks = append(checks, controlPlaneFiles...)
+	} else {
+		checks = append(checks, "/etc/kubernetes/pki/ca.crt")
 	}
 	if err := preflight(checks...); err != nil {
 		return err
@@ -283,7 +318,8 @@ func join(args []string) error {
 	// bootstrap (kubelet.conf; the Node object), which waits for the local
 	// API server on a control plane (ControlPlaneKubeletLocalMode).
 	if cp {
-		if err := writeFiles("/etc/kubernetes/admin.conf", "/etc/kubernetes/manifests/kube-apiserver.yaml"); err != nil {
+		if err := writeFiles("/etc/kubernetes/admin.conf", "/etc/kubernetes/manifests/kube-apiserver.yaml",
+			"/etc/kubernetes/manifests/kube-controller-manager.yaml", "/etc/kubernetes/manifests/kube-scheduler.yaml"); err != nil {
 			return err
 		}
 	}
@@ -297,7 +333,7 @@ func join(args []string) error {
 		}
 	}
 	time.Sleep(start.Hold)
-	if err := writeFiles("/etc/kubernetes/kubelet.conf", "/var/lib/kubelet/config.yaml"); err != nil {
+	if err := writeFiles("/etc/kubernetes/kubelet.conf", "/var/lib/kubelet/config.yaml", "/etc/kubernetes/pki/ca.crt"); err != nil {
 		return err
 	}
 	if _, err := sim.Call("join-finish", sim.Request{Node: hostname()}); err != nil {
@@ -333,10 +369,26 @@ func reset(args []string) error {
 	return err
 }
 
-// preflight fails like kubeadm's FileAvailable checks.
+// controlPlaneFiles are what kubeadm's preflight wants absent on a
+// control plane: the static pod manifests, and etcd's data folder empty.
+// (Its Port checks need a network namespace per node, which these
+// simulated nodes do not have; the rehearsal's nodes do.)
+var controlPlaneFiles = []string{
+	"/etc/kubernetes/manifests/kube-apiserver.yaml", "/etc/kubernetes/manifests/kube-controller-manager.yaml",
+	"/etc/kubernetes/manifests/kube-scheduler.yaml", "/etc/kubernetes/manifests/etcd.yaml", "/var/lib/etcd/",
+}
+
+// preflight fails like kubeadm's FileAvailable and DirAvailable checks
+// (a path ending in / is a folder that must be missing or empty).
 func preflight(files ...string) error {
 	var errs []string
 	for _, f := range files {
+		if dir, ok := strings.CutSuffix(f, "/"); ok {
+			if entries, err := os.ReadDir(node(dir)); err == nil && len(entries) > 0 {
+				errs = append(errs, fmt.Sprintf("\t[ERROR DirAvailable-%s]: %s is not empty", strings.ReplaceAll(dir, "/", "-"), dir))
+			}
+			continue
+		}
 		if _, err := os.Stat(node(f)); err == nil {
 			errs = append(errs, fmt.Sprintf("\t[ERROR FileAvailable-%s]: %s already exists", strings.ReplaceAll(f, "/", "-"), f))
 		}
@@ -356,6 +408,7 @@ func writeEtcd(rep sim.Reply) error {
 		"/etc/kubernetes/pki/etcd/ca.crt":               rep.EtcdCA,
 		"/etc/kubernetes/pki/apiserver-etcd-client.crt": rep.EtcdClientCert,
 		"/etc/kubernetes/pki/apiserver-etcd-client.key": rep.EtcdClientKey,
+		"/var/lib/etcd/member/wal/0.wal":                []byte("stand-in etcd data\n"),
 	} {
 		if err := os.MkdirAll(filepath.Dir(node(f)), 0o755); err != nil {
 			return err
@@ -649,8 +702,8 @@ func kubectl(args []string) error {
 			return errors.New("kubectl stub: kiln applies server-side under its own field manager (--server-side --field-manager)")
 		}
 		for _, f := range files {
-			if _, err := os.Stat(node(f)); err != nil {
-				return fmt.Errorf("error: the path %q does not exist", f)
+			if err := checkManifest(f); err != nil {
+				return err
 			}
 		}
 		_, err := sim.Call("apply", sim.Request{Node: hostname(), Files: files})
@@ -672,6 +725,38 @@ func kubectl(args []string) error {
 		return err
 	}
 	return fmt.Errorf("kubectl stub: unsupported command %q", words)
+}
+
+// checkManifest fails as kubectl apply does on a missing file, a file
+// that is not YAML, or an object without apiVersion or kind.
+func checkManifest(f string) error {
+	data, err := os.ReadFile(node(f))
+	if err != nil {
+		return fmt.Errorf("error: the path %q does not exist", f)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	for {
+		var obj map[string]any
+		err := dec.Decode(&obj)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("error: error parsing %s: error converting YAML to JSON: %v", f, err)
+		}
+		if obj == nil {
+			continue
+		}
+		var missing []string
+		for _, k := range []string{"apiVersion", "kind"} {
+			if v, _ := obj[k].(string); v == "" {
+				missing = append(missing, k+" not set")
+			}
+		}
+		if len(missing) > 0 {
+			return fmt.Errorf("error: error validating %q: error validating data: [%s]; if you choose to ignore these errors, turn validation off with --validate=false", f, strings.Join(missing, ", "))
+		}
+	}
 }
 
 type multi []string
