@@ -45,6 +45,9 @@ func fakeAgent(t *testing.T, arch string) []byte {
 func loadSecrets(t *testing.T) *secrets.Secrets {
 	t.Helper()
 	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	err := filepath.Walk("testdata/secrets", func(p string, fi os.FileInfo, err error) error {
 		if err != nil || fi.IsDir() {
 			return err

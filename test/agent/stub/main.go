@@ -399,21 +399,25 @@ func preflight(files ...string) error {
 	return fmt.Errorf("error execution phase preflight: [preflight] Some fatal errors occurred:\n%s\n[preflight] If you know what you are doing, you can make a check non-fatal with `--ignore-preflight-errors=...`", strings.Join(errs, "\n"))
 }
 
-// writeEtcd writes a control plane's etcd manifest (the flags that name
-// its peers) and the certificates kubeadm leaves beside it.
+// writeEtcd writes a control plane's etcd files in kubeadm's order: the
+// certificates (control-plane-prepare), then the member's data folder and
+// last its manifest, which names its peers.
 func writeEtcd(rep sim.Reply) error {
 	manifest := fmt.Sprintf("# written by the kubeadm stub\nspec:\n  containers:\n  - command:\n    - etcd\n    - --initial-advertise-peer-urls=%s\n    - --initial-cluster=%s\n", rep.EtcdPeerURL, rep.EtcdInitialCluster)
-	for f, data := range map[string][]byte{
-		"/etc/kubernetes/manifests/etcd.yaml":           []byte(manifest),
-		"/etc/kubernetes/pki/etcd/ca.crt":               rep.EtcdCA,
-		"/etc/kubernetes/pki/apiserver-etcd-client.crt": rep.EtcdClientCert,
-		"/etc/kubernetes/pki/apiserver-etcd-client.key": rep.EtcdClientKey,
-		"/var/lib/etcd/member/wal/0.wal":                []byte("stand-in etcd data\n"),
+	for _, f := range []struct {
+		path string
+		data []byte
+	}{
+		{"/etc/kubernetes/pki/etcd/ca.crt", rep.EtcdCA},
+		{"/etc/kubernetes/pki/apiserver-etcd-client.crt", rep.EtcdClientCert},
+		{"/etc/kubernetes/pki/apiserver-etcd-client.key", rep.EtcdClientKey},
+		{"/var/lib/etcd/member/wal/0.wal", []byte("stand-in etcd data\n")},
+		{"/etc/kubernetes/manifests/etcd.yaml", []byte(manifest)},
 	} {
-		if err := os.MkdirAll(filepath.Dir(node(f)), 0o755); err != nil {
+		if err := os.MkdirAll(filepath.Dir(node(f.path)), 0o755); err != nil {
 			return err
 		}
-		if err := os.WriteFile(node(f), data, 0o600); err != nil {
+		if err := os.WriteFile(node(f.path), f.data, 0o600); err != nil {
 			return err
 		}
 	}
