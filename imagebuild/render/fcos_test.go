@@ -64,7 +64,9 @@ func TestFedoraCoreOSFacts(t *testing.T) {
 					t.Errorf("%s/%s: kiln must leave SELinux as Fedora CoreOS sets it (enforcing)", arch, role)
 				}
 			}
-			if slices.ContainsFunc(cfg.KernelArguments.ShouldExist, func(a types.KernelArgument) bool { return strings.HasPrefix(string(a), "selinux=") || strings.HasPrefix(string(a), "enforcing=") }) {
+			if slices.ContainsFunc(cfg.KernelArguments.ShouldExist, func(a types.KernelArgument) bool {
+				return strings.HasPrefix(string(a), "selinux=") || strings.HasPrefix(string(a), "enforcing=")
+			}) {
 				t.Errorf("%s/%s: a kernel argument changes SELinux", arch, role)
 			}
 			units := map[string]string{}
