@@ -52,6 +52,10 @@ type OS struct {
 	// Payload, if set, is where an air-gapped node's disk image carries
 	// its downloads and container images; nil: the OS cannot carry them.
 	Payload *Payload `yaml:"payload,omitempty"`
+	// Network is how the booted OS configures its network, and so what
+	// kiln writes for a node's static network: networkd
+	// (systemd-networkd .network files) or networkmanager (keyfiles).
+	Network string `yaml:"network"`
 	// FirstBootConfig lists where the running OS keeps the copy of the
 	// Ignition config it read on first boot (every secret of the node),
 	// if it keeps one: the agent removes them once the node joined.
@@ -59,6 +63,12 @@ type OS struct {
 
 	versionRe *regexp.Regexp
 }
+
+// Ways an OS configures its network (OS.Network).
+const (
+	NetworkNetworkd       = "networkd"
+	NetworkNetworkManager = "networkmanager"
+)
 
 // Containerd is how kiln configures an OS's containerd. kiln's
 // configuration (replacing the OS's) sets the runc cgroup driver matching
@@ -197,6 +207,9 @@ func (o *OS) Validate() error {
 	}
 	if _, ok := o.Download("kubelet"); o.KubeletUnit && !ok {
 		errs = append(errs, errors.New("kubeletUnit needs a download named kubelet"))
+	}
+	if o.Network != NetworkNetworkd && o.Network != NetworkNetworkManager {
+		errs = append(errs, fmt.Errorf("network %q: use %s or %s", o.Network, NetworkNetworkd, NetworkNetworkManager))
 	}
 	if !path.IsAbs(o.Containerd.Config) {
 		errs = append(errs, fmt.Errorf("containerd.config %q: must be absolute", o.Containerd.Config))

@@ -41,6 +41,7 @@ agentPath: /opt/bin/a
 criSocket: unix:///run/c.sock
 volumePluginDir: /opt/v
 containerd: {config: /etc/c.toml}
+network: networkd
 arches: {amd64: x86-64, arm64: arm64}
 downloads:
   - {name: k, url: 'https://e/k', path: /opt/k, mode: 0644}
@@ -57,6 +58,7 @@ pxe: {kernelArgs: [a=1], initrdConfig: oem/config.ign, install: [/bin/i, '{disk}
 		"relative agent": strings.Replace(good, "/opt/bin/a", "bin/a", 1),
 		"kubelet unit":   good + "kubeletUnit: true\n",
 		"no pxe args":    strings.Replace(good, "[a=1]", "[]", 1),
+		"network tool":   strings.Replace(good, "network: networkd", "network: netplan", 1),
 		"abs initrd cfg": strings.Replace(good, "oem/config.ign", "/oem/config.ign", 1),
 		"rel installer":  strings.Replace(good, "/bin/i", "bin/i", 1),
 		"no containerd":  strings.Replace(good, "containerd: {config: /etc/c.toml}\n", "", 1),

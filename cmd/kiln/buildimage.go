@@ -36,7 +36,7 @@ type buildImageOptions struct {
 func newBuildImageCmd(g *globals) *cobra.Command {
 	o := &buildImageOptions{}
 	cmd := &cobra.Command{
-		Use:   "build-image --role ROLE --profile PROFILE",
+		Use:   "build-image --role ROLE --profile PROFILE | --node NAME",
 		Short: "Bake a ready-to-flash disk image for one node role",
 		Long: `build-image turns a vendor OS disk image into a ready-to-flash image for one
 role of the cluster, offline once the base image is cached, without loop
@@ -71,7 +71,7 @@ Raspberry Pi profiles. The partition table, USR partitions, kernels and boot
 loaders are never changed. Progress goes to stderr; -o json prints the result.`,
 		Example: `  kiln build-image --role init --profile flatcar-amd64
   kiln build-image --role worker --profile fcos-x86_64 --compress zst --dest out/
-  kiln build-image --role control-plane --node cp-2 --profile flatcar-arm64
+  kiln build-image --node cp-2            # role and profile from the cluster file's nodes
   kiln build-image --role worker --profile flatcar-rpi4 --firmware RPi4_UEFI_Firmware_v1.50.zip
   kiln build-image --role worker --profile flatcar-amd64 --base-image flatcar_production_image.bin.bz2 -o json
   kiln build-image --role worker --profile flatcar-amd64 --airgap --file kubernetes-sysext=kubernetes-v1.37.2-x86-64.raw`,
@@ -83,9 +83,9 @@ loaders are never changed. Progress goes to stderr; -o json prints the result.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (required)")
-	f.StringVar(&o.profile, "profile", "", "target profile, see kiln profiles (required)")
-	f.StringVar(&o.node, "node", "", "bake for this inventory node (sets its hostname and the image name)")
+	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (default with --node: the node's role)")
+	f.StringVar(&o.profile, "profile", "", "target profile, see kiln profiles (default: nodes[].profile, then the cluster file's profile)")
+	f.StringVar(&o.node, "node", "", "bake for this inventory node: its role, profile, hostname and static network (names the image too)")
 	f.StringVar(&o.baseImage, "base-image", "", "use this vendor image file (raw, .bz2, .xz or .zst) instead of downloading")
 	f.StringVar(&o.firmware, "firmware", "", "board firmware archive (flatcar-rpi4: the pftf RPi4 UEFI zip)")
 	f.StringVar(&o.dest, "dest", ".", "folder for the image and its .bmap and .sha256")
@@ -99,17 +99,25 @@ loaders are never changed. Progress goes to stderr; -o json prints the result.`,
 }
 
 func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error {
-	if o.role == "" || o.profile == "" {
-		return fault.Wrap(fault.Input, fmt.Errorf("--role and --profile are required, for example --role worker --profile flatcar-amd64 (see kiln profiles)"))
+	if o.node == "" && o.role == "" {
+		return fault.Wrap(fault.Input, fmt.Errorf("--role is required, for example --role worker --profile flatcar-amd64 (see kiln profiles), or --node NAME of an inventory node"))
 	}
-	role, err := nodeconfig.ParseRole(o.role)
-	if err != nil {
-		return fault.Wrap(fault.Input, fmt.Errorf("--role: %w", err))
-	}
-	t, c, s, err := g.loadForTarget(o.profile)
+	c, s, err := g.load()
 	if err != nil {
 		return err
 	}
+	fn, err := resolveNode(c, o.node, o.role, o.profile)
+	if err != nil {
+		return err
+	}
+	if fn.profile == "" {
+		return fault.Wrap(fault.Input, fmt.Errorf("--profile is required, for example --profile flatcar-amd64 (see kiln profiles); or name it in the cluster file: profile: for every node, nodes[].profile for one"))
+	}
+	t, err := targetFor(c, fn.profile)
+	if err != nil {
+		return err
+	}
+	role := fn.role
 	if o.airgap && !c.Airgap {
 		c.Airgap = true
 		if err := c.Validate(); err != nil {
@@ -186,11 +194,14 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 		Config:    config,
 		Firmware:  firmware,
 		Payload:   payload,
-		Output:    filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, who, t.Name)),
-		Compress:  o.compress,
-		Force:     o.force,
-		Runner:    bake.Exec{},
-		Progress:  g.stderr,
+		// A static network also in the initramfs, where Ignition
+		// downloads what the config names.
+		KernelArgs: render.NetworkKernelArgs(c, o.node),
+		Output:     filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, who, t.Name)),
+		Compress:   o.compress,
+		Force:      o.force,
+		Runner:     bake.Exec{},
+		Progress:   g.stderr,
 	})
 	if err != nil {
 		return err

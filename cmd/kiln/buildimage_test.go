@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -37,21 +38,45 @@ func TestBuildImageInputErrors(t *testing.T) {
 	}
 	kiln(t, "-c", cf, "pin", "--arch", "amd64", "--file", "kubernetes-sysext="+art).expect(t, exitOK)
 	base := filepath.Join(t.TempDir(), "missing.bin")
+	fleet := filepath.Join(dir, "fleet.yaml")
+	data, err := os.ReadFile(cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data = append(data, "profile: flatcar-amd64\nnodes:\n  - {name: pi-1, role: init, profile: flatcar-rpi4}\n  - {name: mini-1, role: worker}\n"...)
+	if err := os.WriteFile(fleet, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range []struct {
 		args []string
 		code int
-		want string
+		want []string
 	}{
-		{[]string{"--profile", "flatcar-amd64"}, exitInput, "--role and --profile are required"},
-		{[]string{"--role", "boss", "--profile", "flatcar-amd64"}, exitInput, "--role"},
-		{[]string{"--role", "worker", "--profile", "flatcar-rpi5"}, exitUnsupported, "Raspberry Pi 5"},
-		{[]string{"--role", "worker", "--profile", "fcos-x86_64"}, exitInput, "os.name flatcar"},
-		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", base}, exitInput, "--base-image"},
-		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art, "--firmware", art}, exitInput, "takes no firmware"},
-		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art, "--compress", "gz"}, exitInput, "--compress"},
-		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art}, exitInput, "--base-image " + art + ": base image: not a disk image kiln can bake"},
+		{[]string{"--profile", "flatcar-amd64"}, exitInput, []string{"--role is required", "or --node NAME"}},
+		{[]string{"--role", "worker"}, exitInput, []string{"--profile is required", "profile: for every node, nodes[].profile for one"}},
+		{[]string{"--node", "nobody"}, exitInput, []string{`--node "nobody" is not in the cluster file's nodes list (it lists pi-1, mini-1)`}},
+		{[]string{"--node", "pi-1", "--role", "worker"}, exitInput, []string{"--role worker contradicts nodes[0].role init of node pi-1"}},
+		{[]string{"--node", "pi-1", "--profile", "flatcar-amd64"}, exitInput, []string{"--profile flatcar-amd64 contradicts nodes[0].profile flatcar-rpi4 of node pi-1"}},
+		{[]string{"--node", "mini-1", "--profile", "flatcar-arm64"}, exitInput, []string{"--profile flatcar-arm64 contradicts profile (the cluster's default) flatcar-amd64 of node mini-1"}},
+		{[]string{"--node", "pi-1", "--base-image", art}, exitInput, []string{"kubernetes-sysext for arm64 is not pinned"}},
+		{[]string{"--node", "mini-1", "--base-image", art}, exitInput, []string{"--base-image " + art + ": base image: not a disk image kiln can bake"}},
+		{[]string{"--role", "boss", "--profile", "flatcar-amd64"}, exitInput, []string{"--role"}},
+		{[]string{"--role", "worker", "--profile", "flatcar-rpi5"}, exitUnsupported, []string{"Raspberry Pi 5"}},
+		{[]string{"--role", "worker", "--profile", "fcos-x86_64"}, exitInput, []string{"os.name flatcar"}},
+		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", base}, exitInput, []string{"--base-image"}},
+		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art, "--firmware", art}, exitInput, []string{"takes no firmware"}},
+		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art, "--compress", "gz"}, exitInput, []string{"--compress"}},
+		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art}, exitInput, []string{"--base-image " + art + ": base image: not a disk image kiln can bake"}},
 	} {
-		r := kiln(t, append([]string{"-c", cf, "build-image"}, c.args...)...)
-		r.expect(t, c.code, c.want)
+		file := cf // names no profile
+		if slices.Contains(c.args, "--node") {
+			file = fleet
+		}
+		r := kiln(t, append([]string{"-c", file, "build-image"}, c.args...)...)
+		r.expect(t, c.code, c.want...)
 	}
+	// render takes the node's arch from its profile too.
+	kiln(t, "-c", fleet, "render", "--node", "pi-1", "--arch", "amd64").expect(t, exitInput, "--arch amd64 contradicts node pi-1's profile flatcar-rpi4, which is arm64")
+	kiln(t, "-c", fleet, "render", "--node", "pi-1").expect(t, exitInput, "kubernetes-sysext for arm64 is not pinned")
+	kiln(t, "-c", fleet, "render", "--node", "mini-1", "--format", "node").expect(t, exitOK)
 }

@@ -1,14 +1,19 @@
 package main
 
 import (
+	"cmp"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
 
+	"github.com/kilnproject/kiln/firstboot/nodeconfig"
 	"github.com/kilnproject/kiln/imagebuild/baseimage"
 	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
@@ -83,10 +88,8 @@ func (o *downloadOptions) checkMirror() error {
 // which must be for the cluster's OS; an empty profile names the OS's
 // generic amd64 profile.
 func (g *globals) loadForTarget(profile string) (*profiles.Target, *cluster.Cluster, *secrets.Secrets, error) {
-	var t *profiles.Target
-	var err error
-	if profile != "" {
-		if t, err = lookupTarget(profile); err != nil {
+	if profile != "" { // a wrong name is found before the secrets are read
+		if _, err := lookupTarget(profile); err != nil {
 			return nil, nil, nil, err
 		}
 	}
@@ -94,15 +97,20 @@ func (g *globals) loadForTarget(profile string) (*profiles.Target, *cluster.Clus
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	if t == nil {
-		if t, err = lookupTarget(genericProfile(c.OS.Name)); err != nil {
-			return nil, nil, nil, err
-		}
+	t, err := targetFor(c, cmp.Or(profile, genericProfile(c.OS.Name)))
+	return t, c, s, err
+}
+
+// targetFor looks up a target profile, which must be for the cluster's OS.
+func targetFor(c *cluster.Cluster, profile string) (*profiles.Target, error) {
+	t, err := lookupTarget(profile)
+	if err != nil {
+		return nil, err
 	}
 	if c.OS.Name != t.OS {
-		return nil, nil, nil, fault.Wrap(fault.Input, fmt.Errorf("--profile %s is for os %s, but the cluster file has os.name %s: pick a %s profile (kiln profiles) or change os.name", t.Name, t.OS, c.OS.Name, c.OS.Name))
+		return nil, fault.Wrap(fault.Input, fmt.Errorf("--profile %s is for os %s, but the cluster file has os.name %s: pick a %s profile (kiln profiles) or change os.name", t.Name, t.OS, c.OS.Name, c.OS.Name))
 	}
-	return t, c, s, nil
+	return t, nil
 }
 
 // genericProfile is the generic amd64 target profile of an OS.
@@ -121,4 +129,54 @@ func offline(err error, hint string) error {
 		return err
 	}
 	return fmt.Errorf("%w (offline? %s)", err, hint)
+}
+
+// forNode is what the cluster file says about the machine a command
+// works for: its role and target profile. An inventory node (--node)
+// gives both, which --role and --profile may only repeat; otherwise the
+// flags give them, the profile defaulting to the cluster's.
+type forNode struct {
+	role    nodeconfig.Role
+	profile string // "" when neither the file nor a flag names one
+}
+
+func resolveNode(c *cluster.Cluster, node, role, profile string) (forNode, error) {
+	if node == "" {
+		out := forNode{profile: cmp.Or(profile, c.Profile)}
+		if role != "" {
+			r, err := nodeconfig.ParseRole(role)
+			if err != nil {
+				return out, fault.Wrap(fault.Input, fmt.Errorf("--role: %w", err))
+			}
+			out.role = r
+		}
+		return out, nil
+	}
+	i := slices.IndexFunc(c.Nodes, func(n cluster.Node) bool { return n.Name == node })
+	if i < 0 {
+		var names []string
+		for _, n := range c.Nodes {
+			names = append(names, n.Name)
+		}
+		known := "the cluster file lists no nodes"
+		if len(names) > 0 {
+			known = "it lists " + strings.Join(names, ", ")
+		}
+		return forNode{}, fault.Wrap(fault.Input, fmt.Errorf("--node %q is not in the cluster file's nodes list (%s)", node, known))
+	}
+	n := c.Nodes[i]
+	out := forNode{role: n.Role, profile: c.NodeProfile(n)}
+	var errs []error
+	if role != "" && role != string(n.Role) {
+		errs = append(errs, fmt.Errorf("--role %s contradicts nodes[%d].role %s of node %s: drop --role (the cluster file decides)", role, i, n.Role, node))
+	}
+	if profile != "" && out.profile != "" && profile != out.profile {
+		field := fmt.Sprintf("nodes[%d].profile", i)
+		if n.Profile == "" {
+			field = "profile (the cluster's default)"
+		}
+		errs = append(errs, fmt.Errorf("--profile %s contradicts %s %s of node %s: drop --profile, or change the cluster file", profile, field, out.profile, node))
+	}
+	out.profile = cmp.Or(out.profile, profile)
+	return out, fault.Wrap(fault.Input, errors.Join(errs...))
 }

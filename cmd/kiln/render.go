@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -58,8 +59,8 @@ Output that holds secrets is written with mode 0600 when --dest is used.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (default with --node: the node's role)")
-	f.StringVar(&o.arch, "arch", "amd64", "node architecture: amd64 or arm64")
-	f.StringVar(&o.node, "node", "", "render for this inventory node (sets its hostname)")
+	f.StringVar(&o.arch, "arch", "", "node architecture: amd64 or arm64 (default: the arch of the node's profile, then of the cluster file's profile, then amd64)")
+	f.StringVar(&o.node, "node", "", "render for this inventory node: its role, arch, hostname and static network")
 	f.StringVar(&o.format, "format", "ignition", "node, kubeadm, kubeadm-join, butane, ignition or manifests")
 	f.StringVar(&o.dest, "dest", "", "write to this file (mode 0600) instead of standard output")
 	f.BoolVar(&o.force, "force", false, "replace --dest if it exists")
@@ -67,19 +68,14 @@ Output that holds secrets is written with mode 0600 when --dest is used.`,
 }
 
 func runRender(g *globals, o *renderOptions) error {
-	if err := checkArches(o.arch); err != nil {
-		return err
+	if o.arch != "" {
+		if err := checkArches(o.arch); err != nil {
+			return err
+		}
 	}
 	c, s, err := g.load()
 	if err != nil {
 		return err
-	}
-	if o.role == "" && o.node != "" {
-		n, ok := c.InventoryNode(o.node)
-		if !ok {
-			return fault.Wrap(fault.Input, fmt.Errorf("--node %q is not in the cluster file's nodes list", o.node))
-		}
-		o.role = string(n.Role)
 	}
 	if o.format == "manifests" {
 		out, err := renderManifests(c)
@@ -88,13 +84,29 @@ func runRender(g *globals, o *renderOptions) error {
 		}
 		return g.emit(o.dest, o.force, out, "the init node's manifests")
 	}
-	if o.role == "" {
+	fn, err := resolveNode(c, o.node, o.role, "")
+	if err != nil {
+		return err
+	}
+	if fn.role == "" {
 		return fault.Wrap(fault.Input, fmt.Errorf("--role is required: init, control-plane or worker (or --node NAME of an inventory node)"))
 	}
-	role, err := nodeconfig.ParseRole(o.role)
-	if err != nil {
-		return fault.Wrap(fault.Input, fmt.Errorf("--role: %w", err))
+	role := fn.role
+	if fn.profile != "" {
+		t, err := targetFor(c, fn.profile)
+		if err != nil {
+			return err
+		}
+		if o.arch != "" && o.arch != t.Arch {
+			who := "the cluster file's profile"
+			if o.node != "" {
+				who = "node " + o.node + "'s profile"
+			}
+			return fault.Wrap(fault.Input, fmt.Errorf("--arch %s contradicts %s %s, which is %s: drop --arch, or change the profile in the cluster file", o.arch, who, t.Name, t.Arch))
+		}
+		o.arch = t.Arch
 	}
+	o.arch = cmp.Or(o.arch, "amd64")
 	in := render.Input{Cluster: c, Secrets: s, Role: role, Arch: o.arch, NodeName: o.node}
 	var out []byte
 	switch o.format {

@@ -47,6 +47,13 @@ type Options struct {
 	// Payload are large files an air-gapped node's image carries beside
 	// its Ignition config (Flatcar: in the OEM filesystem).
 	Payload []PayloadFile
+	// KernelArgs are kernel arguments the node boots with (a static
+	// network for its initramfs): Flatcar: appended to linux_append in
+	// the OEM filesystem's grub.cfg, read by Flatcar's GRUB on every boot;
+	// Fedora CoreOS: ignition_network_kcmdline in ignition.firstboot, read
+	// by its GRUB on the first boot only (the booted system then uses
+	// NetworkManager's keyfile).
+	KernelArgs []string
 	// Compress is "", "zst" or "xz".
 	Compress string
 	// Force replaces existing outputs.
@@ -122,6 +129,9 @@ func bake(ctx context.Context, o Options) (_ *Result, ferr error) {
 	if err != nil {
 		return nil, fault.Wrap(fault.Download, fmt.Errorf("base image: %w", disk.NotAnImage(err)))
 	}
+	if err := checkArch(o, layout); err != nil {
+		return nil, err
+	}
 	outDir := filepath.Dir(o.Output)
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
 		return nil, fault.Wrap(fault.IO, err)
@@ -165,8 +175,13 @@ func bake(ctx context.Context, o Options) (_ *Result, ferr error) {
 	for _, p := range o.Payload {
 		payload = append(payload, file{path: p.Path, src: p.Source, mode: 0o644})
 	}
+	args := strings.Join(o.KernelArgs, " ")
 	switch t.Inject.Method {
 	case profiles.InjectFlatcarOEM:
+		if args != "" {
+			payload = append(payload, file{path: "grub.cfg", mode: 0o644, merge: true,
+				data: []byte("# kiln: this node's static network, for the initramfs\nset linux_append=\"$linux_append " + args + "\"\n")})
+		}
 		err = withPartition(ctx, img, layout, t.Inject.Partition, work, func(part string, fsys disk.FS) (string, error) {
 			switch fsys.Kind {
 			case disk.FSBtrfs:
@@ -175,6 +190,9 @@ func bake(ctx context.Context, o Options) (_ *Result, ferr error) {
 			case disk.FSExt4:
 				if len(o.Payload) > 0 {
 					return "", fault.Wrap(fault.Unsupported, errors.New("this Flatcar release's OEM partition is ext4 (before 2983) and too small for an air-gapped payload: use a release from 4593 on"))
+				}
+				if args != "" {
+					return "", fault.Wrap(fault.Unsupported, errors.New("kiln gives a static network to Flatcar releases from 2983 on (a btrfs OEM partition) only: use a newer release"))
 				}
 				return part, writeExt4(ctx, o.Runner, part, work, nil, []file{config})
 			default:
@@ -192,7 +210,7 @@ func bake(ctx context.Context, o Options) (_ *Result, ferr error) {
 			config.path = "ignition/config.ign"
 			return part, writeExt4(ctx, o.Runner, part, work,
 				[]dir{{"ignition", 0o700}},
-				[]file{config, {path: "ignition.firstboot", mode: 0o644, keep: true}})
+				[]file{config, firstboot(args)})
 		})
 	default:
 		err = fault.Wrap(fault.Unsupported, fmt.Errorf("inject method %q is not supported", t.Inject.Method))
@@ -267,6 +285,18 @@ func bake(ctx context.Context, o Options) (_ *Result, ferr error) {
 	return res, nil
 }
 
+// firstboot is Fedora CoreOS's ignition.firstboot, merged into the
+// image's: GRUB reads it on the first boot, and ignition_network_kcmdline
+// holds kernel arguments for that boot's network (what coreos-installer
+// --firstboot-args writes).
+func firstboot(args string) file {
+	f := file{path: "ignition.firstboot", mode: 0o644, merge: true}
+	if args != "" {
+		f.data = []byte("# kiln: this node's static network, for the first boot's initramfs\nset ignition_network_kcmdline=\"" + args + "\"\n")
+	}
+	return f
+}
+
 func (o Options) check() error {
 	t := o.Target
 	var errs []error
@@ -296,6 +326,29 @@ func (o Options) check() error {
 		tools = append(tools, fatTools...)
 	}
 	return need(tools...)
+}
+
+// checkArch refuses a base image built for another architecture than the
+// target's, by the default boot loader on its EFI system partition (see
+// disk.BootArch): cheap (a few directory reads) and what the machine's
+// firmware itself goes by.
+func checkArch(o Options, layout *disk.Layout) error {
+	f, err := os.Open(o.Base)
+	if err != nil {
+		return fault.Wrap(fault.Input, fmt.Errorf("base image: %w", err))
+	}
+	defer f.Close()
+	arch, loader, err := disk.BootArch(f, layout)
+	switch {
+	case err != nil:
+		return fault.Wrap(fault.Download, fmt.Errorf("base image: %w", err))
+	case arch == "":
+		fmt.Fprintf(o.Progress, "note: cannot tell the base image's architecture (no EFI/BOOT/BOOTX64.EFI or BOOTAA64.EFI on an EFI system partition); baking it for %s as profile %s says\n", o.Target.Arch, o.Target.Name)
+	case arch != o.Target.Arch:
+		return fault.Wrap(fault.Input, fmt.Errorf("base image %s is for %s (its EFI system partition boots %s), but profile %s is for %s: give the %s %s image, or use a %s profile",
+			filepath.Base(o.Base), arch, loader, o.Target.Name, o.Target.Arch, o.Target.OS, o.Target.Arch, arch))
+	}
+	return nil
 }
 
 // cloneBase copies the base image to path, sparse or reflinked.

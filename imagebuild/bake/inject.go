@@ -27,9 +27,11 @@ type file struct {
 	// (large files: an air-gapped node's payload).
 	src  string
 	mode fs.FileMode
-	// keep leaves an existing file as it is (Fedora CoreOS's
-	// ignition.firstboot may carry GRUB settings).
-	keep bool
+	// merge appends data to the file's existing content, if the
+	// filesystem has the file (GRUB settings: Fedora CoreOS's
+	// ignition.firstboot, Flatcar's OEM grub.cfg); an existing file is
+	// left as it is when data is empty.
+	merge bool
 }
 
 type dir struct {
@@ -52,12 +54,25 @@ func writeExt4(ctx context.Context, r Runner, part, work string, dirs []dir, fil
 		fmt.Fprintf(&script, "mkdir %s\n", d.path)
 		own(d.path, d.mode, 0o40000)
 	}
+	skip := map[int]bool{}
+	for i := range files {
+		f := &files[i]
+		if !f.merge {
+			continue
+		}
+		if out, _ := r.Run(ctx, debugfs.name, "-R", "stat "+f.path, part); len(bytes.TrimSpace(out)) == 0 {
+			continue // no such file
+		}
+		old, err := r.Run(ctx, debugfs.name, "-R", "cat "+f.path, part)
+		if err != nil {
+			return fault.Wrap(fault.IO, fmt.Errorf("read %s: %w", f.path, err))
+		}
+		skip[i] = len(f.data) == 0
+		f.data = append(old, f.data...)
+	}
 	for i, f := range files {
-		if f.keep {
-			out, _ := r.Run(ctx, debugfs.name, "-R", "stat "+f.path, part)
-			if len(bytes.TrimSpace(out)) > 0 {
-				continue
-			}
+		if skip[i] {
+			continue
 		}
 		host := filepath.Join(work, fmt.Sprintf("ext4-%d", i))
 		if err := os.WriteFile(host, f.data, 0o600); err != nil {
@@ -81,12 +96,12 @@ func writeExt4(ctx context.Context, r Runner, part, work string, dirs []dir, fil
 			return err
 		}
 	}
-	for _, f := range files {
+	for i, f := range files {
 		got, err := r.Run(ctx, debugfs.name, "-R", "cat "+f.path, part)
 		if err != nil {
 			return fault.Wrap(fault.IO, fmt.Errorf("read back %s: %w", f.path, err))
 		}
-		if f.keep {
+		if skip[i] {
 			continue
 		}
 		if !bytes.Equal(got, f.data) {
@@ -134,10 +149,18 @@ func rebuildBtrfs(ctx context.Context, r Runner, part, out, work string, fsys di
 	if err := checkFits(tree, files, fi.Size()); err != nil {
 		return err
 	}
-	for _, f := range files {
+	for i := range files {
+		f := &files[i]
 		p := filepath.Join(tree, filepath.FromSlash(f.path))
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			return fault.Wrap(fault.IO, err)
+		}
+		if f.merge {
+			old, err := os.ReadFile(p)
+			if err != nil && !os.IsNotExist(err) {
+				return fault.Wrap(fault.IO, err)
+			}
+			f.data = append(old, f.data...)
 		}
 		if err := f.writeTo(p); err != nil {
 			return fault.Wrap(fault.IO, err)

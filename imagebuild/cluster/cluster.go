@@ -77,6 +77,10 @@ type Cluster struct {
 	// (kiln images pull first); kiln build-image --airgap does the same
 	// for one build.
 	Airgap bool `yaml:"airgap,omitempty"`
+	// Profile is the target profile (kiln profiles) of every node that
+	// names none: what build-image bakes and render renders for it when no
+	// --profile is given. Empty: commands take --profile.
+	Profile string `yaml:"profile,omitempty"`
 	// Nodes is an optional inventory of known machines.
 	Nodes []Node `yaml:"nodes,omitempty"`
 	// Butane lists Butane files (paths relative to the cluster file)
@@ -220,7 +224,58 @@ type Node struct {
 	Name string          `yaml:"name"`
 	Role nodeconfig.Role `yaml:"role"`
 	MAC  string          `yaml:"mac,omitempty"`
-	IP   string          `yaml:"ip,omitempty"`
+	// IP is the node's address on the LAN. With Network it may be left
+	// out (it is Network.Address's).
+	IP string `yaml:"ip,omitempty"`
+	// Profile is the node's target profile (kiln profiles): its OS,
+	// architecture and board. Empty: the cluster's profile.
+	Profile string `yaml:"profile,omitempty"`
+	// Network, if set, is the node's static network configuration; nil:
+	// the OS's default (DHCP on every interface).
+	Network *NodeNetwork `yaml:"network,omitempty"`
+}
+
+// NodeNetwork is one node's static address on one interface, which the
+// node configures in its initramfs (so Ignition's own downloads work on a
+// network without DHCP) and after it.
+type NodeNetwork struct {
+	// Interface is the interface's kernel name (eth0, end0, enp1s0).
+	// Empty: the interface whose MAC is the node's mac.
+	Interface string `yaml:"interface,omitempty"`
+	// Address is the node's address with its prefix length:
+	// 192.168.1.11/24 or fd00::11/64.
+	Address string `yaml:"address"`
+	// Gateway is the default route's next hop, inside Address's prefix;
+	// empty: no default route.
+	Gateway string `yaml:"gateway,omitempty"`
+	// DNS lists the name servers, in order.
+	DNS []string `yaml:"dns,omitempty"`
+	// VLAN, 1-4094, puts the address on that 802.1Q VLAN of the
+	// interface instead of on the interface itself.
+	VLAN int `yaml:"vlan,omitempty"`
+}
+
+// Address is the node's LAN address: IP, or Network.Address's. Not valid
+// when neither is set (or the node did not pass Validate).
+func (n Node) Address() netip.Addr {
+	if a, err := netip.ParseAddr(n.IP); err == nil {
+		return a
+	}
+	if n.Network != nil {
+		if p, err := netip.ParsePrefix(n.Network.Address); err == nil {
+			return p.Addr()
+		}
+	}
+	return netip.Addr{}
+}
+
+// NodeProfile is the target profile of inventory node n: its own, or the
+// cluster's ("" when neither is set).
+func (c *Cluster) NodeProfile(n Node) string {
+	if n.Profile != "" {
+		return n.Profile
+	}
+	return c.Profile
 }
 
 // KubeadmPatch is one kubeadm patch file.

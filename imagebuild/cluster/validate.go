@@ -258,19 +258,25 @@ func (c *Cluster) validateDownloads(errs *[]error, osp *profiles.OS) {
 }
 
 func (c *Cluster) validateNodes(errs *[]error) {
+	add := func(field, format string, a ...any) {
+		*errs = append(*errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, a...)))
+	}
+	if c.Profile != "" {
+		c.checkProfile(errs, "profile", c.Profile)
+	}
 	names, macs, ips := map[string]int{}, map[string]int{}, map[string]int{}
 	inits, controlPlanes := 0, 0
 	for i, n := range c.Nodes {
 		field := fmt.Sprintf("nodes[%d]", i)
 		if err := nodeconfig.CheckNodeName(n.Name); err != nil {
-			*errs = append(*errs, fmt.Errorf("%s.name: %v", field, err))
+			add(field+".name", "%v", err)
 		} else if j, dup := names[n.Name]; dup {
-			*errs = append(*errs, fmt.Errorf("%s.name: %q is already used by nodes[%d]", field, n.Name, j))
+			add(field+".name", "%q is already used by nodes[%d]", n.Name, j)
 		} else {
 			names[n.Name] = i
 		}
 		if _, err := nodeconfig.ParseRole(string(n.Role)); err != nil {
-			*errs = append(*errs, fmt.Errorf("%s.role: %v", field, err))
+			add(field+".role", "%v", err)
 		}
 		if n.Role == nodeconfig.RoleInit {
 			inits++
@@ -278,32 +284,169 @@ func (c *Cluster) validateNodes(errs *[]error) {
 		if n.Role.IsControlPlane() {
 			controlPlanes++
 		}
+		if n.Profile != "" {
+			c.checkProfile(errs, field+".profile", n.Profile)
+		}
 		if n.MAC != "" {
 			hw, err := net.ParseMAC(n.MAC)
 			if err != nil || len(hw) != 6 {
-				*errs = append(*errs, fmt.Errorf("%s.mac: %q is not a MAC address like 52:54:00:12:34:56", field, n.MAC))
+				add(field+".mac", "%q is not a MAC address like 52:54:00:12:34:56", n.MAC)
 			} else if j, dup := macs[hw.String()]; dup {
-				*errs = append(*errs, fmt.Errorf("%s.mac: %s is already used by nodes[%d]: every machine has its own MAC", field, hw, j))
+				add(field+".mac", "%s is already used by nodes[%d]: every machine has its own MAC", hw, j)
 			} else {
 				macs[hw.String()] = i
 			}
 		}
 		if n.IP != "" {
-			ip, err := netip.ParseAddr(n.IP)
-			if err != nil {
-				*errs = append(*errs, fmt.Errorf("%s.ip: %q is not an IP address", field, n.IP))
-			} else if j, dup := ips[ip.String()]; dup {
-				*errs = append(*errs, fmt.Errorf("%s.ip: %s is already used by nodes[%d]", field, ip, j))
+			if _, err := netip.ParseAddr(n.IP); err != nil {
+				add(field+".ip", "%q is not an IP address", n.IP)
+			}
+		}
+		if n.Network != nil {
+			checkNodeNetwork(errs, field, n)
+		}
+		if ip := n.Address(); ip.IsValid() {
+			if j, dup := ips[ip.String()]; dup {
+				add(field+".ip", "%s is already used by nodes[%d]", ip, j)
 			} else {
 				ips[ip.String()] = i
 			}
 		}
 	}
 	if inits > 1 {
-		*errs = append(*errs, fmt.Errorf("nodes: %d nodes have role init: exactly one control plane runs kubeadm init; make the others control-plane", inits))
+		add("nodes", "%d nodes have role init: exactly one control plane runs kubeadm init; make the others control-plane", inits)
 	}
 	if controlPlanes > c.Kubernetes.ControlPlanes {
-		*errs = append(*errs, fmt.Errorf("nodes: %d control-plane nodes listed but kubernetes.controlPlanes is %d: raise it or change roles", controlPlanes, c.Kubernetes.ControlPlanes))
+		add("nodes", "%d control-plane nodes listed but kubernetes.controlPlanes is %d: raise it or change roles", controlPlanes, c.Kubernetes.ControlPlanes)
+	}
+	c.checkSharedNames(errs, inits, controlPlanes)
+}
+
+// checkProfile checks that a target profile exists and is for os.name.
+func (c *Cluster) checkProfile(errs *[]error, field, name string) {
+	t, err := profiles.LookupTarget(name)
+	if err != nil {
+		*errs = append(*errs, fmt.Errorf("%s: %v", field, err))
+		return
+	}
+	if c.OS.Name != "" && t.OS != c.OS.Name {
+		*errs = append(*errs, fmt.Errorf("%s: %s is a %s profile but os.name is %s: pick a %s profile (kiln profiles)", field, name, t.OS, c.OS.Name, c.OS.Name))
+	}
+}
+
+// checkNodeNetwork checks node n's static network (field is nodes[i]).
+func checkNodeNetwork(errs *[]error, field string, n Node) {
+	nw := n.Network
+	add := func(sub, format string, a ...any) {
+		*errs = append(*errs, fmt.Errorf("%s.network%s: %s", field, sub, fmt.Sprintf(format, a...)))
+	}
+	if nw.Interface == "" && n.MAC == "" {
+		add(".interface", "required when the node has no mac: name the interface (eth0, end0, enp1s0) or give nodes[].mac")
+	}
+	if nw.Interface != "" && !ifaceRe.MatchString(nw.Interface) {
+		add(".interface", "%q is not a network interface name (at most 15 characters, no '/' or spaces)", nw.Interface)
+	}
+	p, err := netip.ParsePrefix(nw.Address)
+	if err != nil {
+		add(".address", "%q is not an address with its prefix length, like 192.168.1.11/24", nw.Address)
+		return
+	}
+	switch {
+	case p.Addr() == p.Masked().Addr() && p.Bits() < p.Addr().BitLen()-1:
+		add(".address", "%s is the network's own address: give the node's address, as %s", p, p.Masked().Addr().Next())
+	case p.Addr().Is4() && p.Bits() < 31 && p.Addr() == lastAddr(p):
+		add(".address", "%s is the network's broadcast address: give the node's address", p)
+	case !p.Addr().IsGlobalUnicast():
+		add(".address", "%s is not a unicast address a node can own", p.Addr())
+	}
+	if ip, err := netip.ParseAddr(n.IP); err == nil && ip != p.Addr() {
+		add(".address", "%s is not the node's ip %s: remove nodes[].ip (network.address gives it) or make them agree", p.Addr(), ip)
+	}
+	if nw.Gateway != "" {
+		gw, err := netip.ParseAddr(nw.Gateway)
+		switch {
+		case err != nil:
+			add(".gateway", "%q is not an IP address", nw.Gateway)
+		case !p.Masked().Contains(gw):
+			add(".gateway", "%s is outside the node's network %s: a gateway must be reachable on the link", gw, p.Masked())
+		case gw == p.Addr():
+			add(".gateway", "%s is the node's own address", gw)
+		}
+	}
+	for i, d := range nw.DNS {
+		if _, err := netip.ParseAddr(d); err != nil {
+			add(fmt.Sprintf(".dns[%d]", i), "%q is not an IP address (name servers are given by address)", d)
+		}
+	}
+	if nw.VLAN != 0 && (nw.VLAN < 1 || nw.VLAN > 4094) {
+		add(".vlan", "%d: 802.1Q VLAN IDs are 1 to 4094", nw.VLAN)
+	}
+}
+
+// nodeAddress is n's network.address, or "".
+func nodeAddress(n Node) string {
+	if n.Network == nil {
+		return ""
+	}
+	return n.Network.Address
+}
+
+// lastAddr is the last address of p's network (IPv4: its broadcast).
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().As4()
+	host := uint32(1)<<(32-p.Bits()) - 1
+	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) | host
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// checkSharedNames refuses a hostname template that would give machines
+// the same name: one without {mac} names every machine booted from a
+// role's image alike (any number of workers; the control planes that the
+// inventory does not list), and may name an inventory node too.
+func (c *Cluster) checkSharedNames(errs *[]error, inits, controlPlanes int) {
+	t := c.Hostname.Template
+	if strings.Contains(t, "{mac}") || nodeconfig.CheckHostnameTemplate(t, c.Name) != nil {
+		return
+	}
+	type claim struct {
+		who      string
+		machines int // 2 stands for "any number"
+	}
+	claims := map[string][]claim{}
+	var order []string
+	add := func(name, who string, machines int) {
+		if machines < 1 {
+			return
+		}
+		if _, ok := claims[name]; !ok {
+			order = append(order, name)
+		}
+		claims[name] = append(claims[name], claim{who, machines})
+	}
+	// Machines booted from role images, that is, not in the inventory.
+	init := 1 - inits
+	add(nodeconfig.ExpandHostname(t, c.Name, nodeconfig.RoleInit, ""), "the init node booted from the init image", init)
+	cps := c.Kubernetes.ControlPlanes - controlPlanes - init
+	add(nodeconfig.ExpandHostname(t, c.Name, nodeconfig.RoleControlPlane, ""), fmt.Sprintf("the %d control planes booted from the control-plane image", cps), cps)
+	add(nodeconfig.ExpandHostname(t, c.Name, nodeconfig.RoleWorker, ""), "every worker booted from the worker image", 2)
+	for i, n := range c.Nodes {
+		if _, ok := claims[n.Name]; ok {
+			add(n.Name, fmt.Sprintf("nodes[%d]", i), 1)
+		}
+	}
+	var shared []string
+	for _, name := range order {
+		machines, who := 0, []string{}
+		for _, cl := range claims[name] {
+			machines += cl.machines
+			who = append(who, cl.who)
+		}
+		if machines > 1 {
+			shared = append(shared, fmt.Sprintf("%s would be the name of %s", name, strings.Join(who, " and ")))
+		}
+	}
+	if len(shared) > 0 {
+		*errs = append(*errs, fmt.Errorf("hostname.template: %q has no per-machine part, so machines would share a name (%s): add {mac}, as the default %s does", t, strings.Join(shared, "; "), DefaultHostnameTemplate))
 	}
 }
 
@@ -397,8 +540,11 @@ func (c *Cluster) validateNetwork(errs *[]error, pods, svcs []netip.Prefix) {
 		return
 	}
 	for i, n := range c.Nodes {
-		if ip, err := netip.ParseAddr(n.IP); err == nil && ip == vip {
-			add(fmt.Sprintf("nodes[%d].ip", i), "%s is controlPlaneEndpoint's virtual IP: the VIP must be an address no machine owns", ip)
+		if n.Address() == vip {
+			add(fmt.Sprintf("nodes[%d].ip", i), "%s is controlPlaneEndpoint's virtual IP: the VIP must be an address no machine owns", vip)
+		}
+		if p, err := netip.ParsePrefix(nodeAddress(n)); err == nil && n.Role.IsControlPlane() && !p.Masked().Contains(vip) {
+			add(fmt.Sprintf("nodes[%d].network.address", i), "the virtual IP %s is outside this control plane's network %s: %s can only hold an address of the LAN the node is on", vip, p.Masked(), lb.Type)
 		}
 	}
 	for _, set := range []struct {
@@ -437,7 +583,7 @@ func (c *Cluster) validateNetwork(errs *[]error, pods, svcs []netip.Prefix) {
 	}
 	var withIP []string
 	for _, n := range c.Nodes {
-		if n.Role.IsControlPlane() && n.IP != "" {
+		if n.Role.IsControlPlane() && n.Address().IsValid() {
 			withIP = append(withIP, n.Name)
 		}
 	}

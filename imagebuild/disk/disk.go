@@ -16,11 +16,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"slices"
 	"strings"
 
 	diskfs "github.com/diskfs/go-diskfs"
 	"github.com/diskfs/go-diskfs/backend/file"
+	"github.com/diskfs/go-diskfs/filesystem"
+	"github.com/diskfs/go-diskfs/filesystem/fat16"
+	"github.com/diskfs/go-diskfs/filesystem/fat32"
 	"github.com/diskfs/go-diskfs/filesystem/squashfs"
 	"github.com/diskfs/go-diskfs/partition/gpt"
 )
@@ -113,6 +118,57 @@ func (l *Layout) Same(other *Layout) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// removableBootLoaders are the UEFI specification's default boot loader
+// names (section 3.5.1.1, "removable media"): firmware of each machine type
+// starts \EFI\BOOT\BOOT<type>.EFI, so a bootable image carries the one of
+// the architecture it is built for.
+var removableBootLoaders = map[string]string{"BOOTX64.EFI": "amd64", "BOOTAA64.EFI": "arm64"}
+
+// BootArch says which architecture the disk image f (with layout l) boots
+// on: the kiln arch (amd64, arm64) of the default boot loader on its EFI
+// system partition (FAT16 or FAT32), and that file's path. It returns ""
+// when there is no EFI system partition or no such loader on it; an
+// error when the partition cannot be read.
+func BootArch(f *os.File, l *Layout) (arch, loader string, err error) {
+	for _, p := range l.Partitions {
+		if p.Type != strings.ToUpper(string(gpt.EFISystemPartition)) {
+			continue
+		}
+		b := file.New(f, true)
+		var fsys filesystem.FileSystem
+		if fs32, err := fat32.Read(b, p.Size, p.Start, 512); err == nil {
+			fsys = fs32
+		} else if fs16, err16 := fat16.Read(b, p.Size, p.Start, 512); err16 == nil {
+			fsys = fs16
+		} else {
+			return "", "", fmt.Errorf("read the EFI system partition %s: %v", p.Name, errors.Join(err, err16))
+		}
+		dirs, err := fsys.ReadDir("/")
+		if err != nil {
+			return "", "", fmt.Errorf("read the EFI system partition %s: %w", p.Name, err)
+		}
+		// FAT names are case-insensitive: find EFI/BOOT in any case.
+		path := "/"
+		for _, want := range []string{"EFI", "BOOT"} {
+			i := slices.IndexFunc(dirs, func(d fs.DirEntry) bool { return d.IsDir() && strings.EqualFold(d.Name(), want) })
+			if i < 0 {
+				return "", "", nil
+			}
+			path += dirs[i].Name() + "/"
+			if dirs, err = fsys.ReadDir(path); err != nil {
+				return "", "", fmt.Errorf("read the EFI system partition %s: %w", p.Name, err)
+			}
+		}
+		for _, d := range dirs {
+			if a, ok := removableBootLoaders[strings.ToUpper(d.Name())]; ok && !d.IsDir() {
+				return a, path + d.Name(), nil
+			}
+		}
+		return "", "", nil
+	}
+	return "", "", nil
 }
 
 // Filesystem kinds Sniff recognises.

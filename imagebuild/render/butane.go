@@ -176,6 +176,13 @@ func butaneFor(in Input) (*butaneDoc, error) {
 		}
 		st.Files = append(st.Files, butaneFile{Path: p, Mode: nodeconfig.LoadBalancerConfigMode, Contents: butaneContents{Inline: string(f.Data)}})
 	}
+	if sn := nodeNetwork(c, in.NodeName); sn != nil {
+		files, err := networkFiles(osp, sn)
+		if err != nil {
+			return nil, fault.Wrap(fault.Unsupported, err)
+		}
+		st.Files = append(st.Files, files...)
+	}
 	if nc.Hostname.Name != "" {
 		// The OS may ship a default /etc/hostname; the node's name wins.
 		st.Files = append(st.Files, butaneFile{Path: "/etc/hostname", Mode: 0o644, Overwrite: true, Contents: butaneContents{Inline: nc.Hostname.Name + "\n"}})

@@ -54,7 +54,8 @@ type (
 		Groups []string `yaml:"groups"`
 	}
 	apiEndpoint struct {
-		BindPort int `yaml:"bindPort"`
+		AdvertiseAddress string `yaml:"advertiseAddress,omitempty"`
+		BindPort         int    `yaml:"bindPort,omitempty"`
 	}
 	initConfiguration struct {
 		typeMeta         `yaml:",inline"`
@@ -158,9 +159,22 @@ func Kubeadm(in Input) (KubeadmFiles, error) {
 		NodeRegistration: reg,
 		Patches:          patch,
 	}
+	// An inventory node's address is its kubelet's node IP and, on a
+	// control plane, its API server's advertise address (kubeadm's
+	// default is the address of the default route's interface, which on
+	// a machine with several networks may be another).
 	var bind *apiEndpoint
 	if p := c.LoadBalancer.APIServerPort; p != cluster.DefaultAPIServerPort {
 		bind = &apiEndpoint{BindPort: p}
+	}
+	if n, ok := c.InventoryNode(in.NodeName); ok && in.NodeName != "" && n.Address().IsValid() {
+		addr := n.Address().String()
+		reg.KubeletExtraArgs = append(reg.KubeletExtraArgs, arg{Name: "node-ip", Value: addr})
+		join.NodeRegistration = reg
+		if bind == nil {
+			bind = &apiEndpoint{}
+		}
+		bind.AdvertiseAddress = addr
 	}
 	if in.Role.IsControlPlane() {
 		join.ControlPlane = &joinControlPlane{CertificateKey: s.CertificateKey, LocalAPIEndpoint: bind}

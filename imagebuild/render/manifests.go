@@ -63,7 +63,7 @@ func loadBalancer(c *cluster.Cluster, role nodeconfig.Role) (*nodeconfig.LoadBal
 	switch lb.Type {
 	case cluster.LBKeepalivedHAProxy:
 		for _, n := range c.Nodes {
-			if ip, perr := netip.ParseAddr(n.IP); perr == nil && n.Role.IsControlPlane() {
+			if ip := n.Address(); ip.IsValid() && n.Role.IsControlPlane() {
 				spec.Backends = append(spec.Backends, manifests.Backend{Name: n.Name, Address: netip.AddrPortFrom(ip, uint16(lb.APIServerPort))})
 			}
 		}
