@@ -44,6 +44,7 @@ test-arm64:
 # test/tools/build.sh, cached in $$KILN_TOOLS_DIR) check what kiln renders.
 oracle: build
 	test/tools/build.sh
+	test/tools/nm-initrd-generator.sh
 	$(GO) test -tags oracle -count=1 ./test/oracle/ ./test/image/
 
 # The real-kubeadm rehearsal (test/rehearsal, its own Go module): real

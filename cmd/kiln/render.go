@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"fmt"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -24,7 +25,7 @@ type renderOptions struct {
 	force  bool
 }
 
-var renderFormats = []string{"node", "kubeadm", "kubeadm-join", "butane", "ignition", "manifests"}
+var renderFormats = []string{"node", "kubeadm", "kubeadm-join", "butane", "ignition", "kernel-args", "manifests"}
 
 func newRenderCmd(g *globals) *cobra.Command {
 	o := &renderOptions{}
@@ -41,6 +42,9 @@ func newRenderCmd(g *globals) *cobra.Command {
   butane        kiln's Butane config for the role
   ignition      the Ignition 3.4.0 config: Butane translated, the cluster's
                 Butane snippets merged, validated (default)
+  kernel-args   the kernel arguments build-image adds for the node (its
+                static network in the initramfs, dracut's ip=, ifname=,
+                vlan= and nameserver=): one line, empty when there are none
   manifests     everything the init node applies after kubeadm init, in
                 order: the pod network (network.cni), then the add-ons
                 (an add-on given by URL is named, not fetched: Ignition
@@ -53,6 +57,7 @@ Output that holds secrets is written with mode 0600 when --dest is used.`,
   kiln render --role worker --arch arm64 --format butane
   kiln render --role control-plane --format kubeadm
   kiln render --node cp-2 --dest cp-2.ign
+  kiln render --node pi-1 --format kernel-args
   kiln render --format manifests | kubectl diff --server-side -f -`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runRender(g, o) },
@@ -61,7 +66,7 @@ Output that holds secrets is written with mode 0600 when --dest is used.`,
 	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (default with --node: the node's role)")
 	f.StringVar(&o.arch, "arch", "", "node architecture: amd64 or arm64 (default: the arch of the node's profile, then of the cluster file's profile, then amd64)")
 	f.StringVar(&o.node, "node", "", "render for this inventory node: its role, arch, hostname and static network")
-	f.StringVar(&o.format, "format", "ignition", "node, kubeadm, kubeadm-join, butane, ignition or manifests")
+	f.StringVar(&o.format, "format", "ignition", "node, kubeadm, kubeadm-join, butane, ignition, kernel-args or manifests")
 	f.StringVar(&o.dest, "dest", "", "write to this file (mode 0600) instead of standard output")
 	f.BoolVar(&o.force, "force", false, "replace --dest if it exists")
 	return cmd
@@ -139,6 +144,10 @@ func runRender(g *globals, o *renderOptions) error {
 		}
 		if err != nil {
 			return err
+		}
+	case "kernel-args":
+		if args := render.NetworkKernelArgs(c, o.node); len(args) > 0 {
+			out = []byte(strings.Join(args, " ") + "\n")
 		}
 	default:
 		return fault.Wrap(fault.Input, fmt.Errorf("--format %q: use one of %v", o.format, renderFormats))

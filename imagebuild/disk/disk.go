@@ -145,25 +145,26 @@ func BootArch(f *os.File, l *Layout) (arch, loader string, err error) {
 		} else {
 			return "", "", fmt.Errorf("read the EFI system partition %s: %v", p.Name, errors.Join(err, err16))
 		}
-		dirs, err := fsys.ReadDir("/")
+		// Paths as io/fs has them: ".", then "EFI/BOOT". FAT names are
+		// case-insensitive: find EFI/BOOT in any case.
+		dirs, err := fsys.ReadDir(".")
 		if err != nil {
 			return "", "", fmt.Errorf("read the EFI system partition %s: %w", p.Name, err)
 		}
-		// FAT names are case-insensitive: find EFI/BOOT in any case.
-		path := "/"
+		var path []string
 		for _, want := range []string{"EFI", "BOOT"} {
 			i := slices.IndexFunc(dirs, func(d fs.DirEntry) bool { return d.IsDir() && strings.EqualFold(d.Name(), want) })
 			if i < 0 {
 				return "", "", nil
 			}
-			path += dirs[i].Name() + "/"
-			if dirs, err = fsys.ReadDir(path); err != nil {
+			path = append(path, dirs[i].Name())
+			if dirs, err = fsys.ReadDir(strings.Join(path, "/")); err != nil {
 				return "", "", fmt.Errorf("read the EFI system partition %s: %w", p.Name, err)
 			}
 		}
 		for _, d := range dirs {
 			if a, ok := removableBootLoaders[strings.ToUpper(d.Name())]; ok && !d.IsDir() {
-				return a, path + d.Name(), nil
+				return a, "/" + strings.Join(append(path, d.Name()), "/"), nil
 			}
 		}
 		return "", "", nil

@@ -92,9 +92,11 @@ func networkFiles(osp *profiles.OS, s *staticNetwork) ([]butaneFile, error) {
 			fmt.Fprintf(&b, "type=vlan\ninterface-name=%s\n", s.vlanName())
 		}
 		b.WriteString("autoconnect=true\n")
+		// libnm refuses an ethernet connection without this section. A
+		// VLAN without vlan.parent takes its parent by this MAC.
+		b.WriteString("\n[ethernet]\n")
 		if s.mac != "" {
-			// A VLAN without vlan.parent takes its parent by this MAC.
-			fmt.Fprintf(&b, "\n[ethernet]\nmac-address=%s\n", s.mac)
+			fmt.Fprintf(&b, "mac-address=%s\n", s.mac)
 		}
 		if s.node.Network.VLAN != 0 {
 			fmt.Fprintf(&b, "\n[vlan]\nid=%d\n", s.node.Network.VLAN)

@@ -38,7 +38,7 @@ func TestStaticNetwork(t *testing.T) {
 		},
 		"fcos": {
 			"cp-2": {
-				"/etc/NetworkManager/system-connections/kiln.nmconnection": {"type=ethernet\ninterface-name=end0\n", "[ipv4]\nmethod=manual\naddress1=10.0.0.12/24\ngateway=10.0.0.1\n", "[ipv6]\nmethod=disabled\n"},
+				"/etc/NetworkManager/system-connections/kiln.nmconnection": {"type=ethernet\ninterface-name=end0\n", "autoconnect=true\n\n[ethernet]\n\n[ipv4]\n", "[ipv4]\nmethod=manual\naddress1=10.0.0.12/24\ngateway=10.0.0.1\n", "[ipv6]\nmethod=disabled\n"},
 			},
 			"w-1": {
 				"/etc/NetworkManager/system-connections/kiln.nmconnection": {"type=vlan\ninterface-name=vlan20\n", "[ethernet]\nmac-address=52:54:00:00:00:11\n", "[vlan]\nid=20\n", "address1=10.0.0.21/24\ngateway=10.0.0.1\ndns=10.0.0.1;\n", "[ipv6]\nmethod=disabled\ndns=fd00::53;\n"},

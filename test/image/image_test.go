@@ -614,3 +614,34 @@ func TestMain(m *testing.M) {
 	}
 	os.Exit(code)
 }
+
+// TestWrongArchBaseRefused: a base image whose EFI system partition boots
+// another architecture than the profile's is refused before anything is
+// written, naming both; on FAT32 (Flatcar's ESP) and FAT16 (Fedora
+// CoreOS's).
+func TestWrongArchBaseRefused(t *testing.T) {
+	e := setup(t)
+	for _, c := range []struct {
+		cluster, base, profile, loader string
+	}{
+		{e.flCluster, e.flatcar.path, "flatcar-rpi4", "/EFI/boot/bootx64.efi"},
+		{e.flCluster, e.arm.path, "flatcar-amd64", "/EFI/boot/bootaa64.efi"},
+		{e.fcCluster, e.fcos.path, "fcos-aarch64", "/EFI/BOOT/BOOTX64.EFI"},
+	} {
+		t.Run(c.profile, func(t *testing.T) {
+			dest := t.TempDir()
+			args := []string{"--profile", c.profile, "--role", "worker", "--base-image", c.base, "--cache-dir", t.TempDir(), "--dest", dest}
+			if c.profile == "flatcar-rpi4" {
+				_, zipPath, _ := rpi4Inputs(t, e)
+				args = append(args, "--firmware", zipPath)
+			}
+			_, r := e.build(t, c.cluster, args...)
+			if r.code != 2 || !strings.Contains(r.stderr, "boots "+c.loader) || !strings.Contains(r.stderr, "profile "+c.profile+" is for") {
+				t.Errorf("exit %d, want 2 naming %s and the profile:\n%s", r.code, c.loader, r.stderr)
+			}
+			if left, _ := os.ReadDir(dest); len(left) > 0 {
+				t.Errorf("a refused bake left %d entries in --dest", len(left))
+			}
+		})
+	}
+}
