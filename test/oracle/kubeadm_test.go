@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,13 +37,20 @@ func TestKubeadmValidatesEveryConfig(t *testing.T) {
 				if osName == "flatcar" { // and fcos without: both shapes of nodeRegistration
 					m["kubernetes"].(map[string]any)["ignorePreflightErrors"] = []any{"Mem", "SystemVerification"}
 				}
+				m["nodes"] = staticInventory
 			})
-			for _, c := range []struct{ role, format string }{
-				{"init", "kubeadm"}, {"init", "kubeadm-join"}, {"control-plane", "kubeadm"}, {"worker", "kubeadm"},
+			for _, c := range []struct{ role, node, format string }{
+				{"init", "", "kubeadm"}, {"init", "", "kubeadm-join"}, {"control-plane", "", "kubeadm"}, {"worker", "", "kubeadm"},
+				// Inventory nodes with a static address: node-ip, advertiseAddress.
+				{"init", "cp-1", "kubeadm"}, {"init", "cp-1", "kubeadm-join"}, {"control-plane", "cp-2", "kubeadm"}, {"worker", "w-1", "kubeadm"},
 			} {
-				t.Run(v+"-"+osName+"-"+c.role+"-"+c.format, func(t *testing.T) {
+				t.Run(v+"-"+osName+"-"+c.role+c.node+"-"+c.format, func(t *testing.T) {
 					f := filepath.Join(t.TempDir(), "kubeadm.yaml")
-					os.WriteFile(f, kiln(t, "-c", cf, "render", "--role", c.role, "--format", c.format), 0o600)
+					who := []string{"--role", c.role}
+					if c.node != "" {
+						who = []string{"--node", c.node}
+					}
+					os.WriteFile(f, kiln(t, append([]string{"-c", cf, "render", "--format", c.format}, who...)...), 0o600)
 					out, err := run(t, kubeadm, "config", "validate", "--config", f)
 					if err != nil || !strings.Contains(string(out), "ok") {
 						t.Fatalf("kubeadm %s config validate: %v\n%s", v, err, out)
@@ -178,8 +186,36 @@ func TestKubeadmUsesOurCA(t *testing.T) {
 	}
 }
 
+// staticInventory is an inventory whose nodes have static addresses
+// (nodes[].network).
+var staticInventory = []any{
+	map[string]any{"name": "cp-1", "role": "init", "network": map[string]any{"interface": "eth0", "address": "192.0.2.11/24"}},
+	map[string]any{"name": "cp-2", "role": "control-plane", "network": map[string]any{"interface": "eth0", "address": "192.0.2.12/24"}},
+	map[string]any{"name": "w-1", "role": "worker", "network": map[string]any{"interface": "eth0", "address": "2001:db8::21/64"}},
+}
+
+// TestKubeadmTakesTheNodeAddress: for an inventory init node with a
+// static address, kubeadm init phase certs all issues the API server's
+// certificate for that address, read from the rendered advertiseAddress.
+func TestKubeadmTakesTheNodeAddress(t *testing.T) {
+	v := kubeadmVersions[len(kubeadmVersions)-1]
+	cf := newCluster(t, "--kubernetes-version", v)
+	editCluster(t, cf, func(m map[string]any) { m["nodes"] = staticInventory })
+	pki := filepath.Join(t.TempDir(), "pki")
+	f := filepath.Join(t.TempDir(), "init.yaml")
+	os.WriteFile(f, forScratch(t, kiln(t, "-c", cf, "render", "--node", "cp-1", "--format", "kubeadm"), pki), 0o600)
+	if out, err := run(t, tool(t, "kubeadm-"+v), "init", "phase", "certs", "all", "--config", f); err != nil {
+		t.Fatalf("kubeadm init phase certs all: %v\n%s", err, out)
+	}
+	cert := parseCert(t, mustRead(t, filepath.Join(pki, "apiserver.crt")))
+	if !slices.ContainsFunc(cert.IPAddresses, func(ip net.IP) bool { return ip.String() == "192.0.2.11" }) {
+		t.Errorf("apiserver certificate's IPs %v lack the node's address 192.0.2.11", cert.IPAddresses)
+	}
+}
+
 // forScratch sets ClusterConfiguration.certificatesDir and the init node's
-// advertise address and name.
+// name, and its advertise address unless the config has one (an inventory
+// node with a static address).
 func forScratch(t *testing.T, cfg []byte, dir string) []byte {
 	t.Helper()
 	dec := yaml.NewDecoder(bytes.NewReader(cfg))
@@ -196,7 +232,9 @@ func forScratch(t *testing.T, cfg []byte, dir string) []byte {
 			doc["certificatesDir"] = dir
 			found = true
 		case "InitConfiguration":
-			doc["localAPIEndpoint"] = map[string]any{"advertiseAddress": "192.0.2.10"}
+			if ep, _ := doc["localAPIEndpoint"].(map[string]any); ep["advertiseAddress"] == nil {
+				doc["localAPIEndpoint"] = map[string]any{"advertiseAddress": "192.0.2.10"}
+			}
 			doc["nodeRegistration"].(map[string]any)["name"] = "oracle-init"
 		}
 		if err := enc.Encode(doc); err != nil {
