@@ -6,6 +6,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -13,30 +14,33 @@ import (
 	"github.com/kilnproject/kiln/imagebuild/agentbin"
 	"github.com/kilnproject/kiln/imagebuild/bake"
 	"github.com/kilnproject/kiln/imagebuild/baseimage"
+	"github.com/kilnproject/kiln/imagebuild/cluster"
 	"github.com/kilnproject/kiln/imagebuild/fault"
 	"github.com/kilnproject/kiln/imagebuild/render"
+	"github.com/kilnproject/kiln/imagebuild/secrets"
 	"github.com/kilnproject/kiln/profiles"
 )
 
 type buildImageOptions struct {
-	role      string
-	profile   string
-	node      string
-	baseImage string
-	firmware  string
-	dest      string
-	compress  string
-	download  downloadOptions
-	airgap    bool
-	files     []string
-	force     bool
-	output    outputFormat
+	role       string
+	profile    string
+	node       string
+	baseImages []string
+	all        bool
+	firmware   string
+	dest       string
+	compress   string
+	download   downloadOptions
+	airgap     bool
+	files      []string
+	force      bool
+	output     outputFormat
 }
 
 func newBuildImageCmd(g *globals) *cobra.Command {
 	o := &buildImageOptions{}
 	cmd := &cobra.Command{
-		Use:   "build-image --role ROLE --profile PROFILE | --node NAME",
+		Use:   "build-image --role ROLE --profile PROFILE | --node NAME | --all",
 		Short: "Bake a ready-to-flash disk image for one node role",
 		Long: `build-image turns a vendor OS disk image into a ready-to-flash image for one
 role of the cluster, offline once the base image is cached, without loop
@@ -72,6 +76,8 @@ loaders are never changed. Progress goes to stderr; -o json prints the result.`,
 		Example: `  kiln build-image --role init --profile flatcar-amd64
   kiln build-image --role worker --profile fcos-x86_64 --compress zst --dest out/
   kiln build-image --node cp-2            # role and profile from the cluster file's nodes
+  kiln build-image --all --dest out/ --firmware RPi4_UEFI_Firmware_v1.50.zip
+  kiln build-image --all --base-image flatcar-rpi4=arm64.bin.bz2 --base-image flatcar-amd64=amd64.bin.bz2
   kiln build-image --role worker --profile flatcar-rpi4 --firmware RPi4_UEFI_Firmware_v1.50.zip
   kiln build-image --role worker --profile flatcar-amd64 --base-image flatcar_production_image.bin.bz2 -o json
   kiln build-image --role worker --profile flatcar-amd64 --airgap --file kubernetes-sysext=kubernetes-v1.37.2-x86-64.raw`,
@@ -86,7 +92,8 @@ loaders are never changed. Progress goes to stderr; -o json prints the result.`,
 	f.StringVar(&o.role, "role", "", "node role: init, control-plane or worker (default with --node: the node's role)")
 	f.StringVar(&o.profile, "profile", "", "target profile, see kiln profiles (default: nodes[].profile, then the cluster file's profile)")
 	f.StringVar(&o.node, "node", "", "bake for this inventory node: its role, profile, hostname and static network (names the image too)")
-	f.StringVar(&o.baseImage, "base-image", "", "use this vendor image file (raw, .bz2, .xz or .zst) instead of downloading")
+	f.StringArrayVar(&o.baseImages, "base-image", nil, "use this vendor image file (raw, .bz2, .xz or .zst) instead of downloading; with --all, PROFILE=FILE for each profile (repeatable)")
+	f.BoolVar(&o.all, "all", false, "bake every inventory node, and one image per role for the machines named by hostname.template, in parallel")
 	f.StringVar(&o.firmware, "firmware", "", "board firmware archive (flatcar-rpi4: the pftf RPi4 UEFI zip)")
 	f.StringVar(&o.dest, "dest", ".", "folder for the image and its .bmap and .sha256")
 	f.StringVar(&o.compress, "compress", "", "also write a compressed image: zst or xz (multi-threaded)")
@@ -99,10 +106,16 @@ loaders are never changed. Progress goes to stderr; -o json prints the result.`,
 }
 
 func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error {
-	if o.node == "" && o.role == "" {
-		return fault.Wrap(fault.Input, fmt.Errorf("--role is required, for example --role worker --profile flatcar-amd64 (see kiln profiles), or --node NAME of an inventory node"))
+	if o.all {
+		return runBuildAll(ctx, g, o)
 	}
-	c, s, err := g.load()
+	if o.node == "" && o.role == "" {
+		return fault.Wrap(fault.Input, fmt.Errorf("--role is required, for example --role worker --profile flatcar-amd64 (see kiln profiles), or --node NAME of an inventory node, or --all"))
+	}
+	if len(o.baseImages) > 1 {
+		return fault.Wrap(fault.Input, fmt.Errorf("--base-image is given %d times: one image takes one base image (several are for --all)", len(o.baseImages)))
+	}
+	c, s, err := o.load(g)
 	if err != nil {
 		return err
 	}
@@ -117,97 +130,36 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 	if err != nil {
 		return err
 	}
-	role := fn.role
-	if o.airgap && !c.Airgap {
-		c.Airgap = true
-		if err := c.Validate(); err != nil {
-			return fmt.Errorf("--airgap does not fit this cluster: %w", err)
-		}
-	}
-	if len(o.files) > 0 && !c.Airgap {
-		return fault.Wrap(fault.Input, fmt.Errorf("--file is for air-gapped images: add --airgap (or airgap: true in the cluster file)"))
-	}
-	in := render.Input{Cluster: c, Secrets: s, Role: role, Arch: t.Arch, NodeName: o.node}
-	if in.Agent, err = agentbin.Gzipped(t.Arch); err != nil {
+	if err := o.checkBaseImages([]*profiles.Target{t}); err != nil {
 		return err
 	}
-	config, err := render.Ignition(in)
-	if err != nil {
-		return err
+	j := bakeJob{who: string(fn.role), node: o.node, role: fn.role, target: t}
+	if o.node != "" {
+		j.who = o.node
 	}
-
 	cache, err := o.download.cache(g)
 	if err != nil {
 		return err
 	}
 	// The payload first: a missing image or download is found before a
 	// base image is fetched.
-	var payload []bake.PayloadFile
-	if c.Airgap {
-		if err := os.MkdirAll(o.dest, 0o755); err != nil {
-			return fault.Wrap(fault.IO, err)
-		}
-		files, cleanup, err := airgapFiles(ctx, g, c, []nodeconfig.Role{role}, t.Arch, cache, o.files, o.dest)
-		defer cleanup()
-		if err != nil {
-			return err
-		}
-		osp, err := profiles.LookupOS(c.OS.Name)
-		if err != nil {
-			return fault.Wrap(fault.Input, err)
-		}
-		for _, f := range files {
-			payload = append(payload, bake.PayloadFile{Path: path.Join(osp.Payload.Dir, f.Name), Source: f.Path})
-		}
+	opts, cleanup, err := o.prepare(ctx, g, c, s, cache, j)
+	defer cleanup()
+	if err != nil {
+		return err
 	}
-	base, version := o.baseImage, "(local file)"
-	if base != "" {
-		if base, err = cache.Local(ctx, base); err != nil {
-			return err
-		}
-	} else {
-		src, err := o.download.source(t, c)
-		if err != nil {
-			return err
-		}
-		var rel *baseimage.Release
-		if base, rel, _, err = cache.Fetch(ctx, src); err != nil {
-			return offline(err, "give the vendor image with --base-image FILE")
-		}
-		version = rel.Version
+	base, err := o.fetchBase(ctx, c, cache, t, o.baseImageFor(t, 1))
+	if err != nil {
+		return err
 	}
-	firmware := o.firmware
-	if fw := t.Firmware; fw != nil && firmware == "" && fw.SHA256 != "" {
-		if firmware, err = cache.FetchFile(ctx, fw.URL, baseimage.Digest{Algo: "sha256", Hex: fw.SHA256}); err != nil {
-			return offline(err, "give the firmware zip with --firmware FILE")
-		}
-	}
-
-	who := string(role)
-	if o.node != "" {
-		who = o.node
-	}
-	res, err := bake.Bake(ctx, bake.Options{
-		Target:    t,
-		Base:      base,
-		BaseGiven: o.baseImage != "",
-		Config:    config,
-		Firmware:  firmware,
-		Payload:   payload,
-		// A static network also in the initramfs, where Ignition
-		// downloads what the config names.
-		KernelArgs: render.NetworkKernelArgs(c, o.node),
-		Output:     filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, who, t.Name)),
-		Compress:   o.compress,
-		Force:      o.force,
-		Runner:     bake.Exec{},
-		Progress:   g.stderr,
-	})
+	opts.Base, opts.BaseGiven, opts.Firmware = base.path, base.given, base.firmware
+	opts.Progress = g.stderr
+	res, err := bake.Bake(ctx, opts)
 	if err != nil {
 		return err
 	}
 	lines := []string{
-		fmt.Sprintf("baked %s for %s (%s %s, base %s) in %.1fs", res.Image, who, t.OS, t.Arch, version, res.Seconds),
+		fmt.Sprintf("baked %s for %s (%s %s, base %s) in %.1fs", res.Image, j.who, t.OS, t.Arch, base.version, res.Seconds),
 		fmt.Sprintf("  size %.1f MiB, %.1f MiB mapped; sha256 %s", float64(res.Size)/(1<<20), float64(res.MappedBytes)/(1<<20), res.SHA256),
 		"  block map: " + res.Bmap + " (flash with: bmaptool copy " + res.Image + " /dev/DEVICE)",
 		"  checksums: " + res.SHA256File,
@@ -216,4 +168,138 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 		lines = append(lines, "  compressed: "+res.Compressed)
 	}
 	return emit(g.stdout, o.output, res, lines...)
+}
+
+// bakeJob is one image of a build-image run.
+type bakeJob struct {
+	// who names the image: the inventory node, or the role of a role
+	// image (machines named by hostname.template).
+	who    string
+	node   string // "" for a role image
+	role   nodeconfig.Role
+	target *profiles.Target
+}
+
+// load reads the cluster, air-gapped when --airgap says so.
+func (o *buildImageOptions) load(g *globals) (*cluster.Cluster, *secrets.Secrets, error) {
+	c, s, err := g.load()
+	if err != nil {
+		return nil, nil, err
+	}
+	if o.airgap && !c.Airgap {
+		c.Airgap = true
+		if err := c.Validate(); err != nil {
+			return nil, nil, fmt.Errorf("--airgap does not fit this cluster: %w", err)
+		}
+	}
+	if len(o.files) > 0 && !c.Airgap {
+		return nil, nil, fault.Wrap(fault.Input, fmt.Errorf("--file is for air-gapped images: add --airgap (or airgap: true in the cluster file)"))
+	}
+	return c, s, nil
+}
+
+// prepare renders job j's config and gathers its air-gapped payload: the
+// bake's options but for the base image, firmware and progress. cleanup
+// removes the payload's temporary files (always safe to call).
+func (o *buildImageOptions) prepare(ctx context.Context, g *globals, c *cluster.Cluster, s *secrets.Secrets, cache *baseimage.Cache, j bakeJob) (bake.Options, func(), error) {
+	cleanup := func() {}
+	t := j.target
+	in := render.Input{Cluster: c, Secrets: s, Role: j.role, Arch: t.Arch, NodeName: j.node}
+	var err error
+	if in.Agent, err = agentbin.Gzipped(t.Arch); err != nil {
+		return bake.Options{}, cleanup, err
+	}
+	config, err := render.Ignition(in)
+	if err != nil {
+		return bake.Options{}, cleanup, err
+	}
+	var payload []bake.PayloadFile
+	if c.Airgap {
+		if err := os.MkdirAll(o.dest, 0o755); err != nil {
+			return bake.Options{}, cleanup, fault.Wrap(fault.IO, err)
+		}
+		var files []payloadFile
+		files, cleanup, err = airgapFiles(ctx, g, c, []nodeconfig.Role{j.role}, t.Arch, cache, o.files, o.dest)
+		if err != nil {
+			return bake.Options{}, cleanup, err
+		}
+		osp, err := profiles.LookupOS(c.OS.Name)
+		if err != nil {
+			return bake.Options{}, cleanup, fault.Wrap(fault.Input, err)
+		}
+		for _, f := range files {
+			payload = append(payload, bake.PayloadFile{Path: path.Join(osp.Payload.Dir, f.Name), Source: f.Path})
+		}
+	}
+	return bake.Options{
+		Target:  t,
+		Config:  config,
+		Payload: payload,
+		// A static network also in the initramfs, where Ignition
+		// downloads what the config names.
+		KernelArgs: render.NetworkKernelArgs(c, j.node),
+		Output:     filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, j.who, t.Name)),
+		Compress:   o.compress,
+		Force:      o.force,
+		Runner:     bake.Exec{},
+	}, cleanup, nil
+}
+
+// baseImage is a target's base image and firmware, ready to bake.
+type baseImage struct {
+	path, version string
+	given         bool // the user's --base-image
+	firmware      string
+}
+
+// fetchBase prepares target t's base image: given (a --base-image file,
+// decompressed once into the cache), or downloaded and verified; and its
+// firmware when the profile takes one.
+func (o *buildImageOptions) fetchBase(ctx context.Context, c *cluster.Cluster, cache *baseimage.Cache, t *profiles.Target, given string) (baseImage, error) {
+	b := baseImage{path: given, version: "(local file)", given: given != "", firmware: o.firmware}
+	var err error
+	if given != "" {
+		if b.path, err = cache.Local(ctx, given); err != nil {
+			return b, err
+		}
+	} else {
+		src, err := o.download.source(t, c)
+		if err != nil {
+			return b, err
+		}
+		var rel *baseimage.Release
+		if b.path, rel, _, err = cache.Fetch(ctx, src); err != nil {
+			return b, offline(err, "give the vendor image with --base-image FILE")
+		}
+		b.version = rel.Version
+	}
+	if fw := t.Firmware; fw != nil && b.firmware == "" && fw.SHA256 != "" {
+		if b.firmware, err = cache.FetchFile(ctx, fw.URL, baseimage.Digest{Algo: "sha256", Hex: fw.SHA256}); err != nil {
+			return b, offline(err, "give the firmware zip with --firmware FILE")
+		}
+	}
+	return b, nil
+}
+
+// baseImageFor is the --base-image file for target t ("" to download):
+// the value PROFILE=FILE that names t's profile, or a plain FILE when the
+// run bakes for that one profile only (targets == 1).
+func (o *buildImageOptions) baseImageFor(t *profiles.Target, targets int) string {
+	for _, v := range o.baseImages {
+		if name, file, ok := strings.Cut(v, "="); ok && name == t.Name {
+			return file
+		}
+	}
+	for _, v := range o.baseImages {
+		if name, _, ok := strings.Cut(v, "="); (!ok || !isProfile(name)) && targets == 1 {
+			return v
+		}
+	}
+	return ""
+}
+
+// isProfile reports whether name is a target profile's name.
+func isProfile(name string) bool {
+	_, err := profiles.LookupTarget(name)
+	return err == nil
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -47,6 +48,10 @@ func TestBuildImageInputErrors(t *testing.T) {
 	if err := os.WriteFile(fleet, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	noProfile := filepath.Join(dir, "fleet-no-profile.yaml")
+	if err := os.WriteFile(noProfile, bytes.Replace(data, []byte("profile: flatcar-amd64\n"), nil, 1), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range []struct {
 		args []string
 		code int
@@ -67,14 +72,22 @@ func TestBuildImageInputErrors(t *testing.T) {
 		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art, "--firmware", art}, exitInput, []string{"takes no firmware"}},
 		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art, "--compress", "gz"}, exitInput, []string{"--compress"}},
 		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art}, exitInput, []string{"--base-image " + art + ": base image: not a disk image kiln can bake"}},
+		{[]string{"--role", "worker", "--profile", "flatcar-amd64", "--base-image", art, "--base-image", art}, exitInput, []string{"--base-image is given 2 times"}},
+		{[]string{"--node", "mini-1", "--base-image", "flatcar-rpi4=" + art}, exitInput, []string{"--base-image flatcar-rpi4=" + art + ": no image is baked for profile flatcar-rpi4 (the profiles are flatcar-amd64)"}},
+		{[]string{"--all", "--node", "pi-1"}, exitInput, []string{"--all bakes every node and role: drop --node and --role"}},
+		{[]string{"--all", "--base-image", art}, exitInput, []string{"the images are for 2 profiles (flatcar-rpi4, flatcar-amd64): give --base-image PROFILE=FILE for each"}},
+		{[]string{"--all", "--base-image", "fcos-x86_64=" + art}, exitInput, []string{"no image is baked for profile fcos-x86_64"}},
+		{[]string{"--all", "--base-image", "flatcar-amd64=" + art}, exitInput, []string{"pi-1: ", "kubernetes-sysext for arm64 is not pinned"}},
 	} {
 		file := cf // names no profile
-		if slices.Contains(c.args, "--node") {
+		if slices.Contains(c.args, "--node") || slices.Contains(c.args, "--all") {
 			file = fleet
 		}
 		r := kiln(t, append([]string{"-c", file, "build-image"}, c.args...)...)
 		r.expect(t, c.code, c.want...)
 	}
+	kiln(t, "-c", noProfile, "build-image", "--all").expect(t, exitInput, "mini-1 has no profile: set nodes[1].profile, or profile: for the whole cluster, or give --profile")
+	kiln(t, "-c", cf, "build-image", "--all").expect(t, exitInput, "nothing to bake")
 	// render takes the node's arch from its profile too.
 	kiln(t, "-c", fleet, "render", "--node", "pi-1", "--arch", "amd64").expect(t, exitInput, "--arch amd64 contradicts node pi-1's profile flatcar-rpi4, which is arm64")
 	kiln(t, "-c", fleet, "render", "--node", "pi-1").expect(t, exitInput, "kubernetes-sysext for arm64 is not pinned")

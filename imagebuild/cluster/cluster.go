@@ -278,6 +278,35 @@ func (c *Cluster) NodeProfile(n Node) string {
 	return c.Profile
 }
 
+// Many stands for "any number of machines" in RoleImageMachines.
+const Many = 2
+
+// RoleImageMachines counts, per role, the machines that boot from the
+// role's image (named by hostname.template) rather than as an inventory
+// node: the init node unless the inventory has it, the control planes of
+// kubernetes.controlPlanes the inventory does not list, and Many workers.
+// A role with no such machine is absent.
+func (c *Cluster) RoleImageMachines() map[nodeconfig.Role]int {
+	inits, cps := 0, 0
+	for _, n := range c.Nodes {
+		switch n.Role {
+		case nodeconfig.RoleInit:
+			inits++
+		case nodeconfig.RoleControlPlane:
+			cps++
+		}
+	}
+	m := map[nodeconfig.Role]int{nodeconfig.RoleWorker: Many}
+	init := max(1-inits, 0)
+	if init > 0 {
+		m[nodeconfig.RoleInit] = init
+	}
+	if rest := c.Kubernetes.ControlPlanes - cps - 1; rest > 0 {
+		m[nodeconfig.RoleControlPlane] = rest
+	}
+	return m
+}
+
 // KubeadmPatch is one kubeadm patch file.
 type KubeadmPatch struct {
 	// Target is a kubeadm patch target (kube-apiserver, etcd, ...).

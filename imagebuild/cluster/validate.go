@@ -319,7 +319,7 @@ func (c *Cluster) validateNodes(errs *[]error) {
 	if controlPlanes > c.Kubernetes.ControlPlanes {
 		add("nodes", "%d control-plane nodes listed but kubernetes.controlPlanes is %d: raise it or change roles", controlPlanes, c.Kubernetes.ControlPlanes)
 	}
-	c.checkSharedNames(errs, inits, controlPlanes)
+	c.checkSharedNames(errs)
 }
 
 // checkProfile checks that a target profile exists and is for os.name.
@@ -403,7 +403,7 @@ func lastAddr(p netip.Prefix) netip.Addr {
 // the same name: one without {mac} names every machine booted from a
 // role's image alike (any number of workers; the control planes that the
 // inventory does not list), and may name an inventory node too.
-func (c *Cluster) checkSharedNames(errs *[]error, inits, controlPlanes int) {
+func (c *Cluster) checkSharedNames(errs *[]error) {
 	t := c.Hostname.Template
 	if strings.Contains(t, "{mac}") || nodeconfig.CheckHostnameTemplate(t, c.Name) != nil {
 		return
@@ -424,11 +424,11 @@ func (c *Cluster) checkSharedNames(errs *[]error, inits, controlPlanes int) {
 		claims[name] = append(claims[name], claim{who, machines})
 	}
 	// Machines booted from role images, that is, not in the inventory.
-	init := 1 - inits
-	add(nodeconfig.ExpandHostname(t, c.Name, nodeconfig.RoleInit, ""), "the init node booted from the init image", init)
-	cps := c.Kubernetes.ControlPlanes - controlPlanes - init
+	m := c.RoleImageMachines()
+	add(nodeconfig.ExpandHostname(t, c.Name, nodeconfig.RoleInit, ""), "the init node booted from the init image", m[nodeconfig.RoleInit])
+	cps := m[nodeconfig.RoleControlPlane]
 	add(nodeconfig.ExpandHostname(t, c.Name, nodeconfig.RoleControlPlane, ""), fmt.Sprintf("the %d control planes booted from the control-plane image", cps), cps)
-	add(nodeconfig.ExpandHostname(t, c.Name, nodeconfig.RoleWorker, ""), "every worker booted from the worker image", 2)
+	add(nodeconfig.ExpandHostname(t, c.Name, nodeconfig.RoleWorker, ""), "every worker booted from the worker image", m[nodeconfig.RoleWorker])
 	for i, n := range c.Nodes {
 		if _, ok := claims[n.Name]; ok {
 			add(n.Name, fmt.Sprintf("nodes[%d]", i), 1)

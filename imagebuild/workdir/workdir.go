@@ -30,16 +30,26 @@ type Dir struct {
 }
 
 // Make creates a work folder in parent, named as os.MkdirTemp names it
-// from pattern, and locks it.
+// from pattern, and locks it. The lock file is locked under another name
+// and then renamed into place, so a Sweep running at the same time (in
+// this process or another) never finds it there unlocked.
 func Make(parent, pattern string) (*Dir, error) {
 	dir, err := os.MkdirTemp(parent, pattern)
 	if err != nil {
 		return nil, err
 	}
-	lock, err := hold(filepath.Join(dir, lockName), os.O_CREATE|os.O_RDWR|os.O_EXCL)
+	lock, err := os.CreateTemp(dir, lockName+"-*")
+	if err == nil {
+		if err = unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err == nil {
+			err = os.Rename(lock.Name(), filepath.Join(dir, lockName))
+		}
+		if err != nil {
+			lock.Close()
+		}
+	}
 	if err != nil {
 		os.RemoveAll(dir)
-		return nil, err
+		return nil, fmt.Errorf("lock work folder %s: %w", dir, err)
 	}
 	return &Dir{Path: dir, lock: lock}, nil
 }
@@ -70,18 +80,6 @@ func File(dir, pattern string) (*os.File, error) {
 		f.Close()
 		os.Remove(f.Name())
 		return nil, fmt.Errorf("lock %s: %w", f.Name(), err)
-	}
-	return f, nil
-}
-
-func hold(path string, flag int) (*os.File, error) {
-	f, err := os.OpenFile(path, flag, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
 	return f, nil
 }
