@@ -1,9 +1,7 @@
 package baseimage
 
 import (
-	"bufio"
 	"bytes"
-	"compress/bzip2"
 	"context"
 	"crypto/sha256"
 	"crypto/sha512"
@@ -15,13 +13,10 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 
 	"github.com/ProtonMail/go-crypto/openpgp"
-	"github.com/klauspost/compress/zstd"
-	"github.com/ulikunitz/xz"
 
 	"github.com/kilnproject/kiln/imagebuild/atomicfile"
 	"github.com/kilnproject/kiln/imagebuild/cancel"
@@ -307,10 +302,11 @@ func (c *Cache) store(ctx context.Context, src, raw, name string) error {
 	}()
 	fi, _ := in.Stat()
 	p := progress.New(c.Progress, "decompress "+filepath.Base(name), fi.Size())
-	r, kind, err := Decompress(io.TeeReader(cancel.Reader(ctx, in), p))
+	r, kind, err := Decompress(ctx, io.TeeReader(cancel.Reader(ctx, in), p))
 	if err != nil {
 		return err
 	}
+	defer r.Close()
 	w := sparse.NewWriter(tmp)
 	if _, err := io.Copy(w, cancel.Reader(ctx, r)); err != nil {
 		if ctx.Err() != nil {
@@ -332,30 +328,6 @@ func (c *Cache) store(ctx context.Context, src, raw, name string) error {
 	return nil
 }
 
-// Decompress sniffs r's format (bzip2, xz, zstd, or none) and returns a
-// reader of the decompressed data.
-func Decompress(r io.Reader) (io.Reader, string, error) {
-	br := bufio.NewReaderSize(r, 1<<20)
-	magic, _ := br.Peek(6)
-	switch {
-	case bytes.HasPrefix(magic, []byte("BZh")):
-		return bzip2.NewReader(br), "bzip2", nil
-	case bytes.HasPrefix(magic, []byte{0xFD, '7', 'z', 'X', 'Z', 0}):
-		xr, err := xz.NewReader(br)
-		if err != nil {
-			return nil, "", fault.Wrap(fault.Download, fmt.Errorf("read xz: %w", err))
-		}
-		return xr, "xz", nil
-	case bytes.HasPrefix(magic, []byte{0x28, 0xB5, 0x2F, 0xFD}):
-		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(runtime.GOMAXPROCS(0)), zstd.WithDecoderMaxWindow(1<<31))
-		if err != nil {
-			return nil, "", fault.Wrap(fault.Download, fmt.Errorf("read zstd: %w", err))
-		}
-		return zr.IOReadCloser(), "zstd", nil
-	}
-	return br, "raw", nil
-}
-
 // Local prepares a base image given as a file (--base-image): a raw image
 // is used as it is; a compressed one is decompressed once into the cache,
 // under the sha256 of the file.
@@ -367,7 +339,7 @@ func (c *Cache) Local(ctx context.Context, p string) (string, error) {
 	var magic [2]byte
 	_, _ = io.ReadFull(f, magic[:])
 	_, _ = f.Seek(0, io.SeekStart)
-	_, kind, err := Decompress(f)
+	kind, err := Sniff(f)
 	f.Close()
 	if err != nil {
 		return "", fault.Wrap(fault.Input, fmt.Errorf("--base-image %s: %w", p, err))

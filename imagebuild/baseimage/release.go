@@ -106,13 +106,11 @@ func FlatcarCompressedImageVersion(ctx context.Context, p, work string) (string,
 		return "", fault.Wrap(fault.IO, err)
 	}
 	defer f.Close()
-	r, _, err := Decompress(f)
+	r, _, err := Decompress(ctx, f)
 	if err != nil {
 		return "", err
 	}
-	if c, ok := r.(io.Closer); ok {
-		defer c.Close() // zstd's decoder goroutines
-	}
+	defer r.Close()
 	head := make([]byte, 1<<20)
 	if _, err := io.ReadFull(r, head); err != nil {
 		return "", fault.Wrap(fault.Download, fmt.Errorf("%s: %w", p, err))

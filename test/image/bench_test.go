@@ -4,6 +4,7 @@ package image
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -27,7 +28,7 @@ import (
 func BenchmarkBakeThreeRoles(b *testing.B) {
 	e := setup(b)
 	dir := b.TempDir()
-	base := bigFlatcarBase(b, dir)
+	base := bigFlatcarBase(b, dir, "amd64")
 	roles := []string{"init", "control-plane", "worker"}
 	b.ResetTimer()
 	var kilnTime, toolTime time.Duration
@@ -53,13 +54,15 @@ func BenchmarkBakeThreeRoles(b *testing.B) {
 	b.ReportMetric(kilnTime.Seconds()/toolTime.Seconds(), "ratio-kiln/tools")
 }
 
-// bigFlatcarBase makes a Flatcar-sized base image in dir (8.5 GiB sparse,
-// a 1 GiB btrfs OEM as from release 4593 on, 256 MiB of USR data).
-func bigFlatcarBase(t testing.TB, dir string) string {
-	base := filepath.Join(dir, "flatcar-big.bin")
+// bigFlatcarBase makes a Flatcar-sized base image of arch in dir (8.5
+// GiB sparse, a 1 GiB btrfs OEM as from release 4593 on, 256 MiB of USR
+// data).
+func bigFlatcarBase(t testing.TB, dir, arch string) string {
+	base := filepath.Join(dir, "flatcar-big-"+arch+".bin")
+	loader := map[string]string{"amd64": "EFI/boot/bootx64.efi", "arm64": "EFI/boot/bootaa64.efi"}[arch]
 	oem := map[string][]byte{"grub.cfg": []byte("set linux_append=\"\"\n")}
 	buildDisk(t, base, flatcarDiskGUID, 8704, []part{
-		{num: 1, name: "EFI-SYSTEM", typ: typeESP, mib: 1024, fill: fillFAT("32", map[string][]byte{"EFI/boot/bootx64.efi": randomBytes(t, 1<<20), "flatcar/first_boot": {}}, "EFI-SYSTEM")},
+		{num: 1, name: "EFI-SYSTEM", typ: typeESP, mib: 1024, fill: fillFAT("32", map[string][]byte{loader: randomBytes(t, 1<<20), "flatcar/first_boot": {}}, "EFI-SYSTEM")},
 		{num: 2, name: "BIOS-BOOT", typ: typeBIOS, mib: 2},
 		{num: 3, name: "USR-A", typ: typeUSR, guid: usrAGUID, mib: 2048, fill: fillRandom(256 << 20)},
 		{num: 4, name: "USR-B", typ: typeUSR, mib: 2048},
@@ -89,7 +92,7 @@ var realisticMiB = map[string]int64{
 func BenchmarkAirgapBake(b *testing.B) {
 	e := setup(b)
 	dir := b.TempDir()
-	base := bigFlatcarBase(b, dir)
+	base := bigFlatcarBase(b, dir, "amd64")
 	sysext := filepath.Join(dir, "sysext.raw")
 	os.WriteFile(sysext, randomBytes(b, 100<<20), 0o644)
 	cache := filepath.Join(dir, "cache")
@@ -175,50 +178,122 @@ sha256sum %[3]s > %[3]s.sha256
 bmaptool -q create -o %[3]s.bmap %[3]s`, work, base, out, off, size))
 }
 
-// BenchmarkDecompress compares kiln's decompression (Go: compress/bzip2,
-// ulikunitz/xz, klauspost/compress/zstd) with bzip2 -dc, xz -dc and
-// zstd -dc on the same 128 MiB of disk-like data, in the same run.
+// BenchmarkBuildAll bakes the mixed-fleet persona (fleetNodes: three
+// Raspberry Pi 4 control planes, two x86 workers) from Flatcar-sized
+// bases, in the same run: five single build-image --node bakes one after
+// the other, then one build-image --all. It reports both times, their
+// ratio, and --all's time over the mean single bake (the goal: at most
+// 2). The bases are raw files: no decompression is timed.
+//
+//	go test -tags oracle -run '^$' -bench BuildAll -benchtime 1x ./test/image/
+func BenchmarkBuildAll(b *testing.B) {
+	e := setup(b)
+	cf := fleetCluster(b)
+	dir := b.TempDir()
+	bases := map[string]string{"flatcar-amd64": bigFlatcarBase(b, dir, "amd64"), "flatcar-rpi4": bigFlatcarBase(b, dir, "arm64")}
+	_, zipPath, _ := rpi4Inputs(b, e)
+	cache := filepath.Join(dir, "cache")
+	var seqT, allT time.Duration
+	for b.Loop() {
+		out := b.TempDir()
+		start := time.Now()
+		for _, n := range fleetNodes {
+			args := []string{"-c", cf, "build-image", "--node", n.name, "--base-image", bases[n.profile], "--cache-dir", cache, "--dest", out}
+			if n.profile == "flatcar-rpi4" {
+				args = append(args, "--firmware", zipPath)
+			}
+			if r := kilnRun(b, nil, args...); r.code != 0 {
+				b.Fatalf("bake %s: %s", n.name, r.stderr)
+			}
+		}
+		seqT += time.Since(start)
+		start = time.Now()
+		if r := kilnRun(b, nil, "-c", cf, "build-image", "--all", "--base-image", "flatcar-amd64="+bases["flatcar-amd64"], "--base-image", "flatcar-rpi4="+bases["flatcar-rpi4"], "--firmware", zipPath, "--cache-dir", cache, "--dest", b.TempDir()); r.code != 0 {
+			b.Fatalf("build-image --all: %s", r.stderr)
+		}
+		allT += time.Since(start)
+	}
+	n := float64(b.N)
+	b.ReportMetric(seqT.Seconds()/n, "s-5-single-bakes")
+	b.ReportMetric(allT.Seconds()/n, "s-all")
+	b.ReportMetric(allT.Seconds()/seqT.Seconds(), "ratio-all/sequential")
+	b.ReportMetric(allT.Seconds()/(seqT.Seconds()/float64(len(fleetNodes))), "ratio-all/one-bake")
+}
+
+// BenchmarkDecompress compares kiln's decompression of 128 MiB of
+// disk-like data (what the first bake of a base image does) with the
+// system's parallel decompressors on the same cores, in the same run:
+// lbzip2 -dc for bzip2 (Flatcar), xz -T0 -dc for xz (Fedora CoreOS; the
+// stream is made multi-block by xz -T0, as parallel decoding needs), zstd
+// -T0 -dc for zstd. It also times kiln's Go fallback (PATH without the
+// tools) against the single-threaded bzip2 -dc and xz -dc.
+//
+//	go test -tags oracle -run '^$' -bench Decompress -benchtime 3x ./test/image/
 func BenchmarkDecompress(b *testing.B) {
 	raw := append(randomBytes(b, 32<<20), make([]byte, 64<<20)...)
 	raw = append(raw, bytes.Repeat([]byte("#!/bin/sh\necho kiln\n"), 32<<20/20)...)
 	dir := b.TempDir()
 	src := filepath.Join(dir, "raw")
 	os.WriteFile(src, raw, 0o644)
-	for _, c := range []struct{ ext, compress, tool string }{
-		{"bz2", "bzip2 -c", "bzip2 -dc"},
-		{"xz", "xz -T0 -c", "xz -dc"},
-		{"zst", "zstd -q -T0 -c", "zstd -q -dc"},
+	empty := b.TempDir()
+	for _, c := range []struct{ ext, compress, parallel, single string }{
+		{"bz2", "bzip2 -c", "lbzip2 -dc", "bzip2 -dc"},
+		{"xz", "xz -T0 -c", "xz -T0 -dc", "xz -T1 -dc"},
+		{"zst", "zstd -q -T0 -c", "zstd -q -T0 -dc", ""},
 	} {
 		comp := filepath.Join(dir, "raw."+c.ext)
 		if o, err := exec.Command("sh", "-c", c.compress+" "+src+" > "+comp).CombinedOutput(); err != nil {
 			b.Fatalf("%s: %v %s", c.compress, err, o)
 		}
 		b.Run(c.ext, func(b *testing.B) {
-			var goT, toolT time.Duration
+			var kilnT, goT, parT, singleT time.Duration
 			for b.Loop() {
-				start := time.Now()
-				f, _ := os.Open(comp)
-				r, _, err := baseimage.Decompress(f)
-				if err != nil {
-					b.Fatal(err)
+				kilnT += kilnDecompress(b, comp, len(raw), "")
+				parT += toolTime(b, c.parallel+" "+comp)
+				if c.single != "" {
+					goT += kilnDecompress(b, comp, len(raw), empty)
+					singleT += toolTime(b, c.single+" "+comp)
 				}
-				n, err := io.Copy(io.Discard, r)
-				f.Close()
-				if err != nil || n != int64(len(raw)) {
-					b.Fatalf("decompress: %v (%d bytes)", err, n)
-				}
-				goT += time.Since(start)
-				start = time.Now()
-				cmd := exec.Command("sh", "-c", c.tool+" "+comp+" > /dev/null")
-				if o, err := cmd.CombinedOutput(); err != nil {
-					b.Fatalf("%s: %v %s", c.tool, err, strings.TrimSpace(string(o)))
-				}
-				toolT += time.Since(start)
 			}
 			mib := float64(len(raw)) / (1 << 20) * float64(b.N)
-			b.ReportMetric(mib/goT.Seconds(), "MiB/s-kiln")
-			b.ReportMetric(mib/toolT.Seconds(), "MiB/s-tool")
-			b.ReportMetric(toolT.Seconds()/goT.Seconds(), "speed-ratio-kiln/tool")
+			b.ReportMetric(mib/kilnT.Seconds(), "MiB/s-kiln")
+			b.ReportMetric(mib/parT.Seconds(), "MiB/s-parallel-tool")
+			b.ReportMetric(parT.Seconds()/kilnT.Seconds(), "speed-ratio-kiln/parallel-tool")
+			if c.single != "" {
+				b.ReportMetric(singleT.Seconds()/goT.Seconds(), "speed-ratio-go-fallback/single-thread-tool")
+			}
 		})
 	}
+}
+
+// kilnDecompress times baseimage.Decompress of comp to the end, with PATH
+// set to path unless it is "".
+func kilnDecompress(b *testing.B, comp string, size int, path string) time.Duration {
+	if path != "" {
+		old := os.Getenv("PATH")
+		os.Setenv("PATH", path)
+		defer os.Setenv("PATH", old)
+	}
+	start := time.Now()
+	f, _ := os.Open(comp)
+	defer f.Close()
+	r, _, err := baseimage.Decompress(context.Background(), f)
+	if err != nil {
+		b.Fatal(err)
+	}
+	n, err := io.Copy(io.Discard, r)
+	r.Close()
+	if err != nil || n != int64(size) {
+		b.Fatalf("decompress: %v (%d bytes)", err, n)
+	}
+	return time.Since(start)
+}
+
+// toolTime times a shell command line that writes to /dev/null.
+func toolTime(b *testing.B, line string) time.Duration {
+	start := time.Now()
+	if o, err := exec.Command("sh", "-c", line+" > /dev/null").CombinedOutput(); err != nil {
+		b.Fatalf("%s: %v %s", line, err, strings.TrimSpace(string(o)))
+	}
+	return time.Since(start)
 }

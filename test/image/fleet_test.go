@@ -29,7 +29,7 @@ var fleetNodes = []struct {
 
 // fleetCluster writes the persona's cluster file: no cluster-wide
 // profile, every machine in nodes with its own.
-func fleetCluster(t *testing.T) string {
+func fleetCluster(t testing.TB) string {
 	t.Helper()
 	cf := newCluster(t, t.TempDir(), "flatcar", "kubernetes-sysext")
 	data, err := os.ReadFile(cf)
