@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -233,6 +234,23 @@ type Node struct {
 	// Network, if set, is the node's static network configuration; nil:
 	// the OS's default (DHCP on every interface).
 	Network *NodeNetwork `yaml:"network,omitempty"`
+	// Disk is where a PXE install-mode node installs the OS (a /dev
+	// path), over kiln pxe --disk.
+	Disk string `yaml:"disk,omitempty"`
+	// Butane lists Butane files (paths relative to the cluster file)
+	// merged into this node's config after the cluster's butane.
+	Butane []string `yaml:"butane,omitempty"`
+	// Snippets holds the contents of Butane, read by Load.
+	Snippets []Snippet `yaml:"-"`
+}
+
+// CheckDisk checks an install target: a device path that can go into a
+// systemd unit's command line as it is.
+func CheckDisk(disk string) error {
+	if !strings.HasPrefix(disk, "/dev/") || strings.ContainsAny(disk, " \t\n'\"\\%$;") {
+		return fault.Wrap(fault.Input, fmt.Errorf("install disk %q: give a device path such as /dev/sda or /dev/disk/by-id/NAME", disk))
+	}
+	return nil
 }
 
 // NodeNetwork is one node's static address on one interface, which the
@@ -515,6 +533,14 @@ func LoadData(path string, data []byte) (*Cluster, error) {
 	for i, p := range c.Butane {
 		if b := read(fmt.Sprintf("butane[%d]", i), p, "a Butane file", MaxSnippet); b != nil {
 			c.Snippets = append(c.Snippets, Snippet{Path: p, Data: b, Dir: dir})
+		}
+	}
+	for i := range c.Nodes {
+		n := &c.Nodes[i]
+		for j, p := range n.Butane {
+			if b := read(fmt.Sprintf("nodes[%d].butane[%d]", i, j), p, "a Butane file", MaxSnippet); b != nil {
+				n.Snippets = append(n.Snippets, Snippet{Path: p, Data: b, Dir: dir})
+			}
 		}
 	}
 	for i := range c.Addons {

@@ -136,6 +136,7 @@ func TestValidation(t *testing.T) {
 		{"network gateway outside", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, mac: '52:54:00:00:00:01', network: {address: 192.168.1.21/24, gateway: 192.168.2.1}}\n", []string{"nodes[0].network.gateway: 192.168.2.1 is outside the node's network 192.168.1.0/24"}},
 		{"network gateway is the node", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, mac: '52:54:00:00:00:01', network: {address: 192.168.1.21/24, gateway: 192.168.1.21}}\n", []string{"nodes[0].network.gateway: 192.168.1.21 is the node's own address"}},
 		{"network dns name", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, mac: '52:54:00:00:00:01', network: {address: 192.168.1.21/24, dns: [dns.lab]}}\n", []string{"nodes[0].network.dns[0]: \"dns.lab\" is not an IP address"}},
+		{"node disk", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, disk: sda}\n", []string{`nodes[0].disk: install disk "sda": give a device path such as /dev/sda`}},
 		{"network vlan", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, mac: '52:54:00:00:00:01', network: {address: 192.168.1.21/24, vlan: 4095}}\n", []string{"nodes[0].network.vlan: 4095: 802.1Q VLAN IDs are 1 to 4094"}},
 		{"network ip disagrees", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, mac: '52:54:00:00:00:01', ip: 192.168.1.22, network: {address: 192.168.1.21/24}}\n", []string{"nodes[0].network.address: 192.168.1.21 is not the node's ip 192.168.1.22"}},
 		{"network dup address", "name: lab\ncontrolPlaneEndpoint: lb:6443\nnodes:\n  - {name: a, role: worker, ip: 192.168.1.21}\n  - {name: b, role: worker, mac: '52:54:00:00:00:01', network: {address: 192.168.1.21/24}}\n", []string{"nodes[1].ip: 192.168.1.21 is already used by nodes[0]"}},
@@ -206,7 +207,7 @@ func TestDecodingErrorsInTheFilesTerms(t *testing.T) {
 			"line 5: controlPlanes: unknown field (fields here: apiVersion, kind, name, controlPlaneEndpoint, kubernetes,",
 			`line 7: kubernetes.controlPlanes: wants a whole number, not text "three"`,
 			"line 8: kubernetes.tokenTTL: wants a duration such as 24h, not a list",
-			"line 11: nodes[0].MAC: unknown field; did you mean mac? (fields here: name, role, mac, ip, profile, network)",
+			"line 11: nodes[0].MAC: unknown field; did you mean mac? (fields here: name, role, mac, ip, profile, network, disk, butane)",
 			"line 12: nodes[0].role: wants text, not a list",
 		}},
 		"tab": {valid + "kubernetes:\n\tversion: v1.37.2\n", []string{"holds a tab: YAML indents with spaces only"}},
@@ -244,6 +245,15 @@ func TestLoadSnippets(t *testing.T) {
 	}
 	if len(c.Snippets) != 1 || string(c.Snippets[0].Data) != "variant: flatcar\n" {
 		t.Errorf("snippets = %+v", c.Snippets)
+	}
+	// nodes[].butane: read for that node, a missing one named by its field.
+	os.WriteFile(path, []byte(valid+"nodes:\n  - {name: a, role: worker, butane: [extra.bu, a.bu]}\n"), 0o644)
+	if _, err := Load(path); err == nil || !strings.Contains(err.Error(), "nodes[0].butane[1]: ") {
+		t.Fatalf("missing node snippet: got %v", err)
+	}
+	os.WriteFile(filepath.Join(dir, "a.bu"), []byte("variant: flatcar # a\n"), 0o644)
+	if c, err = Load(path); err != nil || len(c.Nodes[0].Snippets) != 2 || string(c.Nodes[0].Snippets[1].Data) != "variant: flatcar # a\n" {
+		t.Errorf("node snippets: %v %+v", err, c)
 	}
 	if _, err := Load(filepath.Join(dir, "nope.yaml")); err == nil || !strings.Contains(err.Error(), "kiln init") {
 		t.Errorf("missing file: got %v", err)

@@ -305,6 +305,11 @@ func (c *Cluster) validateNodes(errs *[]error) {
 		if n.Network != nil {
 			checkNodeNetwork(errs, field, n)
 		}
+		if n.Disk != "" {
+			if err := CheckDisk(n.Disk); err != nil {
+				add(field+".disk", "%v", err)
+			}
+		}
 		if ip := n.Address(); ip.IsValid() {
 			if j, dup := ips[ip.String()]; dup {
 				add(field+".ip", "%s is already used by nodes[%d]", ip, j)

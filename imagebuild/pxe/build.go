@@ -140,7 +140,7 @@ func (o *Options) Check() error {
 		}
 	}
 	if o.Disk != "" {
-		if err := render.CheckDisk(o.Disk); err != nil {
+		if err := cluster.CheckDisk(o.Disk); err != nil {
 			errs = append(errs, fmt.Errorf("--disk: %w", err))
 		}
 	}
@@ -195,6 +195,9 @@ func (o *Options) entries(prev *Manifest) ([]Node, error) {
 		}
 		if n.Mode == ModeInstall {
 			n.Disk = o.Disk
+			if inv, ok := o.Cluster.InventoryNode(n.Name); ok && inv.Disk != "" && !n.Default {
+				n.Disk = inv.Disk
+			}
 		}
 		// A rebuilt bundle keeps its tokens, so machines mid-boot and
 		// kiln serve's assignments stay valid.

@@ -84,6 +84,7 @@ func fixture(t *testing.T, osName, profile string) Options {
 
 func TestBuildBundle(t *testing.T) {
 	o := fixture(t, "flatcar", "flatcar-amd64")
+	o.Cluster.Nodes[1].Disk = "/dev/disk/by-id/nvme-cp-2" // nodes[].disk wins over --disk
 	o.KernelArgs = []string{"console=ttyS0"}
 	o.MatchboxURL = "http://matchbox.test:8080/"
 	res, err := Build(context.Background(), o)
@@ -100,7 +101,7 @@ func TestBuildBundle(t *testing.T) {
 	}
 	want := []string{
 		"cp-1/init/52:54:00:00:00:01/install//dev/sda",
-		"cp-2/control-plane/52:54:00:00:00:02/install//dev/sda",
+		"cp-2/control-plane/52:54:00:00:00:02/install//dev/disk/by-id/nvme-cp-2",
 		"cp-3/control-plane//install//dev/sda",
 		"w-1/worker/52:54:00:00:00:11/live/",
 		"default-control-plane/control-plane//install//dev/sda",

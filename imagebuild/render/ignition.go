@@ -1,6 +1,7 @@
 package render
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	json "github.com/clarketm/json"
@@ -34,27 +35,44 @@ func Ignition(in Input) ([]byte, error) {
 		// kiln's own Butane must always translate cleanly.
 		return nil, fmt.Errorf("translate kiln's butane: %w", err)
 	}
-	if base, err = mergeSnippets(base, butaneVariant(bu), in.Cluster.Snippets); err != nil {
+	if base, err = mergeAll(base, butaneVariant(bu), in.Cluster, in.NodeName); err != nil {
 		return nil, err
 	}
 	return encode(base)
 }
 
-// mergeSnippets merges the cluster's Butane snippets into kiln's config,
-// refusing a snippet of another variant, one that does not translate
-// cleanly, and one that would override kiln's own files or units.
-func mergeSnippets(base types.Config, variant string, snippets []cluster.Snippet) (types.Config, error) {
+// mergeAll merges the cluster's Butane snippets, then those of inventory
+// node name (none for a role's config, name ""), into base.
+func mergeAll(base types.Config, variant string, c *cluster.Cluster, name string) (types.Config, error) {
+	// kiln's own paths and units: a node's snippet may replace what the
+	// cluster's snippets wrote.
 	managed := managedPaths(base)
+	base, err := mergeSnippets(base, managed, variant, c.Snippets, "butane")
+	if err != nil || name == "" {
+		return base, err
+	}
+	i := slices.IndexFunc(c.Nodes, func(n cluster.Node) bool { return n.Name == name })
+	if i < 0 {
+		return base, nil
+	}
+	return mergeSnippets(base, managed, variant, c.Nodes[i].Snippets, fmt.Sprintf("nodes[%d].butane", i))
+}
+
+// mergeSnippets merges Butane snippets (those of the cluster file field
+// field) into kiln's config, refusing a snippet of another variant, one
+// that does not translate cleanly, and one that would override kiln's own
+// files or units (managed, see managedPaths).
+func mergeSnippets(base types.Config, managed map[string]bool, variant string, snippets []cluster.Snippet, field string) (types.Config, error) {
 	for i, sn := range snippets {
 		if v := butaneVariant(sn.Data); v != variant {
-			return base, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): variant %q, but the cluster's OS takes variant %q", i, sn.Path, v, variant))
+			return base, fault.Wrap(fault.Input, fmt.Errorf("%s[%d] (%s): variant %q, but the cluster's OS takes variant %q", field, i, sn.Path, v, variant))
 		}
 		cfg, err := translate(sn.Data, sn.Dir)
 		if err != nil {
-			return base, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): %w", i, sn.Path, err))
+			return base, fault.Wrap(fault.Input, fmt.Errorf("%s[%d] (%s): %w", field, i, sn.Path, err))
 		}
 		if err := checkSnippet(cfg, managed); err != nil {
-			return base, fault.Wrap(fault.Input, fmt.Errorf("butane[%d] (%s): %w", i, sn.Path, err))
+			return base, fault.Wrap(fault.Input, fmt.Errorf("%s[%d] (%s): %w", field, i, sn.Path, err))
 		}
 		base = v3_4.Merge(base, cfg)
 	}
@@ -70,7 +88,7 @@ func mergeSnippets(base types.Config, variant string, snippets []cluster.Snippet
 // for another reason (an air-gapped one without its image pins) is not
 // checked: render reports that reason itself.
 func CheckSnippets(c *cluster.Cluster, s *secrets.Secrets) error {
-	if len(c.Snippets) == 0 {
+	if len(c.Snippets) == 0 && !slices.ContainsFunc(c.Nodes, func(n cluster.Node) bool { return len(n.Snippets) > 0 }) {
 		return nil
 	}
 	osp, err := profiles.LookupOS(c.OS.Name)
@@ -90,8 +108,19 @@ func CheckSnippets(c *cluster.Cluster, s *secrets.Secrets) error {
 			cc.Kubernetes.Downloads = append(cc.Kubernetes.Downloads, cluster.Download{Name: d.Name, Arch: "amd64", URL: "https://placeholder.invalid/" + d.Name, SHA512: placeholder})
 		}
 	}
+	// Every role's config, then every inventory node's that has snippets.
+	var ins []Input
 	for _, role := range nodeconfig.Roles {
-		bu, err := Butane(Input{Cluster: &cc, Secrets: s, Role: role, Arch: "amd64", Agent: []byte("placeholder")})
+		ins = append(ins, Input{Role: role})
+	}
+	for _, n := range c.Nodes {
+		if len(n.Snippets) > 0 {
+			ins = append(ins, Input{Role: n.Role, NodeName: n.Name})
+		}
+	}
+	for _, in := range ins {
+		in.Cluster, in.Secrets, in.Arch, in.Agent = &cc, s, "amd64", []byte("placeholder")
+		bu, err := Butane(in)
 		if err != nil {
 			return nil
 		}
@@ -99,8 +128,8 @@ func CheckSnippets(c *cluster.Cluster, s *secrets.Secrets) error {
 		if err != nil {
 			return fmt.Errorf("translate kiln's butane: %w", err)
 		}
-		if _, err := mergeSnippets(base, butaneVariant(bu), c.Snippets); err != nil {
-			return fmt.Errorf("%w (in the %s config)", err, role)
+		if _, err := mergeAll(base, butaneVariant(bu), c, in.NodeName); err != nil {
+			return fmt.Errorf("%w (in the %s config)", err, cmp.Or(in.NodeName, string(in.Role)))
 		}
 	}
 	return nil

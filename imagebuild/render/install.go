@@ -56,15 +56,6 @@ type InstallInput struct {
 	ImageURL string
 }
 
-// CheckDisk checks an install target: a device path that can go into a
-// systemd unit's command line as it is.
-func CheckDisk(disk string) error {
-	if !strings.HasPrefix(disk, "/dev/") || strings.ContainsAny(disk, " \t\n'\"\\%$;") {
-		return fault.Wrap(fault.Input, fmt.Errorf("install disk %q: give a device path such as /dev/sda or /dev/disk/by-id/NAME", disk))
-	}
-	return nil
-}
-
 // Installer renders the Ignition config of a network-booted live system
 // that writes the OS to in.Disk with the node's own config (carried
 // inside, mode 0600), reports, and reboots into it. It carries no agent
@@ -75,7 +66,7 @@ func Installer(in InstallInput) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := CheckDisk(in.Disk); err != nil {
+	if err := cluster.CheckDisk(in.Disk); err != nil {
 		return nil, err
 	}
 	doc := &butaneDoc{Variant: osp.Butane.Variant, Version: osp.Butane.Version}

@@ -376,6 +376,28 @@ func TestSnippets(t *testing.T) {
 	if string(files["/etc/motd.d/golden.conf"]) != "golden test cluster\n" {
 		t.Errorf("snippet file missing from the merged config")
 	}
+
+	// nodes[].butane: only that node's config has it, after the cluster's;
+	// it is refused in the node's terms.
+	c.Nodes[1].Snippets = []cluster.Snippet{{Path: "cp-2.bu", Data: []byte("variant: flatcar\nversion: 1.1.0\nstorage:\n  files:\n    - path: /etc/motd.d/golden.conf\n      overwrite: true\n      contents:\n        inline: cp-2 here\n")}}
+	for _, node := range []string{"cp-2", "cp-3", ""} {
+		ign, err := Ignition(Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleControlPlane, Arch: "amd64", NodeName: node, Agent: fakeAgent(t, "amd64")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := map[bool]string{true: "cp-2 here", false: "golden test cluster\n"}[node == "cp-2"]
+		if files, _ := decodedFiles(t, ign); string(files["/etc/motd.d/golden.conf"]) != want {
+			t.Errorf("node %q: motd %q, want %q", node, files["/etc/motd.d/golden.conf"], want)
+		}
+	}
+	c.Nodes[1].Snippets[0].Data = []byte("variant: flatcar\nversion: 1.1.0\nstorage:\n  filez: []\n")
+	_, err = Ignition(Input{Cluster: c, Secrets: s, Role: nodeconfig.RoleControlPlane, Arch: "amd64", NodeName: "cp-2", Agent: fakeAgent(t, "amd64")})
+	if err == nil || !strings.Contains(err.Error(), "nodes[1].butane[0] (cp-2.bu)") {
+		t.Errorf("bad node snippet: %v", err)
+	}
+	if err := CheckSnippets(c, s); err == nil || !strings.Contains(err.Error(), "nodes[1].butane[0] (cp-2.bu)") || !strings.Contains(err.Error(), "in the cp-2 config") {
+		t.Errorf("CheckSnippets: %v", err)
+	}
 }
 
 func TestNodeNameAndPatches(t *testing.T) {
