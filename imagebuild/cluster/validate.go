@@ -298,7 +298,7 @@ func (c *Cluster) validateNodes(errs *[]error) {
 			}
 		}
 		if n.IP != "" {
-			if _, err := netip.ParseAddr(n.IP); err != nil {
+			if _, err := parseAddr(n.IP); err != nil {
 				add(field+".ip", "%q is not an IP address", n.IP)
 			}
 		}
@@ -368,7 +368,7 @@ func checkNodeNetwork(errs *[]error, field string, n Node) {
 		add(".address", "%s is not the node's ip %s: remove nodes[].ip (network.address gives it) or make them agree", p.Addr(), ip)
 	}
 	if nw.Gateway != "" {
-		gw, err := netip.ParseAddr(nw.Gateway)
+		gw, err := parseAddr(nw.Gateway)
 		switch {
 		case err != nil:
 			add(".gateway", "%q is not an IP address", nw.Gateway)
@@ -379,13 +379,24 @@ func checkNodeNetwork(errs *[]error, field string, n Node) {
 		}
 	}
 	for i, d := range nw.DNS {
-		if _, err := netip.ParseAddr(d); err != nil {
+		if _, err := parseAddr(d); err != nil {
 			add(fmt.Sprintf(".dns[%d]", i), "%q is not an IP address (name servers are given by address)", d)
 		}
 	}
 	if nw.VLAN != 0 && (nw.VLAN < 1 || nw.VLAN > 4094) {
 		add(".vlan", "%d: 802.1Q VLAN IDs are 1 to 4094", nw.VLAN)
 	}
+}
+
+// parseAddr parses an IP address without an IPv6 zone (fe80::1%eth0):
+// a zone is free text, and these addresses go into kernel arguments,
+// GRUB's configuration and network files as they are.
+func parseAddr(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err == nil && a.Zone() != "" {
+		return netip.Addr{}, fmt.Errorf("%q has an IPv6 zone", s)
+	}
+	return a, err
 }
 
 // nodeAddress is n's network.address, or "".
