@@ -72,7 +72,7 @@ func runBuildAll(ctx context.Context, g *globals, o *buildImageOptions) error {
 	}
 	var who []string
 	for _, j := range jobs {
-		who = append(who, j.who)
+		who = append(who, j.who())
 	}
 	fmt.Fprintf(g.stderr, "build-image --all: %d images (%s) for %d profiles\n", len(jobs), strings.Join(who, ", "), len(targets))
 
@@ -82,7 +82,7 @@ func runBuildAll(ctx context.Context, g *globals, o *buildImageOptions) error {
 		opts[i], cleanup, err = o.prepare(ctx, g, c, s, cache, j)
 		defer cleanup()
 		if err != nil {
-			return fmt.Errorf("%s: %w", j.who, err)
+			return fmt.Errorf("%s: %w", j.who(), err)
 		}
 	}
 	bases := map[string]baseImage{} // by profile
@@ -106,7 +106,7 @@ func runBuildAll(ctx context.Context, g *globals, o *buildImageOptions) error {
 	for i, j := range jobs {
 		b := bases[j.target.Name]
 		opts[i].Base, opts[i].BaseGiven, opts[i].Firmware = b.path, b.given, b.firmware
-		opts[i].Progress = &prefixWriter{prefix: "[" + j.who + "] ", w: g.stderr, mu: &mu}
+		opts[i].Progress = &prefixWriter{prefix: "[" + j.who() + "] ", w: g.stderr, mu: &mu}
 		results[i] = allResult{Node: j.node, Role: string(j.role), Profile: j.target.Name}
 		wg.Add(1)
 		go func() {
@@ -117,7 +117,7 @@ func runBuildAll(ctx context.Context, g *globals, o *buildImageOptions) error {
 			if errs[i] != nil {
 				results[i].Error = errs[i].Error()
 				mu.Lock()
-				fmt.Fprintf(g.stderr, "[%s] failed: %v\n", j.who, errs[i])
+				fmt.Fprintf(g.stderr, "[%s] failed: %v\n", j.who(), errs[i])
 				mu.Unlock()
 			}
 		}()
@@ -130,11 +130,11 @@ func runBuildAll(ctx context.Context, g *globals, o *buildImageOptions) error {
 	var failed []string
 	for i, r := range results {
 		if errs[i] != nil {
-			failed = append(failed, jobs[i].who)
-			fmt.Fprintf(tw, "%s\t%s\t%s\tfailed: %s\t-\t-\n", jobs[i].who, r.Role, r.Profile, firstLine(r.Error))
+			failed = append(failed, jobs[i].who())
+			fmt.Fprintf(tw, "%s\t%s\t%s\tfailed: %s\t-\t-\n", jobs[i].who(), r.Role, r.Profile, firstLine(r.Error))
 			continue
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.1f\t%.1f\n", jobs[i].who, r.Role, r.Profile, filepath.Base(r.Result.Image), float64(r.Result.MappedBytes)/(1<<20), r.Result.Seconds)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.1f\t%.1f\n", jobs[i].who(), r.Role, r.Profile, filepath.Base(r.Result.Image), float64(r.Result.MappedBytes)/(1<<20), r.Result.Seconds)
 	}
 	tw.Flush()
 	summary := fmt.Sprintf("%d of %d images baked in %.1fs, in %s (each with its .bmap and .sha256)", len(jobs)-len(failed), len(jobs), time.Since(start).Seconds(), o.dest)
@@ -160,20 +160,20 @@ func runBuildAll(ctx context.Context, g *globals, o *buildImageOptions) error {
 // listed in nodes has no machine to bake them for.
 func planAll(c *cluster.Cluster, profile string) (jobs []bakeJob, skipped []nodeconfig.Role, _ error) {
 	var errs []error
-	add := func(who, node string, role nodeconfig.Role, p, field string) {
+	add := func(j bakeJob, p, field string) {
 		if p == "" {
-			errs = append(errs, fmt.Errorf("%s has no profile: set %s, or profile: for the whole cluster, or give --profile", who, field))
+			errs = append(errs, fmt.Errorf("%s has no profile: set %s, or profile: for the whole cluster, or give --profile", j.who(), field))
 			return
 		}
-		t, err := targetFor(c, p)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", who, err))
+		var err error
+		if j.target, err = targetFor(c, p); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", j.who(), err))
 			return
 		}
-		jobs = append(jobs, bakeJob{who: who, node: node, role: role, target: t})
+		jobs = append(jobs, j)
 	}
 	for i, n := range c.Nodes {
-		add(n.Name, n.Name, n.Role, cmp.Or(c.NodeProfile(n), profile), fmt.Sprintf("nodes[%d].profile", i))
+		add(bakeJob{node: n.Name, role: n.Role}, cmp.Or(c.NodeProfile(n), profile), fmt.Sprintf("nodes[%d].profile", i))
 	}
 	m := c.RoleImageMachines()
 	for _, r := range []nodeconfig.Role{nodeconfig.RoleInit, nodeconfig.RoleControlPlane, nodeconfig.RoleWorker} {
@@ -181,7 +181,7 @@ func planAll(c *cluster.Cluster, profile string) (jobs []bakeJob, skipped []node
 			continue
 		}
 		if p := cmp.Or(c.Profile, profile); p != "" {
-			add(string(r), "", r, p, "profile")
+			add(bakeJob{role: r}, p, "profile")
 		} else {
 			skipped = append(skipped, r)
 		}
@@ -195,11 +195,10 @@ func planAll(c *cluster.Cluster, profile string) (jobs []bakeJob, skipped []node
 func (o *buildImageOptions) checkBaseImages(targets []*profiles.Target) error {
 	names := names(targets)
 	for _, v := range o.baseImages {
-		name, _, ok := strings.Cut(v, "=")
-		switch {
-		case ok && isProfile(name) && !slices.Contains(names, name):
-			return fault.Wrap(fault.Input, fmt.Errorf("--base-image %s: no image is baked for profile %s (the profiles are %s)", v, name, strings.Join(names, ", ")))
-		case (!ok || !isProfile(name)) && len(targets) > 1:
+		switch profile, _ := splitBaseImage(v); {
+		case profile != "" && !slices.Contains(names, profile):
+			return fault.Wrap(fault.Input, fmt.Errorf("--base-image %s: no image is baked for profile %s (the profiles are %s)", v, profile, strings.Join(names, ", ")))
+		case profile == "" && len(targets) > 1:
 			return fault.Wrap(fault.Input, fmt.Errorf("--base-image %s: the images are for %d profiles (%s): give --base-image PROFILE=FILE for each", v, len(targets), strings.Join(names, ", ")))
 		}
 	}

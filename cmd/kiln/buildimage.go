@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -133,10 +134,7 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 	if err := o.checkBaseImages([]*profiles.Target{t}); err != nil {
 		return err
 	}
-	j := bakeJob{who: string(fn.role), node: o.node, role: fn.role, target: t}
-	if o.node != "" {
-		j.who = o.node
-	}
+	j := bakeJob{node: o.node, role: fn.role, target: t}
 	cache, err := o.download.cache(g)
 	if err != nil {
 		return err
@@ -159,7 +157,7 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 		return err
 	}
 	lines := []string{
-		fmt.Sprintf("baked %s for %s (%s %s, base %s) in %.1fs", res.Image, j.who, t.OS, t.Arch, base.version, res.Seconds),
+		fmt.Sprintf("baked %s for %s (%s %s, base %s) in %.1fs", res.Image, j.who(), t.OS, t.Arch, base.version, res.Seconds),
 		fmt.Sprintf("  size %.1f MiB, %.1f MiB mapped; sha256 %s", float64(res.Size)/(1<<20), float64(res.MappedBytes)/(1<<20), res.SHA256),
 		"  block map: " + res.Bmap + " (flash with: bmaptool copy " + res.Image + " /dev/DEVICE)",
 		"  checksums: " + res.SHA256File,
@@ -172,13 +170,14 @@ func runBuildImage(ctx context.Context, g *globals, o *buildImageOptions) error 
 
 // bakeJob is one image of a build-image run.
 type bakeJob struct {
-	// who names the image: the inventory node, or the role of a role
-	// image (machines named by hostname.template).
-	who    string
 	node   string // "" for a role image
 	role   nodeconfig.Role
 	target *profiles.Target
 }
+
+// who names the image: the inventory node, or the role of a role image
+// (machines named by hostname.template).
+func (j bakeJob) who() string { return cmp.Or(j.node, string(j.role)) }
 
 // load reads the cluster, air-gapped when --airgap says so.
 func (o *buildImageOptions) load(g *globals) (*cluster.Cluster, *secrets.Secrets, error) {
@@ -238,7 +237,7 @@ func (o *buildImageOptions) prepare(ctx context.Context, g *globals, c *cluster.
 		// A static network also in the initramfs, where Ignition
 		// downloads what the config names.
 		KernelArgs: render.NetworkKernelArgs(c, j.node),
-		Output:     filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, j.who, t.Name)),
+		Output:     filepath.Join(o.dest, fmt.Sprintf("%s-%s-%s.img", c.Name, j.who(), t.Name)),
 		Compress:   o.compress,
 		Force:      o.force,
 		Runner:     bake.Exec{},
@@ -285,17 +284,25 @@ func (o *buildImageOptions) fetchBase(ctx context.Context, c *cluster.Cluster, c
 // the value PROFILE=FILE that names t's profile, or a plain FILE when the
 // run bakes for that one profile only (targets == 1).
 func (o *buildImageOptions) baseImageFor(t *profiles.Target, targets int) string {
+	plain := ""
 	for _, v := range o.baseImages {
-		if name, file, ok := strings.Cut(v, "="); ok && name == t.Name {
+		switch profile, file := splitBaseImage(v); {
+		case profile == t.Name:
 			return file
+		case profile == "" && targets == 1:
+			plain = file
 		}
 	}
-	for _, v := range o.baseImages {
-		if name, _, ok := strings.Cut(v, "="); (!ok || !isProfile(name)) && targets == 1 {
-			return v
-		}
+	return plain
+}
+
+// splitBaseImage splits a --base-image value: PROFILE=FILE when the part
+// before "=" names a target profile, else a plain FILE (profile "").
+func splitBaseImage(v string) (profile, file string) {
+	if name, f, ok := strings.Cut(v, "="); ok && isProfile(name) {
+		return name, f
 	}
-	return ""
+	return "", v
 }
 
 // isProfile reports whether name is a target profile's name.

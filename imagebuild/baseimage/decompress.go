@@ -71,7 +71,10 @@ func Decompress(ctx context.Context, r io.Reader) (io.ReadCloser, string, error)
 	if tool, ok := parallelTools[kind]; ok {
 		if path, err := exec.LookPath(tool[0]); err == nil {
 			tr, err := startTool(ctx, br, path, append(tool[1:], fmt.Sprint(runtime.NumCPU()))...)
-			return tr, kind, err
+			if err != nil {
+				return nil, "", err // not a typed nil inside the interface
+			}
+			return tr, kind, nil
 		}
 	}
 	switch kind {

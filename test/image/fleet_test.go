@@ -108,7 +108,7 @@ func TestBuildAllMixedFleet(t *testing.T) {
 		if wantLoader := map[bool]string{true: "bootaa64.efi", false: "bootx64.efi"}[pi]; !strings.Contains(loaders, wantLoader) {
 			t.Errorf("%s: ESP boot loaders %q, want %s", n.name, loaders, wantLoader)
 		}
-		_, fwErr := runQuiet("mcopy", "-n", "-i", esp, "::/RPI_EFI.fd", "-")
+		_, fwErr := exec.Command("mcopy", "-n", "-i", esp, "::/RPI_EFI.fd", "-").Output()
 		if pi != (fwErr == nil) {
 			t.Errorf("%s: Pi firmware on the ESP: %v, want %v", n.name, fwErr == nil, pi)
 		}
@@ -160,11 +160,6 @@ func TestBuildAllMixedFleet(t *testing.T) {
 	if data, _ := os.ReadFile(blocker); string(data) != "a user's file\n" {
 		t.Error("the existing file was overwritten")
 	}
-}
-
-// runQuiet runs a command that may fail.
-func runQuiet(name string, args ...string) ([]byte, error) {
-	return exec.Command(name, args...).Output()
 }
 
 func mustReadFile(t testing.TB, p string) []byte {
