@@ -21,7 +21,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/vincent-petithory/dataurl"
-	"gopkg.in/yaml.v3"
 
 	"github.com/kilnproject/kiln/firstboot/agent"
 	"github.com/kilnproject/kiln/imagebuild/images/imagestest"
@@ -452,12 +451,7 @@ func TestAirgapPXEInstall(t *testing.T) {
 // content.
 func repinSysext(t testing.TB, cf, file string) {
 	t.Helper()
-	var m map[string]any
-	data, _ := os.ReadFile(cf)
-	yaml.Unmarshal(data, &m)
-	m["kubernetes"].(map[string]any)["downloads"] = nil
-	out, _ := yaml.Marshal(m)
-	os.WriteFile(cf, out, 0o644)
+	editCluster(t, cf, func(m map[string]any) { m["kubernetes"].(map[string]any)["downloads"] = nil })
 	for _, arch := range []string{"amd64", "arm64"} {
 		kilnOK(t, nil, "-c", cf, "pin", "--arch", arch, "--file", "kubernetes-sysext="+file)
 	}

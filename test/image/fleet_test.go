@@ -32,7 +32,19 @@ var fleetNodes = []struct {
 func fleetCluster(t testing.TB) string {
 	t.Helper()
 	cf := newCluster(t, t.TempDir(), "flatcar", "kubernetes-sysext")
-	data, err := os.ReadFile(cf)
+	var nodes []any
+	for _, n := range fleetNodes {
+		nodes = append(nodes, map[string]any{"name": n.name, "role": n.role, "profile": n.profile, "mac": n.mac,
+			"network": map[string]any{"address": n.addr + "/24", "gateway": "192.168.1.1", "dns": []string{"192.168.1.1"}}})
+	}
+	editCluster(t, cf, func(m map[string]any) { m["nodes"] = nodes })
+	return cf
+}
+
+// editCluster changes the cluster file at path through a generic YAML map.
+func editCluster(t testing.TB, path string, edit func(m map[string]any)) {
+	t.Helper()
+	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,17 +52,11 @@ func fleetCluster(t testing.TB) string {
 	if err := yaml.Unmarshal(data, &m); err != nil {
 		t.Fatal(err)
 	}
-	var nodes []any
-	for _, n := range fleetNodes {
-		nodes = append(nodes, map[string]any{"name": n.name, "role": n.role, "profile": n.profile, "mac": n.mac,
-			"network": map[string]any{"address": n.addr + "/24", "gateway": "192.168.1.1", "dns": []string{"192.168.1.1"}}})
-	}
-	m["nodes"] = nodes
+	edit(m)
 	out, _ := yaml.Marshal(m)
-	if err := os.WriteFile(cf, out, 0o644); err != nil {
+	if err := os.WriteFile(path, out, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return cf
 }
 
 // allResults mirrors build-image --all -o json.
